@@ -1,0 +1,175 @@
+"""Calibration and evaluation text, tokenised once into fixed-length blocks, by domain.
+
+Sources: "demo" (the bundled four-domain corpus: its calib and eval splits), a local .txt file or a folder
+(each .txt file, or each sub-folder of .txt files, is a domain), or "hf:NAME[:CONFIG[:SPLIT]]" for a Hugging Face
+dataset where there is a network. Calibration and evaluation never share a block.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import ASSETS
+
+CORPUS = ASSETS / "corpus"
+
+
+class DataError(ValueError):
+    """Text could not be loaded or is unusable; the message says why."""
+
+
+@dataclass
+class TokenBlocks:
+    """Blocks of token ids [N, L]; ``lengths`` real tokens per block (the rest is padding, never scored)."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    domain: torch.Tensor
+    domains: list[str]
+    n_bytes: torch.Tensor
+    block_len: int
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        """Scored tokens: every real token but the first of each block."""
+        return int((self.lengths - 1).clamp_min(0).sum())
+
+    def attention_mask(self) -> torch.Tensor:
+        return (torch.arange(self.block_len)[None, :] < self.lengths[:, None]).long()
+
+    def subset(self, idx) -> "TokenBlocks":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return TokenBlocks(self.input_ids[idx], self.lengths[idx], self.domain[idx], self.domains,
+                           self.n_bytes[idx], self.block_len, self.pad_id)
+
+    def limit(self, max_tokens_per_domain: int | None) -> "TokenBlocks":
+        """The first blocks of each domain up to a token budget (same blocks every time)."""
+        if not max_tokens_per_domain:
+            return self
+        keep = []
+        for d in range(len(self.domains)):
+            rows = (self.domain == d).nonzero().flatten().tolist()
+            n = max(1, max_tokens_per_domain // self.block_len)
+            keep += rows[:n]
+        return self.subset(sorted(keep))
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.subset(range(i, min(i + batch_size, len(self))))
+
+
+@dataclass
+class Dataset:
+    calib: TokenBlocks
+    eval: TokenBlocks
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, list[str]]]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {source}")
+    if path.is_file():
+        if path.suffix not in (".txt", ".md", ".rst", ".py", ""):
+            raise DataError(f"{source}: expected a plain-text file (.txt)")
+        return {path.stem: [path.read_text(encoding="utf-8", errors="replace")]}
+    out: dict[str, list[str]] = {}
+    for f in sorted(path.glob("*.txt")):
+        out[f.stem] = [f.read_text(encoding="utf-8", errors="replace")]
+    for d in sorted(p for p in path.iterdir() if p.is_dir()):
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(d.glob("*.txt"))]
+        if texts:
+            out[d.name] = texts
+    if not out:
+        raise DataError(f"{source}: no .txt files found (a domain is a .txt file or a folder of them)")
+    return out
+
+
+def _hf_texts(spec: str, max_chars: int = 2_000_000) -> dict[str, list[str]]:
+    parts = spec[3:].split(":")
+    name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets  # optional dependency
+    except ImportError as err:
+        raise DataError("Hugging Face datasets need `pip install datasets`") from err
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # network errors come in many classes
+        raise DataError(f"cannot load dataset {name!r} from the hub (offline?): {str(err).splitlines()[0]}") from err
+    texts, n = [], 0
+    for row in ds:
+        t = row.get("text") or next((v for v in row.values() if isinstance(v, str)), "")
+        texts.append(t)
+        n += len(t)
+        if n >= max_chars:
+            break
+    return {name.split("/")[-1]: texts}
+
+
+def blocks_from_texts(tokenizer, domains: dict[str, list[str]], block_len: int,
+                      keep_partial: bool = True) -> TokenBlocks:
+    """Tokenise each domain's texts (documents joined by EOS) and cut into blocks of ``block_len``."""
+    if block_len < 2:
+        raise DataError("block length must be at least 2 tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    sep = tokenizer.eos_token or ""
+    rows, lens, doms, nbytes = [], [], [], []
+    names = list(domains)
+    for di, name in enumerate(names):
+        ids = tokenizer(sep.join(t for t in domains[name] if t.strip()))["input_ids"]
+        for s in range(0, len(ids), block_len):
+            chunk = ids[s:s + block_len]
+            if len(chunk) < 2 or (len(chunk) < block_len and not keep_partial and s > 0):
+                continue
+            rows.append(chunk + [pad] * (block_len - len(chunk)))
+            lens.append(len(chunk))
+            doms.append(di)
+            nbytes.append(len(tokenizer.decode(chunk[1:]).encode("utf-8")))
+    if not rows:
+        raise DataError(f"text too short to evaluate: need at least 2 tokens, got {sum(len(t) for v in domains.values() for t in v)} characters")
+    return TokenBlocks(torch.tensor(rows, dtype=torch.long), torch.tensor(lens), torch.tensor(doms), names,
+                       torch.tensor(nbytes, dtype=torch.float64), block_len, pad)
+
+
+def text_blocks(tokenizer, text: str, block_len: int = 256, domain: str = "text") -> TokenBlocks:
+    """A user's text as blocks (one domain), for a quick evaluation or a routing strip."""
+    return blocks_from_texts(tokenizer, {domain: [text]}, block_len)
+
+
+def load_data(tokenizer, source: str = "demo", block_len: int = 256, max_tokens: int | None = None,
+              eval_fraction: float = 0.5, seed: int = 0) -> Dataset:
+    """Calibration and evaluation blocks from ``source``; ``max_tokens`` caps each split per domain."""
+    if source == "demo":
+        if not CORPUS.is_dir():
+            raise DataError(f"the bundled demo corpus is missing at {CORPUS}")
+        doms = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
+        calib = blocks_from_texts(tokenizer, {d: [(CORPUS / d / "calib.txt").read_text("utf-8")] for d in doms},
+                                  block_len, keep_partial=False)
+        ev = blocks_from_texts(tokenizer, {d: [(CORPUS / d / "eval.txt").read_text("utf-8")] for d in doms},
+                               block_len, keep_partial=False)
+        return Dataset(calib.limit(max_tokens), ev.limit(max_tokens), "demo", {"domains": doms})
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError("eval_fraction must be between 0 and 1")
+    domains = _hf_texts(source) if source.startswith("hf:") else _read_domains(source)
+    allb = blocks_from_texts(tokenizer, domains, block_len)
+    rng = random.Random(seed)
+    calib_idx, eval_idx = [], []
+    for d in range(len(allb.domains)):
+        rows = (allb.domain == d).nonzero().flatten().tolist()
+        if len(rows) < 2:
+            raise DataError(f"domain {allb.domains[d]!r} is too short: it gives {len(rows)} block of {block_len} "
+                            "tokens; calibration and evaluation need one block each (add text or lower block_len)")
+        rng.shuffle(rows)
+        n_eval = max(1, min(len(rows) - 1, round(len(rows) * eval_fraction)))
+        eval_idx += rows[:n_eval]
+        calib_idx += rows[n_eval:]
+    return Dataset(allb.subset(sorted(calib_idx)).limit(max_tokens), allb.subset(sorted(eval_idx)).limit(max_tokens),
+                   source, {"domains": allb.domains})

@@ -1,0 +1,115 @@
+"""Load a causal MoE LM from a local folder or a hub id, with errors that say what is wrong."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .moe import MoEModel, NoMoELayersError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_MODEL = ASSETS / "demo-moe"
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(dtype) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return torch.float32 if dtype is None else "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else that does not exist is a missing path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: str | None = None,
+               experts_implementation: str | None = None, trust_remote_code: bool = False,
+               with_tokenizer: bool = True) -> tuple[PreTrainedModel, object, MoEModel]:
+    """(model, tokenizer, MoE view) from a local directory or hub id; the bundled demo model by default.
+
+    dtype: None (float32), 'auto' (the checkpoint's), a torch dtype or a name ('bf16', ...).
+    device: default cuda when present, else cpu. Weights load only from safetensors. Remote code is refused
+    unless ``trust_remote_code=True``. A folder written by ``apply`` with per-layer expert counts is restored.
+    """
+    src = str(DEMO_MODEL if source is None else source)
+    device = device or default_device()
+    torch_dtype = _dtype(dtype)
+    local = Path(src).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"{src} is a file; pass the folder that holds config.json and *.safetensors")
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"{src} has no config.json: not a transformers model folder")
+        files = os.listdir(local)
+        if not any(f.endswith(".safetensors") for f in files):
+            if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files):
+                raise ModelLoadError(
+                    f"{src} holds weights only in pickle format (.bin/.pt); the explorer loads safetensors only. "
+                    "Convert them once with a trusted script (model.save_pretrained(..., safe_serialization=True)).")
+            raise ModelLoadError(f"{src} holds no *.safetensors weights")
+    elif _looks_like_path(src) or source is None:
+        raise ModelLoadError(f"model path not found: {src}")
+    plan = _stored_layout(local) if local.exists() else None
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise ModelLoadError(
+                f"{src} needs remote code to load; it is refused by default. If you trust its authors, pass "
+                "trust_remote_code=True (CLI: --trust-remote-code).") from err
+        raise ModelLoadError(f"cannot read the config of {src}: {err}") from err
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load {src!r}: not a local folder, and the hub could not provide it ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0]}). Offline? Pass a local path.") from err
+    kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if experts_implementation:
+        kw["experts_implementation"] = experts_implementation
+    try:
+        if plan is not None:
+            from .apply import load_applied  # per-layer expert counts need the plan replayed on the structure
+
+            model = load_applied(local, config, **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
+            raise ModelLoadError(f"{src} is not a causal language model ({type(config).__name__})") from err
+        raise ModelLoadError(f"cannot load {src}: {err}") from err
+    except OSError as err:
+        raise ModelLoadError(f"cannot load the weights of {src}: {str(err).splitlines()[0]}") from err
+    model.to(device).eval()
+    try:
+        view = MoEModel(model)
+    except NoMoELayersError as err:
+        raise ModelLoadError(f"{src}: {err}") from err
+    tok = None
+    if with_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{src} has no usable tokenizer: {str(err).splitlines()[0]}") from err
+    return model, tok, view
+
+
+def _stored_layout(folder: Path) -> dict | None:
+    """The per-layer expert layout written by ``apply`` when counts differ across layers, else None."""
+    f = folder / "explorer_layout.json"
+    return json.loads(f.read_text()) if f.exists() else None

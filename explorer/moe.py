@@ -1,0 +1,447 @@
+"""A uniform view of the MoE layers inside any transformers causal LM.
+
+Every family stores its experts fused (``gate_up_proj`` / ``down_proj``), but routers, gate normalisation,
+shared experts, biases and block return values differ. Those differences live in ``FAMILIES`` and in
+``MoELayer``; nothing else in the package knows a family's name.
+
+``MoELayer.forward`` recomputes a block's output from the view's tensors. The statistics pass, the what-if
+preview (routing masks, merges, skips) and the correctness tests all run through it, so one tested code path
+stands behind every number the explorer shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------------------------------------
+# Family differences, in one place.
+#   gating:  how router logits become the k gates
+#     softmax_topk   softmax over all E, top-k, renormalised when ``renorm`` (Mixtral, Qwen, OLMoE)
+#     topk_softmax   top-k of logits, softmax over the k (GPT-OSS, GraniteMoE): same as softmax_topk+renorm
+#     sigmoid_group  DeepSeek-V3: sigmoid scores + correction bias for the choice, group-limited, scaled
+#     sparsemixer    PhiMoE's sparsemixer (eval mode)
+#     sigmoid_input  Llama-4: top-k of logits, sigmoid gate multiplied into the expert's *input*
+#   count_attr: the config attribute that counts routed experts
+# --------------------------------------------------------------------------------------------------------
+COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward", "moe")
+ROUTER_ATTRS = ("gate", "router")
+SHARED_ATTRS = ("shared_expert", "shared_experts")
+
+
+@dataclass(frozen=True)
+class Family:
+    gating: str
+    renorm_attr: str | None = None  # config attribute saying whether top-k gates are renormalised
+    renorm_default: bool = True
+    returns_tuple: bool = False  # the block returns (hidden, router_something)
+    transposed: bool = False  # experts stored [E, H, 2I] / [E, I, H]
+    flat_output: bool = False  # the block returns [tokens, H] rather than the input's shape
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family("softmax_topk"),
+    "minimax": Family("softmax_topk"),
+    "qwen2_moe": Family("softmax_topk", "norm_topk_prob", False),
+    "qwen3_moe": Family("softmax_topk", "norm_topk_prob", True),
+    "olmoe": Family("softmax_topk", "norm_topk_prob", False),
+    "phimoe": Family("sparsemixer"),
+    "deepseek_v3": Family("sigmoid_group"),
+    "glm4_moe": Family("sigmoid_group"),
+    "dots1": Family("sigmoid_group"),
+    "gpt_oss": Family("topk_softmax", returns_tuple=True, transposed=True),
+    "granitemoe": Family("topk_softmax"),
+    "llama4_text": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
+    "llama4": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
+}
+
+
+class NoMoELayersError(ValueError):
+    pass
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def family_of(config) -> Family:
+    mt = getattr(_text_config(config), "model_type", None)
+    if mt in FAMILIES:
+        return FAMILIES[mt]
+    return Family("softmax_topk", "norm_topk_prob", True)  # the common layout; checked by MoELayer.check()
+
+
+@dataclass
+class MoELayer:
+    """Handle on one MoE block: its router, fused expert tensors and shared experts."""
+
+    index: int  # MoE layer number (0..n_moe-1)
+    layer_idx: int  # decoder layer number in the model
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    family: Family
+    top_k: int
+    renorm: bool
+    shared: list[nn.Module] = field(default_factory=list)
+    shared_gate: nn.Module | None = None
+    decoder_layer: nn.Module | None = None
+
+    # ---- tensors ------------------------------------------------------------------------------------
+    @property
+    def router_weight(self) -> torch.Tensor:
+        lin = self.router_linear
+        return lin.weight
+
+    @property
+    def router_linear(self) -> nn.Module:
+        for name in ("wg", "gate"):
+            sub = getattr(self.router, name, None)
+            if isinstance(sub, nn.Module) and isinstance(getattr(sub, "weight", None), torch.Tensor):
+                return sub
+        return self.router
+
+    @property
+    def router_bias(self) -> torch.Tensor | None:
+        b = getattr(self.router_linear, "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
+
+    @property
+    def correction_bias(self) -> torch.Tensor | None:
+        for mod in (self.router, self.block):
+            for name in ("e_score_correction_bias", "expert_bias"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor):
+                    return t
+        return None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_weight.shape[0]
+
+    @property
+    def transposed(self) -> bool:
+        return bool(getattr(self.experts, "is_transposed", self.family.transposed))
+
+    @property
+    def gate_up(self) -> torch.Tensor:
+        return self.experts.gate_up_proj
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.experts.down_proj
+
+    @property
+    def gate_up_bias(self) -> torch.Tensor | None:
+        return getattr(self.experts, "gate_up_proj_bias", None)
+
+    @property
+    def down_bias(self) -> torch.Tensor | None:
+        return getattr(self.experts, "down_proj_bias", None)
+
+    @property
+    def intermediate_size(self) -> int:
+        d = self.down
+        return d.shape[1] if self.transposed else d.shape[2]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.router_weight.shape[1]
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        n = self.gate_up[0].numel() + self.down[0].numel()
+        for b in (self.gate_up_bias, self.down_bias):
+            if b is not None:
+                n += b[0].numel()
+        return n
+
+    def shared_params(self) -> int:
+        n = sum(p.numel() for m in self.shared for p in m.parameters())
+        if self.shared_gate is not None:
+            n += sum(p.numel() for p in self.shared_gate.parameters())
+        return n
+
+    # ---- computation --------------------------------------------------------------------------------
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        fn = getattr(self.experts, "_apply_gate", None)
+        if fn is not None:
+            return fn(gate_up)
+        g, u = gate_up.chunk(2, dim=-1)
+        return self.experts.act_fn(g) * u
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate activation of expert e on tokens x [T, H] -> [T, I] (what slimming scores)."""
+        w = self.gate_up[e]
+        gu = x @ w if self.transposed else F.linear(x, w)
+        if self.gate_up_bias is not None:
+            gu = gu + self.gate_up_bias[e]
+        return self._apply_gate(gu)
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        w = self.down[e]
+        y = h @ w if self.transposed else F.linear(h, w)
+        if self.down_bias is not None:
+            y = y + self.down_bias[e]
+        return y
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """f_e(x): the ungated output of routed expert e on tokens x [T, H]."""
+        return self.expert_out(e, self.expert_hidden(e, x))
+
+    def dense_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token of a (small) sample x [n, H] -> [E, n, H], in two batched products."""
+        gu = torch.einsum("nh,ehi->eni" if self.transposed else "nh,eih->eni", x, self.gate_up)
+        if self.gate_up_bias is not None:
+            gu = gu + self.gate_up_bias[:, None, :]
+        h = self._apply_gate(gu)
+        y = torch.einsum("eni,eih->enh" if self.transposed else "eni,ehi->enh", h, self.down)
+        if self.down_bias is not None:
+            y = y + self.down_bias[:, None, :]
+        return y
+
+    def shared_out(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.shared:
+            return None
+        out = sum(m(x) for m in self.shared)
+        if self.shared_gate is not None:
+            out = torch.sigmoid(self.shared_gate(x)) * out
+        return out
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] in float32."""
+        w = self.router_weight
+        return F.linear(x.to(w.dtype), w, self.router_bias).float()
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """A distribution over all E experts per token: softmax, or normalised sigmoid for sigmoid routers."""
+        if self.family.gating in ("sigmoid_group", "sigmoid_input"):
+            s = torch.sigmoid(logits)
+            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+        return torch.softmax(logits, dim=-1)
+
+    def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T,E] fp32, top-k weights [T,k], top-k indices [T,k]).
+
+        Without a mask the model's own router module decides (exact). With a boolean keep-mask [E] the
+        routing is recomputed from the logits with dropped experts at -inf, as the smaller model would.
+        """
+        if mask is None:
+            out = self.router(x)
+            if self.family.gating == "sigmoid_input":
+                logits = out[1].float()
+                w, idx = torch.topk(logits, self.top_k, dim=-1)
+                return logits, torch.sigmoid(w).to(x.dtype), idx
+            if isinstance(out, tuple) and len(out) == 3:
+                logits, w, idx = out
+                return logits.float(), w, idx
+            return self.route_from_logits(out.float() if isinstance(out, torch.Tensor) else out[0].float())
+        return self.route_from_logits(self.logits(x), mask)
+
+    def route_from_logits(self, logits: torch.Tensor, mask: torch.Tensor | None = None):
+        g, k = self.family.gating, self.top_k
+        ml = logits if mask is None else logits.masked_fill(~mask.to(logits.device), float("-inf"))
+        if g == "softmax_topk":
+            p = torch.softmax(ml, dim=-1)
+            w, idx = torch.topk(p, k, dim=-1)
+            if self.renorm:
+                w = w / w.sum(-1, keepdim=True)
+        elif g == "topk_softmax":
+            v, idx = torch.topk(ml, k, dim=-1)
+            w = torch.softmax(v, dim=-1)
+        elif g == "sigmoid_input":
+            v, idx = torch.topk(ml, k, dim=-1)
+            w = torch.sigmoid(v)
+        elif g == "sparsemixer":
+            from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+            w, idx = sparsemixer(ml, jitter_eps=self.router.router_jitter_noise, training=False, top_k=k)
+        elif g == "sigmoid_group":
+            r = self.router
+            scores = torch.sigmoid(logits)
+            choice = scores + r.e_score_correction_bias
+            if mask is not None:
+                choice = choice.masked_fill(~mask.to(choice.device), float("-inf"))
+            E, G = scores.shape[-1], r.num_group
+            gs = choice.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
+            gidx = torch.topk(gs, k=r.topk_group, dim=-1, sorted=False)[1]
+            gmask = torch.zeros_like(gs).scatter_(1, gidx, 1).unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+            choice = choice.masked_fill(~gmask.bool(), float("-inf"))
+            idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+            w = scores.gather(1, idx)
+            if r.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = w * r.routed_scaling_factor
+        else:
+            raise NotImplementedError(f"gating {g!r}")
+        return logits, w, idx
+
+    def forward(self, hidden: torch.Tensor, observer: Any = None, mask: torch.Tensor | None = None,
+                remap: torch.Tensor | None = None, skip: bool = False):
+        """The block's output recomputed from the view, optionally observed, masked, remapped or skipped.
+
+        mask: bool [E] of experts that may be routed to. remap: long [E]: the expert whose weights serve
+        slot e (a merge: members point at their group's representative). skip: the routed experts and
+        shared experts contribute nothing (Layer Drop).
+        """
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        logits, w, idx = self.route(x, mask)
+        if skip:
+            out = torch.zeros_like(x)
+        else:
+            out = self.combine(x, w, idx, observer=observer, logits=logits, remap=remap)
+            sh = self.shared_out(x)
+            if sh is not None:
+                out = out + sh.reshape(out.shape)
+        if not self.family.flat_output:
+            out = out.reshape(shape)
+        if self.family.returns_tuple:
+            return out, logits
+        return out
+
+    def combine(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, observer: Any = None,
+                logits: torch.Tensor | None = None, remap: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_k g_k · f_{e_k}(x), looping over the experts that received tokens (never dense)."""
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
+                          device=x.device)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tok_all = order // idx.shape[1]
+        gates_all = w.reshape(-1)[order]
+        gate_in = self.family.gating == "sigmoid_input"
+        if observer is not None:
+            observer.begin(self, x, logits, w, idx)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = tok_all[start:start + n]
+            g = gates_all[start:start + n]
+            start += n
+            src = e if remap is None else int(remap[e])
+            xin = x[tok] * g[:, None].to(x.dtype) if gate_in else x[tok]
+            h = self.expert_hidden(src, xin)
+            y = self.expert_out(src, h)
+            if observer is not None:
+                observer.expert(self, e, tok, g, xin, h, y)
+            contrib = y if gate_in else y * g[:, None].to(y.dtype)
+            out.index_add_(0, tok, contrib.to(out.dtype))
+        return out.to(x.dtype)
+
+
+class MoEModel:
+    """The MoE layers of a causal LM, found once, with uniform handles."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.text_config = _text_config(model.config)
+        self.family = family_of(model.config)
+        self.layers: list[MoELayer] = list(_find_layers(model, self.family, self.text_config))
+        if not self.layers:
+            raise NoMoELayersError(
+                f"no MoE layers found in {type(model).__name__} (model_type={self.text_config.model_type!r}): "
+                "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward` block holding fused "
+                "`experts.gate_up_proj` and a router")
+        self.decoder_layers = _decoder_layers(model)
+
+    @property
+    def count_attr(self) -> str | None:
+        stored = self.text_config.to_dict()
+        for a in COUNT_ATTRS:
+            if stored.get(a) is not None:
+                return a
+        for a in COUNT_ATTRS:
+            if getattr(self.text_config, a, None) is not None:
+                return a
+        return None
+
+    @property
+    def top_k(self) -> int:
+        return self.layers[0].top_k
+
+    @property
+    def num_experts(self) -> list[int]:
+        return [lay.num_experts for lay in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[MoELayer]:
+        return iter(self.layers)
+
+    def __getitem__(self, i: int) -> MoELayer:
+        return self.layers[i]
+
+    def summary(self) -> dict:
+        total = sum(p.numel() for p in self.model.parameters())
+        routed = sum(lay.expert_params() * lay.num_experts for lay in self.layers)
+        inactive = sum(lay.expert_params() * (lay.num_experts - lay.top_k) for lay in self.layers)
+        return {
+            "model_type": self.text_config.model_type, "architecture": type(self.model).__name__,
+            "decoder_layers": len(self.decoder_layers), "moe_layers": len(self.layers),
+            "moe_layer_indices": [lay.layer_idx for lay in self.layers],
+            "experts": self.num_experts, "top_k": self.top_k, "gating": self.family.gating,
+            "shared_experts": bool(self.layers[0].shared), "count_attr": self.count_attr,
+            "params_total": total, "params_routed_experts": routed, "params_active": total - inactive,
+        }
+
+    def patched(self, forward: Callable[[MoELayer, torch.Tensor], Any]) -> "_Patch":
+        """Context manager: every MoE block runs ``forward(layer, hidden)`` instead of its own forward."""
+        return _Patch(self, forward)
+
+
+class _Patch:
+    def __init__(self, view: MoEModel, fn):
+        self.view, self.fn = view, fn
+
+    def __enter__(self):
+        for lay in self.view.layers:
+            lay.block.forward = (lambda hs, *a, _l=lay, **k: self.fn(_l, hs))
+        return self.view
+
+    def __exit__(self, *exc):
+        for lay in self.view.layers:
+            if "forward" in lay.block.__dict__:
+                del lay.block.forward
+        return False
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for cand in (base, getattr(base, "model", None), getattr(base, "language_model", None)):
+        layers = getattr(cand, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise NoMoELayersError(f"{type(model).__name__} has no `layers` list of decoder layers")
+
+
+def _find_layers(model, family: Family, cfg) -> Iterator[MoELayer]:
+    try:
+        layers = _decoder_layers(model)
+    except NoMoELayersError:
+        return
+    n = 0
+    for li, dl in enumerate(layers):
+        block = next((getattr(dl, a) for a in BLOCK_ATTRS if hasattr(dl, a)), None)
+        experts = getattr(block, "experts", None) if block is not None else None
+        if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            continue
+        router = next((getattr(block, a) for a in ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+        if router is None:
+            continue
+        top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or cfg.num_experts_per_tok
+        renorm = family.renorm_default
+        if family.renorm_attr is not None:
+            renorm = bool(getattr(cfg, family.renorm_attr, family.renorm_default))
+        shared = [getattr(block, a) for a in SHARED_ATTRS if isinstance(getattr(block, a, None), nn.Module)]
+        yield MoELayer(index=n, layer_idx=li, block=block, router=router, experts=experts, family=family,
+                       top_k=int(top_k), renorm=renorm, shared=shared,
+                       shared_gate=getattr(block, "shared_expert_gate", None), decoder_layer=dl)
+        n += 1

@@ -1,0 +1,352 @@
+"""Router statistics gathered in one hooked forward pass, as running sums on the model's device.
+
+Each MoE block runs through ``MoELayer.forward`` with an observer that sees, per expert that received tokens,
+exactly the tokens, gates, inputs, intermediate activations and outputs the block computes anyway: REAP's
+``g·‖f_e(x)‖`` needs no second run of the experts and no dense pass. Memory does not grow with the number of
+tokens: every statistic is a sum (or max) of fixed size.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import TokenBlocks
+from .moe import MoELayer, MoEModel
+
+# per-layer arrays; shapes use E experts, H hidden, I intermediate, D domains
+ARRAYS = {
+    "count": "[E] top-k selections",
+    "gate_mass": "[E] Σ over all tokens of the full router distribution p_e(x)",
+    "gate_routed": "[E] Σ of g_e(x) over tokens routed to e",
+    "coact": "[E,E] tokens for which both i and j are among the k chosen (all pairs, symmetric)",
+    "domain_count": "[D,E] top-k selections per domain",
+    "reap": "[E] Σ g_e(x)·‖f_e(x)‖₂ over routed tokens",
+    "out_norm": "[E] Σ ‖f_e(x)‖₂ over routed tokens",
+    "out_sum": "[E,H] Σ f_e(x) over routed tokens",
+    "dense_out_sum": "[E,H] Σ f_e(x) over a sample of every token (HC-SMoE's mean output)",
+    "act_max": "[E] max |f_e(x)| entry (REAP's super-expert rule)",
+    "neuron_sq": "[E,I] Σ h² of each intermediate neuron over routed tokens (slimming)",
+    "in_sq": "[E,H] Σ x_j² over routed tokens (Wanda)",
+    "in_sq_gated": "[E,H] Σ (g·x_j)² over routed tokens (MoE-Pruner)",
+    "logit_gram": "[E,E] Σ r_i(x)·r_j(x) router-logit Gram matrix (MC-SMoE similarity)",
+}
+SCALARS = ("tokens", "entropy_sum", "dense_tokens", "layer_cos_sum", "layer_tokens")
+
+
+@dataclass
+class RouterStats:
+    """Everything the plots and scores need. Per-layer lists of numpy arrays (expert counts may differ)."""
+
+    top_k: int
+    num_experts: list[int]
+    domains: list[str]
+    layers: list[dict]  # one dict per MoE layer: ARRAYS + SCALARS
+    block_cos_sum: list[float]  # per decoder layer: Σ cos(X_i, X_{i+1}) over tokens
+    block_tokens: float
+    moe_layer_indices: list[int]
+    sample_tokens: list[int] = field(default_factory=list)  # token ids of the routing sample
+    sample_routes: list = field(default_factory=list)  # [L][S][k] expert ids for the sample
+    sample_gates: list = field(default_factory=list)  # [L][S][k]
+    info: dict = field(default_factory=dict)
+
+    # ---- derived views --------------------------------------------------------------------------------
+    def load(self, layer: int) -> np.ndarray:
+        """Share of routing slots per expert (sums to 1)."""
+        c = self.layers[layer]["count"]
+        return c / max(c.sum(), 1)
+
+    def load_matrix(self) -> np.ndarray:
+        """[L, E_max] load, NaN where a layer has fewer experts."""
+        m = np.full((len(self.layers), max(self.num_experts)), np.nan)
+        for i in range(len(self.layers)):
+            m[i, : self.num_experts[i]] = self.load(i)
+        return m
+
+    def gate_mass(self, layer: int) -> np.ndarray:
+        return self.layers[layer]["gate_mass"] / max(self.layers[layer]["tokens"], 1)
+
+    def reap(self, layer: int) -> np.ndarray:
+        lay = self.layers[layer]
+        return lay["reap"] / np.maximum(lay["count"], 1)
+
+    def mean_entropy(self, layer: int) -> float:
+        return float(self.layers[layer]["entropy_sum"] / max(self.layers[layer]["tokens"], 1))
+
+    def balance(self, layer: int) -> dict:
+        p = self.load(layer)
+        nz = p[p > 0]
+        return {"cv": float(p.std() / max(p.mean(), 1e-12)), "max_over_mean": float(p.max() / max(p.mean(), 1e-12)),
+                "entropy": float(-(nz * np.log(nz)).sum()), "entropy_uniform": math.log(len(p))}
+
+    def domain_load(self, layer: int) -> np.ndarray:
+        """[D, E] share of each domain's routing slots per expert (rows sum to 1); uniform is 1/E."""
+        d = self.layers[layer]["domain_count"]
+        return d / np.maximum(d.sum(1, keepdims=True), 1)
+
+    def coactivation(self, layer: int, normalise: bool = True) -> np.ndarray:
+        c = self.layers[layer]["coact"]
+        return c / max(self.layers[layer]["tokens"], 1) if normalise else c
+
+    def layer_importance(self) -> np.ndarray:
+        """1 − mean cos(h, h + MoE(LN h)) per MoE layer (Layer Drop)."""
+        return np.array([1 - lay["layer_cos_sum"] / max(lay["layer_tokens"], 1) for lay in self.layers])
+
+    def block_importance(self) -> np.ndarray:
+        """1 − mean cos(X_i, X_{i+1}) per decoder layer (Block Drop)."""
+        return 1 - np.asarray(self.block_cos_sum) / max(self.block_tokens, 1)
+
+    # ---- serialisation --------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {k: getattr(self, k) for k in ("top_k", "num_experts", "domains", "block_cos_sum", "block_tokens",
+                                              "moe_layer_indices", "sample_tokens", "sample_routes",
+                                              "sample_gates", "info")}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        d = self._meta()
+        d["layers"] = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in lay.items()}
+                       for lay in self.layers]
+        s = json.dumps(d)
+        if path is not None:
+            _atomic_write(Path(path), s.encode())
+        return s
+
+    @classmethod
+    def from_json(cls, src: str | Path) -> "RouterStats":
+        text = Path(src).read_text() if not str(src).lstrip().startswith("{") else str(src)
+        d = json.loads(text)
+        d["layers"] = [{k: (np.asarray(v, dtype=np.float64) if k in ARRAYS else v) for k, v in lay.items()}
+                       for lay in d["layers"]]
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """JSON (``.json``) or NPZ (anything else)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            self.to_json(path)
+            return
+        arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in ARRAYS}
+        scal = [{k: lay[k] for k in SCALARS} for lay in self.layers]
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
+                                                        dtype=np.uint8), **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load_file(cls, path: str | Path) -> "RouterStats":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"statistics file not found: {path}")
+        if path.suffix == ".json":
+            return cls.from_json(path)
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(bytes(z["__meta__"]).decode())
+        scal = meta.pop("scalars")
+        layers = []
+        for i, s in enumerate(scal):
+            lay = dict(s)
+            lay.update({k: z[f"{i}/{k}"] for k in ARRAYS if f"{i}/{k}" in z})
+            layers.append(lay)
+        return cls(layers=layers, **meta)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class StatsObserver:
+    """Accumulates per-layer running sums; called from inside ``MoELayer.combine``."""
+
+    def __init__(self, view: MoEModel, n_domains: int, dense_sample: int = 16, device=None):
+        self.view = view
+        self.dense_sample = dense_sample
+        self.acc: list[dict] = []
+        for lay in view:
+            E, H, I = lay.num_experts, lay.hidden_size, lay.intermediate_size
+            dev = device or lay.router_weight.device
+            z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+            zf = lambda *s: torch.zeros(*s, dtype=torch.float32, device=dev)  # noqa: E731
+            self.acc.append({
+                "count": z(E), "gate_mass": z(E), "gate_routed": z(E), "coact": z(E, E), "domain_count": z(n_domains, E),
+                "reap": z(E), "out_norm": z(E), "out_sum": zf(E, H), "dense_out_sum": zf(E, H), "act_max": zf(E),
+                "neuron_sq": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
+                "tokens": z(()), "entropy_sum": z(()), "dense_tokens": z(()), "layer_cos_sum": z(()),
+                "layer_tokens": z(()),
+            })
+        self.token_domain: torch.Tensor | None = None  # [T] domain index of each token in the current batch
+        self.valid: torch.Tensor | None = None  # [T] bool: real token (not padding)
+        self.sample: dict | None = None  # when set, record routes of the first ``sample['n']`` tokens
+
+    def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
+        a = self.acc[lay.index]
+        valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        v = valid.to(torch.float64)
+        E = lay.num_experts
+        p = lay.probs(logits).double()
+        a["tokens"] += v.sum()
+        a["gate_mass"] += (p * v[:, None]).sum(0)
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        a["entropy_sum"] += (ent * v).sum()
+        onehot = torch.zeros(x.shape[0], E, dtype=torch.float64, device=x.device)
+        onehot.scatter_(1, idx, 1.0)
+        onehot *= v[:, None]
+        a["count"] += onehot.sum(0)
+        gw = torch.zeros_like(onehot).scatter_(1, idx, w.double()) * v[:, None]
+        a["gate_routed"] += gw.sum(0)
+        co = onehot.T @ onehot
+        co.fill_diagonal_(0)
+        a["coact"] += co
+        if self.token_domain is not None:
+            a["domain_count"].index_add_(0, self.token_domain.to(x.device), onehot)
+        lg = logits.double() * v[:, None]
+        a["logit_gram"] += lg.T @ lg
+        if self.dense_sample:
+            n = min(self.dense_sample, x.shape[0])
+            sel = torch.linspace(0, x.shape[0] - 1, n, device=x.device).long()
+            xs = x[sel]
+            a["dense_out_sum"] += lay.dense_experts(xs).float().sum(1)
+            a["dense_tokens"] += n
+        if self.sample is not None and self.sample.get("pending", {}).get(lay.index):
+            n = self.sample["n"]
+            self.sample["routes"][lay.index] = idx[:n].tolist()
+            self.sample["gates"][lay.index] = [[round(float(g), 4) for g in row] for row in w[:n]]
+            self.sample["pending"][lay.index] = False
+
+    def expert(self, lay: MoELayer, e: int, tok, g, xin, h, y) -> None:
+        a = self.acc[lay.index]
+        v = self.valid[tok].to(torch.float32) if self.valid is not None else torch.ones_like(g, dtype=torch.float32)
+        yf = y.float()
+        norm = yf.norm(dim=-1)
+        gf = g.float()
+        a["reap"][e] += (gf * norm * v).sum().double()
+        a["out_norm"][e] += (norm * v).sum().double()
+        a["out_sum"][e] += (yf * v[:, None]).sum(0)
+        a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
+        a["neuron_sq"][e] += ((h.float() ** 2) * v[:, None]).sum(0)
+        xf = xin.float() ** 2 * v[:, None]
+        a["in_sq"][e] += xf.sum(0)
+        a["in_sq_gated"][e] += (xf * (gf ** 2)[:, None]).sum(0)
+
+    def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
+        a = self.acc[lay.index]
+        r = resid.reshape(-1, resid.shape[-1]).float()
+        o = out.reshape(-1, out.shape[-1]).float()
+        c = torch.nn.functional.cosine_similarity(r, r + o, dim=-1)
+        v = self.valid.to(c.dtype) if self.valid is not None else torch.ones_like(c)
+        a["layer_cos_sum"] += (c * v).sum().double()
+        a["layer_tokens"] += v.sum().double()
+
+
+def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 8, dense_sample: int = 16,
+                  sample_tokens: int = 64, progress=None) -> RouterStats:
+    """One hooked forward pass over ``blocks``; returns a :class:`RouterStats`.
+
+    dense_sample: tokens per batch on which every expert runs, for HC-SMoE's mean output over all tokens
+    (0 turns it off; the per-expert mean over routed tokens is always there). progress: callable(done, total).
+    """
+    device = next(model.parameters()).device
+    obs = StatsObserver(view, len(blocks.domains), dense_sample=dense_sample)
+    n_dec = len(view.decoder_layers)
+    block_cos = torch.zeros(n_dec, dtype=torch.float64, device=device)
+    block_tok = torch.zeros((), dtype=torch.float64, device=device)
+    resid: dict[int, torch.Tensor] = {}
+    hooks = []
+
+    def pre_block(i):
+        def hook(mod, args, kwargs):
+            resid[("in", i)] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post_block(i):
+        def hook(mod, args, kwargs, out):
+            xi = resid.pop(("in", i))
+            xo = out[0] if isinstance(out, tuple) else out
+            c = torch.nn.functional.cosine_similarity(xi.float(), xo.float(), dim=-1).reshape(-1)
+            v = obs.valid.to(c.dtype)
+            block_cos[i] += (c * v).sum().double()
+        return hook
+
+    def pre_norm(i):
+        def hook(mod, args):
+            resid[("h", i)] = args[0]
+        return hook
+
+    for i, dl in enumerate(view.decoder_layers):
+        hooks.append(dl.register_forward_pre_hook(pre_block(i), with_kwargs=True))
+        hooks.append(dl.register_forward_hook(post_block(i), with_kwargs=True))
+    for lay in view:
+        norm = getattr(lay.decoder_layer, "post_attention_layernorm", None)
+        if norm is not None:
+            hooks.append(norm.register_forward_pre_hook(pre_norm(lay.layer_idx)))
+
+    def fwd(lay: MoELayer, hs):
+        out = lay.forward(hs, observer=obs)
+        h = resid.pop(("h", lay.layer_idx), None)
+        if h is not None:
+            o = out[0] if isinstance(out, tuple) else out
+            obs.layer_cos(lay, h, o)
+        return out
+
+    first = True
+    n_batches = math.ceil(len(blocks) / batch_size)
+    try:
+        with torch.inference_mode(), view.patched(fwd):
+            for bi, b in enumerate(blocks.batches(batch_size)):
+                am = b.attention_mask()
+                obs.valid = am.reshape(-1).bool().to(device)
+                obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
+                if first and sample_tokens:
+                    obs.sample = {"n": min(sample_tokens, int(b.lengths[0])), "routes": [None] * len(view),
+                                  "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
+                model(input_ids=b.input_ids.to(device), attention_mask=am.to(device), use_cache=False)
+                block_tok += obs.valid.sum().double()
+                if first and sample_tokens:
+                    sample = obs.sample
+                    obs.sample = None
+                first = False
+                if progress is not None:
+                    progress(bi + 1, n_batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = [{k: (v.item() if v.dim() == 0 else v.cpu().double().numpy()) for k, v in a.items()} for a in obs.acc]
+    stats = RouterStats(
+        top_k=view.top_k, num_experts=view.num_experts, domains=list(blocks.domains), layers=layers,
+        block_cos_sum=block_cos.cpu().tolist(), block_tokens=float(block_tok), moe_layer_indices=[l.layer_idx for l in view],
+        info={"blocks": len(blocks), "block_len": blocks.block_len, "tokens": int(blocks.lengths.sum()),
+              "dense_sample": dense_sample, "model_type": view.text_config.model_type},
+    )
+    if sample_tokens and len(blocks):
+        stats.sample_tokens = blocks.input_ids[0, : sample["n"]].tolist()
+        stats.sample_routes = sample["routes"]
+        stats.sample_gates = sample["gates"]
+    return stats
+
+
+def token_routes(model, view: MoEModel, tokenizer, text: str, max_tokens: int = 512) -> dict:
+    """Each token's top-k experts and gates in every MoE layer, for a token strip."""
+    ids = tokenizer(text)["input_ids"][:max_tokens]
+    if not ids:
+        raise ValueError("type some text to see its routing")
+    routes: list = [None] * len(view)
+    gates: list = [None] * len(view)
+
+    def fwd(lay, hs):
+        x = hs.reshape(-1, hs.shape[-1])
+        logits, w, idx = lay.route(x)
+        order = torch.argsort(w, dim=-1, descending=True)
+        routes[lay.index] = idx.gather(1, order).tolist()
+        gates[lay.index] = w.gather(1, order).float().tolist()
+        return lay.forward(hs)
+
+    device = next(model.parameters()).device
+    with torch.inference_mode(), view.patched(fwd):
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    return {"tokens": [tokenizer.decode([t]) for t in ids], "ids": ids, "routes": routes, "gates": gates}
