@@ -79,6 +79,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         raise ModelLoadError(
             f"cannot load {src!r}: not a local folder, and the hub could not provide it ({err.__class__.__name__}: "
             f"{str(err).splitlines()[0]}). Offline? Pass a local path.") from err
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(("CausalLM" in a or "LMHead" in a or "ForConditionalGeneration" in a) for a in archs):
+        raise ModelLoadError(f"{src} is not a causal language model (architectures: {', '.join(archs)})")
     kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if experts_implementation:
         kw["experts_implementation"] = experts_implementation

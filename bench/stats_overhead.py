@@ -1,0 +1,62 @@
+"""Plain forward pass against the hooked statistics pass, same model, same tokens, one run.
+
+Prints tokens/s of both and the ratio (stats time / plain time) last. Bar: at most 1.10.
+  python bench/stats_overhead.py                      # the demo model on the CPU (its calibration blocks)
+  python bench/stats_overhead.py --olmoe --device cuda  # OLMoE-1B-7B-shaped, bf16, batch 8 x 2048, grouped_mm
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import olmoe_1b7b_shaped, random_blocks, timed
+
+from explorer import collect_stats, load_data, load_model
+from explorer.moe import MoEModel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--olmoe", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dense-sample", type=int, default=16)
+    args = ap.parse_args()
+    if args.olmoe:
+        model = olmoe_1b7b_shaped(device=args.device)
+        view = MoEModel(model)
+        blocks = random_blocks(args.blocks, args.seq, model.config.vocab_size)
+        what = "OLMoE-1B-7B-shaped (random, bf16, grouped_mm)"
+    else:
+        model, tok, view = load_model(device=args.device)
+        blocks = load_data(tok, "demo", block_len=args.seq).calib.subset(range(args.blocks))
+        what = f"demo model ({model.config._experts_implementation})"
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+
+    def plain():
+        with torch.inference_mode():
+            for b in blocks.batches(args.batch):
+                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
+
+    def stats():
+        collect_stats(model, view, blocks, batch_size=args.batch, dense_sample=args.dense_sample)
+
+    tokens = int(blocks.lengths.sum())
+    t_plain, t_stats = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        t_plain.append(timed(plain, 1, sync))
+        t_stats.append(timed(stats, 1, sync))
+    p, s = sorted(t_plain)[len(t_plain) // 2], sorted(t_stats)[len(t_stats) // 2]
+    print(f"{what} on {dev}: {tokens:,} tokens per pass, batch {args.batch} x {args.seq}, median of {args.repeats}")
+    print(f"plain forward   {tokens / p:12,.0f} tokens/s")
+    print(f"statistics pass {tokens / s:12,.0f} tokens/s")
+    print(f"ratio (stats / plain time): {s / p:.3f}")
+
+
+if __name__ == "__main__":
+    main()

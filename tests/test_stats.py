@@ -1,0 +1,169 @@
+"""Every router statistic against a brute-force reference computed another way."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from explorer.data import TokenBlocks
+from explorer.moe import MoEModel
+from explorer.stats import RouterStats, collect_stats, token_routes
+from explorer.tiny import tiny_model
+
+
+def _blocks(n=6, L=24, vocab=256, seed=0, pad_last=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, L), generator=g)
+    lengths = torch.full((n,), L)
+    if pad_last:
+        lengths[-1] = L - pad_last
+        ids[-1, L - pad_last:] = 0
+    return TokenBlocks(ids, lengths, torch.arange(n) % 3, ["a", "b", "c"], (lengths - 1).double() * 2, L)
+
+
+def _reference(model, view, blocks):
+    """Per-token loops over what the unmodified model computes (router logits from output_router_logits,
+    expert outputs from the model's own experts module run on one token with gate 1)."""
+    inputs = {}
+    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: inputs.setdefault(_i, []).append(a[0]))
+             for lay in view]
+    with torch.no_grad():
+        out = model(input_ids=blocks.input_ids, attention_mask=blocks.attention_mask(), output_router_logits=True,
+                    output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    valid = blocks.attention_mask().reshape(-1).bool()
+    dom = blocks.domain[:, None].expand(-1, blocks.block_len).reshape(-1)
+    ref = []
+    for lay in view:
+        E, k = lay.num_experts, lay.top_k
+        x = inputs[lay.index][0].reshape(-1, lay.hidden_size)
+        logits = out.router_logits[lay.index].float()
+        probs = torch.softmax(logits, -1)
+        with torch.no_grad():
+            _, w, idx = lay.router(x)
+        r = {k_: np.zeros(s) for k_, s in [("count", E), ("gate_mass", E), ("reap", E), ("coact", (E, E)),
+                                           ("domain_count", (3, E)), ("out_sum", (E, lay.hidden_size))]}
+        ent = 0.0
+        for t in range(x.shape[0]):
+            if not valid[t]:
+                continue
+            p = probs[t].double()
+            r["gate_mass"] += p.numpy()
+            ent += float(-(p * p.log()).sum())
+            chosen = idx[t].tolist()
+            for j, e in enumerate(chosen):
+                r["count"][e] += 1
+                r["domain_count"][dom[t], e] += 1
+                with torch.no_grad():
+                    f = lay.experts(x[t:t + 1], torch.tensor([[e]]), torch.ones(1, 1, dtype=x.dtype))[0]
+                r["reap"][e] += float(w[t, j]) * float(f.norm())
+                r["out_sum"][e] += f.double().numpy()
+            for a_, b_ in itertools.permutations(chosen, 2):  # every ordered pair, not only rank-adjacent
+                r["coact"][a_, b_] += 1
+        r["entropy"] = ent / float(valid.sum())
+        ref.append(r)
+    return ref, out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "olmoe"])
+def test_stats_match_brute_force(family):
+    model = tiny_model(family, seed=5, num_experts_per_tok=3) if family != "gpt_oss" else tiny_model(family, seed=5)
+    view = MoEModel(model)
+    blocks = _blocks(pad_last=5)
+    stats = collect_stats(model, view, blocks, batch_size=4, sample_tokens=10)
+    ref, out = _reference(model, view, blocks)
+    for i, r in enumerate(ref):
+        lay = stats.layers[i]
+        np.testing.assert_allclose(lay["count"], r["count"])
+        np.testing.assert_allclose(lay["gate_mass"], r["gate_mass"], rtol=1e-5)
+        np.testing.assert_allclose(lay["coact"], r["coact"])
+        np.testing.assert_allclose(lay["domain_count"], r["domain_count"])
+        np.testing.assert_allclose(lay["reap"], r["reap"], rtol=1e-4)
+        np.testing.assert_allclose(lay["out_sum"], r["out_sum"], rtol=1e-3, atol=1e-4)
+        assert stats.mean_entropy(i) == pytest.approx(r["entropy"], rel=1e-5)
+        assert lay["tokens"] == int(blocks.attention_mask().sum())
+    # block similarity from output_hidden_states (last one excluded: HF applies the final norm to it)
+    hs = out.hidden_states
+    m = blocks.attention_mask().bool()
+    for i in range(len(hs) - 2):
+        c = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)[m]
+        assert 1 - stats.block_importance()[i] == pytest.approx(float(c.mean()), rel=1e-4)
+    # routing sample = the model's own choices for the first tokens of the first block
+    assert stats.sample_tokens == blocks.input_ids[0, :10].tolist()
+    with torch.no_grad():
+        first = model(input_ids=blocks.input_ids[:1], output_router_logits=True).router_logits
+    for i in range(len(view)):
+        top = torch.topk(first[i][:10], view.top_k, -1).indices
+        assert [sorted(r) for r in stats.sample_routes[i]] == [sorted(r) for r in top.tolist()]
+
+
+def test_layer_cos_is_residual_similarity():
+    """cos(h, h + MoE(LN h)) recomputed from captured residuals equals the statistic."""
+    model = tiny_model("mixtral", seed=3)
+    view = MoEModel(model)
+    blocks = _blocks()
+    stats = collect_stats(model, view, blocks)
+    cap = {}
+    for lay in view:
+        dl = lay.decoder_layer
+        dl.post_attention_layernorm.register_forward_pre_hook(lambda m, a, _i=lay.index: cap.__setitem__(("h", _i), a[0]))
+        lay.block.register_forward_hook(lambda m, a, o, _i=lay.index: cap.__setitem__(("y", _i), o))
+    with torch.no_grad():
+        model(input_ids=blocks.input_ids)
+    for lay in view:
+        h, y = cap[("h", lay.index)], cap[("y", lay.index)]
+        ref = torch.nn.functional.cosine_similarity(h, h + y, dim=-1).mean()
+        assert stats.layer_importance()[lay.index] == pytest.approx(1 - float(ref), rel=1e-4, abs=1e-6)
+
+
+def test_memory_does_not_grow_with_tokens():
+    model = tiny_model("mixtral")
+    view = MoEModel(model)
+    s1 = collect_stats(model, view, _blocks(n=4))
+    s2 = collect_stats(model, view, _blocks(n=16))
+    size = lambda s: sum(v.nbytes for lay in s.layers for v in lay.values() if isinstance(v, np.ndarray))  # noqa
+    assert size(s1) == size(s2)
+    assert s2.layers[0]["tokens"] == 4 * s1.layers[0]["tokens"]
+
+
+def test_serialisation_round_trip(tmp_path):
+    model = tiny_model("qwen2_moe")
+    stats = collect_stats(model, MoEModel(model), _blocks())
+    for name in ("s.json", "s.npz"):
+        stats.save(tmp_path / name)
+        back = RouterStats.load_file(tmp_path / name)
+        for a, b in zip(stats.layers, back.layers):
+            for k, v in a.items():
+                np.testing.assert_allclose(np.asarray(b[k]), np.asarray(v))
+        assert back.sample_routes == stats.sample_routes and back.domains == stats.domains
+    json.loads((tmp_path / "s.json").read_text())
+
+
+def test_derived_views():
+    model = tiny_model("mixtral")
+    stats = collect_stats(model, MoEModel(model), _blocks())
+    for i in range(len(stats.layers)):
+        assert stats.load(i).sum() == pytest.approx(1.0)
+        assert stats.domain_load(i).sum(1) == pytest.approx(np.ones(3))
+        b = stats.balance(i)
+        assert 0 < b["entropy"] <= b["entropy_uniform"] + 1e-9
+    assert stats.load_matrix().shape == (3, 8)
+
+
+def test_token_routes():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(97 + i): i for i in range(26)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    model = tiny_model("mixtral")
+    view = MoEModel(model)
+    r = token_routes(model, view, tok, "hello")
+    assert len(r["tokens"]) == 5 and len(r["routes"]) == len(view) and len(r["routes"][0][0]) == 2
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([r["ids"]]), output_router_logits=True).router_logits
+    assert r["routes"][0][0][0] == int(logits[0][0].argmax())
