@@ -2,6 +2,10 @@
 
   stats  MODEL [--data D] --out stats.json      router statistics in one pass (calibration split)
   eval   MODEL [--data D]                       perplexity, bits per byte, token count (evaluation split)
+  plan   MODEL --stats stats.json (--drop-experts F --criterion C | --merge-to M --method M |
+                --drop-layers L | --drop-blocks L | --slim F | --prune S) --out plan.json
+  preview MODEL plan.json [--data D] [--stats S]  what-if perplexity of a plan, no weights copied
+  apply  MODEL plan.json --out DIR [--stats S]    a new, smaller model + tokenizer + plan + summary
 MODEL is a folder (including one written by `apply` or `distill`), a hub id, or `demo` (the bundled model).
 """
 from __future__ import annotations
@@ -93,18 +97,139 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("plan", help="write a compression plan from statistics")
+    _model_args(p)
+    p.add_argument("--stats", required=True, help="stats.json/.npz from `stats`")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--drop-experts", type=float, metavar="FRACTION")
+    g.add_argument("--merge-to", type=int, metavar="M")
+    g.add_argument("--drop-layers", type=int, metavar="L")
+    g.add_argument("--drop-blocks", type=int, metavar="L")
+    g.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
+    g.add_argument("--prune", type=float, metavar="SPARSITY")
+    p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap, reconstruction, ablation, random")
+    p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--skip-layers", default="", help="comma-separated MoE layers left untouched")
+    p.add_argument("--protect-super", action="store_true", help="never drop REAP's super experts")
+    p.add_argument("--method", default="mc-smoe", help="merge: mc-smoe | hc-smoe; prune: moe-pruner | wanda")
+    p.add_argument("--align", action="store_true", help="merge: align neurons by permutation first")
+    p.add_argument("--nm", default=None, help="prune N:M, e.g. 2:4")
+    p.add_argument("--consecutive", action="store_true", help="drop-blocks: the best run of L blocks in a row")
+    p.add_argument("--data", default="demo", help="calibration text for reconstruction/ablation criteria")
+    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("preview", help="what-if perplexity of a plan on the unmodified model")
+    _model_args(p); _data_args(p)  # noqa: E702
+    p.add_argument("plan")
+    p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
+    p.set_defaults(fn=cmd_preview)
+    p = sub.add_parser("apply", help="materialise a plan into a new model folder")
+    _model_args(p); _data_args(p)  # noqa: E702
+    p.add_argument("plan")
+    p.add_argument("--out", required=True)
+    p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity in the summary")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_apply)
     for extra in _EXTENSIONS:
         extra(sub)
     return ap
 
 
-_EXTENSIONS: list = []  # later modules add sub-commands (plan, preview, apply, distill)
+_EXTENSIONS: list = []  # later modules add sub-commands (distill)
+
+
+def cmd_plan(args) -> int:
+    from . import planners
+    from .stats import RouterStats
+
+    stats = RouterStats.load_file(args.stats)
+    skip = [int(x) for x in args.skip_layers.split(",") if x.strip()]
+    model, tok, view = _load(args)
+    if args.drop_experts is not None:
+        kw = {}
+        if args.criterion in ("reconstruction", "ablation"):
+            from .data import load_data
+
+            kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
+        plan = planners.drop_experts(stats, args.drop_experts, args.criterion, mode=args.mode, skip_layers=skip,
+                                     protect_super=args.protect_super, view=view, **kw)
+    elif args.merge_to is not None:
+        plan = planners.merge_experts(stats, args.merge_to, args.method, align=args.align, skip_layers=skip)
+    elif args.drop_layers is not None:
+        plan = planners.drop_layers(stats, args.drop_layers)
+    elif args.drop_blocks is not None:
+        plan = planners.drop_blocks(stats, args.drop_blocks, consecutive=args.consecutive)
+    elif args.slim is not None:
+        plan = planners.slim_experts(stats, args.slim)
+    else:
+        nm = [int(x) for x in args.nm.split(":")] if args.nm else None
+        method = args.method if args.method in ("moe-pruner", "wanda") else "moe-pruner"
+        plan = planners.prune_weights(stats, args.prune, method, nm)
+    rep = plan.report(view)
+    plan.to_json(args.out) if not str(args.out).endswith((".yaml", ".yml")) else plan.to_yaml(args.out)
+    print(f"{plan.notes} -> {args.out}")
+    _print_report(rep)
+    return 0
+
+
+def _print_report(rep: dict) -> None:
+    print(f"  parameters {rep['params_before']:,} -> {rep['params_after']:,} "
+          f"({rep['params_after'] / rep['params_before']:.1%}); active/token {rep['active_before']:,} -> "
+          f"{rep['active_after']:,}; bf16 {rep['bytes_bf16_after'] / 2**20:.1f} MiB")
+    print(f"  experts per MoE layer after: {rep['experts_after']}; {rep['loader_note']}")
+
+
+def cmd_preview(args) -> int:
+    from .perplexity import perplexity
+    from .plan import Plan
+    from .preview import preview_perplexity
+    from .stats import RouterStats
+
+    model, tok, view = _load(args)
+    plan = Plan.load(args.plan)
+    stats = RouterStats.load_file(args.stats) if args.stats else None
+    ds = _data(args, tok)
+    base = perplexity(model, ds.eval, batch_size=args.batch_size)
+    res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
+    print(f"before: {base}")
+    print(f"plan:   {res}  ({res.ppl / base.ppl - 1:+.2%})")
+    _print_report(plan.report(view))
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .apply import apply_plan, export
+    from .perplexity import perplexity
+    from .plan import Plan
+    from .stats import RouterStats
+
+    model, tok, view = _load(args)
+    plan = Plan.load(args.plan)
+    stats = RouterStats.load_file(args.stats) if args.stats else None
+    rep = plan.report(view)
+    new, _, layout = apply_plan(model, view, plan, stats=stats)
+    summary = {"source": args.model, "report": rep}
+    if not args.no_eval:
+        ds = _data(args, tok)
+        summary["perplexity_before"] = perplexity(model, ds.eval, batch_size=args.batch_size).to_dict()
+        summary["perplexity_after"] = perplexity(new, ds.eval, batch_size=args.batch_size).to_dict()
+        print(f"perplexity {summary['perplexity_before']['ppl']:.3f} -> {summary['perplexity_after']['ppl']:.3f}")
+    src = None if args.model == "demo" else args.model
+    from .loading import DEMO_MODEL
+
+    out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=src or DEMO_MODEL,
+                 overwrite=args.overwrite)
+    _print_report(rep)
+    print(f"written to {out}" + ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ModelLoadError, DataError, FileNotFoundError, ValueError) as err:
+    except (ModelLoadError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -174,20 +174,28 @@ class MoELayer:
         g, u = gate_up.chunk(2, dim=-1)
         return self.experts.act_fn(g) * u
 
-    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Intermediate activation of expert e on tokens x [T, H] -> [T, I] (what slimming scores)."""
-        w = self.gate_up[e]
+    def ffn_hidden(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         gu = x @ w if self.transposed else F.linear(x, w)
-        if self.gate_up_bias is not None:
-            gu = gu + self.gate_up_bias[e]
+        if b is not None:
+            gu = gu + b
         return self._apply_gate(gu)
 
-    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        w = self.down[e]
+    def ffn_out(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         y = h @ w if self.transposed else F.linear(h, w)
-        if self.down_bias is not None:
-            y = y + self.down_bias[e]
-        return y
+        return y + b if b is not None else y
+
+    def expert_tensors(self, e: int) -> tuple:
+        gb, db = self.gate_up_bias, self.down_bias
+        return (self.gate_up[e], self.down[e], None if gb is None else gb[e], None if db is None else db[e])
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate activation of expert e on tokens x [T, H] -> [T, I] (what slimming scores)."""
+        gu, _, gb, _ = self.expert_tensors(e)
+        return self.ffn_hidden(x, gu, gb)
+
+    def expert_out(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        _, dn, _, db = self.expert_tensors(e)
+        return self.ffn_out(h, dn, db)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """f_e(x): the ungated output of routed expert e on tokens x [T, H]."""
@@ -280,21 +288,20 @@ class MoELayer:
             raise NotImplementedError(f"gating {g!r}")
         return logits, w, idx
 
-    def forward(self, hidden: torch.Tensor, observer: Any = None, mask: torch.Tensor | None = None,
-                remap: torch.Tensor | None = None, skip: bool = False):
-        """The block's output recomputed from the view, optionally observed, masked, remapped or skipped.
+    def forward(self, hidden: torch.Tensor, observer: Any = None, edit: Any = None):
+        """The block's output recomputed from the view, optionally observed or edited.
 
-        mask: bool [E] of experts that may be routed to. remap: long [E]: the expert whose weights serve
-        slot e (a merge: members point at their group's representative). skip: the routed experts and
-        shared experts contribute nothing (Layer Drop).
+        edit (see ``explorer.preview.LayerEdit``): ``keep`` bool [E] of experts that may be routed to;
+        ``tensors`` (gate_up, down, gate_up_bias, down_bias) for the kept experts in order, used with ``slot``
+        (long [E]: original expert -> row of ``tensors``); ``skip``: the MoE sub-layer adds nothing (Layer Drop).
         """
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        logits, w, idx = self.route(x, mask)
-        if skip:
+        logits, w, idx = self.route(x, None if edit is None else edit.keep)
+        if edit is not None and edit.skip:
             out = torch.zeros_like(x)
         else:
-            out = self.combine(x, w, idx, observer=observer, logits=logits, remap=remap)
+            out = self.combine(x, w, idx, observer=observer, logits=logits, edit=edit)
             sh = self.shared_out(x)
             if sh is not None:
                 out = out + sh.reshape(out.shape)
@@ -305,7 +312,7 @@ class MoELayer:
         return out
 
     def combine(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, observer: Any = None,
-                logits: torch.Tensor | None = None, remap: torch.Tensor | None = None) -> torch.Tensor:
+                logits: torch.Tensor | None = None, edit: Any = None) -> torch.Tensor:
         """Σ_k g_k · f_{e_k}(x), looping over the experts that received tokens (never dense)."""
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
                           device=x.device)
@@ -315,6 +322,7 @@ class MoELayer:
         tok_all = order // idx.shape[1]
         gates_all = w.reshape(-1)[order]
         gate_in = self.family.gating == "sigmoid_input"
+        tensors = None if edit is None else edit.tensors
         if observer is not None:
             observer.begin(self, x, logits, w, idx)
         start = 0
@@ -324,10 +332,16 @@ class MoELayer:
             tok = tok_all[start:start + n]
             g = gates_all[start:start + n]
             start += n
-            src = e if remap is None else int(remap[e])
             xin = x[tok] * g[:, None].to(x.dtype) if gate_in else x[tok]
-            h = self.expert_hidden(src, xin)
-            y = self.expert_out(src, h)
+            if tensors is None:
+                gu, dn, gb, db = self.expert_tensors(e)
+            else:
+                r = int(edit.slot[e])
+                gu, dn = tensors[0][r], tensors[1][r]
+                gb = None if tensors[2] is None else tensors[2][r]
+                db = None if tensors[3] is None else tensors[3][r]
+            h = self.ffn_hidden(xin, gu, gb)
+            y = self.ffn_out(h, dn, db)
             if observer is not None:
                 observer.expert(self, e, tok, g, xin, h, y)
             contrib = y if gate_in else y * g[:, None].to(y.dtype)

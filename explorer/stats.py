@@ -31,6 +31,7 @@ ARRAYS = {
     "dense_out_sum": "[E,H] Σ f_e(x) over a sample of every token (HC-SMoE's mean output)",
     "act_max": "[E] max |f_e(x)| entry (REAP's super-expert rule)",
     "neuron_sq": "[E,I] Σ h² of each intermediate neuron over routed tokens (slimming)",
+    "neuron_sq_gated": "[E,I] Σ (g·h)² over routed tokens (MoE-Pruner on down_proj)",
     "in_sq": "[E,H] Σ x_j² over routed tokens (Wanda)",
     "in_sq_gated": "[E,H] Σ (g·x_j)² over routed tokens (MoE-Pruner)",
     "logit_gram": "[E,E] Σ r_i(x)·r_j(x) router-logit Gram matrix (MC-SMoE similarity)",
@@ -176,7 +177,7 @@ class StatsObserver:
             self.acc.append({
                 "count": z(E), "gate_mass": z(E), "gate_routed": z(E), "coact": z(E, E), "domain_count": z(n_domains, E),
                 "reap": z(E), "out_norm": z(E), "out_sum": zf(E, H), "dense_out_sum": zf(E, H), "act_max": zf(E),
-                "neuron_sq": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
+                "neuron_sq": zf(E, I), "neuron_sq_gated": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
                 "tokens": z(()), "entropy_sum": z(()), "dense_tokens": z(()), "layer_cos_sum": z(()),
                 "layer_tokens": z(()),
             })
@@ -229,7 +230,9 @@ class StatsObserver:
         a["out_norm"][e] += (norm * v).sum().double()
         a["out_sum"][e] += (yf * v[:, None]).sum(0)
         a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
-        a["neuron_sq"][e] += ((h.float() ** 2) * v[:, None]).sum(0)
+        hf = h.float() ** 2 * v[:, None]
+        a["neuron_sq"][e] += hf.sum(0)
+        a["neuron_sq_gated"][e] += (hf * (gf ** 2)[:, None]).sum(0)
         xf = xin.float() ** 2 * v[:, None]
         a["in_sq"][e] += xf.sum(0)
         a["in_sq_gated"][e] += (xf * (gf ** 2)[:, None]).sum(0)

@@ -1,0 +1,262 @@
+"""Materialise a plan into a new, genuinely smaller model, and export it atomically.
+
+Expert tensors, router rows, router biases and score-correction biases are sliced together; every cached expert
+count (config, experts module, router, block, ``nn.Linear.out_features``) is updated; merged experts are stored
+once. Where a stock config can describe the result (same expert count and width in every MoE layer, no MoE
+sub-layer dropped), ``save_pretrained`` output loads with plain ``AutoModelForCausalLM.from_pretrained``.
+Otherwise ``explorer_layout.json`` records the per-layer shapes and ``load_model`` restores it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .moe import BLOCK_ATTRS, MoELayer, MoEModel
+from .plan import Plan, PlanError, fingerprint
+from .transform import layer_edit
+
+LAYOUT_FILE = "explorer_layout.json"
+INDEX_LISTS = ("mlp_only_layers", "moe_layers", "sliding_window_layers", "full_attention_layers")
+
+
+class DroppedMoE(nn.Module):
+    """Stands where a dropped MoE sub-layer was (Layer Drop): contributes nothing, holds no weights."""
+
+    def __init__(self, returns_tuple: bool = False, flat: bool = False):
+        super().__init__()
+        self.returns_tuple, self.flat = returns_tuple, flat
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        if self.flat:
+            out = out.reshape(-1, out.shape[-1])
+        return (out, None) if self.returns_tuple else out
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    if value is None:
+        return
+    old = getattr(mod, name)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
+    else:
+        setattr(mod, name, value.detach().clone().contiguous())
+
+
+def _intermediate_attr(cfg) -> str:
+    d = cfg.to_dict()
+    return "moe_intermediate_size" if d.get("moe_intermediate_size") is not None else "intermediate_size"
+
+
+def _resize_layer(lay: MoELayer, kept: list[int] | None, tensors: tuple | None, n_experts: int, inter: int) -> None:
+    """Write new expert tensors and router rows into ``lay``'s modules and update every cached count."""
+    ex, rl = lay.experts, lay.router_linear
+    if tensors is not None:
+        _set_param(ex, "gate_up_proj", tensors[0])
+        _set_param(ex, "down_proj", tensors[1])
+        if tensors[2] is not None:
+            _set_param(ex, "gate_up_proj_bias", tensors[2])
+        if tensors[3] is not None:
+            _set_param(ex, "down_proj_bias", tensors[3])
+    if kept is not None:
+        idx = torch.as_tensor(kept, device=rl.weight.device)
+        _set_param(rl, "weight", rl.weight.index_select(0, idx))
+        if lay.router_bias is not None:
+            _set_param(rl, "bias", rl.bias.index_select(0, idx))
+        for mod in (lay.router, lay.block):
+            for name in ("e_score_correction_bias", "expert_bias"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor):
+                    _set_param(mod, name, t.index_select(t.dim() - 1, idx.to(t.device)))
+    for mod in (ex, lay.router, rl, lay.block):
+        for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if isinstance(getattr(mod, name, None), int):
+                setattr(mod, name, n_experts)
+    if isinstance(rl, nn.Linear):
+        rl.out_features = n_experts
+    for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
+        if isinstance(getattr(ex, name, None), int):
+            setattr(ex, name, inter)
+
+
+def _block_attr(dl: nn.Module) -> str:
+    return next(a for a in BLOCK_ATTRS if hasattr(dl, a))
+
+
+def _drop_moe_sublayer(lay: MoELayer) -> None:
+    dl = lay.decoder_layer
+    setattr(dl, _block_attr(dl), DroppedMoE(lay.family.returns_tuple, lay.family.flat_output))
+    if hasattr(dl, "post_attention_layernorm"):
+        dl.post_attention_layernorm = nn.Identity()
+
+
+def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
+    layers = view.decoder_layers
+    n_old = len(layers)
+    keep = [i for i in range(n_old) if i not in set(drop)]
+    new = nn.ModuleList([layers[i] for i in keep])
+    for new_i, dl in enumerate(new):  # KV-cache indices follow the new numbering
+        for mod in dl.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = new_i
+    parent = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for cand in (parent, getattr(parent, "model", None), getattr(parent, "language_model", None)):
+        if cand is not None and getattr(cand, "layers", None) is layers:
+            cand.layers = new
+            break
+    cfg = view.text_config
+    cfg.num_hidden_layers = len(keep)
+    remap = {old: new_i for new_i, old in enumerate(keep)}
+    for name, val in list(cfg.to_dict().items()):
+        if name in ("num_hidden_layers",) or not isinstance(val, list):
+            continue
+        if name in INDEX_LISTS and all(isinstance(v, int) for v in val):
+            setattr(cfg, name, [remap[v] for v in val if v in remap])
+        elif len(val) == n_old:  # one entry per layer (layer_types, no_rope_layers, ...)
+            setattr(cfg, name, [v for i, v in enumerate(val) if i in remap])
+    k = getattr(cfg, "first_k_dense_replace", None)
+    if isinstance(k, int):
+        cfg.first_k_dense_replace = sum(1 for i in keep if i < k)
+
+
+def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = False):
+    """(new model, its view, layout or None). The original is untouched unless ``inplace``."""
+    plan.validate(view)
+    edits = {lay.index: layer_edit(lay, plan, stats, materialise=True) for lay in view}  # before any change
+    if not inplace:
+        model = copy.deepcopy(model)
+        view = MoEModel(model)
+    blocked = plan.blocked_moe_layers(view)
+    counts, inters = {}, {}
+    with torch.no_grad():
+        for lay in view:
+            e = edits[lay.index]
+            if lay.index in blocked:
+                continue
+            if e.skip:
+                _drop_moe_sublayer(lay)
+                continue
+            inter = e.tensors[1].shape[1 if lay.transposed else 2]
+            _resize_layer(lay, e.kept, e.tensors, len(e.kept), inter)
+            counts[lay.layer_idx], inters[lay.layer_idx] = len(e.kept), inter
+    cfg = view.text_config
+    count_attr = view.count_attr
+    if counts and count_attr:
+        setattr(cfg, count_attr, max(counts.values()))
+    if inters:
+        attr = _intermediate_attr(cfg)
+        before = getattr(cfg, attr)
+        setattr(cfg, attr, max(inters.values()))
+        if not config_describes(model):  # e.g. shared experts sized by the same attribute: keep it as it was
+            setattr(cfg, attr, before)
+    dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
+    if plan.drop_blocks:
+        _drop_blocks(model, view, sorted(plan.drop_blocks))
+    n_dec_new = cfg.num_hidden_layers
+    old_to_new = {old: new for new, old in enumerate(i for i in range(len(view.decoder_layers))
+                                                   if i not in set(plan.drop_blocks))}
+    layout = {
+        "fingerprint_before": fingerprint(view),
+        "num_hidden_layers": n_dec_new,
+        "moe": {str(old_to_new[li]): {"num_experts": counts[li], "intermediate": inters[li]} for li in counts},
+        "dropped_moe_sublayers": [old_to_new[li] for li in dropped_sub],
+        "plan": plan.to_dict(),
+    }
+    new_view = MoEModel(model) if len(counts) else None
+    if not config_describes(model):
+        return model, new_view, layout
+    return model, new_view, None
+
+
+def config_describes(model) -> bool:
+    """Whether a model built from ``model.config`` alone has exactly ``model``'s tensors."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return a == b
+
+
+def restructure(model, layout: dict) -> None:
+    """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
+    view = MoEModel(model)
+    by_idx = {lay.layer_idx: lay for lay in view}
+    for li in layout.get("dropped_moe_sublayers", []):
+        _drop_moe_sublayer(by_idx[li])
+    for li, shape in layout.get("moe", {}).items():
+        lay = by_idx[int(li)]
+        E, I = shape["num_experts"], shape["intermediate"]
+        H = lay.hidden_size
+        gu = torch.empty(E, H, 2 * I) if lay.transposed else torch.empty(E, 2 * I, H)
+        dn = torch.empty(E, I, H) if lay.transposed else torch.empty(E, H, I)
+        gb = None if lay.gate_up_bias is None else torch.empty(E, 2 * I)
+        db = None if lay.down_bias is None else torch.empty(E, H)
+        dt = lay.gate_up.dtype
+        tensors = tuple(None if t is None else t.to(dt) for t in (gu, dn, gb, db))
+        _resize_layer(lay, list(range(E)), tensors, E, I)
+
+
+def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_remote_code=False,
+                 experts_implementation=None):
+    """Load a folder written by ``export`` whose per-layer shapes a stock config cannot express."""
+    from safetensors.torch import load_model as st_load
+    from transformers import AutoModelForCausalLM
+
+    layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
+    kw = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
+    restructure(model, layout)
+    st_load(model, str(Path(folder) / "model.safetensors"), strict=True)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    return model
+
+
+def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dict | None = None,
+           summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write model, tokenizer, plan and summary to ``out_dir`` atomically (all or nothing).
+
+    Never writes over ``source`` (the input model). An existing ``out_dir`` is replaced only with ``overwrite``.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if source is not None and Path(source).expanduser().exists() and out == Path(source).expanduser().resolve():
+        raise PlanError(f"refusing to export over the input model at {out}; choose another folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PlanError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if layout is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from safetensors.torch import save_model
+
+            model.config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))
+            (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.to_json(tmp / "plan.json")
+        if summary is not None:
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

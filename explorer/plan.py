@@ -1,0 +1,325 @@
+"""A compression plan: a small declarative recipe, validated before use, JSON/YAML round-trip.
+
+Indices: expert operations and ``drop_layers`` name MoE layers by their position among the MoE layers
+(0..n_moe-1, as in the plots); ``drop_blocks`` names decoder layers (0..num_hidden_layers-1).
+
+    drop_experts  {moe_layer: [expert, ...]}            remove experts (router rows and biases with them)
+    merge         {moe_layer: [[expert, ...], ...]}     each group becomes one expert: the frequency-weighted
+                  merge_weights {moe_layer: [[w, ...]]} average of its members (weights stored so a replay is
+                  merge_align  bool                      exact), optionally after aligning neurons by permutation;
+                                                         the router keeps the row of the group's FIRST member
+                                                         (planners put the dominant, most used, expert first)
+    slim          fraction of intermediate neurons kept in every expert (by activation energy, as SlimMoE)
+    slim_layers   optional [moe_layer, ...] to slim (default: all)
+    drop_layers   [moe_layer, ...]  MoE sub-layer removed with its post-attention norm (Layer Drop); attention stays
+    drop_blocks   [decoder_layer, ...]  whole decoder layers removed, KV-cache indices renumbered (Block Drop)
+    prune         {"sparsity": 0.5, "method": "moe-pruner" | "wanda", "nm": [2, 4] | null}  unstructured weights
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .moe import MoEModel
+
+PRUNE_METHODS = ("moe-pruner", "wanda")
+
+
+class PlanError(ValueError):
+    """A plan cannot be applied to this model; the message names the layer and the problem."""
+
+
+def _intkeys(d: dict | None) -> dict:
+    return {int(k): v for k, v in (d or {}).items()}
+
+
+@dataclass
+class Plan:
+    drop_experts: dict[int, list[int]] = field(default_factory=dict)
+    merge: dict[int, list[list[int]]] = field(default_factory=dict)
+    merge_weights: dict[int, list[list[float]]] = field(default_factory=dict)
+    merge_align: bool = False
+    slim: float | None = None
+    slim_layers: list[int] | None = None
+    drop_layers: list[int] = field(default_factory=list)
+    drop_blocks: list[int] = field(default_factory=list)
+    prune: dict | None = None
+    model: dict = field(default_factory=dict)  # what the plan was made for: model_type, num_experts, ...
+    notes: str = ""
+
+    # ---- serialisation --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("drop_experts", "merge", "merge_weights"):
+            d[k] = {str(i): v for i, v in sorted(d[k].items())}
+        return {"version": 1, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanError("a plan is a JSON/YAML mapping")
+        d = dict(d)
+        d.pop("version", None)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(
+                drop_experts={k: [int(e) for e in v] for k, v in _intkeys(d.get("drop_experts")).items()},
+                merge={k: [[int(e) for e in g] for g in v] for k, v in _intkeys(d.get("merge")).items()},
+                merge_weights={k: [[float(w) for w in g] for g in v] for k, v in _intkeys(d.get("merge_weights")).items()},
+                merge_align=bool(d.get("merge_align", False)),
+                slim=None if d.get("slim") is None else float(d["slim"]),
+                slim_layers=None if d.get("slim_layers") is None else [int(i) for i in d["slim_layers"]],
+                drop_layers=[int(i) for i in d.get("drop_layers") or []],
+                drop_blocks=[int(i) for i in d.get("drop_blocks") or []],
+                prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
+            )
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"malformed plan: {err}") from err
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            _atomic_text(Path(path), s)
+        return s
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        import yaml
+
+        s = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            _atomic_text(Path(path), s)
+        return s
+
+    @classmethod
+    def loads(cls, text: str) -> "Plan":
+        text = text.strip()
+        if not text:
+            raise PlanError("the plan is empty")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError:
+            import yaml
+
+            try:
+                d = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise PlanError(f"the plan is neither valid JSON nor YAML: {err}") from err
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.exists():
+            raise PlanError(f"plan file not found: {p}")
+        return cls.loads(p.read_text())
+
+    # ---- combination ----------------------------------------------------------------------------------
+    def is_empty(self) -> bool:
+        return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune)
+
+    def combine(self, other: "Plan") -> "Plan":
+        """Both plans' operations (other's win where they set the same scalar)."""
+        d = self.to_dict()
+        o = other.to_dict()
+        for k in ("drop_experts", "merge", "merge_weights"):
+            for i, v in o[k].items():
+                d[k][i] = (d[k].get(i, []) + v) if k == "drop_experts" else (d[k].get(i, []) + v)
+        for k in ("drop_layers", "drop_blocks"):
+            d[k] = sorted(set(d[k]) | set(o[k]))
+        for k in ("slim", "slim_layers", "prune"):
+            if o[k] is not None:
+                d[k] = o[k]
+        d["merge_align"] = d["merge_align"] or o["merge_align"]
+        d["notes"] = "; ".join(x for x in (d["notes"], o["notes"]) if x)
+        d["model"] = d["model"] or o["model"]
+        return Plan.from_dict(d)
+
+    # ---- structure ------------------------------------------------------------------------------------
+    def removed(self, layer: int) -> list[int]:
+        """Experts whose router row disappears in MoE layer ``layer`` (dropped, and merged non-first members)."""
+        out = list(self.drop_experts.get(layer, []))
+        for g in self.merge.get(layer, []):
+            out += g[1:]
+        return sorted(out)
+
+    def kept(self, layer: int, num_experts: int) -> list[int]:
+        gone = set(self.removed(layer))
+        return [e for e in range(num_experts) if e not in gone]
+
+    def blocked_moe_layers(self, view: MoEModel) -> set[int]:
+        blocks = set(self.drop_blocks)
+        return {lay.index for lay in view if lay.layer_idx in blocks}
+
+    def validate(self, view: MoEModel) -> "Plan":
+        """Raise PlanError naming the first problem; returns self so calls chain."""
+        n, E = len(view), view.num_experts
+        if self.model.get("num_experts") and list(self.model["num_experts"]) != list(E):
+            raise PlanError(f"this plan was made for a model with experts per layer {self.model['num_experts']}, "
+                            f"not {E} ({view.text_config.model_type})")
+        n_dec = len(view.decoder_layers)
+        for i in self.drop_blocks:
+            if not 0 <= i < n_dec:
+                raise PlanError(f"drop_blocks: decoder layer {i} does not exist (the model has {n_dec})")
+        if len(set(self.drop_blocks)) != len(self.drop_blocks):
+            raise PlanError("drop_blocks names a layer twice")
+        if len(set(self.drop_blocks)) >= n_dec:
+            raise PlanError("drop_blocks removes every decoder layer")
+        for i in self.drop_layers:
+            if not 0 <= i < n:
+                raise PlanError(f"drop_layers: MoE layer {i} does not exist (the model has {n} MoE layers)")
+        if len(set(self.drop_layers)) != len(self.drop_layers):
+            raise PlanError("drop_layers names a layer twice")
+        blocked = self.blocked_moe_layers(view)
+        both = blocked & set(self.drop_layers)
+        if both:
+            raise PlanError(f"MoE layer(s) {sorted(both)} are dropped twice: by drop_layers and drop_blocks")
+        for name, table in (("drop_experts", self.drop_experts), ("merge", self.merge)):
+            for i in table:
+                if not 0 <= i < n:
+                    raise PlanError(f"{name}: MoE layer {i} does not exist (the model has {n} MoE layers)")
+                if i in blocked or i in self.drop_layers:
+                    raise PlanError(f"{name}: MoE layer {i} is itself dropped by this plan; remove one of the two")
+        for i in range(n):
+            lay = view[i]
+            drops = self.drop_experts.get(i, [])
+            if len(set(drops)) != len(drops):
+                raise PlanError(f"MoE layer {i}: drop_experts names an expert twice")
+            seen = set(drops)
+            for g in self.merge.get(i, []):
+                if len(g) < 2:
+                    raise PlanError(f"MoE layer {i}: merge group {g} needs at least two experts")
+                for e in g:
+                    if e in seen:
+                        raise PlanError(f"MoE layer {i}: expert {e} is named twice (in merge group {g} and "
+                                        "another group or the drop list)")
+                    seen.add(e)
+            for e in seen:
+                if not 0 <= e < E[i]:
+                    raise PlanError(f"MoE layer {i}: expert {e} does not exist (experts 0..{E[i] - 1})")
+            if i in self.merge_weights:
+                ws = self.merge_weights[i]
+                if len(ws) != len(self.merge.get(i, [])) or any(len(w) != len(g) for w, g in zip(ws, self.merge[i])):
+                    raise PlanError(f"MoE layer {i}: merge_weights do not match the merge groups")
+                if any(x < 0 for w in ws for x in w) or any(sum(w) <= 0 for w in ws):
+                    raise PlanError(f"MoE layer {i}: merge_weights must be non-negative with a positive sum")
+            kept = E[i] - len(self.removed(i))
+            if kept == 0:
+                raise PlanError(f"MoE layer {i}: the plan removes every expert ({E[i]} of {E[i]})")
+            if kept < lay.top_k:
+                raise PlanError(f"MoE layer {i}: the plan keeps {kept} experts, fewer than top-k = {lay.top_k}")
+            ng = getattr(lay.router, "num_group", None) or getattr(view.text_config, "n_group", None)
+            if lay.family.gating == "sigmoid_group" and ng and kept % ng:
+                raise PlanError(f"MoE layer {i}: grouped routing needs the kept count divisible by n_group={ng}; "
+                                f"the plan keeps {kept}")
+            if lay.family.gating == "sigmoid_group" and ng and self.removed(i):
+                per = kept // ng
+                topk_group = getattr(lay.router, "topk_group", 1)
+                if per * topk_group < lay.top_k:
+                    raise PlanError(f"MoE layer {i}: {per} experts per group x topk_group={topk_group} cannot "
+                                    f"serve top-k = {lay.top_k}")
+        if self.slim is not None:
+            if not 0 < self.slim <= 1:
+                raise PlanError(f"slim keeps a fraction of neurons in (0, 1], got {self.slim}")
+            if round(self.slim * view[0].intermediate_size) < 1:
+                raise PlanError(f"slim={self.slim} keeps no neuron of {view[0].intermediate_size}")
+            for i in self.slim_layers or []:
+                if not 0 <= i < n:
+                    raise PlanError(f"slim_layers: MoE layer {i} does not exist")
+        if self.prune is not None:
+            p = self.prune
+            if not isinstance(p, dict) or "sparsity" not in p:
+                raise PlanError("prune needs {'sparsity': s, 'method': 'moe-pruner' | 'wanda'}")
+            if not 0 <= float(p["sparsity"]) < 1:
+                raise PlanError(f"prune sparsity must be in [0, 1), got {p['sparsity']}")
+            if p.get("method", "moe-pruner") not in PRUNE_METHODS:
+                raise PlanError(f"prune method must be one of {PRUNE_METHODS}, got {p.get('method')!r}")
+            nm = p.get("nm")
+            if nm is not None and not (len(nm) == 2 and 0 < int(nm[0]) < int(nm[1])):
+                raise PlanError(f"prune N:M must be [N, M] with 0 < N < M, got {nm}")
+        return self
+
+    # ---- accounting -----------------------------------------------------------------------------------
+    def report(self, view: MoEModel) -> dict:
+        """Parameters before/after (total, active per token), bytes in bf16, and loader compatibility."""
+        self.validate(view)
+        total = sum(p.numel() for p in view.model.parameters())
+        before_active = view.summary()["params_active"]
+        removed_total = removed_active = 0
+        experts_after, inter_after = [], []
+        blocked = self.blocked_moe_layers(view)
+        for dl_i, dl in enumerate(view.decoder_layers):
+            if dl_i in self.drop_blocks:
+                n = sum(p.numel() for p in dl.parameters())
+                removed_total += n
+                moe = [lay for lay in view if lay.layer_idx == dl_i]
+                if moe:
+                    lay = moe[0]
+                    removed_active += n - lay.expert_params() * (lay.num_experts - lay.top_k)
+                else:
+                    removed_active += n
+        for lay in view:
+            i = lay.index
+            if i in blocked:
+                continue
+            E, k, I = lay.num_experts, lay.top_k, lay.intermediate_size
+            per = lay.expert_params()
+            if i in self.drop_layers:
+                n = per * E + lay.router_weight.numel() + lay.shared_params()
+                n += (lay.router_bias.numel() if lay.router_bias is not None else 0)
+                norm = getattr(lay.decoder_layer, "post_attention_layernorm", None)
+                n += sum(p.numel() for p in norm.parameters()) if norm is not None else 0
+                removed_total += n
+                removed_active += n - per * (E - k)
+                continue
+            kept = len(self.kept(i, E))
+            I2 = I
+            if self.slim is not None and (self.slim_layers is None or i in self.slim_layers):
+                I2 = max(1, round(self.slim * I))
+            gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
+            dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
+            per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb
+            row = lay.hidden_size + (1 if lay.router_bias is not None else 0)
+            row += 1 if isinstance(lay.correction_bias, torch.nn.Parameter) else 0
+            removed_total += per * E - per2 * kept + (E - kept) * row
+            removed_active += (per - per2) * k
+            experts_after.append(kept)
+            inter_after.append(I2)
+        after_total = total - removed_total
+        nonzero = after_total
+        if self.prune:
+            routed_after = sum(e * (lay.gate_up[0].numel() + lay.down[0].numel()) * i // lay.intermediate_size
+                               for lay, e, i in zip([x for x in view if x.index not in blocked
+                                                     and x.index not in self.drop_layers], experts_after, inter_after))
+            nonzero = after_total - int(routed_after * float(self.prune["sparsity"]))
+        uniform = len(set(experts_after)) <= 1 and len(set(inter_after)) <= 1
+        shared_sized_alike = (self.slim is not None and view[0].shared
+                              and getattr(view.text_config, "shared_expert_intermediate_size", None) is None)
+        loadable = uniform and not self.drop_layers and not shared_sized_alike
+        why = ("every MoE layer keeps the same shape: plain AutoModelForCausalLM.from_pretrained loads it"
+               if loadable else
+               "expert counts or widths differ per layer, or MoE sub-layers are dropped: a stock config cannot say "
+               "so; explorer.load_model restores it from explorer_layout.json")
+        return {
+            "params_before": total, "params_after": after_total,
+            "active_before": before_active, "active_after": before_active - removed_active,
+            "params_nonzero_after": nonzero, "bytes_bf16_after": 2 * after_total,
+            "experts_after": experts_after, "intermediate_after": inter_after,
+            "loadable_by_transformers": loadable, "loader_note": why,
+        }
+
+
+def fingerprint(view: MoEModel) -> dict:
+    return {"model_type": view.text_config.model_type, "num_experts": view.num_experts, "top_k": view.top_k,
+            "num_hidden_layers": len(view.decoder_layers), "moe_layer_indices": [lay.layer_idx for lay in view]}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,166 @@
+"""Planners: write a Plan from statistics and scores. They only choose; ``Plan.validate`` checks."""
+from __future__ import annotations
+
+import numpy as np
+
+from .moe import MoEModel
+from .plan import Plan, PlanError
+from .saliency import expert_scores, expert_similarity, mean_outputs
+from .stats import RouterStats
+from .transform import super_experts
+
+
+def _meta(stats: RouterStats) -> dict:
+    return {"num_experts": list(stats.num_experts), "top_k": stats.top_k,
+            "model_type": stats.info.get("model_type"), "moe_layer_indices": stats.moe_layer_indices}
+
+
+def _min_keep(stats: RouterStats, view: MoEModel | None, layer: int) -> tuple[int, int]:
+    """(least experts a layer may keep, granularity of the kept count)."""
+    k = stats.top_k
+    step = 1
+    if view is not None:
+        lay = view[layer]
+        if lay.family.gating == "sigmoid_group":
+            step = int(getattr(lay.router, "num_group", 1) or 1)
+            k = max(k, step * int(np.ceil(k / max(getattr(lay.router, "topk_group", 1), 1))))
+    return k, step
+
+
+def drop_experts(stats: RouterStats, fraction: float, criterion: str = "reap", scores: list | None = None,
+                 mode: str = "uniform", layer_fractions: dict[int, float] | None = None,
+                 skip_layers: tuple | list = (), protect_super: bool = False, view: MoEModel | None = None,
+                 seed: int = 0, **score_kw) -> Plan:
+    """Drop ``fraction`` of the experts by ``criterion`` (lowest scores go).
+
+    mode 'uniform': int(E·fraction) per layer (REAP's rule); 'global': the same total, chosen across layers by
+    score normalised to each layer's mean. ``layer_fractions`` overrides per layer; ``skip_layers`` are left
+    untouched; ``protect_super`` never drops REAP's super experts.
+    """
+    if not 0 <= fraction < 1:
+        raise PlanError(f"fraction must be in [0, 1), got {fraction}")
+    if scores is None:
+        scores = expert_scores(stats, criterion, view=view, seed=seed, **score_kw)
+    protected = super_experts(stats) if protect_super else set()
+    n = len(stats.layers)
+    drops: dict[int, list[int]] = {}
+    if mode == "uniform":
+        for i in range(n):
+            if i in skip_layers:
+                continue
+            E = stats.num_experts[i]
+            f = (layer_fractions or {}).get(i, fraction)
+            mk, step = _min_keep(stats, view, i)
+            n_drop = int(E * f)
+            n_drop = min(n_drop, E - mk)
+            n_drop -= (E - n_drop) % step
+            order = [e for e in np.argsort(scores[i], kind="stable") if (i, int(e)) not in protected]
+            if n_drop > 0:
+                drops[i] = sorted(int(e) for e in order[:n_drop])
+    elif mode == "global":
+        cand = []
+        for i in range(n):
+            if i in skip_layers:
+                continue
+            s = np.asarray(scores[i], dtype=float)
+            norm = s / max(abs(s.mean()), 1e-12)
+            cand += [(norm[e], i, e) for e in range(len(s)) if (i, e) not in protected]
+        total = int(sum(stats.num_experts[i] for i in range(n) if i not in skip_layers) * fraction)
+        left = {i: stats.num_experts[i] for i in range(n)}
+        for _, i, e in sorted(cand):
+            if total <= 0:
+                break
+            mk, _ = _min_keep(stats, view, i)
+            if left[i] - 1 < mk:
+                continue
+            drops.setdefault(i, []).append(int(e))
+            left[i] -= 1
+            total -= 1
+        if view is not None:  # grouped routing: round each layer down to a multiple of n_group
+            for i in list(drops):
+                _, step = _min_keep(stats, view, i)
+                extra = (stats.num_experts[i] - len(drops[i])) % step
+                if extra:
+                    drops[i] = drops[i][: len(drops[i]) - (step - extra)] if len(drops[i]) >= step - extra else []
+        drops = {i: sorted(v) for i, v in drops.items() if v}
+    else:
+        raise PlanError(f"mode must be 'uniform' or 'global', got {mode!r}")
+    return Plan(drop_experts=drops, model=_meta(stats),
+                notes=f"drop {fraction:.0%} of experts by {criterion} ({mode})")
+
+
+def merge_experts(stats: RouterStats, to: int | dict[int, int], method: str = "mc-smoe", align: bool = False,
+                  skip_layers: tuple | list = ()) -> Plan:
+    """Merge each layer down to ``to`` experts.
+
+    mc-smoe: the ``to`` most used experts are dominant; every other expert joins the dominant one whose router-logit
+    column is most similar ((cos+1)/2). hc-smoe: average-linkage agglomerative clustering of the experts' mean
+    outputs (Euclidean) into ``to`` clusters. Groups list their most used member first (its router row stays);
+    members are averaged weighted by how often they were routed.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    groups, weights = {}, {}
+    for i in range(len(stats.layers)):
+        if i in skip_layers:
+            continue
+        E = stats.num_experts[i]
+        m = to.get(i, E) if isinstance(to, dict) else to
+        if m >= E:
+            continue
+        if m < stats.top_k:
+            raise PlanError(f"MoE layer {i}: merging to {m} experts keeps fewer than top-k = {stats.top_k}")
+        count = np.asarray(stats.layers[i]["count"], dtype=float)
+        if method == "mc-smoe":
+            dom = list(np.argsort(-count, kind="stable")[:m])
+            sim = (expert_similarity(stats, i, "router-logits") + 1) / 2
+            members = {int(d): [int(d)] for d in dom}
+            for e in range(E):
+                if e not in members:
+                    members[int(dom[int(np.argmax(sim[e, dom]))])].append(e)
+            clusters = list(members.values())
+        elif method == "hc-smoe":
+            z = linkage(mean_outputs(stats, i), method="average", metric="euclidean")
+            lab = fcluster(z, t=m, criterion="maxclust")
+            clusters = [[int(e) for e in np.flatnonzero(lab == c)] for c in np.unique(lab)]
+        else:
+            raise PlanError(f"unknown merge method {method!r}; choose 'mc-smoe' or 'hc-smoe'")
+        gs = [sorted(c, key=lambda e: (-count[e], e)) for c in clusters if len(c) > 1]
+        if gs:
+            groups[i] = gs
+            weights[i] = [[float(count[e]) + 1e-6 for e in g] for g in gs]
+    return Plan(merge=groups, merge_weights=weights, merge_align=align, model=_meta(stats),
+                notes=f"merge to {to} experts per layer by {method}" + (" with neuron alignment" if align else ""))
+
+
+def drop_layers(stats: RouterStats, n: int) -> Plan:
+    """Drop the ``n`` MoE sub-layers whose output changes the residual stream least (Layer Drop)."""
+    imp = stats.layer_importance()
+    if not 0 <= n < len(imp) + 1:
+        raise PlanError(f"cannot drop {n} of {len(imp)} MoE layers")
+    return Plan(drop_layers=sorted(int(i) for i in np.argsort(imp, kind="stable")[:n]), model=_meta(stats),
+                notes=f"drop {n} MoE sub-layers by 1 - cos(h, h + MoE)")
+
+
+def drop_blocks(stats: RouterStats, n: int, consecutive: bool = False) -> Plan:
+    """Drop ``n`` decoder blocks: the least important by 1 − cos(X_i, X_{i+1}), or the best run of n in a row."""
+    imp = stats.block_importance()
+    if not 0 <= n < len(imp):
+        raise PlanError(f"cannot drop {n} of {len(imp)} decoder layers (at least one must stay)")
+    if consecutive and n:
+        costs = [imp[s:s + n].sum() for s in range(len(imp) - n + 1)]
+        s = int(np.argmin(costs))
+        chosen = list(range(s, s + n))
+    else:
+        chosen = sorted(int(i) for i in np.argsort(imp, kind="stable")[:n])
+    return Plan(drop_blocks=chosen, model=_meta(stats), notes=f"drop {n} decoder blocks by 1 - cos(X_i, X_i+1)")
+
+
+def slim_experts(stats: RouterStats, keep: float, layers: list[int] | None = None) -> Plan:
+    """Keep ``keep`` of every expert's intermediate neurons (by activation energy, as SlimMoE)."""
+    return Plan(slim=keep, slim_layers=layers, model=_meta(stats), notes=f"slim experts to {keep:.0%} of neurons")
+
+
+def prune_weights(stats: RouterStats, sparsity: float, method: str = "moe-pruner", nm=None) -> Plan:
+    return Plan(prune={"sparsity": sparsity, "method": method, "nm": nm}, model=_meta(stats),
+                notes=f"{method} unstructured pruning at {sparsity:.0%}" + (f" ({nm[0]}:{nm[1]})" if nm else ""))

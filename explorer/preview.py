@@ -1,0 +1,47 @@
+"""A plan's what-if on the unmodified model: routing masks, edited expert tensors and layer skips.
+
+A drop plan costs no copy of any weight (a mask); merges, slimming and pruning compute the edited tensors of the
+touched layers once (the same ``layer_edit`` that ``apply`` writes into the new model). The model's own
+parameters are never modified, and everything is undone when the context exits.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from .moe import MoEModel
+from .perplexity import Perplexity, perplexity
+from .plan import Plan
+from .transform import layer_edit
+
+
+@contextmanager
+def previewing(model, view: MoEModel, plan: Plan, stats=None):
+    """Inside the block, ``model`` computes as if ``plan`` were applied."""
+    plan.validate(view)
+    edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
+    skipped = [view.decoder_layers[i] for i in plan.drop_blocks]
+    for dl in skipped:
+        dl.forward = _identity_block
+    try:
+        def fwd(lay, hs):
+            e = edits.get(lay.index)
+            if e is None:
+                return type(lay.block).forward(lay.block, hs)
+            return lay.forward(hs, edit=e)
+
+        with view.patched(fwd):
+            yield model
+    finally:
+        for dl in skipped:
+            if "forward" in dl.__dict__:
+                del dl.forward
+
+
+def _identity_block(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def preview_perplexity(model, view: MoEModel, plan: Plan, blocks, stats=None, batch_size: int = 8) -> Perplexity:
+    """Perplexity of ``plan`` on ``blocks`` in one evaluation pass, without building the smaller model."""
+    with previewing(model, view, plan, stats):
+        return perplexity(model, blocks, batch_size=batch_size)

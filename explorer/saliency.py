@@ -1,0 +1,163 @@
+"""Scores per expert, per layer and per block, and expert similarity: pure functions of statistics
+(plus, for reconstruction and ablation, the model and calibration text). Higher score = more important.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .moe import MoEModel
+from .stats import RouterStats
+
+CRITERIA = ("frequency", "gate-mass", "reap", "reconstruction", "ablation", "random")
+CHEAP = ("frequency", "gate-mass", "reap", "random")
+SIMILARITIES = ("router-logits", "mean-output", "weights")
+
+
+def expert_scores(stats: RouterStats, criterion: str, model=None, view: MoEModel | None = None, blocks=None,
+                  seed: int = 0, max_tokens: int = 4096, progress=None) -> list[np.ndarray]:
+    """One array per MoE layer, one score per expert."""
+    if criterion == "frequency":
+        return [np.asarray(lay["count"], dtype=float) for lay in stats.layers]
+    if criterion == "gate-mass":
+        return [stats.gate_mass(i) for i in range(len(stats.layers))]
+    if criterion == "reap":
+        return [stats.reap(i) for i in range(len(stats.layers))]
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return [rng.random(e) for e in stats.num_experts]
+    if criterion in ("reconstruction", "ablation"):
+        if model is None or view is None or blocks is None:
+            raise ValueError(f"criterion {criterion!r} runs the model: pass model=, view= and blocks= (calibration)")
+        fn = reconstruction_scores if criterion == "reconstruction" else ablation_scores
+        return fn(model, view, blocks, max_tokens=max_tokens, progress=progress)
+    raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+
+
+def _layer_inputs(model, view: MoEModel, blocks, max_tokens: int) -> dict[int, torch.Tensor]:
+    """The input of every MoE block on up to ``max_tokens`` calibration tokens (real tokens only)."""
+    caps: dict[int, list] = {lay.index: [] for lay in view}
+    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: caps[_i].append(a[0].detach()))
+             for lay in view]
+    n = max(1, max_tokens // blocks.block_len)
+    sub = blocks.subset(range(min(n, len(blocks))))
+    dev = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for b in sub.batches(8):
+                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    valid = sub.attention_mask().reshape(-1).bool().to(dev)
+    return {i: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[valid] for i, xs in caps.items()}
+
+
+def _masked_output(lay, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    from .transform import LayerEdit
+
+    out = lay.forward(x, edit=LayerEdit(keep=keep))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def reconstruction_scores(model, view: MoEModel, blocks, max_tokens: int = 4096, greedy_max_experts: int = 32,
+                          progress=None) -> list[np.ndarray]:
+    """NAEE-style: the layer-output error ‖F(x) − F_D(x)‖ when experts are removed and tokens re-route.
+
+    Up to ``greedy_max_experts`` experts: greedy removal (each step removes the expert whose removal adds the least
+    error); an expert's score is the error at the step it was removed, made monotone, so the last ones removed
+    score highest. Above that, each expert is scored by the error of removing it alone.
+    """
+    inputs = _layer_inputs(model, view, blocks, max_tokens)
+    scores = []
+    with torch.inference_mode():
+        for lay in view:
+            x = inputs[lay.index]
+            E, k = lay.num_experts, lay.top_k
+            full = _masked_output(lay, x, torch.ones(E, dtype=torch.bool))
+            err = lambda keep: float((full - _masked_output(lay, x, keep)).float().norm())  # noqa: E731
+            s = np.zeros(E)
+            if E <= greedy_max_experts:
+                keep = torch.ones(E, dtype=torch.bool)
+                level = 0.0
+                for step in range(E - k):
+                    cands = [(err(keep.clone().index_fill_(0, torch.tensor([e]), False)), e)
+                             for e in range(E) if keep[e]]
+                    e_err, e = min(cands)
+                    level = max(level, e_err)
+                    s[e] = level + 1e-9 * step
+                    keep[e] = False
+                top = level + 1.0 + float(full.float().norm())
+                for e in range(E):
+                    if keep[e]:  # never removable (the last k): above every removed one, ordered by solo error
+                        s[e] = top + err(torch.ones(E, dtype=torch.bool).index_fill_(0, torch.tensor([e]), False))
+            else:
+                for e in range(E):
+                    keep = torch.ones(E, dtype=torch.bool)
+                    keep[e] = False
+                    s[e] = err(keep)
+            scores.append(s)
+            if progress:
+                progress(lay.index + 1, len(view))
+    return scores
+
+
+def ablation_scores(model, view: MoEModel, blocks, max_tokens: int = 4096, progress=None) -> list[np.ndarray]:
+    """Ground truth: Δ mean NLL on calibration text when expert e alone is masked (one pass per expert)."""
+    from .perplexity import perplexity
+    from .plan import Plan
+    from .preview import previewing
+
+    n = max(1, max_tokens // blocks.block_len)
+    sub = blocks.subset(range(min(n, len(blocks))))
+    base = perplexity(model, sub).nll
+    out, total, done = [], sum(view.num_experts), 0
+    for lay in view:
+        s = np.zeros(lay.num_experts)
+        for e in range(lay.num_experts):
+            with previewing(model, view, Plan(drop_experts={lay.index: [e]})):
+                s[e] = perplexity(model, sub).nll - base
+            done += 1
+            if progress:
+                progress(done, total)
+        out.append(s)
+    return out
+
+
+def expert_similarity(stats: RouterStats, layer: int, kind: str = "router-logits",
+                      view: MoEModel | None = None) -> np.ndarray:
+    """[E, E] cosine similarity of experts: router-logit columns (MC-SMoE), mean outputs (HC-SMoE) or weights."""
+    lay = stats.layers[layer]
+    if kind == "router-logits":
+        g = np.asarray(lay["logit_gram"], dtype=float)
+        d = np.sqrt(np.clip(np.diag(g), 1e-30, None))
+        return g / d[:, None] / d[None, :]
+    if kind == "mean-output":
+        m = mean_outputs(stats, layer)
+    elif kind == "weights":
+        if view is None:
+            raise ValueError("weight similarity needs the model's view")
+        lv = view[layer]
+        m = torch.cat([lv.gate_up.detach().reshape(lv.num_experts, -1), lv.down.detach().reshape(lv.num_experts, -1)],
+                      1).float().cpu().numpy()
+    else:
+        raise ValueError(f"unknown similarity {kind!r}; choose from {', '.join(SIMILARITIES)}")
+    n = np.linalg.norm(m, axis=1)
+    n = np.where(n > 0, n, 1.0)
+    return (m @ m.T) / n[:, None] / n[None, :]
+
+
+def mean_outputs(stats: RouterStats, layer: int) -> np.ndarray:
+    """[E, H] each expert's mean output over all tokens (dense sample) or, without one, over its routed tokens."""
+    lay = stats.layers[layer]
+    if lay.get("dense_tokens", 0) > 0:
+        return np.asarray(lay["dense_out_sum"], dtype=float) / lay["dense_tokens"]
+    c = np.maximum(np.asarray(lay["count"], dtype=float), 1)
+    return np.asarray(lay["out_sum"], dtype=float) / c[:, None]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    r = spearmanr(np.asarray(a).ravel(), np.asarray(b).ravel()).statistic
+    return float(r)
