@@ -149,7 +149,12 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
     cfg = view.text_config
     count_attr = view.count_attr
     if counts and count_attr:
+        old = getattr(cfg, count_attr)
         setattr(cfg, count_attr, max(counts.values()))
+        for mod in (model, getattr(model, "model", None)):  # counts cached outside the MoE blocks (aux loss)
+            for name in ("num_experts", "num_local_experts"):
+                if mod is not None and getattr(mod, name, None) == old:
+                    setattr(mod, name, max(counts.values()))
     if inters:
         attr = _intermediate_attr(cfg)
         before = getattr(cfg, attr)

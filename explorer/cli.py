@@ -132,12 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity in the summary")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_apply)
-    for extra in _EXTENSIONS:
-        extra(sub)
+    p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
+    _model_args(p); _data_args(p)  # noqa: E702
+    p.add_argument("plan")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"])
+    p.add_argument("--hidden-mse", type=float, default=0.0)
+    p.add_argument("--expert-kd", type=float, default=0.0)
+    p.add_argument("--train", default="all", choices=["all", "experts-routers", "routers"])
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--cache-teacher-topk", type=int, default=None, metavar="K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_distill)
     return ap
-
-
-_EXTENSIONS: list = []  # later modules add sub-commands (distill)
 
 
 def cmd_plan(args) -> int:
@@ -233,3 +245,49 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def cmd_distill(args) -> int:
+    from .apply import export
+    from .distill import DistillConfig, Distiller
+    from .loading import DEMO_MODEL
+    from .plan import Plan
+    from .stats import RouterStats
+
+    cfg = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+                        kl=args.kl, hidden_mse=args.hidden_mse, expert_kd=args.expert_kd, train=args.train,
+                        eval_every=args.eval_every, seed=args.seed, teacher_topk_cache=args.cache_teacher_topk)
+    cfg.validate()  # refused before anything loads
+    model, tok, view = _load(args)
+    plan = Plan.load(args.plan)
+    stats = RouterStats.load_file(args.stats) if args.stats else None
+    ds = _data(args, tok)
+    d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats)
+    if cfg.teacher_topk_cache:
+        m = d.teacher_memory()
+        print(f"teacher top-{m['k']} cache: {m['topk_cache_bytes'] / 2**20:.1f} MiB instead of "
+              f"{m['full_logits_bytes'] / 2**20:.1f} MiB of full logits")
+    last = None
+    for e in d.run():
+        if e.kind == "start":
+            print(f"student before distillation: perplexity {e.ppl:.3f}")
+        elif e.kind in ("step", "eval"):
+            n = 30 * e.step // cfg.steps
+            eta = f" eta {e.eta:.0f}s" if e.eta is not None else ""
+            sys.stderr.write(f"\r[{'#' * n}{'.' * (30 - n)}] step {e.step}/{cfg.steps} loss {e.loss:.4f} "
+                             f"{e.tokens_per_s:,.0f} tok/s{eta}   ")
+            if e.kind == "eval":
+                sys.stderr.write("\n")
+                print(f"step {e.step}: perplexity {e.ppl:.3f} (best {e.best_ppl:.3f})", flush=True)
+        elif e.kind == "error":
+            print(f"\nerror: {e.message}", file=sys.stderr)
+        last = e
+    d.restore_best()
+    summary = {"source": args.model, "plan": plan.notes, "config": cfg.__dict__,
+               "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
+               "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
+    src = DEMO_MODEL if args.model == "demo" else args.model
+    out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=src,
+                 overwrite=args.overwrite)
+    print(f"best student (perplexity {d.best_ppl:.3f}, from {d.initial_ppl:.3f}) written to {out}")
+    return 1 if last is not None and last.kind == "error" else 0

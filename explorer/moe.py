@@ -250,6 +250,12 @@ class MoELayer:
             return self.route_from_logits(out.float() if isinstance(out, torch.Tensor) else out[0].float())
         return self.route_from_logits(self.logits(x), mask)
 
+    def logits_of(self, router_output) -> torch.Tensor:
+        """The [T, E] logits inside whatever the router module returned."""
+        if isinstance(router_output, torch.Tensor):
+            return router_output
+        return router_output[1] if self.family.gating == "sigmoid_input" else router_output[0]
+
     def route_from_logits(self, logits: torch.Tensor, mask: torch.Tensor | None = None):
         g, k = self.family.gating, self.top_k
         ml = logits if mask is None else logits.masked_fill(~mask.to(logits.device), float("-inf"))

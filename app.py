@@ -1,0 +1,442 @@
+"""MoE Compression Explorer: the Gradio app. It arranges controls; ``explorer`` computes.
+
+    python app.py                      # the bundled demo model on http://127.0.0.1:7860
+    python app.py --model PATH_OR_HUB_ID --host 0.0.0.0 --port 8000 --share
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from explorer import figures
+from explorer.data import DataError
+from explorer.distill import DistillConfig, DistillError
+from explorer.loading import ModelLoadError
+from explorer.plan import Plan, PlanError
+from explorer.saliency import CRITERIA, SIMILARITIES
+from explorer.session import Session, SessionError
+
+USER_ERRORS = (SessionError, PlanError, ModelLoadError, DataError, DistillError, ValueError, FileNotFoundError,
+               KeyError, FloatingPointError)
+DEFAULT_MODEL = "demo"
+
+
+def friendly(fn):
+    """Show problems as a message in the page, never a traceback; the session stays usable."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as err:
+            raise gr.Error(str(err).strip("'\""), duration=12) from None
+        except Exception as err:  # noqa: BLE001 - anything else is still reported, not dumped
+            raise gr.Error(f"{type(err).__name__}: {err}", duration=12) from None
+    return wrapper
+
+
+def friendly_gen(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as err:
+            raise gr.Error(str(err).strip("'\""), duration=12) from None
+        except Exception as err:  # noqa: BLE001
+            raise gr.Error(f"{type(err).__name__}: {err}", duration=12) from None
+    return wrapper
+
+
+def _sess(s: Session | None) -> Session:
+    return s if s is not None else Session()
+
+
+# ---- views of the session (pure: session -> component values) ----------------------------------------------
+def summary_md(s: Session) -> str:
+    if not s.loaded:
+        return "No model loaded."
+    m = s.summary()
+    lines = [f"**{m['architecture']}** (`{m['model_type']}`) from `{m['source']}` on {m['device']} ({m['dtype']})",
+             f"{m['moe_layers']} MoE layers of {m['decoder_layers']} · experts per layer {m['experts'][0]}"
+             f"{'' if len(set(m['experts'])) == 1 else ' (varies)'} · top-{m['top_k']} · gating `{m['gating']}`"
+             f" · shared experts: {'yes' if m['shared_experts'] else 'no'}",
+             f"{m['params_total']:,} parameters, {m['params_active']:,} active per token"]
+    if s.data is not None:
+        d = s.data
+        lines.append(f"Data `{s.data_source}`: domains {', '.join(d.eval.domains)} · calibration {d.calib.tokens:,}"
+                     f" tokens · evaluation {d.eval.tokens:,} tokens (blocks of {d.eval.block_len})")
+    if s.base is not None:
+        lines.append(f"Perplexity (evaluation): **{s.base.ppl:.3f}**, {s.base.bpb:.3f} bits/byte")
+    return "\n\n".join(lines)
+
+
+def load_table(s: Session):
+    """The load heatmap as a clickable table (click a cell to drop / keep that expert)."""
+    if s.stats is None:
+        return pd.DataFrame()
+    m = s.stats.load_matrix() * max(s.stats.num_experts)
+    df = pd.DataFrame(m.round(2), columns=[f"e{e}" for e in range(m.shape[1])])
+    df.insert(0, "layer", [f"L{i}" for i in range(m.shape[0])])
+    drops = s.plan.drop_experts
+
+    def style(row):
+        i = int(row["layer"][1:])
+        out = [""]
+        for e in range(m.shape[1]):
+            v = m[i, e]
+            shade = int(255 - min(1.0, v / 2.5) * 160)
+            bg = "#ff8a80" if e in drops.get(i, []) else f"rgb({shade},{shade},255)"
+            out.append(f"background-color:{bg}")
+        return out
+
+    return df.style.apply(style, axis=1)
+
+
+def plan_md(s: Session, res: dict | None) -> str:
+    if not s.loaded:
+        return ""
+    if s.plan.is_empty():
+        base = s.baseline()
+        return f"Empty plan. Original perplexity **{base.ppl:.3f}** on {base.tokens:,} tokens."
+    r = res
+    sign = "+" if r["delta"] >= 0 else ""
+    dom = " · ".join(f"{k} {v:.2f}" for k, v in r["per_domain"].items())
+    return (f"### Preview perplexity **{r['ppl']:.3f}** ({sign}{r['delta']:.1%} vs {r['base_ppl']:.3f})\n\n"
+            f"{dom}\n\nParameters {r['params_before']:,} → **{r['params_after']:,}** "
+            f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
+            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16 · experts per layer "
+            f"{r['experts_after']}\n\n{'✅' if r['loadable_by_transformers'] else 'ℹ️'} {r['loader_note']} · "
+            f"preview took {r['seconds']:.2f}s")
+
+
+def tried_table(s: Session) -> pd.DataFrame:
+    rows = [{"plan": e["name"], "parameters": e["params"], "active/token": e["active"], "perplexity": round(e["ppl"], 3)}
+            for e in s.tried]
+    return pd.DataFrame(rows, columns=["plan", "parameters", "active/token", "perplexity"])
+
+
+def pareto(s: Session):
+    base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl} if s.loaded else None
+    return figures.pareto_figure(s.tried, base)
+
+
+# ---- handlers ---------------------------------------------------------------------------------------------
+def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
+    with gr.Blocks(title="MoE Compression Explorer") as demo:
+        state = gr.State(None)
+        gr.Markdown("# MoE Compression Explorer\nSee which experts carry the load, what cutting them costs, and how "
+                    "much a short distillation wins back.")
+        with gr.Tabs():
+            # ---------------- Model ----------------
+            with gr.Tab("Model", id="model"):
+                with gr.Row():
+                    src = gr.Textbox(value=default_model, label="Model: 'demo', a local folder or a hub id", scale=3)
+                    device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device", scale=1)
+                    dtype = gr.Dropdown(["float32", "bf16", "fp16", "auto"], value="float32", label="dtype", scale=1)
+                with gr.Row():
+                    data_src = gr.Dropdown(["demo"], value="demo", allow_custom_value=True, scale=3,
+                                           label="Calibration/evaluation text: 'demo' (4 domains) or a .txt path")
+                    upload = gr.File(label="…or upload .txt files (one domain each)", file_count="multiple",
+                                     file_types=[".txt"], scale=2)
+                    max_tok = gr.Number(value=4096, precision=0, label="tokens per domain and split", scale=1)
+                with gr.Row():
+                    load_btn = gr.Button("Load model", variant="primary")
+                    stats_btn = gr.Button("Collect statistics")
+                summary = gr.Markdown("Loading the demo model…")
+
+            # ---------------- Routing ----------------
+            with gr.Tab("Routing", id="routing"):
+                heat = gr.Plot(label="load heatmap")
+                layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer")
+                with gr.Row():
+                    coact = gr.Plot(label="co-activation")
+                    domain = gr.Plot(label="domain specialisation")
+                balance = gr.Plot(label="entropy and balance")
+                with gr.Row():
+                    text = gr.Textbox(value="def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + "
+                                      "fibonacci(n - 2)\n\nTo be, or not to be, that is the question.",
+                                      lines=4, label="Type a text to see each token's expert", scale=3)
+                    strip_layer = gr.Slider(0, 3, value=0, step=1, label="layer for the token colours", scale=1)
+                route_btn = gr.Button("Show routing")
+                strip = gr.HTML()
+
+            # ---------------- Saliency ----------------
+            with gr.Tab("Saliency", id="saliency"):
+                with gr.Row():
+                    crits = gr.CheckboxGroup(list(CRITERIA), value=["frequency", "gate-mass", "reap"],
+                                             label="criteria (reconstruction and ablation run the model)", scale=3)
+                    sal_layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer", scale=1)
+                sal_btn = gr.Button("Score experts")
+                sal_plot = gr.Plot()
+                with gr.Row():
+                    sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
+                sim_plot = gr.Plot(label="similarity and dendrogram (merge candidates)")
+                imp_plot = gr.Plot(label="layer and block importance")
+
+            # ---------------- Plan ----------------
+            with gr.Tab("Plan", id="plan"):
+                gr.Markdown("Click a cell to drop or keep that expert (red = dropped); or write a plan with a preset."
+                            " Every change updates the preview at once.")
+                table = gr.Dataframe(interactive=False, label="expert load (x uniform): click to toggle")
+                with gr.Row():
+                    preset = gr.Dropdown(["drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune"],
+                                         value="drop-experts", label="preset")
+                    amount = gr.Number(value=0.25, label="amount (fraction, or count for merge/layers/blocks)")
+                    crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
+                    method = gr.Dropdown(["mc-smoe", "hc-smoe", "moe-pruner", "wanda"], value="mc-smoe",
+                                         label="method (merge / prune)")
+                    mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
+                    protect = gr.Checkbox(label="protect super experts")
+                with gr.Row():
+                    preset_btn = gr.Button("Make plan", variant="primary")
+                    clear_btn = gr.Button("Clear plan")
+                preview = gr.Markdown()
+                plan_json = gr.Code(language="json", label="plan (editable)", interactive=True)
+                with gr.Row():
+                    plan_apply_btn = gr.Button("Use edited JSON")
+                    plan_dl = gr.DownloadButton("Download plan.json")
+                    plan_up = gr.UploadButton("Upload a plan", file_types=[".json", ".yaml", ".yml"])
+
+            # ---------------- Distill ----------------
+            with gr.Tab("Distill", id="distill"):
+                with gr.Row():
+                    steps = gr.Number(value=60, precision=0, label="steps")
+                    lr = gr.Number(value=1e-3, label="learning rate")
+                    temp = gr.Number(value=1.0, label="temperature")
+                    kl = gr.Dropdown(["forward", "reverse", "jsd"], value="forward", label="KL")
+                    train_what = gr.Dropdown(["all", "experts-routers", "routers"], value="all", label="train")
+                    every = gr.Number(value=10, precision=0, label="evaluate every")
+                with gr.Row():
+                    start_btn = gr.Button("Start distillation", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
+                dist_status = gr.Markdown()
+                dist_plot = gr.Plot()
+
+            # ---------------- Compare & export ----------------
+            with gr.Tab("Compare & export", id="export"):
+                tried = gr.Dataframe(label="plans tried this session", interactive=False)
+                pareto_plot = gr.Plot()
+                with gr.Row():
+                    out_dir = gr.Textbox(value="out/compressed", label="export folder", scale=3)
+                    overwrite = gr.Checkbox(label="overwrite", scale=1)
+                with gr.Row():
+                    export_btn = gr.Button("Export to folder", variant="primary")
+                    zip_btn = gr.Button("Export as download")
+                export_msg = gr.Markdown()
+                export_file = gr.File(label="download")
+
+        # ---------------- wiring ----------------
+        def routing_figs(s: Session, lay: int):
+            st = s.stats
+            return figures.coactivation_heatmap(st, lay), figures.domain_heatmap(st, lay), figures.balance_chart(st)
+
+        def slider_updates(s: Session):
+            n = max(0, len(s.view) - 1)
+            return [gr.update(maximum=n, value=0) for _ in range(3)]
+
+        def plan_outputs(s: Session):
+            res = None if s.plan.is_empty() else s.preview()
+            return (s, plan_md(s, res), s.plan.to_json(), load_table(s), figures.load_heatmap(s.stats, s.plan.drop_experts)
+                    if s.stats else None, tried_table(s), pareto(s))
+
+        @friendly
+        def on_load(s, source, dev, dt, dsrc, files, mt, progress=gr.Progress()):
+            s = _sess(s)
+            progress(0.1, desc="loading model")
+            s.load(source, None if dev == "auto" else dev, dt)
+            return on_data(s, dsrc, files, mt, progress)
+
+        @friendly
+        def on_data(s, dsrc, files, mt, progress=gr.Progress()):
+            s = _sess(s)
+            s.require()
+            source = dsrc or "demo"
+            if files:
+                folder = Path(tempfile.mkdtemp(prefix="explorer-upload-"))
+                for f in files:
+                    shutil.copy(getattr(f, "name", f), folder / Path(getattr(f, "name", f)).name)
+                source = str(folder)
+            s.max_tokens = int(mt) if mt else None
+            s.set_data(source)
+            return on_stats(s, 0, progress)
+
+        @friendly
+        def on_stats(s, lay, progress=gr.Progress()):
+            s = _sess(s)
+            s.require()
+            s.collect(progress=lambda d, t: progress(d / t, desc="collecting router statistics"))
+            return (s, summary_md(s), *routing_figs(s, 0), *slider_updates(s), figures.importance_chart(s.stats),
+                    *plan_outputs(s)[1:])
+
+        stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot,
+                        preview, plan_json, table, heat, tried, pareto_plot]
+        load_btn.click(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
+        stats_btn.click(on_data, [state, data_src, upload, max_tok], stat_outputs)
+        demo.load(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
+
+        @friendly
+        def on_layer(s, lay):
+            s = _sess(s)
+            s.require(stats=True)
+            return figures.coactivation_heatmap(s.stats, int(lay)), figures.domain_heatmap(s.stats, int(lay))
+        layer.change(on_layer, [state, layer], [coact, domain])
+
+        @friendly
+        def on_route(s, txt, lay):
+            s = _sess(s)
+            r = s.routes(txt)
+            return figures.token_strip_html(r, min(int(lay), len(r["routes"]) - 1))
+        route_btn.click(on_route, [state, text, strip_layer], strip)
+        strip_layer.change(on_route, [state, text, strip_layer], strip)
+
+        @friendly
+        def on_saliency(s, cs, lay, kind, progress=gr.Progress()):
+            s = _sess(s)
+            s.require(stats=True)
+            if not cs:
+                raise SessionError("choose at least one criterion")
+            sc = {c: s.scores(c, progress=lambda d, t: progress(d / t, desc=f"scoring by {c}")) for c in cs}
+            lay = int(lay)
+            return (figures.saliency_bars(sc, lay),
+                    figures.similarity_figure(s.similarity(lay, kind), f"Expert similarity ({kind}), layer {lay}"),
+                    figures.importance_chart(s.stats))
+        sal_btn.click(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
+        sal_layer.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
+        sim_kind.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
+
+        plan_outs = [state, preview, plan_json, table, heat, tried, pareto_plot]
+
+        @friendly
+        def on_cell(s, evt: gr.SelectData):
+            s = _sess(s)
+            s.require(stats=True)
+            row, col = evt.index
+            if col == 0:
+                return plan_outputs(s)
+            s.toggle_expert(int(row), int(col) - 1)
+            return plan_outputs(s)
+        table.select(on_cell, [state], plan_outs)
+
+        @friendly
+        def on_preset(s, kind, amt, cr, meth, md, prot, progress=gr.Progress()):
+            s = _sess(s)
+            progress(0.2, desc="writing the plan")
+            s.preset(kind, amt, cr, meth, md, prot)
+            return plan_outputs(s)
+        preset_btn.click(on_preset, [state, preset, amount, crit, method, mode, protect], plan_outs)
+
+        @friendly
+        def on_clear(s):
+            s = _sess(s)
+            s.require()
+            s.set_plan(Plan())
+            return plan_outputs(s)
+        clear_btn.click(on_clear, [state], plan_outs)
+
+        @friendly
+        def on_json(s, txt):
+            s = _sess(s)
+            s.set_plan(txt)
+            return plan_outputs(s)
+        plan_apply_btn.click(on_json, [state, plan_json], plan_outs)
+
+        @friendly
+        def on_upload(s, f):
+            s = _sess(s)
+            s.set_plan(Path(getattr(f, "name", f)).read_text())
+            return plan_outputs(s)
+        plan_up.upload(on_upload, [state, plan_up], plan_outs)
+
+        @friendly
+        def on_download(s):
+            s = _sess(s)
+            s.require()
+            path = Path(tempfile.mkdtemp(prefix="explorer-plan-")) / "plan.json"
+            s.plan.to_json(path)
+            return str(path)
+        plan_dl.click(on_download, [state], plan_dl)
+
+        @friendly_gen
+        def on_distill(s, n, rate, t, k, tw, ev):
+            s = _sess(s)
+            cfg = DistillConfig(steps=int(n), lr=float(rate), temperature=float(t), kl=k, train=tw,
+                                eval_every=int(ev), batch_size=8).validate()
+            hist = []
+            last = time.perf_counter()
+            for e in s.distill(cfg):
+                hist = s.distiller.history
+                if e.kind in ("step",) and time.perf_counter() - last < 0.5:
+                    continue
+                last = time.perf_counter()
+                yield s, distill_md(e, s), figures.distill_figure(hist)
+            yield s, distill_md(hist[-1] if hist else None, s), figures.distill_figure(hist)
+        start_btn.click(on_distill, [state, steps, lr, temp, kl, train_what, every],
+                        [state, dist_status, dist_plot], concurrency_limit=None)
+
+        def on_stop(s):
+            if s is not None:
+                s.stop_distill()
+            return "Stopping after the current step… (press Start to resume)"
+        stop_btn.click(on_stop, [state], dist_status, queue=False)
+
+        @friendly
+        def on_export(s, folder, ow):
+            s = _sess(s)
+            out = s.export(folder, overwrite=bool(ow))
+            return f"Written to `{out}`: model, tokenizer, plan.json and summary.json.", None
+
+        @friendly
+        def on_zip(s):
+            s = _sess(s)
+            tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
+            out = s.export(tmp / "compressed")
+            archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
+            return f"Archive ready: {Path(archive).name}", archive
+        export_btn.click(on_export, [state, out_dir, overwrite], [export_msg, export_file])
+        zip_btn.click(on_zip, [state], [export_msg, export_file])
+    return demo
+
+
+def distill_md(e, s: Session) -> str:
+    if e is None:
+        return ""
+    d = s.distiller
+    head = f"step {e.step}/{d.config.steps}" if d else f"step {e.step}"
+    parts = []
+    if e.loss is not None:
+        parts.append(f"loss {e.loss:.4f}")
+    if e.tokens_per_s:
+        parts.append(f"{e.tokens_per_s:,.0f} tokens/s")
+    if e.eta is not None and e.kind in ("step", "eval"):
+        parts.append(f"about {e.eta:.0f}s left")
+    if d is not None and d.initial_ppl is not None:
+        parts.append(f"perplexity {d.initial_ppl:.3f} → best {d.best_ppl:.3f}")
+    msg = f"\n\n{e.message}" if e.message else ""
+    return f"**{e.kind}** · {head} · " + " · ".join(parts) + msg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true")
+    args = ap.parse_args()
+    demo = build(args.model)
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Plotly figure builders: pure functions of results, shared by the Gradio app and the notebook widgets."""
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .stats import RouterStats
+
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
+           "#BAB0AC", "#1F77B4", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#17BECF"]
+LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), height=380)
+
+
+def _fig(**kw) -> go.Figure:
+    f = go.Figure()
+    f.update_layout(**{**LAYOUT, **kw})
+    return f
+
+
+def expert_color(e: int) -> str:
+    return PALETTE[e % len(PALETTE)]
+
+
+def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = None) -> go.Figure:
+    """Layers x experts: share of routing slots, as a multiple of the uniform share k/E. Selected cells marked."""
+    m = stats.load_matrix() * np.array(stats.num_experts)[:, None]
+    L, E = m.shape
+    text = [[f"layer {i} expert {e}<br>load {m[i, e]:.2f}x uniform<br>tokens {int(stats.layers[i]['count'][e]):,}"
+             if e < stats.num_experts[i] else "" for e in range(E)] for i in range(L)]
+    f = _fig(title="Expert load (x uniform share k/E): click cells to select experts")
+    f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale="Viridis", zmin=0,
+                           hovertext=text, hoverinfo="text", colorbar=dict(title="x uniform")))
+    if selected:
+        xs = [e for i, es in selected.items() for e in es]
+        ys = [i for i, es in selected.items() for _ in es]
+        f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="selected",
+                               marker=dict(symbol="x", size=14, color="red", line=dict(width=2))))
+    f.update_xaxes(title="expert", dtick=1)
+    f.update_yaxes(title="MoE layer", dtick=1, autorange="reversed")
+    return f
+
+
+def coactivation_heatmap(stats: RouterStats, layer: int) -> go.Figure:
+    c = stats.coactivation(layer)
+    E = c.shape[0]
+    f = _fig(title=f"Co-activation, layer {layer}: share of tokens routed to both i and j")
+    f.add_trace(go.Heatmap(z=c, x=list(range(E)), y=list(range(E)), colorscale="Blues",
+                           hovertemplate="experts %{y} & %{x}: %{z:.3f} of tokens<extra></extra>"))
+    f.update_xaxes(title="expert j", dtick=1)
+    f.update_yaxes(title="expert i", dtick=1, autorange="reversed")
+    f.update_layout(height=420, width=None)
+    return f
+
+
+def balance_chart(stats: RouterStats) -> go.Figure:
+    """Per layer: mean router entropy and load balance (coefficient of variation, max/mean)."""
+    L = len(stats.layers)
+    b = [stats.balance(i) for i in range(L)]
+    f = make_subplots(rows=1, cols=2, subplot_titles=("router entropy per token (nats)", "load balance"))
+    f.add_trace(go.Bar(x=list(range(L)), y=[stats.mean_entropy(i) for i in range(L)], name="mean entropy",
+                       marker_color=PALETTE[0]), 1, 1)
+    f.add_trace(go.Scatter(x=list(range(L)), y=[math.log(e) for e in stats.num_experts], name="log E (uniform)",
+                           mode="lines+markers", line=dict(dash="dash", color="gray")), 1, 1)
+    f.add_trace(go.Bar(x=list(range(L)), y=[x["cv"] for x in b], name="CV of load", marker_color=PALETTE[1]), 1, 2)
+    f.add_trace(go.Bar(x=list(range(L)), y=[x["max_over_mean"] for x in b], name="max / mean",
+                       marker_color=PALETTE[2]), 1, 2)
+    f.update_layout(**LAYOUT, title="Router confidence and balance per MoE layer")
+    f.update_xaxes(title="MoE layer", dtick=1)
+    return f
+
+
+def domain_heatmap(stats: RouterStats, layer: int) -> go.Figure:
+    """Domains x experts: share of each domain's routing slots per expert, x uniform (1 = no preference)."""
+    r = stats.domain_load(layer) * stats.num_experts[layer]
+    f = _fig(title=f"Domain specialisation, layer {layer} (x uniform share)")
+    f.add_trace(go.Heatmap(z=r, x=list(range(r.shape[1])), y=stats.domains, colorscale="RdBu_r", zmid=1.0,
+                           hovertemplate="%{y} -> expert %{x}: %{z:.2f}x uniform<extra></extra>"))
+    f.update_xaxes(title="expert", dtick=1)
+    return f
+
+
+def token_strip_html(routes: dict, layer: int, rank: int = 0) -> str:
+    """Each token coloured by its top-(rank+1) expert in ``layer``; hover shows every layer's choice."""
+    parts = []
+    for t, tok in enumerate(routes["tokens"]):
+        e = routes["routes"][layer][t][rank]
+        g = routes["gates"][layer][t][rank]
+        title = "; ".join(f"L{i}: " + ",".join(str(x) for x in r[t]) for i, r in enumerate(routes["routes"]))
+        shown = html.escape(tok).replace("\n", "⏎<br>") or "&nbsp;"
+        parts.append(f'<span title="{html.escape(title)} (gate {g:.2f})" style="background:{expert_color(e)};'
+                     f'opacity:{0.45 + 0.55 * min(1.0, g):.2f};color:#fff;padding:1px 2px;margin:1px;border-radius:3px;'
+                     f'font-family:monospace;white-space:pre-wrap">{shown}</span>')
+    E = 1 + max(max(r[rank] for r in routes["routes"][layer]), 0)
+    legend = " ".join(f'<span style="background:{expert_color(e)};color:#fff;padding:1px 6px;border-radius:3px">'
+                      f'{e}</span>' for e in range(E))
+    return (f'<div class="token-strip"><div style="margin-bottom:6px">layer {layer}, expert rank {rank + 1}: '
+            f'{legend}</div><div style="line-height:1.9">{"".join(parts)}</div></div>')
+
+
+def saliency_bars(scores: dict[str, list[np.ndarray]], layer: int, normalise: bool = True) -> go.Figure:
+    """Scores of each expert in ``layer`` by several criteria, side by side (each scaled to max 1)."""
+    f = _fig(title=f"Expert saliency, layer {layer} (higher = more important)", barmode="group")
+    for j, (name, s) in enumerate(scores.items()):
+        v = np.asarray(s[layer], dtype=float)
+        if normalise and np.abs(v).max() > 0:
+            v = v / np.abs(v).max()
+        f.add_trace(go.Bar(x=list(range(len(v))), y=v, name=name, marker_color=PALETTE[j % len(PALETTE)]))
+    f.update_xaxes(title="expert", dtick=1)
+    f.update_yaxes(title="score / max" if normalise else "score")
+    return f
+
+
+def similarity_figure(sim: np.ndarray, title: str) -> go.Figure:
+    """Similarity heatmap ordered by average-linkage clustering, with the dendrogram above it."""
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    E = sim.shape[0]
+    d = np.clip(1 - sim, 0, None)
+    np.fill_diagonal(d, 0)
+    d = (d + d.T) / 2
+    z = linkage(squareform(d, checks=False), method="average")
+    dn = dendrogram(z, no_plot=True)
+    order = [int(i) for i in dn["ivl"]]
+    f = make_subplots(rows=2, cols=1, row_heights=[0.3, 0.7], shared_xaxes=False, vertical_spacing=0.04)
+    for xs, ys in zip(dn["icoord"], dn["dcoord"]):
+        f.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#555"), hoverinfo="skip",
+                               showlegend=False), 1, 1)
+    f.update_xaxes(showticklabels=False, range=[0, 10 * E], row=1, col=1)
+    f.update_yaxes(title="1 - cos", row=1, col=1)
+    s = sim[np.ix_(order, order)]
+    f.add_trace(go.Heatmap(z=s, x=[str(o) for o in order], y=[str(o) for o in order], colorscale="Viridis",
+                           zmin=-1, zmax=1, hovertemplate="experts %{y} & %{x}: cos %{z:.3f}<extra></extra>"), 2, 1)
+    f.update_yaxes(autorange="reversed", row=2, col=1)
+    f.update_layout(**{**LAYOUT, "height": 520}, title=title)
+    return f
+
+
+def importance_chart(stats: RouterStats) -> go.Figure:
+    """Layer Drop (1 − cos(h, h+MoE)) and Block Drop (1 − cos(X_i, X_i+1)) importance."""
+    f = make_subplots(rows=1, cols=2, subplot_titles=("MoE sub-layer importance", "decoder block importance"))
+    li = stats.layer_importance()
+    bi = stats.block_importance()
+    f.add_trace(go.Bar(x=[f"L{i}" for i in range(len(li))], y=li, marker_color=PALETTE[3], name="1 - cos(h, h+MoE)"),
+                1, 1)
+    f.add_trace(go.Bar(x=[f"B{i}" for i in range(len(bi))], y=bi, marker_color=PALETTE[4], name="1 - cos(X_i, X_i+1)"),
+                1, 2)
+    f.update_layout(**LAYOUT, title="Which layers do little? (lower = safer to drop)")
+    return f
+
+
+def distill_figure(history: list) -> go.Figure:
+    """Loss parts per step and held-out perplexity at each evaluation, from DistillEvents (or their dicts)."""
+    ev = [e if isinstance(e, dict) else e.to_dict() for e in history]
+    steps = [e for e in ev if e["kind"] in ("step", "eval")]
+    evals = [e for e in ev if e["ppl"] is not None and e["kind"] in ("start", "eval")]
+    f = make_subplots(rows=1, cols=2, subplot_titles=("distillation loss", "held-out perplexity"))
+    keys = sorted({k for e in steps for k in e["parts"]})
+    for j, k in enumerate(keys):
+        f.add_trace(go.Scatter(x=[e["step"] for e in steps], y=[e["parts"].get(k) for e in steps], mode="lines",
+                               name=f"{k}", line=dict(color=PALETTE[j])), 1, 1)
+    f.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["ppl"] for e in evals], mode="lines+markers",
+                           name="perplexity", line=dict(color=PALETTE[3], width=3)), 1, 2)
+    f.update_xaxes(title="step")
+    f.update_layout(**LAYOUT, title="Distillation")
+    return f
+
+
+def pareto_figure(entries: list[dict], baseline: dict | None = None) -> go.Figure:
+    """Every plan tried: parameters against perplexity, the Pareto front (fewer parameters, lower ppl) marked."""
+    f = _fig(title="Plans tried: parameters vs perplexity (Pareto front in red)")
+    if baseline:
+        f.add_trace(go.Scatter(x=[baseline["params"]], y=[baseline["ppl"]], mode="markers+text", text=["original"],
+                               textposition="top center", marker=dict(size=12, symbol="star", color="black"),
+                               name="original"))
+    if entries:
+        xs = [e["params"] for e in entries]
+        ys = [e["ppl"] for e in entries]
+        f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="plans", text=[e["name"] for e in entries],
+                               hovertemplate="%{text}<br>%{x:,} params<br>ppl %{y:.3f}<extra></extra>",
+                               marker=dict(size=10, color=PALETTE[0])))
+        front = pareto_front(entries)
+        f.add_trace(go.Scatter(x=[e["params"] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
+                               name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))
+    f.update_xaxes(title="parameters")
+    f.update_yaxes(title="perplexity (eval)")
+    return f
+
+
+def pareto_front(entries: list[dict]) -> list[dict]:
+    front, best = [], math.inf
+    for e in sorted(entries, key=lambda e: (e["params"], e["ppl"])):
+        if e["ppl"] < best:
+            front.append(e)
+            best = e["ppl"]
+    return front

@@ -1,0 +1,237 @@
+"""One user's working state: the model, its data and statistics, the plans tried, a distillation run.
+
+The Gradio app keeps one ``Session`` per browser session and the notebook widgets one per explorer; both only
+arrange controls around these methods, so they behave the same and nothing is computed in the UI layer.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import planners
+from .apply import apply_plan, export
+from .data import Dataset, load_data, text_blocks
+from .distill import DistillConfig, Distiller
+from .loading import DEMO_MODEL, load_model
+from .perplexity import perplexity
+from .plan import Plan, PlanError, fingerprint
+from .preview import preview_perplexity
+from .saliency import CHEAP, expert_scores, expert_similarity
+from .stats import RouterStats, collect_stats, token_routes
+
+
+class SessionError(ValueError):
+    """A user-facing problem: the message is shown as it is."""
+
+
+class Session:
+    def __init__(self, block_len: int = 128, max_tokens: int = 4096):
+        self.model = self.tok = self.view = None
+        self.source: str | None = None
+        self.data: Dataset | None = None
+        self.data_source = "demo"
+        self.block_len, self.max_tokens = block_len, max_tokens
+        self.stats: RouterStats | None = None
+        self._scores: dict[str, list[np.ndarray]] = {}
+        self.base = None  # Perplexity of the unmodified model on the evaluation blocks
+        self.plan = Plan()
+        self.tried: list[dict] = []
+        self.distiller: Distiller | None = None
+        self.lock = threading.Lock()  # one long job per session
+
+    # ---- model and data ---------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def require(self, stats: bool = False) -> None:
+        if self.model is None:
+            raise SessionError("load a model first (Model tab)")
+        if stats and self.stats is None:
+            raise SessionError("collect statistics first (Model tab)")
+
+    def load(self, source: str | None = None, device: str | None = None, dtype: str | None = None,
+             trust_remote_code: bool = False) -> dict:
+        src = None if source in (None, "", "demo", str(DEMO_MODEL)) else source.strip()
+        model, tok, view = load_model(src, device=device or None, dtype=dtype or None,
+                                      trust_remote_code=trust_remote_code)
+        self.model, self.tok, self.view = model, tok, view
+        self.source = src or str(DEMO_MODEL)
+        self.stats, self._scores, self.base, self.plan, self.tried, self.distiller = None, {}, None, Plan(), [], None
+        self.set_data(self.data_source)
+        return self.summary()
+
+    def set_data(self, source: str = "demo", block_len: int | None = None, max_tokens: int | None = None) -> dict:
+        self.require()
+        data = load_data(self.tok, source, block_len=block_len or self.block_len,
+                         max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
+        self.data, self.data_source = data, source
+        self.stats, self._scores, self.base = None, {}, None
+        return {"source": source, "domains": data.eval.domains, "calib_tokens": data.calib.tokens,
+                "eval_tokens": data.eval.tokens, "block_len": data.eval.block_len}
+
+    def summary(self) -> dict:
+        self.require()
+        s = self.view.summary()
+        s["source"] = self.source
+        s["device"] = str(next(self.model.parameters()).device)
+        s["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return s
+
+    # ---- statistics and scores --------------------------------------------------------------------------
+    def collect(self, progress=None) -> RouterStats:
+        self.require()
+        with self.lock:
+            self.stats = collect_stats(self.model, self.view, self.data.calib, progress=progress)
+            self._scores = {}
+            self.base = perplexity(self.model, self.data.eval)
+        return self.stats
+
+    def scores(self, criterion: str, progress=None) -> list[np.ndarray]:
+        self.require(stats=True)
+        if criterion not in self._scores:
+            kw = {}
+            if criterion not in CHEAP:
+                kw = dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024,
+                          progress=progress)
+            self._scores[criterion] = expert_scores(self.stats, criterion, **kw)
+        return self._scores[criterion]
+
+    def similarity(self, layer: int, kind: str) -> np.ndarray:
+        self.require(stats=True)
+        return expert_similarity(self.stats, layer, kind, self.view)
+
+    def routes(self, text: str) -> dict:
+        self.require()
+        if not text or not text.strip():
+            raise SessionError("type some text to see how it is routed")
+        return token_routes(self.model, self.view, self.tok, text, max_tokens=400)
+
+    # ---- plans ------------------------------------------------------------------------------------------
+    def set_plan(self, plan: Plan | str | dict) -> Plan:
+        self.require()
+        if isinstance(plan, str):
+            plan = Plan.loads(plan)
+        elif isinstance(plan, dict):
+            plan = Plan.from_dict(plan)
+        plan.validate(self.view)
+        if not plan.model:
+            plan.model = fingerprint(self.view)
+        self.plan = plan
+        return plan
+
+    def preset(self, kind: str, amount: float, criterion: str = "reap", method: str = "mc-smoe",
+               mode: str = "uniform", protect_super: bool = False) -> Plan:
+        """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
+        (count), slim (fraction kept), prune (sparsity)."""
+        self.require(stats=True)
+        st = self.stats
+        if kind == "drop-experts":
+            kw = {}
+            if criterion not in CHEAP:
+                kw["scores"] = self.scores(criterion)
+            p = planners.drop_experts(st, float(amount), criterion, mode=mode, protect_super=protect_super,
+                                      view=self.view, **kw)
+        elif kind == "merge":
+            p = planners.merge_experts(st, int(amount), method)
+        elif kind == "drop-layers":
+            p = planners.drop_layers(st, int(amount))
+        elif kind == "drop-blocks":
+            p = planners.drop_blocks(st, int(amount))
+        elif kind == "slim":
+            p = planners.slim_experts(st, float(amount))
+        elif kind == "prune":
+            p = planners.prune_weights(st, float(amount), method if method in ("moe-pruner", "wanda") else "moe-pruner")
+        else:
+            raise SessionError(f"unknown preset {kind!r}")
+        return self.set_plan(p)
+
+    def toggle_expert(self, layer: int, expert: int) -> Plan:
+        """Click on a heatmap cell: add the expert to the drop list of its layer, or take it out."""
+        self.require()
+        d = {k: list(v) for k, v in self.plan.drop_experts.items()}
+        cur = d.setdefault(int(layer), [])
+        if int(expert) in cur:
+            cur.remove(int(expert))
+        else:
+            cur.append(int(expert))
+            cur.sort()
+        d = {k: v for k, v in d.items() if v}
+        new = Plan.from_dict({**self.plan.to_dict(), "drop_experts": {str(k): v for k, v in d.items()}})
+        return self.set_plan(new)
+
+    def baseline(self):
+        self.require()
+        if self.base is None:
+            self.base = perplexity(self.model, self.data.eval)
+        return self.base
+
+    def preview(self, plan: Plan | None = None, name: str | None = None) -> dict:
+        """What-if perplexity and size of ``plan`` (default: the current plan); recorded for comparison."""
+        self.require()
+        plan = plan or self.plan
+        base = self.baseline()
+        t = time.perf_counter()
+        with self.lock:
+            res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats)
+        rep = plan.report(self.view)
+        out = {"ppl": res.ppl, "base_ppl": base.ppl, "delta": res.ppl / base.ppl - 1, "bpb": res.bpb,
+               "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
+               "seconds": time.perf_counter() - t, **rep}
+        if not plan.is_empty():
+            entry = {"name": name or plan.notes or f"plan {len(self.tried) + 1}", "params": rep["params_after"],
+                     "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict()}
+            self.tried = [e for e in self.tried if e["plan"] != entry["plan"]] + [entry]
+        return out
+
+    # ---- distillation -----------------------------------------------------------------------------------
+    def distill(self, config: DistillConfig, plan: Plan | None = None):
+        """Generator of DistillEvents for the current plan; ``stop_distill`` ends it, calling again resumes."""
+        self.require()
+        plan = plan or self.plan
+        if plan.is_empty():
+            raise SessionError("the plan is empty: choose experts or layers to cut first")
+        if not self.lock.acquire(blocking=False):
+            raise SessionError("a job is already running in this session")
+        try:
+            d = self.distiller
+            if d is None or d.plan.to_dict() != plan.to_dict():
+                d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
+                                        stats=self.stats)
+                self.distiller = d
+            else:
+                d.config.steps = max(config.steps, d.step + 1)
+            yield from d.run()
+        finally:
+            self.lock.release()
+
+    def stop_distill(self) -> None:
+        if self.distiller is not None:
+            self.distiller.stop()
+
+    # ---- export -----------------------------------------------------------------------------------------
+    def export(self, out_dir: str | Path, use_distilled: bool = True, overwrite: bool = False) -> Path:
+        self.require()
+        if self.plan.is_empty():
+            raise SessionError("the plan is empty: nothing to export")
+        d = self.distiller
+        if use_distilled and d is not None and d.plan.to_dict() == self.plan.to_dict():
+            d.restore_best()
+            model, layout = d.student, d.layout
+            extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl}
+        else:
+            model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats)
+            extra = {}
+        summary = {"source": self.source, "report": self.plan.report(self.view),
+                   "perplexity_before": self.baseline().to_dict(),
+                   "perplexity_after": perplexity(model, self.data.eval).to_dict(), **extra}
+        return export(model, self.tok, self.plan, out_dir, layout=layout, summary=summary, source=self.source,
+                      overwrite=overwrite)
+
+    def eval_text(self, text: str) -> dict:
+        self.require()
+        res = perplexity(self.model, text_blocks(self.tok, text, self.block_len))
+        return res.to_dict()

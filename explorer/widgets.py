@@ -1,0 +1,260 @@
+"""Notebook widgets (ipywidgets + plotly FigureWidget): the app's views, interactive in JupyterLab.
+
+    from explorer.widgets import explore
+    explore()                      # the demo model, every view in tabs
+    explore(session).routing       # or one view alone: .routing, .tokens, .saliency, .plan, .distill
+
+Figures come from ``explorer.figures`` (the same builders as the app) and update in place.
+FigureWidget needs the ``anywidget`` package.
+"""
+from __future__ import annotations
+
+import threading
+
+import ipywidgets as W
+import plotly.graph_objects as go
+
+from . import figures
+from .distill import DistillConfig
+from .plan import Plan
+from .saliency import CRITERIA, SIMILARITIES
+from .session import Session
+
+
+def _fw(fig: go.Figure) -> go.FigureWidget:
+    return go.FigureWidget(fig)
+
+
+def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
+    """Put ``fig``'s data and layout into an existing FigureWidget, in place (keeps click handlers when the
+    traces keep their number and types)."""
+    with fw.batch_update():
+        same = len(fw.data) == len(fig.data) and all(a.type == b.type for a, b in zip(fw.data, fig.data))
+        if same:
+            for a, b in zip(fw.data, fig.data):
+                a.update(b.to_plotly_json(), overwrite=True)
+        else:
+            fw.data = ()
+            fw.add_traces(list(fig.data))
+        fw.layout = fig.layout
+
+
+def _error_box() -> W.HTML:
+    return W.HTML()
+
+
+def _show_error(box: W.HTML, err: Exception | None) -> None:
+    box.value = "" if err is None else f'<div style="color:#b00020">⚠ {err}</div>'
+
+
+class RoutingView(W.VBox):
+    """Load heatmap (click a cell to drop/keep that expert), co-activation and domain maps with a layer slider."""
+
+    def __init__(self, session: Session, on_plan=None):
+        self.s, self.on_plan = session, on_plan
+        st = session.stats
+        self.heat = _fw(figures.load_heatmap(st, session.plan.drop_experts))
+        self.heat.data[0].on_click(self._click)
+        self.layer = W.IntSlider(0, 0, len(st.layers) - 1, description="MoE layer")
+        self.coact = _fw(figures.coactivation_heatmap(st, 0))
+        self.domain = _fw(figures.domain_heatmap(st, 0))
+        self.balance = _fw(figures.balance_chart(st))
+        self.err = _error_box()
+        self.layer.observe(lambda ch: self.show_layer(ch["new"]), names="value")
+        super().__init__([self.heat, self.err, self.layer, W.HBox([self.coact, self.domain]), self.balance])
+
+    def show_layer(self, layer: int) -> None:
+        refresh(self.coact, figures.coactivation_heatmap(self.s.stats, layer))
+        refresh(self.domain, figures.domain_heatmap(self.s.stats, layer))
+
+    def _click(self, trace, points, state):
+        for x, y in zip(points.xs, points.ys):
+            self.toggle(int(y), int(x))
+
+    def toggle(self, layer: int, expert: int) -> None:
+        try:
+            self.s.toggle_expert(layer, expert)
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001 - shown in the widget
+            _show_error(self.err, err)
+        self.redraw()
+        if self.on_plan:
+            self.on_plan()
+
+    def redraw(self) -> None:
+        refresh(self.heat, figures.load_heatmap(self.s.stats, self.s.plan.drop_experts))
+
+
+class TokenView(W.VBox):
+    def __init__(self, session: Session, text: str = "To be, or not to be: def f(x): return x"):
+        self.s = session
+        self.text = W.Textarea(text, layout=W.Layout(width="100%", height="80px"))
+        self.layer = W.IntSlider(0, 0, len(session.view) - 1, description="layer")
+        self.out = W.HTML()
+        self.err = _error_box()
+        btn = W.Button(description="Show routing")
+        btn.on_click(lambda _: self.show())
+        self.layer.observe(lambda ch: self.show(), names="value")
+        super().__init__([self.text, W.HBox([self.layer, btn]), self.err, self.out])
+        self.show()
+
+    def show(self) -> None:
+        try:
+            r = self.s.routes(self.text.value)
+            self.out.value = figures.token_strip_html(r, self.layer.value)
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+
+
+class SaliencyView(W.VBox):
+    def __init__(self, session: Session):
+        self.s = session
+        self.crits = W.SelectMultiple(options=list(CRITERIA), value=("frequency", "gate-mass", "reap"),
+                                      description="criteria", rows=6)
+        self.layer = W.IntSlider(0, 0, len(session.view) - 1, description="MoE layer")
+        self.sim = W.Dropdown(options=list(SIMILARITIES), value="router-logits", description="similarity")
+        self.bars = _fw(self._bars())
+        self.simfig = _fw(figures.similarity_figure(session.similarity(0, "router-logits"), "similarity"))
+        self.importance = _fw(figures.importance_chart(session.stats))
+        for w in (self.crits, self.layer, self.sim):
+            w.observe(lambda ch: self.update(), names="value")
+        super().__init__([W.HBox([self.crits, W.VBox([self.layer, self.sim])]), self.bars, self.simfig,
+                          self.importance])
+
+    def _bars(self):
+        return figures.saliency_bars({c: self.s.scores(c) for c in self.crits.value}, self.layer.value)
+
+    def update(self) -> None:
+        refresh(self.bars, self._bars())
+        lay = self.layer.value
+        refresh(self.simfig, figures.similarity_figure(self.s.similarity(lay, self.sim.value),
+                                                        f"Expert similarity ({self.sim.value}), layer {lay}"))
+
+
+class PlanView(W.VBox):
+    """Presets, the plan as JSON, and the preview perplexity and size, updated on every change."""
+
+    def __init__(self, session: Session):
+        self.s = session
+        self.preset = W.Dropdown(options=["drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune"],
+                                 value="drop-experts", description="preset")
+        self.amount = W.FloatText(0.25, description="amount")
+        self.crit = W.Dropdown(options=list(CRITERIA), value="reap", description="criterion")
+        self.method = W.Dropdown(options=["mc-smoe", "hc-smoe", "moe-pruner", "wanda"], description="method")
+        make = W.Button(description="Make plan", button_style="primary")
+        clear = W.Button(description="Clear")
+        self.json = W.Textarea(layout=W.Layout(width="100%", height="160px"))
+        use = W.Button(description="Use JSON")
+        self.result = W.HTML()
+        self.err = _error_box()
+        self.pareto = _fw(figures.pareto_figure([]))
+        make.on_click(lambda _: self._run(lambda: self.s.preset(self.preset.value, self.amount.value,
+                                                                  self.crit.value, self.method.value)))
+        clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
+        use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
+        self.listeners: list = []
+        super().__init__([W.HBox([self.preset, self.amount]), W.HBox([self.crit, self.method]), W.HBox([make, clear]),
+                          self.err, self.result, self.json, use, self.pareto])
+        self.update()
+
+    def _run(self, fn) -> None:
+        try:
+            fn()
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+        self.update()
+        for f in self.listeners:
+            f()
+
+    def update(self) -> None:
+        s = self.s
+        self.json.value = s.plan.to_json()
+        if s.plan.is_empty():
+            self.result.value = f"Empty plan: perplexity {s.baseline().ppl:.3f}"
+        else:
+            r = s.preview()
+            self.result.value = (f"<b>preview perplexity {r['ppl']:.3f}</b> ({r['delta']:+.1%} vs {r['base_ppl']:.3f})"
+                                 f" · parameters {r['params_before']:,} → <b>{r['params_after']:,}</b>"
+                                 f" · active/token {r['active_after']:,} · experts/layer {r['experts_after']}")
+        base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl}
+        refresh(self.pareto, figures.pareto_figure(s.tried, base))
+
+
+class DistillView(W.VBox):
+    """Start/stop a distillation of the current plan; the charts update in place while it runs (in a thread)."""
+
+    def __init__(self, session: Session):
+        self.s = session
+        self.steps = W.IntText(60, description="steps")
+        self.lr = W.FloatText(1e-3, description="lr")
+        self.every = W.IntText(10, description="eval every")
+        self.start_btn = W.Button(description="Start", button_style="success")
+        self.stop_btn = W.Button(description="Stop", button_style="danger")
+        self.status = W.HTML()
+        self.fig = _fw(figures.distill_figure([]))
+        self.thread: threading.Thread | None = None
+        self.start_btn.on_click(lambda _: self.start())
+        self.stop_btn.on_click(lambda _: self.s.stop_distill())
+        super().__init__([W.HBox([self.steps, self.lr, self.every]), W.HBox([self.start_btn, self.stop_btn]),
+                          self.status, self.fig])
+
+    def run(self) -> None:
+        """Run in the calling thread (what ``start`` runs in the background)."""
+        cfg = DistillConfig(steps=int(self.steps.value), lr=float(self.lr.value), eval_every=int(self.every.value))
+        try:
+            for e in self.s.distill(cfg):
+                if e.kind != "step":
+                    refresh(self.fig, figures.distill_figure(self.s.distiller.history))
+                d = self.s.distiller
+                self.status.value = (f"{e.kind} · step {e.step}/{d.config.steps} · "
+                                     f"{e.tokens_per_s:,.0f} tokens/s · best perplexity {d.best_ppl:.3f}"
+                                     + (f" · {e.message}" if e.message else ""))
+        except Exception as err:  # noqa: BLE001
+            self.status.value = f'<span style="color:#b00020">⚠ {err}</span>'
+
+    def start(self) -> threading.Thread:
+        if self.thread is not None and self.thread.is_alive():
+            self.status.value = "already running"
+            return self.thread
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self.thread
+
+
+class Explorer(W.Tab):
+    """Every view in tabs, sharing one session."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.routing = RoutingView(session)
+        self.tokens = TokenView(session)
+        self.saliency = SaliencyView(session)
+        self.plan = PlanView(session)
+        self.distill = DistillView(session)
+        self.routing.on_plan = self.plan.update
+        self.plan.listeners.append(self.routing.redraw)
+        super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill])
+        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill"]):
+            self.set_title(i, t)
+
+
+def explore(model_or_session=None, tokenizer=None, data: str = "demo", max_tokens: int = 4096) -> Explorer:
+    """One line in a notebook: ``explore()`` (demo model), ``explore("path/or/hub-id")``, or ``explore(session)``."""
+    if isinstance(model_or_session, Session):
+        s = model_or_session
+    else:
+        s = Session(max_tokens=max_tokens)
+        if model_or_session is None or isinstance(model_or_session, str):
+            s.data_source = data
+            s.load(model_or_session)
+        else:
+            from .moe import MoEModel
+
+            s.model, s.tok, s.view = model_or_session.eval(), tokenizer, MoEModel(model_or_session)
+            s.source = getattr(model_or_session.config, "_name_or_path", "in-memory model")
+            s.set_data(data)
+    if s.stats is None:
+        s.collect()
+    return Explorer(s)
