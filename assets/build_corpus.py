@@ -18,7 +18,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import random
 import re
 import subprocess

@@ -17,7 +17,7 @@ from .data import Dataset, load_data, text_blocks
 from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
 from .perplexity import perplexity
-from .plan import Plan, PlanError, fingerprint
+from .plan import Plan, fingerprint
 from .preview import preview_perplexity
 from .saliency import CHEAP, expert_scores, expert_similarity
 from .stats import RouterStats, collect_stats, token_routes

@@ -37,7 +37,7 @@ def _reference(model, view, blocks):
     dom = blocks.domain[:, None].expand(-1, blocks.block_len).reshape(-1)
     ref = []
     for lay in view:
-        E, k = lay.num_experts, lay.top_k
+        E = lay.num_experts
         x = inputs[lay.index][0].reshape(-1, lay.hidden_size)
         logits = out.router_logits[lay.index].float()
         probs = torch.softmax(logits, -1)

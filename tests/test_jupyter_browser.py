@@ -1,0 +1,69 @@
+"""JupyterLab started headless on 127.0.0.1, a notebook opened and run in Debian's chromium, the widget seen."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_widget_renders_in_jupyterlab(tmp_path, demo):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "from explorer.widgets import explore\n"
+        "ex = explore(max_tokens=1024)\n"
+        "ex.selected_index = 0\n"
+        "ex")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "widget.ipynb")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
+                             "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
+                             "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={tmp_path}",
+                             "--LabApp.news_url=", "--LabServerApp.extensions_in_dev_mode=False"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
+    try:
+        url = f"http://127.0.0.1:{port}/lab/tree/widget.ipynb"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+            page.wait_for_timeout(3000)  # the kernel starts
+            page.locator(".jp-Notebook .jp-Cell .jp-InputArea-editor").first.click()
+            page.keyboard.press("Shift+Enter")
+            page.locator(".jp-OutputArea .js-plotly-plot").first.wait_for(timeout=240_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(tmp_path / "jupyterlab-widget.png"), full_page=True)
+            assert page.locator(".jp-OutputArea .widget-tab, .jp-OutputArea .lm-TabBar").count() >= 1
+            browser.close()
+        print("screenshot:", tmp_path / "jupyterlab-widget.png")
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -1,0 +1,83 @@
+"""Notebook widgets: drive their values from Python and check the figures' data change accordingly."""
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def session(demo):
+    from explorer.session import Session
+
+    s = Session(max_tokens=1024)
+    s.model, s.tok, s.view = demo
+    s.source = "demo"
+    s.set_data("demo")
+    s.collect()
+    return s
+
+
+def test_routing_view_layer_slider_and_clicks(session):
+    from explorer.widgets import RoutingView
+
+    v = RoutingView(session)
+    z0 = np.array(v.coact.data[0].z)
+    v.layer.value = 2
+    assert not np.allclose(np.array(v.coact.data[0].z), z0)
+    assert len(v.heat.data) == 1  # nothing selected yet
+    v.toggle(1, 3)  # what a click on the heatmap cell (expert 3, layer 1) does
+    assert session.plan.drop_experts == {1: [3]}
+    assert list(v.heat.data[-1].x) == [3] and list(v.heat.data[-1].y) == [1]
+    v.toggle(1, 3)
+    assert session.plan.is_empty() and len(v.heat.data) == 1
+
+
+def test_plan_view_preview_updates(session):
+    from explorer.plan import Plan
+    from explorer.widgets import Explorer
+
+    session.set_plan(Plan())
+    ex = Explorer(session)
+    assert "Empty plan" in ex.plan.result.value
+    n_points = len(ex.plan.pareto.data)
+    ex.plan.amount.value = 0.5
+    ex.plan._run(lambda: session.preset("drop-experts", ex.plan.amount.value, "frequency"))
+    assert "preview perplexity" in ex.plan.result.value and '"drop_experts"' in ex.plan.json.value
+    assert len(ex.plan.pareto.data) > n_points  # the plan now shows on the parameters-vs-perplexity chart
+    assert len(ex.routing.heat.data) == 2  # the routing view marks the dropped experts
+    ex.plan.json.value = '{"drop_experts": {"0": [0, 1, 2, 3, 4, 5, 6, 7]}}'
+    ex.plan._run(lambda: session.set_plan(ex.plan.json.value))
+    assert "removes every expert" in ex.plan.err.value
+
+
+def test_saliency_view_criteria(session):
+    from explorer.widgets import SaliencyView
+
+    v = SaliencyView(session)
+    assert len(v.bars.data) == 3
+    v.crits.value = ("frequency",)
+    assert len(v.bars.data) == 1
+    y0 = np.array(v.bars.data[0].y)
+    v.layer.value = 3
+    assert not np.allclose(np.array(v.bars.data[0].y), y0)
+
+
+def test_token_view(session):
+    from explorer.widgets import TokenView
+
+    v = TokenView(session, "hello world")
+    assert "token-strip" in v.out.value
+    v.text.value = ""
+    v.show()
+    assert "type some text" in v.err.value
+
+
+def test_distill_view_updates_charts(session):
+    from explorer.plan import Plan
+    from explorer.widgets import DistillView
+
+    session.set_plan(Plan(drop_experts={0: [1, 2], 2: [0, 7]}))
+    v = DistillView(session)
+    v.steps.value, v.every.value = 6, 3
+    v.start().join(300)
+    ppl = [t for t in v.fig.data if t.name == "perplexity"][0]
+    assert len(ppl.x) == 3  # start, step 3, step 6
+    assert "best perplexity" in v.status.value
