@@ -99,7 +99,7 @@ def load_table(s: Session):
             out.append(f"background-color:{bg}")
         return out
 
-    return df.style.apply(style, axis=1)
+    return df.style.apply(style, axis=1).format({c: "{:.2f}" for c in df.columns[1:]})
 
 
 def plan_md(s: Session, res: dict | None) -> str:
@@ -200,6 +200,11 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 with gr.Row():
                     preset_btn = gr.Button("Make plan", variant="primary")
                     clear_btn = gr.Button("Clear plan")
+                with gr.Row():
+                    depth_layers = gr.CheckboxGroup([], label="drop MoE sub-layers (Layer Drop)")
+                    depth_blocks = gr.CheckboxGroup([], label="drop decoder blocks (Block Drop)")
+                    slim_keep = gr.Slider(0.1, 1.0, value=1.0, step=0.05,
+                                          label="keep this fraction of every expert's neurons (1 = no slimming)")
                 preview = gr.Markdown()
                 plan_json = gr.Code(language="json", label="plan (editable)", interactive=True)
                 with gr.Row():
@@ -246,8 +251,13 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
 
         def plan_outputs(s: Session):
             res = None if s.plan.is_empty() else s.preview()
-            return (s, plan_md(s, res), s.plan.to_json(), load_table(s), figures.load_heatmap(s.stats, s.plan.drop_experts)
-                    if s.stats else None, tried_table(s), pareto(s))
+            p = s.plan
+            return (s, plan_md(s, res), p.to_json(), load_table(s),
+                    figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, tried_table(s), pareto(s),
+                    gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
+                    gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
+                              value=list(p.drop_blocks)),
+                    gr.update(value=1.0 if p.slim is None else p.slim))
 
         @friendly
         def on_load(s, source, dev, dt, dsrc, files, mt, progress=gr.Progress()):
@@ -279,7 +289,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                     *plan_outputs(s)[1:])
 
         stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot,
-                        preview, plan_json, table, heat, tried, pareto_plot]
+                        preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep]
         load_btn.click(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
         stats_btn.click(on_data, [state, data_src, upload, max_tok], stat_outputs)
         demo.load(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
@@ -314,7 +324,20 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         sal_layer.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
         sim_kind.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
 
-        plan_outs = [state, preview, plan_json, table, heat, tried, pareto_plot]
+        plan_outs = [state, preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep]
+
+        @friendly
+        def on_depth(s, layers, blocks, keep):
+            s = _sess(s)
+            s.require()
+            d = s.plan.to_dict()
+            d.update(drop_layers=sorted(int(i) for i in layers or []), drop_blocks=sorted(int(i) for i in blocks or []),
+                     slim=None if keep is None or float(keep) >= 1.0 else float(keep))
+            s.set_plan(d)
+            return plan_outputs(s)
+        for comp in (depth_layers, depth_blocks):
+            comp.input(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
+        slim_keep.release(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
 
         @friendly
         def on_cell(s, evt: gr.SelectData):

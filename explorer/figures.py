@@ -31,7 +31,7 @@ def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = Non
     L, E = m.shape
     text = [[f"layer {i} expert {e}<br>load {m[i, e]:.2f}x uniform<br>tokens {int(stats.layers[i]['count'][e]):,}"
              if e < stats.num_experts[i] else "" for e in range(E)] for i in range(L)]
-    f = _fig(title="Expert load (x uniform share k/E): click cells to select experts")
+    f = _fig(title="Expert load (x uniform share k/E); x = selected to drop")
     f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale="Viridis", zmin=0,
                            hovertext=text, hoverinfo="text", colorbar=dict(title="x uniform")))
     if selected:
@@ -133,8 +133,11 @@ def similarity_figure(sim: np.ndarray, title: str) -> go.Figure:
     f.update_xaxes(showticklabels=False, range=[0, 10 * E], row=1, col=1)
     f.update_yaxes(title="1 - cos", row=1, col=1)
     s = sim[np.ix_(order, order)]
-    f.add_trace(go.Heatmap(z=s, x=[str(o) for o in order], y=[str(o) for o in order], colorscale="Viridis",
-                           zmin=-1, zmax=1, hovertemplate="experts %{y} & %{x}: cos %{z:.3f}<extra></extra>"), 2, 1)
+    pos = [5 + 10 * i for i in range(E)]  # the dendrogram's leaf positions, so columns sit under their leaves
+    labels = [[f"experts {a} & {b}" for b in order] for a in order]
+    f.add_trace(go.Heatmap(z=s, x=pos, y=[str(o) for o in order], colorscale="Viridis", zmin=-1, zmax=1,
+                           text=labels, hovertemplate="%{text}: cos %{z:.3f}<extra></extra>"), 2, 1)
+    f.update_xaxes(range=[0, 10 * E], tickvals=pos, ticktext=[str(o) for o in order], title="expert", row=2, col=1)
     f.update_yaxes(autorange="reversed", row=2, col=1)
     f.update_layout(**{**LAYOUT, "height": 520}, title=title)
     return f

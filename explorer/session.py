@@ -194,8 +194,8 @@ class Session:
         plan = plan or self.plan
         if plan.is_empty():
             raise SessionError("the plan is empty: choose experts or layers to cut first")
-        if not self.lock.acquire(blocking=False):
-            raise SessionError("a job is already running in this session")
+        if not self.lock.acquire(timeout=120):  # waits for a preview to finish; two runs at once are refused
+            raise SessionError("another job in this session is still running; stop it or wait for it")
         try:
             d = self.distiller
             if d is None or d.plan.to_dict() != plan.to_dict():

@@ -52,6 +52,11 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
+def _idle(page, timeout=120_000):
+    """Wait until Gradio shows no running job on the page."""
+    page.wait_for_function("() => !document.body.innerText.includes('processing |')", timeout=timeout)
+
+
 def _load(client):
     return client.predict("demo", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
 
@@ -121,25 +126,28 @@ def test_in_a_real_browser(app_url, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
         page.get_by_text("Perplexity (evaluation)").wait_for(timeout=120_000)  # loaded and statistics collected
+        _idle(page)
         page.screenshot(path=str(tmp_path / "1-model.png"), full_page=True)
         page.get_by_role("tab", name="Routing").click()
         page.locator(".js-plotly-plot").first.wait_for(timeout=30_000)
         page.get_by_role("button", name="Show routing", exact=True).click()
         page.locator(".token-strip").wait_for(timeout=30_000)
+        _idle(page)
         page.screenshot(path=str(tmp_path / "2-routing.png"), full_page=True)
         page.get_by_role("tab", name="Saliency").click()
         page.get_by_role("button", name="Score experts", exact=True).click()
-        page.wait_for_timeout(3000)
+        page.wait_for_timeout(1000)
+        _idle(page)
         page.screenshot(path=str(tmp_path / "3-saliency.png"), full_page=True)
         page.get_by_role("tab", name="Plan").click()
-        table = page.locator("table").first
-        table.wait_for(timeout=30_000)
+        page.locator('[data-testid="cell-1-3"]').wait_for(timeout=30_000)
         before = page.locator("body").inner_text()
         assert "Empty plan" in before
         for row, col in ((1, 3), (2, 5)):  # drop two experts by clicking their cells
-            table.locator("tbody tr").nth(row).locator("td").nth(col).click()
-            page.wait_for_timeout(1500)
+            page.locator(f'[data-testid="cell-{row}-{col}"]').click()
+            page.wait_for_timeout(2000)
         page.get_by_text("Preview perplexity").wait_for(timeout=60_000)
+        _idle(page)
         text = page.locator("body").inner_text()
         assert "Preview perplexity" in text and "Empty plan" not in text
         page.screenshot(path=str(tmp_path / "4-plan.png"), full_page=True)
