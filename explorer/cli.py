@@ -211,12 +211,28 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def _check_out(args) -> None:
+    """Refuse a bad output folder before any work is done."""
+    from pathlib import Path
+
+    from .loading import DEMO_MODEL
+    from .plan import PlanError
+
+    out = Path(args.out).expanduser().resolve()
+    src = Path(DEMO_MODEL if args.model == "demo" else args.model).expanduser()
+    if src.exists() and out == src.resolve():
+        raise PlanError(f"refusing to write over the input model at {out}; choose another --out folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PlanError(f"{out} exists and is not empty; choose another --out folder or pass --overwrite")
+
+
 def cmd_apply(args) -> int:
     from .apply import apply_plan, export
     from .perplexity import perplexity
     from .plan import Plan
     from .stats import RouterStats
 
+    _check_out(args)
     model, tok, view = _load(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
@@ -258,6 +274,7 @@ def cmd_distill(args) -> int:
                         kl=args.kl, hidden_mse=args.hidden_mse, expert_kd=args.expert_kd, train=args.train,
                         eval_every=args.eval_every, seed=args.seed, teacher_topk_cache=args.cache_teacher_topk)
     cfg.validate()  # refused before anything loads
+    _check_out(args)
     model, tok, view = _load(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None

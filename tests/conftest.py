@@ -27,3 +27,18 @@ def demo_data(demo):
     from explorer import load_data
 
     return load_data(demo[1], "demo", block_len=128, max_tokens=2048)
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture()
+def chromium_path():
+    """Debian's chromium (the browser build Playwright downloads cannot be fetched here)."""
+    import shutil
+
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return path

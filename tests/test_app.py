@@ -1,6 +1,5 @@
 """The Gradio app, launched for real on 127.0.0.1 and driven through gradio_client and a real browser."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,16 +113,11 @@ def test_distill_and_export(client, tmp_path):
 
 
 @pytest.mark.browser
-def test_in_a_real_browser(app_url, tmp_path):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+def test_in_a_real_browser(app_url, tmp_path, chromium_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
         page.get_by_text("Perplexity (evaluation)").wait_for(timeout=120_000)  # loaded and statistics collected

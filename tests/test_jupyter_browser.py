@@ -1,6 +1,5 @@
 """JupyterLab started headless on 127.0.0.1, a notebook opened and run in Debian's chromium, the widget seen."""
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,16 +9,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import CHROMIUM_ARGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_widget_renders_in_jupyterlab(tmp_path, demo):
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
     from playwright.sync_api import sync_playwright
 
     nb = nbformat.v4.new_notebook()
@@ -49,9 +46,7 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo):
             except OSError:
                 time.sleep(0.5)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url)
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
