@@ -124,7 +124,7 @@ def blocks_from_texts(tokenizer, domains: dict[str, list[str]], block_len: int,
     rows, lens, doms, nbytes = [], [], [], []
     names = list(domains)
     for di, name in enumerate(names):
-        ids = tokenizer(sep.join(t for t in domains[name] if t.strip()))["input_ids"]
+        ids = tokenizer(sep.join(t for t in domains[name] if t.strip()), verbose=False)["input_ids"]
         for s in range(0, len(ids), block_len):
             chunk = ids[s:s + block_len]
             if len(chunk) < 2 or (len(chunk) < block_len and not keep_partial and s > 0):

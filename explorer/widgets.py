@@ -58,14 +58,18 @@ class RoutingView(W.VBox):
         self.layer = W.IntSlider(0, 0, len(st.layers) - 1, description="MoE layer")
         self.coact = _fw(figures.coactivation_heatmap(st, 0))
         self.domain = _fw(figures.domain_heatmap(st, 0))
+        for f in (self.coact, self.domain):  # side by side: half a notebook's width each
+            f.layout.width = 520
         self.balance = _fw(figures.balance_chart(st))
         self.err = _error_box()
         self.layer.observe(lambda ch: self.show_layer(ch["new"]), names="value")
         super().__init__([self.heat, self.err, self.layer, W.HBox([self.coact, self.domain]), self.balance])
 
     def show_layer(self, layer: int) -> None:
-        refresh(self.coact, figures.coactivation_heatmap(self.s.stats, layer))
-        refresh(self.domain, figures.domain_heatmap(self.s.stats, layer))
+        for fw, fig in ((self.coact, figures.coactivation_heatmap(self.s.stats, layer)),
+                        (self.domain, figures.domain_heatmap(self.s.stats, layer))):
+            fig.update_layout(width=520)
+            refresh(fw, fig)
 
     def _click(self, trace, points, state):
         for x, y in zip(points.xs, points.ys):

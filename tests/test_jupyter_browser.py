@@ -35,7 +35,7 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
     proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
                              "--ServerApp.ip=127.0.0.1", "--IdentityProvider.token=", "--ServerApp.password=",
                              "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={tmp_path}",
-                             "--LabApp.news_url=", "--LabServerApp.extensions_in_dev_mode=False"],
+                             "--LabApp.news_url=", "--allow-root", "--LabApp.extension_manager=readonly"],
                             env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
     try:
         url = f"http://127.0.0.1:{port}/lab/tree/widget.ipynb"
@@ -44,6 +44,8 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/api", timeout=2)
                 break
             except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError((tmp_path / "lab.log").read_text()[-2000:])
                 time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
