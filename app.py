@@ -264,10 +264,10 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             s = _sess(s)
             progress(0.1, desc="loading model")
             s.load(source, None if dev == "auto" else dev, dt)
-            return on_data(s, dsrc, files, mt, progress)
+            return on_data(s, dsrc, files, mt)
 
         @friendly
-        def on_data(s, dsrc, files, mt, progress=gr.Progress()):
+        def on_data(s, dsrc, files, mt):
             s = _sess(s)
             s.require()
             source = dsrc or "demo"
@@ -278,10 +278,10 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 source = str(folder)
             s.max_tokens = int(mt) if mt else None
             s.set_data(source)
-            return on_stats(s, 0, progress)
+            return s, summary_md(s) + "\n\nCollecting router statistics…"
 
         @friendly
-        def on_stats(s, lay, progress=gr.Progress()):
+        def on_stats(s, progress=gr.Progress()):
             s = _sess(s)
             s.require()
             s.collect(progress=lambda d, t: progress(d / t, desc="collecting router statistics"))
@@ -290,9 +290,12 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
 
         stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot,
                         preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep]
-        load_btn.click(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
-        stats_btn.click(on_data, [state, data_src, upload, max_tok], stat_outputs)
-        demo.load(on_load, [state, src, device, dtype, data_src, upload, max_tok], stat_outputs)
+        load_inputs = [state, src, device, dtype, data_src, upload, max_tok]
+        # the summary shows as soon as the model is in; the plots follow when the statistics are collected
+        load_btn.click(on_load, load_inputs, [state, summary]).success(on_stats, [state], stat_outputs)
+        stats_btn.click(on_data, [state, data_src, upload, max_tok], [state, summary]).success(
+            on_stats, [state], stat_outputs)
+        demo.load(on_load, load_inputs, [state, summary]).success(on_stats, [state], stat_outputs)
 
         @friendly
         def on_layer(s, lay):

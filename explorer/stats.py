@@ -188,26 +188,25 @@ class StatsObserver:
     def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
         a = self.acc[lay.index]
         valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        v = valid.to(torch.float64)
+        v = valid.to(torch.float32)  # per-token work in float32; the running sums are float64
         E = lay.num_experts
-        p = lay.probs(logits).double()
-        a["tokens"] += v.sum()
-        a["gate_mass"] += (p * v[:, None]).sum(0)
+        p = lay.probs(logits.float())
+        a["tokens"] += v.sum().double()
+        a["gate_mass"] += (v @ p).double()
         ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-        a["entropy_sum"] += (ent * v).sum()
-        onehot = torch.zeros(x.shape[0], E, dtype=torch.float64, device=x.device)
-        onehot.scatter_(1, idx, 1.0)
-        onehot *= v[:, None]
-        a["count"] += onehot.sum(0)
-        gw = torch.zeros_like(onehot).scatter_(1, idx, w.double()) * v[:, None]
-        a["gate_routed"] += gw.sum(0)
+        a["entropy_sum"] += (ent @ v).double()
+        onehot = torch.zeros(x.shape[0], E, dtype=torch.float32, device=x.device)
+        onehot.scatter_(1, idx, v[:, None].expand(-1, idx.shape[1]).contiguous())
+        a["count"] += onehot.sum(0).double()
+        gw = torch.zeros_like(onehot).scatter_(1, idx, w.float() * v[:, None])
+        a["gate_routed"] += gw.sum(0).double()
         co = onehot.T @ onehot
         co.fill_diagonal_(0)
-        a["coact"] += co
+        a["coact"] += co.double()
         if self.token_domain is not None:
-            a["domain_count"].index_add_(0, self.token_domain.to(x.device), onehot)
-        lg = logits.double() * v[:, None]
-        a["logit_gram"] += lg.T @ lg
+            a["domain_count"].index_add_(0, self.token_domain.to(x.device), onehot.double())
+        lg = logits.float() * v[:, None]
+        a["logit_gram"] += (lg.T @ lg).double()
         if self.dense_sample:
             n = min(self.dense_sample, x.shape[0])
             sel = torch.linspace(0, x.shape[0] - 1, n, device=x.device).long()
@@ -223,19 +222,18 @@ class StatsObserver:
     def expert(self, lay: MoELayer, e: int, tok, g, xin, h, y) -> None:
         a = self.acc[lay.index]
         v = self.valid[tok].to(torch.float32) if self.valid is not None else torch.ones_like(g, dtype=torch.float32)
-        yf = y.float()
+        yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
         norm = yf.norm(dim=-1)
-        gf = g.float()
-        a["reap"][e] += (gf * norm * v).sum().double()
-        a["out_norm"][e] += (norm * v).sum().double()
-        a["out_sum"][e] += (yf * v[:, None]).sum(0)
+        wg = gf * gf * v  # gate² per token (MoE-Pruner weights tokens by their gate)
+        a["reap"][e] += (gf * norm) @ v
+        a["out_norm"][e] += norm @ v
+        a["out_sum"][e] += v @ yf  # reductions as matrix-vector products: no temporaries of [n, H]
         a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
-        hf = h.float() ** 2 * v[:, None]
-        a["neuron_sq"][e] += hf.sum(0)
-        a["neuron_sq_gated"][e] += (hf * (gf ** 2)[:, None]).sum(0)
-        xf = xin.float() ** 2 * v[:, None]
-        a["in_sq"][e] += xf.sum(0)
-        a["in_sq_gated"][e] += (xf * (gf ** 2)[:, None]).sum(0)
+        h2, x2 = hf * hf, xf * xf
+        a["neuron_sq"][e] += v @ h2
+        a["neuron_sq_gated"][e] += wg @ h2
+        a["in_sq"][e] += v @ x2
+        a["in_sq_gated"][e] += wg @ x2
 
     def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
         a = self.acc[lay.index]

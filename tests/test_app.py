@@ -58,7 +58,9 @@ def _idle(page, timeout=120_000):
 
 
 def _load(client):
-    return client.predict("demo", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
+    """What the Load button does: the model, then the statistics."""
+    client.predict("demo", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
+    return client.predict(api_name="/on_stats")
 
 
 def test_model_and_routing(client):
@@ -82,6 +84,8 @@ def test_saliency_plan_preview_and_errors(client):
         client.predict('{"drop_experts": {"0": [0,1,2,3,4,5,6,7]}}', api_name="/on_json")
     with pytest.raises(AppError, match="not found"):
         client.predict("/no/such/model", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
+    with pytest.raises(AppError, match="too short|no .txt"):
+        client.predict(str(ROOT / "tests"), None, 2048, api_name="/on_data")
     # the session is still usable after the errors
     res = client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
     assert "Preview perplexity" in res[0]
