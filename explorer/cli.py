@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-blocks", type=int, metavar="L")
     g.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
     g.add_argument("--prune", type=float, metavar="SPARSITY")
+    g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
     p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap, reconstruction, ablation, random")
     p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
     p.add_argument("--skip-layers", default="", help="comma-separated MoE layers left untouched")
@@ -167,6 +168,16 @@ def cmd_plan(args) -> int:
             kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
         plan = planners.drop_experts(stats, args.drop_experts, args.criterion, mode=args.mode, skip_layers=skip,
                                      protect_super=args.protect_super, view=view, **kw)
+    elif args.recipe is not None:
+        from .plan import Plan
+
+        kw = {}
+        recipe = Plan.load(args.recipe).recipe
+        if any(r.get("criterion") in ("reconstruction", "ablation") for r in recipe):
+            from .data import load_data
+
+            kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
+        plan = planners.replay(recipe, stats, view, **kw)
     elif args.merge_to is not None:
         plan = planners.merge_experts(stats, args.merge_to, args.method, align=args.align, skip_layers=skip)
     elif args.drop_layers is not None:

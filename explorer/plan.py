@@ -11,6 +11,7 @@ Indices: expert operations and ``drop_layers`` name MoE layers by their position
                                                          (planners put the dominant, most used, expert first)
     slim          fraction of intermediate neurons kept in every expert (by activation energy, as SlimMoE)
     slim_layers   optional [moe_layer, ...] to slim (default: all)
+    recipe        the planner calls that wrote the plan; ``planners.replay`` runs them on another model's statistics
     drop_layers   [moe_layer, ...]  MoE sub-layer removed with its post-attention norm (Layer Drop); attention stays
     drop_blocks   [decoder_layer, ...]  whole decoder layers removed, KV-cache indices renumbered (Block Drop)
     prune         {"sparsity": 0.5, "method": "moe-pruner" | "wanda", "nm": [2, 4] | null}  unstructured weights
@@ -49,6 +50,7 @@ class Plan:
     prune: dict | None = None
     model: dict = field(default_factory=dict)  # what the plan was made for: model_type, num_experts, ...
     notes: str = ""
+    recipe: list[dict] = field(default_factory=list)  # the planner calls that wrote it: replayable on another model
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -77,6 +79,7 @@ class Plan:
                 drop_layers=[int(i) for i in d.get("drop_layers") or []],
                 drop_blocks=[int(i) for i in d.get("drop_blocks") or []],
                 prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
+                recipe=list(d.get("recipe") or []),
             )
         except (TypeError, ValueError) as err:
             raise PlanError(f"malformed plan: {err}") from err
@@ -136,6 +139,7 @@ class Plan:
                 d[k] = o[k]
         d["merge_align"] = d["merge_align"] or o["merge_align"]
         d["notes"] = "; ".join(x for x in (d["notes"], o["notes"]) if x)
+        d["recipe"] = d["recipe"] + o["recipe"]
         d["model"] = d["model"] or o["model"]
         return Plan.from_dict(d)
 

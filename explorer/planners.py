@@ -86,7 +86,10 @@ def drop_experts(stats: RouterStats, fraction: float, criterion: str = "reap", s
     else:
         raise PlanError(f"mode must be 'uniform' or 'global', got {mode!r}")
     return Plan(drop_experts=drops, model=_meta(stats),
-                notes=f"drop {fraction:.0%} of experts by {criterion} ({mode})")
+                notes=f"drop {fraction:.0%} of experts by {criterion} ({mode})",
+                recipe=[{"planner": "drop_experts", "fraction": fraction, "criterion": criterion, "mode": mode,
+                         "layer_fractions": {str(k): v for k, v in (layer_fractions or {}).items()},
+                         "skip_layers": list(skip_layers), "protect_super": protect_super, "seed": seed}])
 
 
 def merge_experts(stats: RouterStats, to: int | dict[int, int], method: str = "mc-smoe", align: bool = False,
@@ -130,7 +133,9 @@ def merge_experts(stats: RouterStats, to: int | dict[int, int], method: str = "m
             groups[i] = gs
             weights[i] = [[float(count[e]) + 1e-6 for e in g] for g in gs]
     return Plan(merge=groups, merge_weights=weights, merge_align=align, model=_meta(stats),
-                notes=f"merge to {to} experts per layer by {method}" + (" with neuron alignment" if align else ""))
+                notes=f"merge to {to} experts per layer by {method}" + (" with neuron alignment" if align else ""),
+                recipe=[{"planner": "merge_experts", "to": to if isinstance(to, int) else {str(k): v for k, v in to.items()},
+                         "method": method, "align": align, "skip_layers": list(skip_layers)}])
 
 
 def drop_layers(stats: RouterStats, n: int) -> Plan:
@@ -139,7 +144,7 @@ def drop_layers(stats: RouterStats, n: int) -> Plan:
     if not 0 <= n < len(imp) + 1:
         raise PlanError(f"cannot drop {n} of {len(imp)} MoE layers")
     return Plan(drop_layers=sorted(int(i) for i in np.argsort(imp, kind="stable")[:n]), model=_meta(stats),
-                notes=f"drop {n} MoE sub-layers by 1 - cos(h, h + MoE)")
+                notes=f"drop {n} MoE sub-layers by 1 - cos(h, h + MoE)", recipe=[{"planner": "drop_layers", "n": n}])
 
 
 def drop_blocks(stats: RouterStats, n: int, consecutive: bool = False) -> Plan:
@@ -153,14 +158,43 @@ def drop_blocks(stats: RouterStats, n: int, consecutive: bool = False) -> Plan:
         chosen = list(range(s, s + n))
     else:
         chosen = sorted(int(i) for i in np.argsort(imp, kind="stable")[:n])
-    return Plan(drop_blocks=chosen, model=_meta(stats), notes=f"drop {n} decoder blocks by 1 - cos(X_i, X_i+1)")
+    return Plan(drop_blocks=chosen, model=_meta(stats), notes=f"drop {n} decoder blocks by 1 - cos(X_i, X_i+1)",
+                recipe=[{"planner": "drop_blocks", "n": n, "consecutive": consecutive}])
 
 
 def slim_experts(stats: RouterStats, keep: float, layers: list[int] | None = None) -> Plan:
     """Keep ``keep`` of every expert's intermediate neurons (by activation energy, as SlimMoE)."""
-    return Plan(slim=keep, slim_layers=layers, model=_meta(stats), notes=f"slim experts to {keep:.0%} of neurons")
+    return Plan(slim=keep, slim_layers=layers, model=_meta(stats), notes=f"slim experts to {keep:.0%} of neurons",
+                recipe=[{"planner": "slim_experts", "keep": keep, "layers": layers}])
 
 
 def prune_weights(stats: RouterStats, sparsity: float, method: str = "moe-pruner", nm=None) -> Plan:
     return Plan(prune={"sparsity": sparsity, "method": method, "nm": nm}, model=_meta(stats),
-                notes=f"{method} unstructured pruning at {sparsity:.0%}" + (f" ({nm[0]}:{nm[1]})" if nm else ""))
+                notes=f"{method} unstructured pruning at {sparsity:.0%}" + (f" ({nm[0]}:{nm[1]})" if nm else ""),
+                recipe=[{"planner": "prune_weights", "sparsity": sparsity, "method": method, "nm": nm}])
+
+
+def replay(recipe: list[dict], stats: RouterStats, view: MoEModel | None = None, **score_kw) -> Plan:
+    """Run a plan's recipe (the planner calls that wrote it) on another model's statistics.
+
+    This is how a plan prototyped on a small model becomes the plan for the full one: the same criteria and
+    amounts, with the expert indices chosen from the full model's own statistics.
+    """
+    if not recipe:
+        raise PlanError("this plan has no recipe (it was written by hand): there is nothing to replay")
+    out: Plan | None = None
+    for step in recipe:
+        kw = dict(step)
+        name = kw.pop("planner", None)
+        if name == "drop_experts":
+            kw["layer_fractions"] = {int(k): v for k, v in (kw.get("layer_fractions") or {}).items()}
+            p = drop_experts(stats, view=view, **kw, **score_kw)
+        elif name == "merge_experts":
+            to = kw.pop("to")
+            p = merge_experts(stats, {int(k): v for k, v in to.items()} if isinstance(to, dict) else to, **kw)
+        elif name in ("drop_layers", "drop_blocks", "slim_experts", "prune_weights"):
+            p = globals()[name](stats, **kw)
+        else:
+            raise PlanError(f"unknown planner in recipe: {name!r}")
+        out = p if out is None else out.combine(p)
+    return out

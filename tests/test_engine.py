@@ -249,3 +249,20 @@ def test_unstructured_pruning_hits_its_sparsity():
         new, nv, _ = apply_plan(model, view, planners.prune_weights(stats, 0.5, method, nm), stats)
         z = float((nv[0].gate_up == 0).float().mean())
         assert z == pytest.approx(0.5, abs=0.01)
+
+
+def test_recipe_replays_on_another_model():
+    """A plan prototyped on one model is replayed on another (different size) from its own statistics."""
+    small = tiny_model("mixtral", seed=4)
+    big = tiny_model("mixtral", seed=5, num_local_experts=16, num_hidden_layers=4)
+    s_stats = collect_stats(small, MoEModel(small), _blocks())
+    plan = planners.drop_experts(s_stats, 0.25, "reap", protect_super=True).combine(planners.slim_experts(s_stats, 0.75))
+    back = Plan.loads(plan.to_json())
+    bview = MoEModel(big)
+    b_stats = collect_stats(big, bview, _blocks())
+    replayed = planners.replay(back.recipe, b_stats, bview)
+    replayed.validate(bview)
+    assert len(replayed.drop_experts) == 4 and all(len(v) == 4 for v in replayed.drop_experts.values())
+    assert replayed.slim == 0.75
+    with pytest.raises(PlanError, match="no recipe"):
+        planners.replay([], b_stats)
