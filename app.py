@@ -120,8 +120,8 @@ def plan_md(s: Session, res: dict | None) -> str:
 
 
 def tried_table(s: Session) -> pd.DataFrame:
-    rows = [{"plan": e["name"], "parameters": e["params"], "active/token": e["active"], "perplexity": round(e["ppl"], 3)}
-            for e in s.tried]
+    rows = [{"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
+             "perplexity": round(e["ppl"], 3)} for e in s.tried]
     return pd.DataFrame(rows, columns=["plan", "parameters", "active/token", "perplexity"])
 
 
@@ -148,7 +148,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                                            label="Calibration/evaluation text: 'demo' (4 domains) or a .txt path")
                     upload = gr.File(label="…or upload .txt files (one domain each)", file_count="multiple",
                                      file_types=[".txt"], scale=2)
-                    max_tok = gr.Number(value=4096, precision=0, label="tokens per domain and split", scale=1)
+                    max_tok = gr.Number(value=2048, precision=0, label="tokens per domain and split", scale=1)
                 with gr.Row():
                     load_btn = gr.Button("Load model", variant="primary")
                     stats_btn = gr.Button("Collect statistics")

@@ -37,7 +37,7 @@ def main() -> None:
 
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
         t1 = time.perf_counter()
-        c.predict("demo", "cpu", "float32", "demo", None, 4096, api_name="/on_load")
+        c.predict("demo", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
         model_in = time.perf_counter() - t1
         c.predict(api_name="/on_stats")
         loaded = time.perf_counter() - t1
@@ -47,7 +47,7 @@ def main() -> None:
     from explorer import load_data, load_model, perplexity
 
     model, tok, view = load_model(device="cpu")
-    ev = load_data(tok, "demo", block_len=128, max_tokens=4096).eval
+    ev = load_data(tok, "demo", block_len=128, max_tokens=2048).eval
     t2 = time.perf_counter()
     perplexity(model, ev)
     one_eval = time.perf_counter() - t2

@@ -151,10 +151,14 @@ def load_data(tokenizer, source: str = "demo", block_len: int = 256, max_tokens:
         if not CORPUS.is_dir():
             raise DataError(f"the bundled demo corpus is missing at {CORPUS}")
         doms = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
-        calib = blocks_from_texts(tokenizer, {d: [(CORPUS / d / "calib.txt").read_text("utf-8")] for d in doms},
-                                  block_len, keep_partial=False)
-        ev = blocks_from_texts(tokenizer, {d: [(CORPUS / d / "eval.txt").read_text("utf-8")] for d in doms},
-                               block_len, keep_partial=False)
+        # with a token cap, tokenise only a generous prefix (no tokenizer spends 16 characters per token)
+        cut = None if not max_tokens else (max_tokens + block_len) * 16
+
+        def read(d, split):
+            return [(CORPUS / d / f"{split}.txt").read_text("utf-8")[:cut]]
+
+        calib = blocks_from_texts(tokenizer, {d: read(d, "calib") for d in doms}, block_len, keep_partial=False)
+        ev = blocks_from_texts(tokenizer, {d: read(d, "eval") for d in doms}, block_len, keep_partial=False)
         return Dataset(calib.limit(max_tokens), ev.limit(max_tokens), "demo", {"domains": doms})
     if not 0.0 < eval_fraction < 1.0:
         raise DataError("eval_fraction must be between 0 and 1")

@@ -125,6 +125,29 @@ class Plan:
     def is_empty(self) -> bool:
         return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune)
 
+    def describe(self) -> str:
+        """A short human name: the planner's note, or what the plan does."""
+        if self.notes:
+            return self.notes
+        parts = []
+        n = sum(len(v) for v in self.drop_experts.values())
+        if n:
+            parts.append("drop " + ", ".join(f"L{i}:" + "/".join(f"e{e}" for e in v)
+                                             for i, v in sorted(self.drop_experts.items())) if n <= 4
+                         else f"drop {n} experts")
+        if self.merge:
+            parts.append(f"merge {sum(len(g) for v in self.merge.values() for g in v)} experts into "
+                         f"{sum(len(v) for v in self.merge.values())}")
+        if self.slim is not None:
+            parts.append(f"slim to {self.slim:.0%}")
+        if self.drop_layers:
+            parts.append("drop MoE layers " + ",".join(map(str, self.drop_layers)))
+        if self.drop_blocks:
+            parts.append("drop blocks " + ",".join(map(str, self.drop_blocks)))
+        if self.prune:
+            parts.append(f"prune {float(self.prune['sparsity']):.0%} ({self.prune.get('method', 'moe-pruner')})")
+        return "; ".join(parts) or "empty plan"
+
     def combine(self, other: "Plan") -> "Plan":
         """Both plans' operations (other's win where they set the same scalar)."""
         d = self.to_dict()

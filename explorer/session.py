@@ -182,7 +182,7 @@ class Session:
                "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
                "seconds": time.perf_counter() - t, **rep}
         if not plan.is_empty():
-            entry = {"name": name or plan.notes or f"plan {len(self.tried) + 1}", "params": rep["params_after"],
+            entry = {"name": name or plan.describe(), "params": rep["params_after"],
                      "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict()}
             self.tried = [e for e in self.tried if e["plan"] != entry["plan"]] + [entry]
         return out
