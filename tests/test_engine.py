@@ -237,7 +237,8 @@ def test_reconstruction_and_ablation_criteria(planted):
     model, view, blocks, stats = planted
     rec = expert_scores(stats, "reconstruction", model=model, view=view, blocks=blocks)
     abl = expert_scores(stats, "ablation", model=model, view=view, blocks=blocks)
-    assert rec[0][DEAD] == pytest.approx(rec[0].min()) and abs(abl[0][DEAD]) < 1e-6
+    assert rec[0][DEAD] <= np.sort(rec[0])[1]  # the two never-routed experts (dead, unused twin) go first
+    assert abs(abl[0][DEAD]) < 1e-6
     assert abl[ZERO_LAYER] == pytest.approx(np.zeros(8), abs=1e-6)
 
 

@@ -167,3 +167,4 @@ def test_token_routes():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([r["ids"]]), output_router_logits=True).router_logits
     assert r["routes"][0][0][0] == int(logits[0][0].argmax())
+
