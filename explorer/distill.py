@@ -370,21 +370,17 @@ class Distiller:
                 g["lr"] = lr
             loss, parts, sout, t_router, am = self._losses(rows)
             mask = am[:, 1:]
-            if not torch.isfinite(loss):
-                e = DistillEvent("error", self.step, self.tokens, stage=stage, best_ppl=self.best_ppl,
-                                 message=f"loss became {float(loss.detach())} at step {self.step + 1}: stopped before the "
-                                 "update; the student keeps its last good weights (lower the learning rate?)")
-                self.history.append(e)
-                yield e
-                return
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip else float("inf"))
-            if not torch.isfinite(gn):
+            bad = None if torch.isfinite(loss) else f"loss became {float(loss.detach())}"
+            if bad is None:
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip else float("inf"))
+                bad = None if torch.isfinite(gn) else "gradients became non-finite"
+            if bad is not None:
                 self.opt.zero_grad(set_to_none=True)
                 e = DistillEvent("error", self.step, self.tokens, stage=stage, best_ppl=self.best_ppl,
-                                 message=f"gradients became non-finite at step {self.step + 1}: stopped before the "
-                                 "update; the student keeps its last good weights")
+                                 message=f"{bad} at step {self.step + 1}: stopped before the update; the student "
+                                 "keeps its last good weights (lower the learning rate?)")
                 self.history.append(e)
                 yield e
                 return

@@ -189,7 +189,8 @@ class Session:
 
     # ---- distillation -----------------------------------------------------------------------------------
     def distill(self, config: DistillConfig, plan: Plan | None = None):
-        """Generator of DistillEvents for the current plan; ``stop_distill`` ends it, calling again resumes."""
+        """Generator of DistillEvents for the current plan. ``stop_distill`` ends it; calling again resumes a stopped
+        run toward its target, or continues a finished one for ``config.steps`` more steps."""
         self.require()
         plan = plan or self.plan
         if plan.is_empty():
@@ -202,8 +203,8 @@ class Session:
                 d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
                                         stats=self.stats)
                 self.distiller = d
-            else:
-                d.config.steps = max(config.steps, d.step + 1)
+            elif d.step >= d.config.steps:  # finished: Start again distills ``config.steps`` more steps
+                d.config.steps = d.step + config.steps
             yield from d.run()
         finally:
             self.lock.release()

@@ -81,3 +81,19 @@ def test_distill_view_updates_charts(session):
     ppl = [t for t in v.fig.data if t.name == "perplexity"][0]
     assert len(ppl.x) == 3  # start, step 3, step 6
     assert "best perplexity" in v.status.value
+
+
+def test_session_distill_resumes_and_continues(session):
+    from explorer.distill import DistillConfig
+    from explorer.plan import Plan
+
+    session.set_plan(Plan(drop_experts={1: [0, 6]}))
+    cfg = DistillConfig(steps=4, eval_every=2, lr=1e-3)
+    for e in session.distill(cfg):
+        if e.step == 2 and e.kind in ("step", "eval"):
+            session.stop_distill()
+    assert session.distiller.step == 2
+    list(session.distill(cfg))  # resumes toward the target
+    assert session.distiller.step == 4
+    list(session.distill(cfg))  # a finished run continues for as many steps again
+    assert session.distiller.step == 8
