@@ -88,6 +88,8 @@ def load_table(s: Session):
     df = pd.DataFrame(m.round(2), columns=[f"e{e}" for e in range(m.shape[1])])
     df.insert(0, "layer", [f"L{i}" for i in range(m.shape[0])])
     drops = s.plan.drop_experts
+    merged = {(i, e) for i, gs in s.plan.merge.items() for g in gs for e in g}
+    picked = {(s.pending[0], e) for e in s.pending[1]} if s.pending else set()
 
     def style(row):
         i = int(row["layer"][1:])
@@ -95,7 +97,8 @@ def load_table(s: Session):
         for e in range(m.shape[1]):
             v = m[i, e]
             shade = int(255 - min(1.0, v / 2.5) * 160)
-            bg = "#ff8a80" if e in drops.get(i, []) else f"rgb({shade},{shade},255)"
+            bg = (f"rgb({shade},{shade},255)" if (i, e) not in merged else "#a5d6a7")
+            bg = "#ff8a80" if e in drops.get(i, []) else "#ffe082" if (i, e) in picked else bg
             out.append(f"background-color:{bg}")
         return out
 
@@ -185,9 +188,15 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
 
             # ---------------- Plan ----------------
             with gr.Tab("Plan", id="plan"):
-                gr.Markdown("Click a cell to drop or keep that expert (red = dropped); or write a plan with a preset."
-                            " Every change updates the preview at once.")
-                table = gr.Dataframe(interactive=False, label="expert load (x uniform): click to toggle")
+                gr.Markdown("Click a cell to drop or keep that expert (red = dropped), or switch the click to pick a "
+                            "merge group (yellow = picked, green = merged); or write a plan with a preset. Every "
+                            "change updates the preview at once.")
+                with gr.Row():
+                    click_mode = gr.Radio(["drop / keep", "pick for a merge group"], value="drop / keep",
+                                          label="a click on a cell does", scale=2)
+                    merge_btn = gr.Button("Merge the picked experts", scale=1)
+                    picked_md = gr.Markdown(scale=2)
+                table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
                 with gr.Row():
                     preset = gr.Dropdown(["drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune"],
                                          value="drop-experts", label="preset")
@@ -342,16 +351,31 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             comp.input(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
         slim_keep.release(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
 
+        def picked_text(s: Session) -> str:
+            if not s.pending or not s.pending[1]:
+                return ""
+            return f"Picked in layer {s.pending[0]}: experts {', '.join(map(str, s.pending[1]))}"
+
         @friendly
-        def on_cell(s, evt: gr.SelectData):
+        def on_cell(s, mode, evt: gr.SelectData):
             s = _sess(s)
             s.require(stats=True)
             row, col = evt.index
             if col == 0:
-                return plan_outputs(s)
+                return (*plan_outputs(s), picked_text(s))
+            if mode == "pick for a merge group":
+                s.pick_for_merge(int(row), int(col) - 1)
+                return (s, gr.update(), gr.update(), load_table(s), *[gr.update()] * 6, picked_text(s))
             s.toggle_expert(int(row), int(col) - 1)
-            return plan_outputs(s)
-        table.select(on_cell, [state], plan_outs)
+            return (*plan_outputs(s), picked_text(s))
+        table.select(on_cell, [state, click_mode], plan_outs + [picked_md])
+
+        @friendly
+        def on_merge(s):
+            s = _sess(s)
+            s.merge_pending()
+            return (*plan_outputs(s), picked_text(s))
+        merge_btn.click(on_merge, [state], plan_outs + [picked_md])
 
         @friendly
         def on_preset(s, kind, amt, cr, meth, md, prot, progress=gr.Progress()):

@@ -40,6 +40,7 @@ class Session:
         self.plan = Plan()
         self.tried: list[dict] = []
         self.distiller: Distiller | None = None
+        self.pending: tuple[int, list[int]] | None = None  # a merge group being picked: (layer, experts)
         self.lock = threading.Lock()  # one long job per session
 
     # ---- model and data ---------------------------------------------------------------------------------
@@ -162,6 +163,32 @@ class Session:
         d = {k: v for k, v in d.items() if v}
         new = Plan.from_dict({**self.plan.to_dict(), "drop_experts": {str(k): v for k, v in d.items()}})
         return self.set_plan(new)
+
+    def pick_for_merge(self, layer: int, expert: int) -> tuple[int, list[int]]:
+        """Click in merge mode: add the expert to the group being picked (same layer), or take it out."""
+        self.require()
+        layer, expert = int(layer), int(expert)
+        if self.pending is None or self.pending[0] != layer:
+            self.pending = (layer, [])
+        members = self.pending[1]
+        if expert in members:
+            members.remove(expert)
+        else:
+            members.append(expert)
+        return self.pending
+
+    def merge_pending(self) -> Plan:
+        """Turn the picked experts into a merge group of the plan (the first picked keeps its router row)."""
+        self.require()
+        if self.pending is None or len(self.pending[1]) < 2:
+            raise SessionError("pick at least two experts of one layer to merge (click mode: add to merge group)")
+        layer, members = self.pending
+        d = self.plan.to_dict()
+        d["merge"] = {**d["merge"], str(layer): d["merge"].get(str(layer), []) + [list(members)]}
+        d["merge_weights"] = {k: v for k, v in d["merge_weights"].items() if k != str(layer)}  # from statistics
+        plan = self.set_plan(d)
+        self.pending = None
+        return plan
 
     def baseline(self):
         self.require()

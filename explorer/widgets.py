@@ -62,8 +62,13 @@ class RoutingView(W.VBox):
             f.layout.width = 520
         self.balance = _fw(figures.balance_chart(st))
         self.err = _error_box()
+        self.mode = W.ToggleButtons(options=["drop / keep", "pick for a merge group"], description="click")
+        merge = W.Button(description="Merge picked")
+        merge.on_click(lambda _: self._run(self.s.merge_pending))
+        self.picked = W.HTML()
         self.layer.observe(lambda ch: self.show_layer(ch["new"]), names="value")
-        super().__init__([self.heat, self.err, self.layer, W.HBox([self.coact, self.domain]), self.balance])
+        super().__init__([W.HBox([self.mode, merge, self.picked]), self.heat, self.err, self.layer,
+                          W.HBox([self.coact, self.domain]), self.balance])
 
     def show_layer(self, layer: int) -> None:
         for fw, fig in ((self.coact, figures.coactivation_heatmap(self.s.stats, layer)),
@@ -76,9 +81,18 @@ class RoutingView(W.VBox):
             self.toggle(int(y), int(x))
 
     def toggle(self, layer: int, expert: int) -> None:
+        """What a click on cell (expert, layer) does: drop/keep it, or pick it for a merge group."""
+        if self.mode.value == "pick for a merge group":
+            layer_, members = self.s.pick_for_merge(layer, expert)
+            self.picked.value = f"picked in layer {layer_}: {members}" if members else ""
+            return
+        self._run(lambda: self.s.toggle_expert(layer, expert))
+
+    def _run(self, fn) -> None:
         try:
-            self.s.toggle_expert(layer, expert)
+            fn()
             _show_error(self.err, None)
+            self.picked.value = ""
         except Exception as err:  # noqa: BLE001 - shown in the widget
             _show_error(self.err, err)
         self.redraw()

@@ -149,6 +149,14 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         _idle(page)
         text = page.locator("body").inner_text()
         assert "Preview perplexity" in text and "Empty plan" not in text
+        page.get_by_label("pick for a merge group").check()  # now pick two experts of layer 3 and merge them
+        for col in (1, 2):
+            page.locator(f'[data-testid="cell-3-{col}"]').click()
+            page.wait_for_timeout(1000)
+        page.get_by_text("Picked in layer 3").wait_for(timeout=30_000)
+        page.get_by_role("button", name="Merge the picked experts", exact=True).click()
+        page.get_by_text("experts per layer [8, 7, 7, 7]").wait_for(timeout=60_000)
+        _idle(page)
         page.screenshot(path=str(tmp_path / "4-plan.png"), full_page=True)
         page.get_by_role("tab", name="Distill").click()
         page.get_by_label("steps").fill("12")

@@ -97,3 +97,33 @@ def test_session_distill_resumes_and_continues(session):
     assert session.distiller.step == 4
     list(session.distill(cfg))  # a finished run continues for as many steps again
     assert session.distiller.step == 8
+
+
+def test_session_picks_a_merge_group(session):
+    from explorer.plan import Plan
+    from explorer.session import SessionError
+
+    session.set_plan(Plan())
+    session.pick_for_merge(2, 1)
+    with pytest.raises(SessionError, match="at least two"):
+        session.merge_pending()
+    session.pick_for_merge(2, 5)
+    session.pick_for_merge(2, 6)
+    session.pick_for_merge(2, 6)  # a second click takes it out again
+    plan = session.merge_pending()
+    assert plan.merge == {2: [[1, 5]]} and session.pending is None
+    assert session.preview()["experts_after"] == [8, 8, 7, 8]
+
+
+def test_routing_view_picks_and_merges(session):
+    from explorer.plan import Plan
+    from explorer.widgets import RoutingView
+
+    session.set_plan(Plan())
+    v = RoutingView(session)
+    v.mode.value = "pick for a merge group"
+    v.toggle(0, 2)
+    v.toggle(0, 3)
+    assert "picked in layer 0" in v.picked.value and session.plan.is_empty()
+    v._run(session.merge_pending)
+    assert session.plan.merge == {0: [[2, 3]]} and v.picked.value == ""
