@@ -47,7 +47,7 @@ class DistillConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    teacher_topk_cache: int | None = None  # cache the teacher's top-k logits once and reuse them
+    teacher_topk_cache: int | None = None  # cache the teacher's top-k logits once; the teacher then skips its passes
 
     def validate(self) -> "DistillConfig":
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
@@ -241,7 +241,9 @@ class Distiller:
         ids = b.input_ids.to(self.device)
         am = b.attention_mask().to(self.device)
         need_hidden = c.hidden_mse > 0
-        need_router = self.sview is not None
+        # with the teacher's top-k logits cached, the teacher runs only when a hidden-state or expert-wise loss needs
+        # it: router KL and load drift are then not reported (they would cost the teacher pass the cache saves)
+        need_router = self.sview is not None and (self.cache is None or c.expert_kd > 0)
         t_inputs: dict[int, torch.Tensor] = {}
         hooks = []
         if c.expert_kd > 0 and self.sview is not None:

@@ -114,8 +114,11 @@ def test_teacher_topk_cache():
     d = _distiller(steps=3, teacher_topk_cache=16)
     mem = d.teacher_memory()
     assert mem["topk_cache_bytes"] < mem["full_logits_bytes"]
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
     events = [e for e in d.run() if e.loss is not None]
     assert len(events) == 3 and all(e.parts["kl"] >= 0 for e in events)
+    assert not calls  # the cached logits stand in for the teacher's passes
 
 
 def test_progressive_schedule_streams_all_stages():
