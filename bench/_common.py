@@ -46,3 +46,31 @@ def timed(fn, repeats: int, sync=None) -> float:
             sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def bench_args(**extra):
+    """The options every benchmark shares (model choice, device, batch shape, repeats), plus ``extra``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--olmoe", action="store_true", help="OLMoE-1B-7B-shaped random model in bf16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    for name, (typ, default) in extra.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=typ, default=default)
+    return ap.parse_args()
+
+
+def model_and_blocks(args, n_blocks: int):
+    """(model, view, blocks, label): the OLMoE-shaped model on random tokens, or the demo on its calibration text."""
+    from explorer import load_data, load_model
+    from explorer.moe import MoEModel
+
+    if args.olmoe:
+        model = olmoe_1b7b_shaped(device=args.device)
+        return (model, MoEModel(model), random_blocks(n_blocks, args.seq, model.config.vocab_size),
+                "OLMoE-1B-7B-shaped (random, bf16, grouped_mm)")
+    model, tok, view = load_model(device=args.device)
+    blocks = load_data(tok, "demo", block_len=args.seq).calib.subset(range(n_blocks))
+    return model, view, blocks, f"demo model ({model.config._experts_implementation})"

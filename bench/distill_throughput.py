@@ -5,34 +5,19 @@ the student alone, same batch, one run. Prints both, the ratio and peak memory.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 
 import torch
 
-from _common import olmoe_1b7b_shaped, random_blocks, timed
+from _common import bench_args, model_and_blocks, timed
 
-from explorer import load_data, load_model
 from explorer.distill import DistillConfig, Distiller
-from explorer.moe import MoEModel
 from explorer.plan import Plan
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--olmoe", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
-    if args.olmoe:
-        teacher = olmoe_1b7b_shaped(device=args.device)
-        view = MoEModel(teacher)
-        blocks = random_blocks(args.batch * 2, args.seq, teacher.config.vocab_size)
-    else:
-        teacher, tok, view = load_model(device=args.device)
-        blocks = load_data(tok, "demo", block_len=args.seq).calib
+    args = bench_args(repeats=(int, 5))
+    teacher, view, blocks, _ = model_and_blocks(args, 64 if not args.olmoe else args.batch * 2)
     plan = Plan(drop_experts={i: list(range(0, n, 2)) for i, n in enumerate(view.num_experts)})
     d = Distiller.from_plan(teacher, view, plan, blocks, blocks.subset([0]),
                             DistillConfig(steps=10**6, batch_size=args.batch, lr=1e-4, eval_every=10**6))

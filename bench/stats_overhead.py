@@ -6,35 +6,16 @@ Prints tokens/s of both and the ratio (stats time / plain time) last. Bar: at mo
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from _common import olmoe_1b7b_shaped, random_blocks, timed
+from _common import bench_args, model_and_blocks, timed
 
-from explorer import collect_stats, load_data, load_model
-from explorer.moe import MoEModel
+from explorer import collect_stats
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--olmoe", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--dense-sample", type=int, default=16)
-    args = ap.parse_args()
-    if args.olmoe:
-        model = olmoe_1b7b_shaped(device=args.device)
-        view = MoEModel(model)
-        blocks = random_blocks(args.blocks, args.seq, model.config.vocab_size)
-        what = "OLMoE-1B-7B-shaped (random, bf16, grouped_mm)"
-    else:
-        model, tok, view = load_model(device=args.device)
-        blocks = load_data(tok, "demo", block_len=args.seq).calib.subset(range(args.blocks))
-        what = f"demo model ({model.config._experts_implementation})"
+    args = bench_args(blocks=(int, 32), repeats=(int, 9), dense_sample=(int, 16))
+    model, view, blocks, what = model_and_blocks(args, args.blocks)
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
 
