@@ -12,13 +12,13 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .moe import BLOCK_ATTRS, MoELayer, MoEModel
+from .outputs import check_export_dir, clean_leftovers, commit_dir, new_partial_dir
 from .plan import Plan, PlanError, fingerprint
 from .transform import layer_edit
 
@@ -230,15 +230,12 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
            summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write model, tokenizer, plan and summary to ``out_dir`` atomically (all or nothing).
 
-    Never writes over ``source`` (the input model). An existing ``out_dir`` is replaced only with ``overwrite``.
+    The folder rules of ``explorer.outputs.check_export_dir`` apply (never the input model, the working directory
+    or the home folder; ``overwrite`` replaces only a previous export). Partial folders of killed runs are removed.
     """
-    out = Path(out_dir).expanduser().resolve()
-    if source is not None and Path(source).expanduser().exists() and out == Path(source).expanduser().resolve():
-        raise PlanError(f"refusing to export over the input model at {out}; choose another folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PlanError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_export_dir(out_dir, source=source, overwrite=overwrite)
+    clean_leftovers(out)
+    tmp = new_partial_dir(out)
     try:
         if layout is None:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -251,16 +248,8 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.to_json(tmp / "plan.json")
-        if summary is not None:
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        (tmp / "summary.json").write_text(json.dumps(summary or {}, indent=1, default=float))
+        commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

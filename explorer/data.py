@@ -73,6 +73,30 @@ class Dataset:
     info: dict = field(default_factory=dict)
 
 
+def read_text_file(path: Path) -> str:
+    """A file's text, or DataError when it is not mostly printable text (a binary file renamed .txt)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    sample = text[:200_000]
+    if not sample:
+        return text
+    bad = sum(1 for ch in sample if ch == "\ufffd" or (not ch.isprintable() and ch not in "\n\r\t\f\v"))
+    if b"\x00" in raw[:200_000] or bad > 0.02 * len(sample):
+        raise DataError(f"{path} does not look like text: {bad / len(sample):.0%} of its characters are binary or "
+                        "control characters (is it a renamed binary file?). Give plain UTF-8 text.")
+    return text
+
+
+def check_block_len(block_len: int, config) -> str | None:
+    """A warning when blocks are longer than the model's positions (its perplexity there means little)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(n, int) and block_len > n:
+        return (f"block length {block_len} exceeds the model's maximum positions ({n}); perplexity beyond them is "
+                f"not meaningful: use a block length of at most {n}")
+    return None
+
+
 def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, list[str]]]:
     path = Path(source).expanduser()
     if not path.exists():
@@ -80,12 +104,12 @@ def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, lis
     if path.is_file():
         if path.suffix not in (".txt", ".md", ".rst", ".py", ""):
             raise DataError(f"{source}: expected a plain-text file (.txt)")
-        return {path.stem: [path.read_text(encoding="utf-8", errors="replace")]}
+        return {path.stem: [read_text_file(path)]}
     out: dict[str, list[str]] = {}
     for f in sorted(path.glob("*.txt")):
-        out[f.stem] = [f.read_text(encoding="utf-8", errors="replace")]
+        out[f.stem] = [read_text_file(f)]
     for d in sorted(p for p in path.iterdir() if p.is_dir()):
-        texts = [f.read_text(encoding="utf-8", errors="replace") for f in sorted(d.glob("*.txt"))]
+        texts = [read_text_file(f) for f in sorted(d.glob("*.txt"))]
         if texts:
             out[d.name] = texts
     if not out:
@@ -147,6 +171,8 @@ def text_blocks(tokenizer, text: str, block_len: int = 256, domain: str = "text"
 def load_data(tokenizer, source: str = "demo", block_len: int = 256, max_tokens: int | None = None,
               eval_fraction: float = 0.5, seed: int = 0) -> Dataset:
     """Calibration and evaluation blocks from ``source``; ``max_tokens`` caps each split per domain."""
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"the token cap must be a positive number of tokens, got {max_tokens}")
     if source == "demo":
         if not CORPUS.is_dir():
             raise DataError(f"the bundled demo corpus is missing at {CORPUS}")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .moe import MoEModel, NoMoELayersError
@@ -34,6 +35,52 @@ def _dtype(dtype) -> torch.dtype | str:
     return names[dtype]
 
 
+def check_device(device: str | None) -> str:
+    """The device to use, or ModelLoadError in words: an unknown name, or an accelerator this machine lacks."""
+    device = device or default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {device!r} is not supported here; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _check_config_json(folder: Path) -> None:
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON at line {err.lineno} column {err.colno}: "
+                             f"{err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise ModelLoadError(f"{folder / 'config.json'} is not text (UTF-8): the file is damaged") from err
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (checked before a hub id is tried, so offline fails at once)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _looks_like_path(source: str) -> bool:
     """A hub id is 'name' or 'org/name'; anything else that does not exist is a missing path."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
@@ -49,7 +96,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     unless ``trust_remote_code=True``. A folder written by ``apply`` with per-layer expert counts is restored.
     """
     src = str(DEMO_MODEL if source is None else source)
-    device = device or default_device()
+    device = check_device(device)
     torch_dtype = _dtype(dtype)
     local = Path(src).expanduser()
     if local.exists():
@@ -64,8 +111,12 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                     f"{src} holds weights only in pickle format (.bin/.pt); the explorer loads safetensors only. "
                     "Convert them once with a trusted script (model.save_pretrained(..., safe_serialization=True)).")
             raise ModelLoadError(f"{src} holds no *.safetensors weights")
+        _check_config_json(local)
     elif _looks_like_path(src) or source is None:
         raise ModelLoadError(f"model path not found: {src}")
+    elif not hub_reachable():
+        raise ModelLoadError(f"{src!r} is not a local folder, and the model hub cannot be reached (offline?). "
+                             "Pass the path of a local model folder.")
     plan = _stored_layout(local) if local.exists() else None
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -98,6 +149,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         raise ModelLoadError(f"cannot load {src}: {err}") from err
     except OSError as err:
         raise ModelLoadError(f"cannot load the weights of {src}: {str(err).splitlines()[0]}") from err
+    except SafetensorError as err:
+        raise ModelLoadError(f"the weights of {src} are damaged or incomplete (safetensors: {err}); copy or export "
+                             "the model again") from err
     model.to(device).eval()
     try:
         view = MoEModel(model)

@@ -275,29 +275,38 @@ class MoELayer:
 
             w, idx = sparsemixer(ml, jitter_eps=self.router.router_jitter_noise, training=False, top_k=k)
         elif g == "sigmoid_group":
-            r = self.router
-            scores = torch.sigmoid(logits)
-            choice = scores + r.e_score_correction_bias
             if mask is not None:
-                choice = choice.masked_fill(~mask.to(choice.device), float("-inf"))
-            E, G = scores.shape[-1], r.num_group
-            gs = choice.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
-            gidx = torch.topk(gs, k=r.topk_group, dim=-1, sorted=False)[1]
-            gmask = torch.zeros_like(gs).scatter_(1, gidx, 1).unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
-            choice = choice.masked_fill(~gmask.bool(), float("-inf"))
-            idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
-            w = scores.gather(1, idx)
-            if r.norm_topk_prob:
-                w = w / (w.sum(-1, keepdim=True) + 1e-20)
-            w = w * r.routed_scaling_factor
+                # the smaller model's router holds only the kept rows, regrouped contiguously into n_group groups:
+                # route among the kept experts exactly so, then name them by their original ids
+                kept = mask.to(logits.device).nonzero().flatten()
+                bias = self.router.e_score_correction_bias
+                w, sub = self._group_route(logits.index_select(-1, kept), bias.index_select(-1, kept.to(bias.device)))
+                return logits, w, kept[sub]
+            w, idx = self._group_route(logits, self.router.e_score_correction_bias)
         else:
             raise NotImplementedError(f"gating {g!r}")
         return logits, w, idx
 
+    def _group_route(self, logits: torch.Tensor, correction_bias: torch.Tensor):
+        """DeepSeek-V3's group-limited choice over the experts in ``logits`` (groups are contiguous runs)."""
+        r, k = self.router, self.top_k
+        scores = torch.sigmoid(logits)
+        choice = scores + correction_bias
+        E, G = scores.shape[-1], r.num_group
+        gs = choice.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
+        gidx = torch.topk(gs, k=r.topk_group, dim=-1, sorted=False)[1]
+        gmask = torch.zeros_like(gs).scatter_(1, gidx, 1).unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+        choice = choice.masked_fill(~gmask.bool(), float("-inf"))
+        idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if r.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * r.routed_scaling_factor, idx
+
     def forward(self, hidden: torch.Tensor, observer: Any = None, edit: Any = None):
         """The block's output recomputed from the view, optionally observed or edited.
 
-        edit (see ``explorer.preview.LayerEdit``): ``keep`` bool [E] of experts that may be routed to;
+        edit (see ``explorer.transform.LayerEdit``): ``keep`` bool [E] of experts that may be routed to;
         ``tensors`` (gate_up, down, gate_up_bias, down_bias) for the kept experts in order, used with ``slot``
         (long [E]: original expert -> row of ``tensors``); ``skip``: the MoE sub-layer adds nothing (Layer Drop).
         """

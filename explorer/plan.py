@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .moe import MoEModel
+from .outputs import atomic_write
 
 PRUNE_METHODS = ("moe-pruner", "wanda")
 
@@ -87,7 +88,7 @@ class Plan:
     def to_json(self, path: str | Path | None = None) -> str:
         s = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            _atomic_text(Path(path), s)
+            atomic_write(path, s)
         return s
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -95,7 +96,7 @@ class Plan:
 
         s = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            _atomic_text(Path(path), s)
+            atomic_write(path, s)
         return s
 
     @classmethod
@@ -345,8 +346,3 @@ def fingerprint(view: MoEModel) -> dict:
             "num_hidden_layers": len(view.decoder_layers), "moe_layer_indices": [lay.layer_idx for lay in view]}
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -7,8 +7,10 @@ tokens: every statistic is a sum (or max) of fixed size.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 from .data import TokenBlocks
 from .moe import MoELayer, MoEModel
+from .outputs import atomic_write
 
 # per-layer arrays; shapes use E experts, H hidden, I intermediate, D domains
 ARRAYS = {
@@ -113,7 +116,7 @@ class RouterStats:
                        for lay in self.layers]
         s = json.dumps(d)
         if path is not None:
-            _atomic_write(Path(path), s.encode())
+            atomic_write(path, s)
         return s
 
     @classmethod
@@ -132,34 +135,47 @@ class RouterStats:
             return
         arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in ARRAYS}
         scal = [{k: lay[k] for k in SCALARS} for lay in self.layers]
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
+        buf = io.BytesIO()
+        np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
                                                         dtype=np.uint8), **arrays)
-        tmp.replace(path)
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load_file(cls, path: str | Path) -> "RouterStats":
+        """Statistics written by ``save``; anything else is refused with StatsFileError, never a traceback."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"statistics file not found: {path}")
-        if path.suffix == ".json":
-            return cls.from_json(path)
-        z = np.load(path, allow_pickle=False)
-        meta = json.loads(bytes(z["__meta__"]).decode())
-        scal = meta.pop("scalars")
-        layers = []
-        for i, s in enumerate(scal):
-            lay = dict(s)
-            lay.update({k: z[f"{i}/{k}"] for k in ARRAYS if f"{i}/{k}" in z})
-            layers.append(lay)
-        return cls(layers=layers, **meta)
+        if path.is_dir():
+            raise StatsFileError(f"{path} is a folder; pass the stats.json or stats.npz that `stats --out` wrote")
+        what = f"{path} is not a statistics file written by `python -m explorer stats`"
+        try:
+            if path.suffix == ".json":
+                stats = cls.from_json(path)
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    meta = json.loads(bytes(z["__meta__"]).decode())
+                    scal = meta.pop("scalars")
+                    layers = []
+                    for i, sc in enumerate(scal):
+                        lay = dict(sc)
+                        lay.update({k: z[f"{i}/{k}"] for k in ARRAYS if f"{i}/{k}" in z})
+                        layers.append(lay)
+                stats = cls(layers=layers, **meta)
+        except json.JSONDecodeError as err:
+            raise StatsFileError(f"{what}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})") from err
+        except (KeyError, TypeError, AttributeError) as err:
+            raise StatsFileError(f"{what}: a required field is missing or malformed ({err})") from err
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise StatsFileError(f"{what}: it cannot be read as JSON or NPZ ({str(err).splitlines()[0]})") from err
+        missing = [k for lay in stats.layers for k in ("count", "gate_mass", "tokens") if k not in lay]
+        if not stats.layers or missing or len(stats.num_experts) != len(stats.layers):
+            raise StatsFileError(f"{what}: its per-layer statistics are missing or inconsistent")
+        return stats
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+class StatsFileError(ValueError):
+    """A statistics file that cannot be used; the message says why."""
 
 
 class StatsObserver:
