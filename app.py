@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import html
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -57,8 +61,34 @@ def friendly_gen(fn):
     return wrapper
 
 
+OUT_ROOT = Path(os.environ.get("MOE_EXPLORER_OUT") or Path(tempfile.gettempdir()) / "moe-explorer")
+
+
 def _sess(s: Session | None) -> Session:
-    return s if s is not None else Session()
+    """This browser session's state; its relative export paths resolve under a folder of its own."""
+    return s if s is not None else Session(out_root=OUT_ROOT / uuid.uuid4().hex[:12])
+
+
+def user_message(err: Exception) -> str:
+    """An error as one line of Markdown, safe to show (a parser's ``<stream end>`` is text, not a tag)."""
+    text = str(err).strip("'\"") if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
+    return f"⚠️ {html.escape(text)}"
+
+
+def plan_guard(n_outputs: int):
+    """Plan-tab handlers: a problem becomes one message (second output); every other component keeps its value,
+    the user's JSON text included, and stays usable."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - reported in the page
+                out = [gr.update()] * n_outputs
+                out[1] = user_message(err)
+                return tuple(out)
+        return wrapper
+    return deco
 
 
 # ---- views of the session (pure: session -> component values) ----------------------------------------------
@@ -122,15 +152,33 @@ def plan_md(s: Session, res: dict | None) -> str:
             f"preview took {r['seconds']:.2f}s")
 
 
+COMPARE_COLUMNS = ["plan", "parameters", "active/token", "perplexity", "measured on"]
+
+
 def tried_table(s: Session) -> pd.DataFrame:
     rows = [{"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
-             "perplexity": round(e["ppl"], 3)} for e in s.tried]
-    return pd.DataFrame(rows, columns=["plan", "parameters", "active/token", "perplexity"])
+             "perplexity": round(e["ppl"], 3),
+             "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
+            for e in s.compared()]
+    return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
 
 
 def pareto(s: Session):
+    """Only plans measured on the same tokens as the original's perplexity are compared."""
     base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl} if s.loaded else None
-    return figures.pareto_figure(s.tried, base)
+    return figures.pareto_figure([e for e in s.compared() if not e["stale"]], base)
+
+
+def plan_file(s: Session) -> str | None:
+    """The current plan as a file for the download button (one file per plan content, so never a stale one)."""
+    if not s.loaded:
+        return None
+    text = s.plan.to_json()
+    folder = Path(tempfile.gettempdir()) / "moe-explorer-plans" / hashlib.sha1(text.encode()).hexdigest()[:16]
+    path = folder / "plan.json"
+    if not path.exists():
+        s.plan.to_json(path)
+    return str(path)
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------
@@ -214,6 +262,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                     depth_blocks = gr.CheckboxGroup([], label="drop decoder blocks (Block Drop)")
                     slim_keep = gr.Slider(0.1, 1.0, value=1.0, step=0.05,
                                           label="keep this fraction of every expert's neurons (1 = no slimming)")
+                plan_msg = gr.Markdown()
                 preview = gr.Markdown()
                 plan_json = gr.Code(language="json", label="plan (editable)", interactive=True)
                 with gr.Row():
@@ -239,10 +288,13 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             # ---------------- Compare & export ----------------
             with gr.Tab("Compare & export", id="export"):
                 tried = gr.Dataframe(label="plans tried this session", interactive=False)
+                remeasure_btn = gr.Button("Re-measure stale plans on the current text")
                 pareto_plot = gr.Plot()
                 with gr.Row():
-                    out_dir = gr.Textbox(value="out/compressed", label="export folder", scale=3)
-                    overwrite = gr.Checkbox(label="overwrite", scale=1)
+                    out_dir = gr.Textbox(value="compressed", scale=3,
+                                         label="export folder (a relative name goes under this session's own "
+                                               "output folder)")
+                    overwrite = gr.Checkbox(label="replace a previous export there", scale=1)
                 with gr.Row():
                     export_btn = gr.Button("Export to folder", variant="primary")
                     zip_btn = gr.Button("Export as download")
@@ -261,12 +313,12 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         def plan_outputs(s: Session):
             res = None if s.plan.is_empty() else s.preview()
             p = s.plan
-            return (s, plan_md(s, res), p.to_json(), load_table(s),
+            return (s, "", plan_md(s, res), p.to_json(), load_table(s),
                     figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, tried_table(s), pareto(s),
                     gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
                     gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
                               value=list(p.drop_blocks)),
-                    gr.update(value=1.0 if p.slim is None else p.slim))
+                    gr.update(value=1.0 if p.slim is None else p.slim), plan_file(s))
 
         @friendly
         def on_load(s, source, dev, dt, dsrc, files, mt, progress=gr.Progress()):
@@ -297,8 +349,9 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             return (s, summary_md(s), *routing_figs(s, 0), *slider_updates(s), figures.importance_chart(s.stats),
                     *plan_outputs(s)[1:])
 
-        stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot,
-                        preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep]
+        stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot, plan_msg,
+                        preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep,
+                        plan_dl]
         load_inputs = [state, src, device, dtype, data_src, upload, max_tok]
         # the summary shows as soon as the model is in; the plots follow when the statistics are collected
         load_btn.click(on_load, load_inputs, [state, summary]).success(on_stats, [state], stat_outputs)
@@ -336,9 +389,11 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         sal_layer.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
         sim_kind.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
 
-        plan_outs = [state, preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep]
+        plan_outs = [state, plan_msg, preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks,
+                     slim_keep, plan_dl]
+        guard = plan_guard(len(plan_outs))
 
-        @friendly
+        @guard
         def on_depth(s, layers, blocks, keep):
             s = _sess(s)
             s.require()
@@ -356,7 +411,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 return ""
             return f"Picked in layer {s.pending[0]}: experts {', '.join(map(str, s.pending[1]))}"
 
-        @friendly
+        @plan_guard(len(plan_outs) + 1)
         def on_cell(s, mode, evt: gr.SelectData):
             s = _sess(s)
             s.require(stats=True)
@@ -365,19 +420,19 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 return (*plan_outputs(s), picked_text(s))
             if mode == "pick for a merge group":
                 s.pick_for_merge(int(row), int(col) - 1)
-                return (s, gr.update(), gr.update(), load_table(s), *[gr.update()] * 6, picked_text(s))
+                return (s, "", *[gr.update()] * 2, load_table(s), *[gr.update()] * 7, picked_text(s))
             s.toggle_expert(int(row), int(col) - 1)
             return (*plan_outputs(s), picked_text(s))
         table.select(on_cell, [state, click_mode], plan_outs + [picked_md])
 
-        @friendly
+        @plan_guard(len(plan_outs) + 1)
         def on_merge(s):
             s = _sess(s)
             s.merge_pending()
             return (*plan_outputs(s), picked_text(s))
         merge_btn.click(on_merge, [state], plan_outs + [picked_md])
 
-        @friendly
+        @guard
         def on_preset(s, kind, amt, cr, meth, md, prot, progress=gr.Progress()):
             s = _sess(s)
             progress(0.2, desc="writing the plan")
@@ -385,7 +440,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             return plan_outputs(s)
         preset_btn.click(on_preset, [state, preset, amount, crit, method, mode, protect], plan_outs)
 
-        @friendly
+        @guard
         def on_clear(s):
             s = _sess(s)
             s.require()
@@ -393,28 +448,19 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             return plan_outputs(s)
         clear_btn.click(on_clear, [state], plan_outs)
 
-        @friendly
+        @guard
         def on_json(s, txt):
             s = _sess(s)
             s.set_plan(txt)
             return plan_outputs(s)
         plan_apply_btn.click(on_json, [state, plan_json], plan_outs)
 
-        @friendly
+        @guard
         def on_upload(s, f):
             s = _sess(s)
             s.set_plan(Path(getattr(f, "name", f)).read_text())
             return plan_outputs(s)
         plan_up.upload(on_upload, [state, plan_up], plan_outs)
-
-        @friendly
-        def on_download(s):
-            s = _sess(s)
-            s.require()
-            path = Path(tempfile.mkdtemp(prefix="explorer-plan-")) / "plan.json"
-            s.plan.to_json(path)
-            return str(path)
-        plan_dl.click(on_download, [state], plan_dl)
 
         @friendly_gen
         def on_distill(s, n, rate, t, k, tw, ev):
@@ -439,21 +485,35 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             return "Stopping after the current step… (press Start to resume)"
         stop_btn.click(on_stop, [state], dist_status, queue=False)
 
-        @friendly
         def on_export(s, folder, ow):
-            s = _sess(s)
-            out = s.export(folder, overwrite=bool(ow))
-            return f"Written to `{out}`: model, tokenizer, plan.json and summary.json.", None
+            """A problem replaces the message (an earlier 'Written to' line never stays beside a new error)."""
+            try:
+                s = _sess(s)
+                out = s.export(folder, overwrite=bool(ow))
+            except Exception as err:  # noqa: BLE001 - reported in the page
+                return s, user_message(err), None
+            return s, f"Written to `{out}`: model, tokenizer, plan.json and summary.json.", None
+
+        def on_zip(s):
+            try:
+                s = _sess(s)
+                tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
+                out = s.export(tmp / "compressed")
+                archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
+            except Exception as err:  # noqa: BLE001
+                return s, user_message(err), None
+            return s, f"Archive ready: {Path(archive).name}", archive
+        export_btn.click(on_export, [state, out_dir, overwrite], [state, export_msg, export_file])
+        zip_btn.click(on_zip, [state], [state, export_msg, export_file])
 
         @friendly
-        def on_zip(s):
+        def on_remeasure(s, progress=gr.Progress()):
             s = _sess(s)
-            tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
-            out = s.export(tmp / "compressed")
-            archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
-            return f"Archive ready: {Path(archive).name}", archive
-        export_btn.click(on_export, [state, out_dir, overwrite], [export_msg, export_file])
-        zip_btn.click(on_zip, [state], [export_msg, export_file])
+            s.require()
+            progress(0.1, desc="re-measuring stale plans")
+            s.remeasure()
+            return tried_table(s), pareto(s)
+        remeasure_btn.click(on_remeasure, [state], [tried, pareto_plot])
     return demo
 
 

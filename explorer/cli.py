@@ -19,6 +19,20 @@ from .data import DataError
 from .loading import ModelLoadError
 
 
+def _at_least(n: int):
+    """An argparse type: an integer >= n, with the range error in words."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < n:
+            raise argparse.ArgumentTypeError(f"must be at least {n}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {n}"
+    return parse
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="demo", help="folder, hub id, or 'demo' (default)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
@@ -29,9 +43,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="demo", help="'demo', a .txt file or folder, or hf:NAME[:CONFIG[:SPLIT]]")
-    p.add_argument("--block-len", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=None, help="cap per domain and split")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-len", type=_at_least(2), default=256)
+    p.add_argument("--max-tokens", type=_at_least(1), default=None, help="cap per domain and split")
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
 
 
 def _load(args):
@@ -42,10 +56,21 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code)
 
 
-def _data(args, tok):
-    from .data import load_data
+def _data(args, tok, model=None):
+    from .data import check_block_len, load_data
 
+    if model is not None:
+        warn = check_block_len(args.block_len, model.config)
+        if warn:
+            print(f"warning: {warn}", file=sys.stderr)
     return load_data(tok, args.data, block_len=args.block_len, max_tokens=args.max_tokens)
+
+
+def _source(args):
+    """The input model's folder (the demo's for 'demo'), which no output may touch."""
+    from .loading import DEMO_MODEL
+
+    return DEMO_MODEL if args.model == "demo" else args.model
 
 
 def _progress(label: str):
@@ -59,10 +84,12 @@ def _progress(label: str):
 
 
 def cmd_stats(args) -> int:
+    from .outputs import check_output_file
     from .stats import collect_stats
 
+    check_output_file(args.out, _source(args), args.overwrite)  # refused before anything loads
     model, tok, view = _load(args)
-    ds = _data(args, tok)
+    ds = _data(args, tok, model)
     t = time.time()
     stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size, progress=_progress("stats"))
     stats.save(args.out)
@@ -74,7 +101,7 @@ def cmd_eval(args) -> int:
     from .perplexity import perplexity
 
     model, tok, view = _load(args)
-    ds = _data(args, tok)
+    ds = _data(args, tok, model)
     res = perplexity(model, ds.eval, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(res.to_dict()))
@@ -92,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="router statistics in one pass")
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("--out", required=True, help="stats.json or stats.npz")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("eval", help="perplexity on the evaluation split")
     _model_args(p); _data_args(p)  # noqa: E702
@@ -117,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", default=None, help="prune N:M, e.g. 2:4")
     p.add_argument("--consecutive", action="store_true", help="drop-blocks: the best run of L blocks in a row")
     p.add_argument("--data", default="demo", help="calibration text for reconstruction/ablation criteria")
-    p.add_argument("--block-len", type=int, default=256)
+    p.add_argument("--block-len", type=_at_least(2), default=256)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("preview", help="what-if perplexity of a plan on the unmodified model")
     _model_args(p); _data_args(p)  # noqa: E702
@@ -136,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("plan")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=_at_least(1), default=100)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"])
     p.add_argument("--hidden-mse", type=float, default=0.0)
     p.add_argument("--expert-kd", type=float, default=0.0)
     p.add_argument("--train", default="all", choices=["all", "experts-routers", "routers"])
-    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every", type=_at_least(1), default=20)
     p.add_argument("--cache-teacher-topk", type=int, default=None, metavar="K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats", default=None)
@@ -155,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_plan(args) -> int:
     from . import planners
+    from .outputs import check_output_file
     from .stats import RouterStats
 
+    check_output_file(args.out, _source(args), args.overwrite)
     stats = RouterStats.load_file(args.stats)
     skip = [int(x) for x in args.skip_layers.split(",") if x.strip()]
     model, tok, view = _load(args)
@@ -210,10 +241,10 @@ def cmd_preview(args) -> int:
     from .preview import preview_perplexity
     from .stats import RouterStats
 
-    model, tok, view = _load(args)
-    plan = Plan.load(args.plan)
+    plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
     stats = RouterStats.load_file(args.stats) if args.stats else None
-    ds = _data(args, tok)
+    model, tok, view = _load(args)
+    ds = _data(args, tok, model)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
     print(f"before: {base}")
@@ -223,18 +254,10 @@ def cmd_preview(args) -> int:
 
 
 def _check_out(args) -> None:
-    """Refuse a bad output folder before any work is done."""
-    from pathlib import Path
+    """Refuse a bad output folder before any work is done (see ``explorer.outputs``)."""
+    from .outputs import check_export_dir
 
-    from .loading import DEMO_MODEL
-    from .plan import PlanError
-
-    out = Path(args.out).expanduser().resolve()
-    src = Path(DEMO_MODEL if args.model == "demo" else args.model).expanduser()
-    if src.exists() and out == src.resolve():
-        raise PlanError(f"refusing to write over the input model at {out}; choose another --out folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise PlanError(f"{out} exists and is not empty; choose another --out folder or pass --overwrite")
+    check_export_dir(args.out, source=_source(args), overwrite=args.overwrite)
 
 
 def cmd_apply(args) -> int:
@@ -244,21 +267,18 @@ def cmd_apply(args) -> int:
     from .stats import RouterStats
 
     _check_out(args)
-    model, tok, view = _load(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
+    model, tok, view = _load(args)
     rep = plan.report(view)
     new, _, layout = apply_plan(model, view, plan, stats=stats)
     summary = {"source": args.model, "report": rep}
     if not args.no_eval:
-        ds = _data(args, tok)
+        ds = _data(args, tok, model)
         summary["perplexity_before"] = perplexity(model, ds.eval, batch_size=args.batch_size).to_dict()
         summary["perplexity_after"] = perplexity(new, ds.eval, batch_size=args.batch_size).to_dict()
         print(f"perplexity {summary['perplexity_before']['ppl']:.3f} -> {summary['perplexity_after']['ppl']:.3f}")
-    src = None if args.model == "demo" else args.model
-    from .loading import DEMO_MODEL
-
-    out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=src or DEMO_MODEL,
+    out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=_source(args),
                  overwrite=args.overwrite)
     _print_report(rep)
     print(f"written to {out}" + ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_distill(args) -> int:
     from .apply import export
     from .distill import DistillConfig, Distiller
-    from .loading import DEMO_MODEL
+    from .perplexity import fmt_ppl
     from .plan import Plan
     from .stats import RouterStats
 
@@ -286,10 +306,10 @@ def cmd_distill(args) -> int:
                         eval_every=args.eval_every, seed=args.seed, teacher_topk_cache=args.cache_teacher_topk)
     cfg.validate()  # refused before anything loads
     _check_out(args)
-    model, tok, view = _load(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
-    ds = _data(args, tok)
+    model, tok, view = _load(args)
+    ds = _data(args, tok, model)
     d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats)
     if cfg.teacher_topk_cache:
         m = d.teacher_memory()
@@ -298,7 +318,7 @@ def cmd_distill(args) -> int:
     last = None
     for e in d.run():
         if e.kind == "start":
-            print(f"student before distillation: perplexity {e.ppl:.3f}")
+            print(f"student before distillation: perplexity {fmt_ppl(e.ppl)}")
         elif e.kind in ("step", "eval"):
             n = 30 * e.step // cfg.steps
             eta = f" eta {e.eta:.0f}s" if e.eta is not None else ""
@@ -306,16 +326,23 @@ def cmd_distill(args) -> int:
                              f"{e.tokens_per_s:,.0f} tok/s{eta}   ")
             if e.kind == "eval":
                 sys.stderr.write("\n")
-                print(f"step {e.step}: perplexity {e.ppl:.3f} (best {e.best_ppl:.3f})", flush=True)
+                print(f"step {e.step}: perplexity {fmt_ppl(e.ppl)} (best {fmt_ppl(e.best_ppl)})", flush=True)
         elif e.kind == "error":
             print(f"\nerror: {e.message}", file=sys.stderr)
         last = e
     d.restore_best()
+    warn = d.divergence()
     summary = {"source": args.model, "plan": plan.notes, "config": cfg.__dict__,
                "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
+               "kept_step": d.best_step, "warning": warn,
                "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
-    src = DEMO_MODEL if args.model == "demo" else args.model
-    out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=src,
+    out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
                  overwrite=args.overwrite)
-    print(f"best student (perplexity {d.best_ppl:.3f}, from {d.initial_ppl:.3f}) written to {out}")
-    return 1 if last is not None and last.kind == "error" else 0
+    print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
+          f"written to {out}")
+    if last is not None and last.kind == "error":
+        return 1
+    if warn:
+        print(warn, file=sys.stderr)
+        return 3
+    return 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .apply import apply_plan
 from .data import TokenBlocks
 from .moe import MoEModel
-from .perplexity import perplexity
+from .perplexity import fmt_ppl, perplexity
 from .plan import Plan
 
 KL_KINDS = ("forward", "reverse", "jsd")
@@ -160,6 +160,7 @@ class Distiller:
         self.history: list[DistillEvent] = []
         self.best_ppl: float | None = None
         self.best_state: dict | None = None
+        self.best_step = 0  # the step whose weights ``best_state`` holds (0: the cut model before training)
         self.initial_ppl: float | None = None
         self._order: list[int] = []
         self.cache = self._cache_teacher() if self.config.teacher_topk_cache else None
@@ -342,6 +343,20 @@ class Distiller:
                 drift.append(float(0.5 * (folded - s_load).abs().sum()))
         return rkl, drift
 
+    def divergence(self) -> str | None:
+        """A warning in words when the run made the student worse, saying which weights are kept; else None."""
+        evals = [e for e in self.history if e.kind == "eval" and e.ppl is not None]
+        if not evals or self.initial_ppl is None:
+            return None
+        last = evals[-1].ppl
+        if math.isfinite(last) and last <= 2 * self.initial_ppl and self.best_step > 0:
+            return None
+        kept = ("the cut model before any training (step 0)" if self.best_step == 0
+                else f"those of step {self.best_step} (perplexity {fmt_ppl(self.best_ppl)})")
+        what = "diverged" if not math.isfinite(last) or last > 2 * self.initial_ppl else "did not improve"
+        return (f"Warning: distillation {what}: perplexity went from {fmt_ppl(self.initial_ppl)} to "
+                f"{fmt_ppl(last)}; the weights kept are {kept}. Lower the learning rate or add warm-up.")
+
     # ---- the loop ---------------------------------------------------------------------------------------
     def run(self, steps: int | None = None, stage: int = 0) -> Iterator[DistillEvent]:
         """Yield events until ``steps`` more steps (default: up to config.steps in all) or ``stop()``."""
@@ -362,7 +377,7 @@ class Distiller:
         while self.step < target:
             if self._stop:
                 e = DistillEvent("stopped", self.step, self.tokens, elapsed=self.elapsed, best_ppl=self.best_ppl,
-                                 stage=stage, message=f"stopped at step {self.step}; run() resumes")
+                                 stage=stage, message=f"stopped at step {self.step}; start again to resume")
                 self.history.append(e)
                 yield e
                 return
@@ -402,14 +417,17 @@ class Distiller:
                 ev = self.evaluate()
                 e.kind, e.ppl, e.ppl_domains = "eval", ev["ppl"], ev["domains"]
                 if self.best_ppl is None or ev["ppl"] < self.best_ppl:
-                    self.best_ppl = ev["ppl"]
+                    self.best_ppl, self.best_step = ev["ppl"], self.step
                     self.best_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
                 e.best_ppl = self.best_ppl
                 self.elapsed = base_elapsed + time.perf_counter() - t_run
             self.history.append(e)
             yield e
+        msg = (f"{self.step} steps, {self.tokens:,} tokens; best perplexity {fmt_ppl(self.best_ppl)} at step "
+               f"{self.best_step}")
+        warn = self.divergence()
         e = DistillEvent("done", self.step, self.tokens, elapsed=self.elapsed, best_ppl=self.best_ppl, stage=stage,
-                         message=f"{self.step} steps, {self.tokens:,} tokens")
+                         message=msg + (f". {warn}" if warn else ""))
         self.history.append(e)
         yield e
 

@@ -34,11 +34,12 @@ def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = Non
     f = _fig(title="Expert load (x uniform share k/E); x = selected to drop")
     f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale="Viridis", zmin=0,
                            hovertext=text, hoverinfo="text", colorbar=dict(title="x uniform")))
-    if selected:
-        xs = [e for i, es in selected.items() for e in es]
-        ys = [i for i, es in selected.items() for _ in es]
-        f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="selected",
-                               marker=dict(symbol="x", size=14, color="red", line=dict(width=2))))
+    # always two traces (the marker trace may be empty), so a widget updates in place and keeps its click handler
+    sel = selected or {}
+    xs = [e for i, es in sel.items() for e in es]
+    ys = [i for i, es in sel.items() for _ in es]
+    f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="selected", showlegend=False,
+                           marker=dict(symbol="x", size=14, color="red", line=dict(width=2))))
     f.update_xaxes(title="expert", dtick=1)
     f.update_yaxes(title="MoE layer", dtick=1, autorange="reversed")
     return f
@@ -166,9 +167,14 @@ def distill_figure(history: list) -> go.Figure:
     for j, k in enumerate(keys):
         f.add_trace(go.Scatter(x=[e["step"] for e in steps], y=[e["parts"].get(k) for e in steps], mode="lines",
                                name=f"{k}", line=dict(color=PALETTE[j])), 1, 1)
-    f.add_trace(go.Scatter(x=[e["step"] for e in evals], y=[e["ppl"] for e in evals], mode="lines+markers",
+    ppls = [e["ppl"] for e in evals]
+    f.add_trace(go.Scatter(x=[e["step"] for e in evals], y=ppls, mode="lines+markers",
                            name="perplexity", line=dict(color=PALETTE[3], width=3)), 1, 2)
     f.update_xaxes(title="step")
+    if spans_orders(ppls):  # a diverging run: a linear axis would flatten every other point
+        f.update_yaxes(type="log", title="perplexity (log scale)", row=1, col=2)
+    if any(spans_orders([e["parts"].get(k) for e in steps]) for k in keys):
+        f.update_yaxes(type="log", title="loss (log scale)", row=1, col=1)
     f.update_layout(**LAYOUT, title="Distillation")
     return f
 
@@ -190,8 +196,21 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None) -> go.Figur
         f.add_trace(go.Scatter(x=[e["params"] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
                                name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))
     f.update_xaxes(title="parameters")
-    f.update_yaxes(title="perplexity (eval)")
+    ys_all = [e["ppl"] for e in entries] + ([baseline["ppl"]] if baseline else [])
+    f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys_all) else ""),
+                   type="log" if spans_orders(ys_all) else "linear")
     return f
+
+
+def spans_orders(values, ratio: float = 50.0) -> bool:
+    """Whether positive values span more than ``ratio`` (or are not finite): draw them on a log axis."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return False
+    if any(not math.isfinite(x) for x in v):
+        return True
+    pos = [x for x in v if x > 0]
+    return bool(pos) and max(pos) / min(pos) > ratio
 
 
 def pareto_front(entries: list[dict]) -> list[dict]:

@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from .data import DataError, TokenBlocks
 
 
+def fmt_ppl(x: float | None) -> str:
+    """A perplexity for people: 3 decimals while readable, scientific once a run has exploded."""
+    if x is None:
+        return "n/a"
+    if not math.isfinite(x):
+        return "infinite"
+    return f"{x:.3f}" if abs(x) < 1e5 else f"{x:.3g}"
+
+
 @dataclass
 class Perplexity:
     ppl: float
@@ -24,7 +33,7 @@ class Perplexity:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"perplexity {self.ppl:.3f}  bits/byte {self.bpb:.4f}  ({self.tokens:,} tokens in {self.blocks} "
+        return (f"perplexity {fmt_ppl(self.ppl)}  bits/byte {self.bpb:.4f}  ({self.tokens:,} tokens in {self.blocks} "
                 f"blocks of {self.block_len})")
 
 

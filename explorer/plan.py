@@ -104,15 +104,22 @@ class Plan:
         text = text.strip()
         if not text:
             raise PlanError("the plan is empty")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError:
+        if text[0] in "{[":  # JSON: report the parser's line and column
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PlanError(f"the plan is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+                                ) from err
+        else:
             import yaml
 
             try:
                 d = yaml.safe_load(text)
             except yaml.YAMLError as err:
-                raise PlanError(f"the plan is neither valid JSON nor YAML: {err}") from err
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                raise PlanError(f"the plan is neither valid JSON nor YAML: "
+                                f"{getattr(err, 'problem', None) or 'unreadable'}{where}") from err
         return cls.from_dict(d)
 
     @classmethod

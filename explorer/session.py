@@ -5,6 +5,7 @@ arrange controls around these methods, so they behave the same and nothing is co
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from .apply import apply_plan, export
 from .data import Dataset, load_data, text_blocks
 from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
+from .outputs import check_export_dir
 from .perplexity import perplexity
 from .plan import Plan, fingerprint
 from .preview import preview_perplexity
@@ -28,7 +30,7 @@ class SessionError(ValueError):
 
 
 class Session:
-    def __init__(self, block_len: int = 128, max_tokens: int = 4096):
+    def __init__(self, block_len: int = 128, max_tokens: int = 4096, out_root: str | Path | None = None):
         self.model = self.tok = self.view = None
         self.source: str | None = None
         self.data: Dataset | None = None
@@ -42,6 +44,9 @@ class Session:
         self.distiller: Distiller | None = None
         self.pending: tuple[int, list[int]] | None = None  # a merge group being picked: (layer, experts)
         self.lock = threading.Lock()  # one long job per session
+        # relative export paths resolve here (the app gives each browser session its own), never the server's cwd
+        self.out_root = Path(out_root) if out_root is not None else None
+        self.data_key: str | None = None  # which evaluation tokens the perplexities were measured on
 
     # ---- model and data ---------------------------------------------------------------------------------
     @property
@@ -70,6 +75,7 @@ class Session:
         data = load_data(self.tok, source, block_len=block_len or self.block_len,
                          max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
         self.data, self.data_source = data, source
+        self.data_key = hashlib.sha1(data.eval.input_ids.numpy().tobytes()).hexdigest()[:12]
         self.stats, self._scores, self.base = None, {}, None
         return {"source": source, "domains": data.eval.domains, "calib_tokens": data.calib.tokens,
                 "eval_tokens": data.eval.tokens, "block_len": data.eval.block_len}
@@ -112,8 +118,19 @@ class Session:
         return token_routes(self.model, self.view, self.tok, text, max_tokens=400)
 
     # ---- plans ------------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A long job (distillation, statistics) holds this session."""
+        return self.lock.locked()
+
+    def require_idle(self) -> None:
+        if self.busy:
+            raise SessionError("a distillation or another long job is running in this session: stop it (Distill "
+                               "tab) or wait for it to finish, then change the plan")
+
     def set_plan(self, plan: Plan | str | dict) -> Plan:
         self.require()
+        self.require_idle()
         if isinstance(plan, str):
             plan = Plan.loads(plan)
         elif isinstance(plan, dict):
@@ -202,17 +219,32 @@ class Session:
         plan = plan or self.plan
         base = self.baseline()
         t = time.perf_counter()
-        with self.lock:
+        if not self.lock.acquire(blocking=False):  # never queue silently behind a distillation
+            raise SessionError("a distillation or another long job is running in this session: the preview waits "
+                               "until it ends (stop it on the Distill tab)")
+        try:
             res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats)
+        finally:
+            self.lock.release()
         rep = plan.report(self.view)
         out = {"ppl": res.ppl, "base_ppl": base.ppl, "delta": res.ppl / base.ppl - 1, "bpb": res.bpb,
                "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
                "seconds": time.perf_counter() - t, **rep}
         if not plan.is_empty():
             entry = {"name": name or plan.describe(), "params": rep["params_after"],
-                     "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict()}
+                     "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict(), "data": self.data_key}
             self.tried = [e for e in self.tried if e["plan"] != entry["plan"]] + [entry]
         return out
+
+    def compared(self) -> list[dict]:
+        """The plans tried, each marked ``stale`` when measured on other evaluation text than the current one."""
+        return [{**e, "stale": e.get("data") != self.data_key} for e in self.tried]
+
+    def remeasure(self) -> list[dict]:
+        """Preview again every stale plan on the current evaluation text (one evaluation pass each)."""
+        for e in [e for e in self.compared() if e["stale"]]:
+            self.preview(Plan.from_dict(e["plan"]), name=e["name"])
+        return self.compared()
 
     # ---- distillation -----------------------------------------------------------------------------------
     def distill(self, config: DistillConfig, plan: Plan | None = None):
@@ -226,7 +258,9 @@ class Session:
             raise SessionError("another job in this session is still running; stop it or wait for it")
         try:
             d = self.distiller
-            if d is None or d.plan.to_dict() != plan.to_dict():
+            same_settings = d is not None and {**d.config.__dict__, "steps": 0} == {**config.__dict__, "steps": 0}
+            if d is None or d.plan.to_dict() != plan.to_dict() or not same_settings:
+                # a new plan or new settings (learning rate, KL, temperature, ...): a new run from the cut model
                 d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
                                         stats=self.stats)
                 self.distiller = d
@@ -241,22 +275,31 @@ class Session:
             self.distiller.stop()
 
     # ---- export -----------------------------------------------------------------------------------------
-    def export(self, out_dir: str | Path, use_distilled: bool = True, overwrite: bool = False) -> Path:
+    def export_path(self, out_dir: str | Path | None) -> Path:
+        """Where an export goes: an absolute path as given; an empty or relative one under ``out_root``."""
+        text = "" if out_dir is None else str(out_dir).strip()
+        p = Path(text or "compressed").expanduser()
+        if p.is_absolute() or self.out_root is None:
+            return p
+        return self.out_root / p
+
+    def export(self, out_dir: str | Path | None, use_distilled: bool = True, overwrite: bool = False) -> Path:
         self.require()
         if self.plan.is_empty():
             raise SessionError("the plan is empty: nothing to export")
+        target = check_export_dir(self.export_path(out_dir), source=self.source, overwrite=overwrite)  # before work
         d = self.distiller
         if use_distilled and d is not None and d.plan.to_dict() == self.plan.to_dict():
             d.restore_best()
             model, layout = d.student, d.layout
-            extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl}
+            extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}
         else:
             model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats)
             extra = {}
         summary = {"source": self.source, "report": self.plan.report(self.view),
                    "perplexity_before": self.baseline().to_dict(),
                    "perplexity_after": perplexity(model, self.data.eval).to_dict(), **extra}
-        return export(model, self.tok, self.plan, out_dir, layout=layout, summary=summary, source=self.source,
+        return export(model, self.tok, self.plan, target, layout=layout, summary=summary, source=self.source,
                       overwrite=overwrite)
 
     def eval_text(self, text: str) -> dict:

@@ -1,4 +1,5 @@
 """The Gradio app, launched for real on 127.0.0.1 and driven through gradio_client and a real browser."""
+import json
 import os
 import socket
 import subprocess
@@ -20,9 +21,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(demo, tmp_path_factory):
+def app_out(tmp_path_factory):
+    """Where the app puts each session's relative exports (MOE_EXPLORER_OUT)."""
+    return tmp_path_factory.mktemp("app-out")
+
+
+@pytest.fixture(scope="module")
+def app_url(demo, tmp_path_factory, app_out):
     port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "MOE_EXPLORER_OUT": str(app_out)}
     log = tmp_path_factory.mktemp("app") / "app.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
@@ -78,30 +86,80 @@ def test_saliency_plan_preview_and_errors(client):
     sal = client.predict(["frequency", "reap"], 1, "mean-output", api_name="/on_saliency")
     assert len(sal) == 3
     res = client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
-    md, plan_json = res[0], res[1]
-    assert "Preview perplexity" in md and '"drop_experts"' in plan_json
-    with pytest.raises(AppError, match="removes every expert"):
-        client.predict('{"drop_experts": {"0": [0,1,2,3,4,5,6,7]}}', api_name="/on_json")
+    msg, md, plan_json = res[0], res[1], res[2]
+    assert msg == "" and "Preview perplexity" in md and '"drop_experts"' in plan_json
+    res = client.predict('{"drop_experts": {"0": [0,1,2,3,4,5,6,7]}}', api_name="/on_json")
+    assert "removes every expert" in res[0]  # one message; the other components keep their values
     with pytest.raises(AppError, match="not found"):
         client.predict("/no/such/model", "cpu", "float32", "demo", None, 2048, api_name="/on_load")
     with pytest.raises(AppError, match="too short|no .txt"):
         client.predict(str(ROOT / "tests"), None, 2048, api_name="/on_data")
     # the session is still usable after the errors
     res = client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
-    assert "Preview perplexity" in res[0]
+    assert res[0] == "" and "Preview perplexity" in res[1]
 
 
-def test_sessions_do_not_see_each_other(app_url):
-    from gradio_client import Client
+def test_plan_errors_are_one_readable_message(client):
+    """Malformed JSON keeps its line and column, and a parser's '<stream end>' is shown as text, not eaten as HTML."""
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    res = client.predict('{"drop_experts": {"0": [1,}', api_name="/on_json")
+    assert "not valid JSON" in res[0] and "line 1, column" in res[0]
+    res = client.predict("drop_experts: [1", api_name="/on_json")
+    assert "line 1, column" in res[0] and "&lt;stream end&gt;" in res[0] and "<stream end>" not in res[0]
 
-    a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
-    _load(a)
-    _load(b)
-    a.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
-    res = b.predict(api_name="/on_clear")
-    assert "Empty plan" in res[0]
-    res = a.predict('{"drop_experts": {"1": [3]}}', api_name="/on_json")
-    assert '"1"' in res[1] and "Preview perplexity" in res[0]
+
+def test_download_gives_the_current_plan(client):
+    _load(client)
+    for plan in ('{"drop_experts": {"0": [1, 2]}}', '{"drop_experts": {"1": [3]}}'):
+        res = client.predict(plan, api_name="/on_json")
+        path = res[-1]  # the download button's file, set with every change of the plan
+        assert path and json.loads(Path(path).read_text())["drop_experts"] == json.loads(plan)["drop_experts"]
+
+
+def test_compare_marks_plans_measured_on_other_text(client, tmp_path):
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    res = client.predict('{"drop_experts": {"1": [3]}}', api_name="/on_json")
+    assert all(r[-1] == "current text" for r in res[5]["data"])
+    text = tmp_path / "mine.txt"
+    text.write_text((ROOT / "assets" / "corpus" / "code" / "eval.txt").read_text()[:60_000])
+    client.predict(str(text), None, 512, api_name="/on_data")
+    out = client.predict(api_name="/on_stats")
+    table, fig = out[13], out[14]
+    # the plan in force is previewed again on the new text; the other one is marked and left off the chart
+    rows = {r[0]: r[-1] for r in table["data"]}
+    assert rows == {"drop L0:e1/e2": "earlier text: stale, re-measure", "drop L1:e3": "current text"}
+    plotted = [t for t in json.loads(fig["plot"])["data"] if t.get("name") == "plans"]
+    assert len(plotted) == 1 and plotted[0]["text"] == ["drop L1:e3"]
+    table, fig = client.predict(api_name="/on_remeasure")
+    assert [r[-1] for r in table["data"]] == ["current text"] * 2
+    assert any(t.get("name") == "plans" for t in json.loads(fig["plot"])["data"])
+
+
+def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    assets = sorted(p.name for p in (ROOT / "assets").iterdir())
+    for folder in (str(other), str(ROOT / "assets"), str(ROOT), str(Path.home())):
+        msg, f = client.predict(folder, True, api_name="/on_export")
+        assert msg.startswith("⚠️") and f is None, folder
+    assert (other / "holiday.jpg").read_bytes() == b"precious"
+    assert sorted(p.name for p in (ROOT / "assets").iterdir()) == assets
+    assert (ROOT / "assets" / "demo-moe" / "model.safetensors").exists()
+    # an empty field goes under this session's own output folder, never the server's working directory
+    msg, _ = client.predict("", False, api_name="/on_export")
+    assert "Written to" in msg and str(app_out) in msg and not (ROOT / "compressed").exists()
+    written = Path(msg.split("`")[1])
+    assert {"plan.json", "summary.json"} <= {p.name for p in written.iterdir()}
+    # a new error replaces the old "Written to" line
+    msg, _ = client.predict("", False, api_name="/on_export")
+    assert "Written to" not in msg and "not empty" in msg
+    msg, _ = client.predict("", True, api_name="/on_export")  # replacing a previous export is allowed
+    assert "Written to" in msg
 
 
 def test_distill_and_export(client, tmp_path):
