@@ -166,7 +166,7 @@ def tried_table(s: Session) -> pd.DataFrame:
 def pareto(s: Session):
     """Only plans measured on the same tokens as the original's perplexity are compared."""
     base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl} if s.loaded else None
-    return figures.pareto_figure([e for e in s.compared() if not e["stale"]], base)
+    return figures.pareto_figure(s.comparable(), base)
 
 
 def plan_file(s: Session) -> str | None:

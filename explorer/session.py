@@ -240,6 +240,10 @@ class Session:
         """The plans tried, each marked ``stale`` when measured on other evaluation text than the current one."""
         return [{**e, "stale": e.get("data") != self.data_key} for e in self.tried]
 
+    def comparable(self) -> list[dict]:
+        """The plans tried on the current evaluation text: what may stand beside the original's perplexity."""
+        return [e for e in self.compared() if not e["stale"]]
+
     def remeasure(self) -> list[dict]:
         """Preview again every stale plan on the current evaluation text (one evaluation pass each)."""
         for e in [e for e in self.compared() if e["stale"]]:

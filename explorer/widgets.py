@@ -26,16 +26,20 @@ def _fw(fig: go.Figure) -> go.FigureWidget:
 
 
 def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
-    """Put ``fig``'s data and layout into an existing FigureWidget, in place (keeps click handlers when the
-    traces keep their number and types)."""
+    """Put ``fig``'s data and layout into an existing FigureWidget, in place. Click handlers stay attached: traces
+    that keep their place are updated, and when the traces change the handlers move to the new ones."""
     with fw.batch_update():
         same = len(fw.data) == len(fig.data) and all(a.type == b.type for a, b in zip(fw.data, fig.data))
         if same:
             for a, b in zip(fw.data, fig.data):
                 a.update(b.to_plotly_json(), overwrite=True)
         else:
+            handlers = [list(getattr(t, "_click_callbacks", [])) for t in fw.data]
             fw.data = ()
             fw.add_traces(list(fig.data))
+            for t, cbs in zip(fw.data, handlers):
+                for cb in cbs:
+                    t.on_click(cb, append=True)
         fw.layout = fig.layout
 
 
@@ -197,7 +201,7 @@ class PlanView(W.VBox):
                                  f" · parameters {r['params_before']:,} → <b>{r['params_after']:,}</b>"
                                  f" · active/token {r['active_after']:,} · experts/layer {r['experts_after']}")
         base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl}
-        refresh(self.pareto, figures.pareto_figure(s.tried, base))
+        refresh(self.pareto, figures.pareto_figure(s.comparable(), base))
 
 
 class DistillView(W.VBox):

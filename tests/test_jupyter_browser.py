@@ -14,6 +14,17 @@ from conftest import CHROMIUM_ARGS
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _click_cell(page, expert: int, layer: int) -> None:
+    """A real mouse click on heatmap cell (expert, layer), at the pixel plotly draws it."""
+    x, y = page.evaluate("""([e, l]) => { const g = document.querySelector('.jp-OutputArea .js-plotly-plot');
+        const fl = g._fullLayout, r = g.getBoundingClientRect();
+        return [r.left + fl._size.l + fl.xaxis.l2p(e), r.top + fl._size.t + fl.yaxis.l2p(l)]; }""", [expert, layer])
+    page.wait_for_timeout(1500)  # the previous click's redraw settles
+    page.mouse.move(x, y)  # plotly reports a click on the point it hovers: hover first
+    page.wait_for_timeout(500)
+    page.mouse.click(x, y)
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
@@ -57,8 +68,14 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
             page.keyboard.press("Shift+Enter")
             page.locator(".jp-OutputArea .js-plotly-plot").first.wait_for(timeout=240_000)
             page.wait_for_timeout(2000)
-            page.screenshot(path=str(tmp_path / "jupyterlab-widget.png"), full_page=True)
             assert page.locator(".jp-OutputArea .widget-tab, .jp-OutputArea .lm-TabBar").count() >= 1
+            # click two cells of the load heatmap: each click must reach the kernel and add an x marker
+            for n, (expert, layer) in enumerate(((3, 1), (5, 2)), start=1):
+                _click_cell(page, expert, layer)
+                page.wait_for_function(f"() => {{ const g = document.querySelector('.jp-OutputArea .js-plotly-plot');"
+                                       f" return g && g.data.length > 1 && g.data[1].x.length === {n}; }}",
+                                       timeout=60_000)
+            page.screenshot(path=str(tmp_path / "jupyterlab-widget.png"), full_page=True)
             browser.close()
         print("screenshot:", tmp_path / "jupyterlab-widget.png")
     finally:

@@ -22,12 +22,71 @@ def test_routing_view_layer_slider_and_clicks(session):
     z0 = np.array(v.coact.data[0].z)
     v.layer.value = 2
     assert not np.allclose(np.array(v.coact.data[0].z), z0)
-    assert len(v.heat.data) == 1  # nothing selected yet
+    assert len(v.heat.data[-1].x) == 0  # nothing selected yet
     v.toggle(1, 3)  # what a click on the heatmap cell (expert 3, layer 1) does
     assert session.plan.drop_experts == {1: [3]}
     assert list(v.heat.data[-1].x) == [3] and list(v.heat.data[-1].y) == [1]
     v.toggle(1, 3)
-    assert session.plan.is_empty() and len(v.heat.data) == 1
+    assert session.plan.is_empty() and len(v.heat.data[-1].x) == 0
+
+
+def _click(fw, expert: int, layer: int) -> None:
+    """Dispatch a plotly click on a heatmap cell the way the browser's click event arrives in the kernel."""
+    from plotly.callbacks import Points
+
+    tr = fw.data[0]
+    tr._dispatch_on_click(Points(point_inds=[[layer, expert]], xs=[expert], ys=[layer], trace_name=tr.name,
+                                 trace_index=0), None)
+
+
+def test_heatmap_clicks_keep_working_after_the_first(session):
+    """The first click adds the x marker; the second and third must still reach the handler."""
+    from explorer.plan import Plan
+    from explorer.widgets import Explorer, RoutingView, refresh
+
+    session.set_plan(Plan())
+    for heat in (RoutingView(session).heat, Explorer(session).routing.heat):
+        session.set_plan(Plan())
+        _click(heat, 3, 1)
+        assert session.plan.drop_experts == {1: [3]}
+        _click(heat, 5, 2)
+        assert session.plan.drop_experts == {1: [3], 2: [5]}
+        _click(heat, 3, 1)
+        assert session.plan.drop_experts == {2: [5]}
+        assert len(heat.data[0]._click_callbacks) == 1
+    import plotly.graph_objects as go
+
+    fw = go.FigureWidget(go.Figure(go.Heatmap(z=[[1, 2]])))
+    fw.data[0].on_click(lambda *a: None)
+    refresh(fw, go.Figure([go.Heatmap(z=[[2, 1]]), go.Scatter(x=[0], y=[0])]))  # the traces change
+    assert len(fw.data[0]._click_callbacks) == 1
+
+
+def test_session_refuses_plan_changes_while_a_job_runs(session):
+    from explorer.plan import Plan
+    from explorer.session import SessionError
+
+    session.set_plan(Plan(drop_experts={0: [1]}))
+    with session.lock:  # what a running distillation holds
+        with pytest.raises(SessionError, match="running"):
+            session.toggle_expert(0, 2)
+        with pytest.raises(SessionError, match="running"):
+            session.preview()
+    assert session.plan.drop_experts == {0: [1]}
+
+
+def test_session_distill_uses_changed_settings(session):
+    from explorer.distill import DistillConfig
+    from explorer.plan import Plan
+
+    session.set_plan(Plan(drop_experts={1: [0, 6]}))
+    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=1e-3)))
+    first = session.distiller
+    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=5e-4, kl="reverse", temperature=2.0)))
+    d = session.distiller
+    assert d is not first and d.step == 2
+    assert (d.config.lr, d.config.kl, d.config.temperature) == (5e-4, "reverse", 2.0)
+    assert d.opt.param_groups[0]["lr"] == pytest.approx(5e-4)
 
 
 def test_plan_view_preview_updates(session):
@@ -35,6 +94,7 @@ def test_plan_view_preview_updates(session):
     from explorer.widgets import Explorer
 
     session.set_plan(Plan())
+    session.tried = []
     ex = Explorer(session)
     assert "Empty plan" in ex.plan.result.value
     n_points = len(ex.plan.pareto.data)
@@ -42,7 +102,7 @@ def test_plan_view_preview_updates(session):
     ex.plan._run(lambda: session.preset("drop-experts", ex.plan.amount.value, "frequency"))
     assert "preview perplexity" in ex.plan.result.value and '"drop_experts"' in ex.plan.json.value
     assert len(ex.plan.pareto.data) > n_points  # the plan now shows on the parameters-vs-perplexity chart
-    assert len(ex.routing.heat.data) == 2  # the routing view marks the dropped experts
+    assert len(ex.routing.heat.data[-1].x) == 16  # the routing view marks the dropped experts (4 layers x 4)
     ex.plan.json.value = '{"drop_experts": {"0": [0, 1, 2, 3, 4, 5, 6, 7]}}'
     ex.plan._run(lambda: session.set_plan(ex.plan.json.value))
     assert "removes every expert" in ex.plan.err.value
