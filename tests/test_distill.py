@@ -20,7 +20,7 @@ def _distiller(steps=6, **kw):
     m = tiny_model("mixtral", seed=1)
     v = MoEModel(m)
     plan = Plan(drop_experts={i: [0, 1, 2, 3] for i in range(len(v))})
-    cfg = DistillConfig(steps=steps, eval_every=3, lr=2e-3, batch_size=4, **kw)
+    cfg = DistillConfig(**{"steps": steps, "eval_every": 3, "lr": 2e-3, "batch_size": 4, **kw})
     return Distiller.from_plan(m, v, plan, _blocks(), _blocks(n=6, seed=1), cfg)
 
 
@@ -71,11 +71,28 @@ def test_same_seed_same_result_and_resume():
 
 
 def test_best_student_is_kept():
-    d = _distiller(steps=6)
+    """A run that gets worse after its best evaluation: the best step's weights come back, not the last ones."""
+    d = _distiller(steps=9, lr=0.05, eval_every=1)
     list(d.run())
-    assert d.best_ppl <= d.initial_ppl
+    evals = [(e.step, e.ppl) for e in d.history if e.kind in ("start", "eval")]
+    best_step, best = min(evals, key=lambda x: x[1])
+    assert evals[-1][1] > best * 1.01  # the last weights are worse than the best: restoring must matter
+    assert (d.best_step, d.best_ppl) == (best_step, best)
+    last = {k: v.clone() for k, v in d.student.state_dict().items()}
     d.restore_best()
-    assert d.evaluate()["ppl"] == pytest.approx(d.best_ppl, rel=1e-6)
+    assert d.evaluate()["ppl"] == pytest.approx(best, rel=1e-6)
+    assert any(not torch.equal(v, last[k]) for k, v in d.student.state_dict().items())
+
+
+def test_diverging_run_warns_and_says_which_weights_are_kept():
+    d = _distiller(steps=6, lr=1.0)
+    events = list(d.run())
+    warn = d.divergence()
+    assert warn is not None and "diverged" in warn and f"step {d.best_step}" in warn
+    assert events[-1].kind == "done" and "Warning" in events[-1].message
+    ok = _distiller(steps=6)
+    list(ok.run())
+    assert ok.divergence() is None and ok.best_step > 0
 
 
 def test_nan_stops_and_keeps_last_good_student():

@@ -8,7 +8,7 @@ import torch
 
 from explorer.data import TokenBlocks
 from explorer.moe import MoEModel
-from explorer.stats import RouterStats, collect_stats, token_routes
+from explorer.stats import ARRAYS, RouterStats, collect_stats, token_routes
 from explorer.tiny import tiny_model
 
 
@@ -43,14 +43,20 @@ def _reference(model, view, blocks):
         probs = torch.softmax(logits, -1)
         with torch.no_grad():
             _, w, idx = lay.router(x)
+        H, I = lay.hidden_size, lay.intermediate_size
         r = {k_: np.zeros(s) for k_, s in [("count", E), ("gate_mass", E), ("reap", E), ("coact", (E, E)),
-                                           ("domain_count", (3, E)), ("out_sum", (E, lay.hidden_size))]}
+                                           ("domain_count", (3, E)), ("out_sum", (E, H)), ("gate_routed", E),
+                                           ("act_max", E), ("neuron_sq", (E, I)), ("neuron_sq_gated", (E, I)),
+                                           ("in_sq", (E, H)), ("in_sq_gated", (E, H)), ("logit_gram", (E, E)),
+                                           ("dense_out_sum", (E, H)), ("out_norm", E)]}
         ent = 0.0
         for t in range(x.shape[0]):
             if not valid[t]:
                 continue
             p = probs[t].double()
             r["gate_mass"] += p.numpy()
+            lg = logits[t].double().numpy()
+            r["logit_gram"] += np.outer(lg, lg)
             ent += float(-(p * p.log()).sum())
             chosen = idx[t].tolist()
             for j, e in enumerate(chosen):
@@ -58,11 +64,32 @@ def _reference(model, view, blocks):
                 r["domain_count"][dom[t], e] += 1
                 with torch.no_grad():
                     f = lay.experts(x[t:t + 1], torch.tensor([[e]]), torch.ones(1, 1, dtype=x.dtype))[0]
-                r["reap"][e] += float(w[t, j]) * float(f.norm())
+                g = float(w[t, j])
+                r["reap"][e] += g * float(f.norm())
                 r["out_sum"][e] += f.double().numpy()
+                r["gate_routed"][e] += g
+                r["out_norm"][e] += float(f.norm())
+                r["act_max"][e] = max(r["act_max"][e], float(f.abs().max()))
+                xt = x[t].double().numpy()
+                r["in_sq"][e] += xt ** 2
+                r["in_sq_gated"][e] += (g * xt) ** 2
+                with torch.no_grad():  # the intermediate activation, pinned to the model's own output below
+                    h = lay.expert_hidden(e, x[t:t + 1])
+                    torch.testing.assert_close(lay.expert_out(e, h)[0], f, rtol=1e-4, atol=1e-5)
+                hn = h[0].double().numpy()
+                r["neuron_sq"][e] += hn ** 2
+                r["neuron_sq_gated"][e] += (g * hn) ** 2
             for a_, b_ in itertools.permutations(chosen, 2):  # every ordered pair, not only rank-adjacent
                 r["coact"][a_, b_] += 1
         r["entropy"] = ent / float(valid.sum())
+        # HC-SMoE's dense sample: every expert on evenly spaced tokens of each batch of 4 blocks (padding included)
+        for b0 in range(0, len(blocks), 4):
+            xb = inputs[lay.index][0][b0:b0 + 4].reshape(-1, lay.hidden_size)
+            sel = torch.linspace(0, xb.shape[0] - 1, min(16, xb.shape[0])).long()
+            for e in range(E):
+                with torch.no_grad():
+                    f = lay.experts(xb[sel], torch.full((len(sel), 1), e), torch.ones(len(sel), 1, dtype=xb.dtype))
+                r["dense_out_sum"][e] += f.double().sum(0).numpy()
         ref.append(r)
     return ref, out
 
@@ -82,6 +109,14 @@ def test_stats_match_brute_force(family):
         np.testing.assert_allclose(lay["domain_count"], r["domain_count"])
         np.testing.assert_allclose(lay["reap"], r["reap"], rtol=1e-4)
         np.testing.assert_allclose(lay["out_sum"], r["out_sum"], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(lay["gate_routed"], r["gate_routed"], rtol=1e-5)
+        np.testing.assert_allclose(lay["out_norm"], r["out_norm"], rtol=1e-4)
+        np.testing.assert_allclose(lay["act_max"], r["act_max"], rtol=1e-5)
+        for k in ("neuron_sq", "neuron_sq_gated", "in_sq", "in_sq_gated"):
+            np.testing.assert_allclose(lay[k], r[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(lay["logit_gram"], r["logit_gram"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lay["dense_out_sum"], r["dense_out_sum"], rtol=1e-4, atol=1e-4)
+        assert set(lay) >= set(ARRAYS) and all(k in r for k in ARRAYS)  # every statistic is checked above
         assert stats.mean_entropy(i) == pytest.approx(r["entropy"], rel=1e-5)
         assert lay["tokens"] == int(blocks.attention_mask().sum())
     # block similarity from output_hidden_states (last one excluded: HF applies the final norm to it)
@@ -118,7 +153,36 @@ def test_layer_cos_is_residual_similarity():
         assert stats.layer_importance()[lay.index] == pytest.approx(1 - float(ref), rel=1e-4, abs=1e-6)
 
 
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from explorer.data import TokenBlocks
+from explorer.moe import MoEModel
+from explorer.stats import collect_stats
+from explorer.tiny import tiny_model
+torch.set_num_threads(2)
+model = tiny_model("mixtral", hidden_size=128)
+view = MoEModel(model)
+def blocks(n):
+    ids = torch.randint(1, 256, (n, 64), generator=torch.Generator().manual_seed(0))
+    return TokenBlocks(ids, torch.full((n,), 64), torch.zeros(n, dtype=torch.long), ["a"], torch.ones(n), 64)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+collect_stats(model, view, blocks(int(sys.argv[1])), batch_size=16)
+small = peak()
+collect_stats(model, view, blocks(int(sys.argv[2])), batch_size=16)
+print(small, peak())
+"""
+
+
 def test_memory_does_not_grow_with_tokens():
+    """Peak memory (RSS) of a pass over 8x the tokens, in one process: what grows with tokens would show here.
+    Keeping one [tokens, hidden] float32 tensor of one layer for the larger pass would add 8.4M * 4 bytes = 34 MB."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "128", "1024"], capture_output=True, text=True,
+                         check=True, timeout=600)
+    small, large = map(int, out.stdout.split())
+    assert large - small < 12 * 2**20, f"peak RSS grew by {(large - small) / 2**20:.1f} MiB for 8x the tokens"
     model = tiny_model("mixtral")
     view = MoEModel(model)
     s1 = collect_stats(model, view, _blocks(n=4))
