@@ -1,0 +1,266 @@
+"""Nothing lost: export and output-file rules, atomic exports, killed runs, and errors in words (CLI and API)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from explorer.apply import apply_plan, export
+from explorer.cli import main
+from explorer.loading import DEMO_MODEL, ModelLoadError, load_model
+from explorer.moe import MoEModel
+from explorer.outputs import OutputError, check_export_dir, is_export
+from explorer.plan import Plan
+from explorer.tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A tiny OLMoE with the demo tokenizer, saved to a folder: a user's input model."""
+    import json as _json
+
+    vocab = _json.loads((DEMO_MODEL / "config.json").read_text())["vocab_size"]
+    model = tiny_model("olmoe", seed=2, vocab_size=vocab)  # speaks the demo tokenizer's ids
+    return model, MoEModel(model)
+
+
+@pytest.fixture()
+def saved(tmp_path, small):
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "models" / "olmoe"
+    small[0].save_pretrained(src)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(src)
+    return src
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _export(small, out, **kw):
+    model, view = small
+    plan = Plan(drop_experts={0: [1]})
+    new, _, layout = apply_plan(model, view, plan)
+    return export(new, None, plan, out, layout=layout, summary={"x": 1}, **kw)
+
+
+# ---- export folder rules ---------------------------------------------------------------------------------
+def test_overwrite_never_replaces_what_export_did_not_write(small, tmp_path, saved):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"precious")
+    before = _files(saved)
+    cases = [(other, "not written by an export"), (saved, "is the input model"),
+             (saved.parent, "contains the input model"), (saved / "sub", "inside the input model")]
+    for out, msg in cases:
+        with pytest.raises(OutputError, match=msg):
+            _export(small, out, source=saved, overwrite=True)
+    assert (other / "holiday.jpg").read_bytes() == b"precious" and list(other.iterdir()) == [other / "holiday.jpg"]
+    assert _files(saved) == before
+    with pytest.raises(OutputError, match="not empty"):
+        _export(small, other, source=saved)
+    with pytest.raises(OutputError, match="no output path"):
+        _export(small, "  ")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        _export(small, tmp_path / "afile")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        _export(small, tmp_path / "afile" / "out")
+
+
+def test_overwrite_refuses_cwd_and_home(small, tmp_path, monkeypatch):
+    work, home = tmp_path / "work", tmp_path / "home"
+    for d in (work, home):
+        d.mkdir()
+        (d / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for out in (work, home, tmp_path):
+        with pytest.raises(OutputError, match="working directory|home folder"):
+            _export(small, out, overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine" and (home / "notes.txt").read_text() == "mine"
+    out = _export(small, "exports/a")  # a relative path under the working directory is fine
+    assert out == work / "exports" / "a"
+
+
+def test_export_replaces_a_previous_export_atomically(small, tmp_path):
+    out = _export(small, tmp_path / "exp")
+    assert is_export(out)
+    first = _files(out)
+    assert {"plan.json", "summary.json", "config.json", "model.safetensors"} <= set(first)
+    mode = os.stat(out).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # a normal folder, not mkdtemp's 0700
+
+    class Boom(Exception):
+        pass
+
+    model, view = small
+    plan = Plan(drop_experts={0: [1, 2]})
+    new, _, layout = apply_plan(model, view, plan)
+
+    class BadTok:
+        def save_pretrained(self, folder):
+            raise Boom("disk full")
+
+    with pytest.raises(Boom):
+        export(new, BadTok(), plan, out, layout=layout, overwrite=True)
+    assert _files(out) == first  # the previous export is untouched, all or nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no partial folder left behind
+    export(new, None, plan, out, layout=layout, overwrite=True)
+    assert json.loads((out / "plan.json").read_text())["drop_experts"] == {"0": [1, 2]}
+
+
+KILLED_EXPORT = """
+import sys, time
+from explorer.apply import apply_plan, export
+from explorer.moe import MoEModel
+from explorer.plan import Plan
+from explorer.tiny import tiny_model
+model = tiny_model("olmoe")
+plan = Plan(drop_experts={0: [1]})
+new, _, layout = apply_plan(model, MoEModel(model), plan)
+def stall(self, path=None):
+    print("writing", flush=True)
+    time.sleep(120)
+Plan.to_json = stall
+export(new, None, plan, sys.argv[1], layout=layout)
+"""
+
+
+def test_a_killed_export_leaves_nothing_the_next_one_keeps(small, tmp_path):
+    out = tmp_path / "exp"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    assert proc.stdout.readline().strip() == "writing"  # the model is on disk in the partial folder
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".exp.explorer-partial-")]
+    assert len(left) == 1 and (left[0] / "config.json").exists() and not out.exists()
+    _export(small, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # the leftover of the killed run is gone
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_apply_never_deletes_the_folder_holding_the_input(capsys, saved, tmp_path):
+    (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [1]}}')
+    before = _files(saved.parent)
+    code, _, err = cli(capsys, "apply", saved, tmp_path / "plan.json", "--out", saved.parent, "--overwrite",
+                       "--no-eval")
+    assert code == 2 and "contains the input model" in err
+    assert _files(saved.parent) == before
+
+
+def test_cli_stats_and_plan_outputs_are_checked_first(capsys, saved, tmp_path):
+    before = _files(saved)
+    for target in (saved / "config.json", saved / "model.safetensors", saved / "new-stats.json"):
+        code, _, err = cli(capsys, "stats", saved, "--out", target, "--overwrite")
+        assert code == 2 and "inside the input model folder" in err
+    assert _files(saved) == before
+    existing = tmp_path / "stats.json"
+    existing.write_text("{}")
+    code, _, err = cli(capsys, "stats", saved, "--out", existing)
+    assert code == 2 and "exists" in err and "--overwrite" in err and existing.read_text() == "{}"
+    code, _, err = cli(capsys, "plan", saved, "--stats", existing, "--drop-experts", "0.25", "--out", existing)
+    assert code == 2 and "exists" in err
+
+
+def test_cli_writes_stats_then_refuses_to_replace_them(capsys, saved, tmp_path):
+    out = tmp_path / "s.npz"
+    args = ("stats", saved, "--data", ROOT / "assets" / "corpus" / "code" / "eval.txt", "--max-tokens", "256",
+            "--block-len", "64", "--out", out)
+    assert cli(capsys, *args)[0] == 0 and out.exists()
+    assert cli(capsys, *args)[0] == 2
+    assert cli(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_cli_errors_in_words(capsys, saved, tmp_path):
+    bad_json = tmp_path / "wrong.json"
+    bad_json.write_text('{"layers": [{"count": [1, 2]}]}')
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"\x80\x04not a zip at all" * 10)
+    (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [1]}}')
+    cases = [
+        (("eval", saved, "--device", "cuda"), "CUDA is not available"),
+        (("eval", saved, "--device", "tpu9"), "unknown device 'tpu9'"),
+        (("preview", saved, tmp_path / "plan.json", "--stats", bad_json), "not a statistics file"),
+        (("preview", saved, tmp_path / "plan.json", "--stats", garbage), "not a statistics file"),
+        (("plan", saved, "--stats", garbage, "--drop-experts", "0.5", "--out", tmp_path / "p.json"),
+         "not a statistics file"),
+        (("eval", "no-such-model-name"), "cannot be reached"),
+        (("preview", tmp_path / "not-a-model", tmp_path / "missing-plan.json"), "plan file not found"),
+    ]
+    for args, msg in cases:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and msg in err and "Traceback" not in err, (args, err)
+    (tmp_path / "broken.json").write_text('{"drop_experts": {"0": [1,}')
+    code, _, err = cli(capsys, "apply", tmp_path / "not-a-model", tmp_path / "broken.json", "--out", tmp_path / "o")
+    assert code == 2 and "line 1, column" in err  # the plan is read before the (missing) model
+    for flag, value, msg in (("--batch-size", "0", "at least 1"), ("--max-tokens", "-5", "at least 1"),
+                             ("--block-len", "1", "at least 2")):
+        with pytest.raises(SystemExit):
+            main(["eval", str(saved), flag, value])
+        assert msg in capsys.readouterr().err
+
+
+def test_damaged_models_are_reported_not_dumped(saved):
+    cfg = saved / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text.replace('"model_type"', '"model_type",,', 1))
+    with pytest.raises(ModelLoadError, match=r"config.json is not valid JSON at line \d+ column \d+"):
+        load_model(saved, device="cpu")
+    cfg.write_text(text)
+    w = saved / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="damaged or incomplete"):
+        load_model(saved, device="cpu")
+
+
+def test_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="hub cannot be reached"):
+        load_model("org/some-model", device="cpu")
+    assert time.perf_counter() - t < 15  # not the 29 s of retries
+
+
+def test_binary_text_and_long_blocks(capsys, saved, tmp_path):
+    from transformers import AutoTokenizer
+
+    from explorer.data import DataError, load_data
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 200)
+    with pytest.raises(DataError, match="does not look like text"):
+        load_data(tok, str(tmp_path / "blob.txt"))
+    code, _, err = cli(capsys, "eval", saved, "--data", ROOT / "assets" / "corpus" / "code" / "eval.txt",
+                       "--block-len", "512", "--max-tokens", "1024")
+    assert code == 0 and "exceeds the model's maximum positions (256)" in err
+
+
+@pytest.mark.slow
+def test_cli_diverging_distillation_says_so(capsys, demo, tmp_path):
+    (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}}')
+    code, out, err = cli(capsys, "distill", tmp_path / "plan.json", "--lr", "1", "--steps", "4", "--eval-every",
+                         "2", "--max-tokens", "512", "--block-len", "128", "--out", tmp_path / "d")
+    assert code == 3 and "Warning: distillation" in err and "weights kept are" in err
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["warning"] and summary["kept_step"] in (0, 2, 4)
+    numbers = re.findall(r"perplexity (\S+?)[ ,)\n]", out)
+    assert len(numbers) >= 3 and all(len(n) < 12 for n in numbers), numbers  # 2.37e+55, not 56 digits
