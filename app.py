@@ -23,6 +23,7 @@ from explorer import figures
 from explorer.data import DataError
 from explorer.distill import DistillConfig, DistillError
 from explorer.loading import ModelLoadError
+from explorer.perplexity import fmt_ppl
 from explorer.plan import Plan, PlanError
 from explorer.saliency import CRITERIA, SIMILARITIES
 from explorer.session import Session, SessionError
@@ -530,8 +531,8 @@ def distill_md(e, s: Session) -> str:
     if e.eta is not None and e.kind in ("step", "eval"):
         parts.append(f"about {e.eta:.0f}s left")
     if d is not None and d.initial_ppl is not None:
-        parts.append(f"perplexity {d.initial_ppl:.3f} → best {d.best_ppl:.3f}")
-    msg = f"\n\n{e.message}" if e.message else ""
+        parts.append(f"perplexity {fmt_ppl(d.initial_ppl)} → best {fmt_ppl(d.best_ppl)} (step {d.best_step})")
+    msg = f"\n\n{html.escape(e.message)}" if e.message else ""
     return f"**{e.kind}** · {head} · " + " · ".join(parts) + msg
 
 

@@ -9,6 +9,7 @@ FigureWidget needs the ``anywidget`` package.
 """
 from __future__ import annotations
 
+import html
 import threading
 
 import ipywidgets as W
@@ -16,6 +17,7 @@ import plotly.graph_objects as go
 
 from . import figures
 from .distill import DistillConfig
+from .perplexity import fmt_ppl
 from .plan import Plan
 from .saliency import CRITERIA, SIMILARITIES
 from .session import Session
@@ -48,7 +50,7 @@ def _error_box() -> W.HTML:
 
 
 def _show_error(box: W.HTML, err: Exception | None) -> None:
-    box.value = "" if err is None else f'<div style="color:#b00020">⚠ {err}</div>'
+    box.value = "" if err is None else f'<div style="color:#b00020">⚠ {html.escape(str(err))}</div>'
 
 
 class RoutingView(W.VBox):
@@ -230,11 +232,11 @@ class DistillView(W.VBox):
                 if e.kind != "step":
                     refresh(self.fig, figures.distill_figure(self.s.distiller.history))
                 d = self.s.distiller
-                self.status.value = (f"{e.kind} · step {e.step}/{d.config.steps} · "
-                                     f"{e.tokens_per_s:,.0f} tokens/s · best perplexity {d.best_ppl:.3f}"
-                                     + (f" · {e.message}" if e.message else ""))
+                self.status.value = (f"{e.kind} · step {e.step}/{d.config.steps} · {e.tokens_per_s:,.0f} tokens/s"
+                                     f" · best perplexity {fmt_ppl(d.best_ppl)} (step {d.best_step})"
+                                     + (f" · {html.escape(e.message)}" if e.message else ""))
         except Exception as err:  # noqa: BLE001
-            self.status.value = f'<span style="color:#b00020">⚠ {err}</span>'
+            self.status.value = f'<span style="color:#b00020">⚠ {html.escape(str(err))}</span>'
 
     def start(self) -> threading.Thread:
         if self.thread is not None and self.thread.is_alive():

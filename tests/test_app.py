@@ -216,6 +216,10 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         page.get_by_text("experts per layer [8, 7, 7, 7]").wait_for(timeout=60_000)
         _idle(page)
         page.screenshot(path=str(tmp_path / "4-plan.png"), full_page=True)
+        with page.expect_download() as dl:  # the first click gives the plan in force, not nothing or an older one
+            page.get_by_role("button", name="Download plan.json", exact=True).click()
+        got = json.loads(Path(dl.value.path()).read_text())
+        assert got["drop_experts"] == {"1": [2], "2": [4]} and got["merge"] == {"3": [[0, 1]]}
         page.get_by_role("tab", name="Distill").click()
         page.get_by_label("steps").fill("12")
         page.get_by_label("evaluate every").fill("3")
@@ -227,6 +231,11 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         assert n_points >= 4  # the start plus one point per evaluation
         page.screenshot(path=str(tmp_path / "5-distill.png"), full_page=True)
         page.get_by_role("tab", name="Compare & export").click()
+        page.get_by_label("export folder").fill(str(ROOT / "assets"))  # the folder holding the loaded model
+        page.get_by_label("replace a previous export there").check()
+        page.get_by_role("button", name="Export to folder", exact=True).click()
+        page.get_by_text("contains the input model").wait_for(timeout=60_000)
+        page.get_by_label("replace a previous export there").uncheck()
         page.get_by_label("export folder").fill(str(tmp_path / "browser-export"))
         page.get_by_role("button", name="Export to folder", exact=True).click()
         page.get_by_text("Written to").wait_for(timeout=120_000)

@@ -35,7 +35,7 @@ def test_stats_eval_plan_preview_apply(demo, tmp_path):
     assert json.loads((tmp_path / "re.json").read_text())["drop_experts"] == plan["drop_experts"]
     for extra in (["--merge-to", "6", "--method", "hc-smoe"], ["--drop-layers", "1"], ["--drop-blocks", "1"],
                   ["--slim", "0.5"], ["--prune", "0.5", "--nm", "2:4"]):
-        run("plan", "--stats", tmp_path / "stats.json", *extra, "--out", tmp_path / "p2.yaml")
+        run("plan", "--stats", tmp_path / "stats.json", *extra, "--out", tmp_path / "p2.yaml", "--overwrite")
         assert (tmp_path / "p2.yaml").read_text().startswith("version: 1")
     r = run("preview", tmp_path / "plan.json", *SMALL)
     assert "plan:" in r.stdout and "before:" in r.stdout
