@@ -2,7 +2,8 @@
 
 Prints tokens/s of both and the ratio (stats time / plain time) last. Bar: at most 1.10.
   python bench/stats_overhead.py                      # the demo model on the CPU (its calibration blocks)
-  python bench/stats_overhead.py --olmoe --device cuda  # OLMoE-1B-7B-shaped, bf16, batch 8 x 2048, grouped_mm
+  python bench/stats_overhead.py --olmoe --device cuda --seq 2048  # OLMoE-1B-7B-shaped, bf16, 8 x 2048, grouped_mm
+  --path loop|grouped forces how the statistics pass runs the experts (default auto: grouped on CUDA, loop on CPU)
 """
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import torch
 
 from _common import bench_args, model_and_blocks, timed
 
-from explorer import collect_stats
+from explorer import collect_stats, planners
+from explorer.preview import previewing
+from explorer.moe import expert_path
 
 
 def main() -> None:
-    args = bench_args(blocks=(int, 32), repeats=(int, 9), dense_sample=(int, 16))
+    args = bench_args(blocks=(int, 32), repeats=(int, 9), dense_sample=(int, 16), path=(str, "auto"))
     model, view, blocks, what = model_and_blocks(args, args.blocks)
+    path = expert_path(args.path)  # auto: grouped matmul + segment sums on CUDA, the expert loop on CPU
     dev = next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else None
 
@@ -25,18 +29,30 @@ def main() -> None:
                 model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
 
     def stats():
-        collect_stats(model, view, blocks, batch_size=args.batch, dense_sample=args.dense_sample)
+        with path:
+            collect_stats(model, view, blocks, batch_size=args.batch, dense_sample=args.dense_sample)
+
+    with path:
+        plan = planners.drop_experts(collect_stats(model, view, blocks.subset(range(2)), batch_size=args.batch),
+                                     0.25, "frequency")
+
+    def preview():  # the same forward with a 25% drop previewed as routing masks (MoELayer.forward)
+        with path, previewing(model, view, plan):
+            plain()
 
     tokens = int(blocks.lengths.sum())
-    t_plain, t_stats = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+    t_plain, t_stats, t_prev = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
         t_plain.append(timed(plain, 1, sync))
         t_stats.append(timed(stats, 1, sync))
-    p, s = min(t_plain), min(t_stats)  # best of N: the least disturbed run of each (shared machines are noisy)
+        t_prev.append(timed(preview, 1, sync))
+    p, s, v = min(t_plain), min(t_stats), min(t_prev)  # best of N: the least disturbed run of each
     pairs = sorted(b / a for a, b in zip(t_plain, t_stats))
-    print(f"{what} on {dev}: {tokens:,} tokens per pass, batch {args.batch} x {args.seq}, best of {args.repeats}")
+    print(f"{what} on {dev}: {tokens:,} tokens per pass, batch {args.batch} x {args.seq}, best of {args.repeats}, "
+          f"expert path {args.path}")
     print(f"plain forward   {tokens / p:12,.0f} tokens/s")
     print(f"statistics pass {tokens / s:12,.0f} tokens/s")
+    print(f"preview (25% drop as masks) {tokens / v:12,.0f} tokens/s; ratio preview / plain: {v / p:.3f}")
     print(f"median of the {len(pairs)} interleaved pair ratios: {pairs[len(pairs) // 2]:.3f}")
     print(f"ratio (stats / plain time, best of {args.repeats} each): {s / p:.3f}")
 

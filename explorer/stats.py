@@ -251,6 +251,24 @@ class StatsObserver:
         a["in_sq"][e] += v @ x2
         a["in_sq_gated"][e] += wg @ x2
 
+    def experts(self, lay: MoELayer, eid, tok, g, xin, h, y) -> None:
+        """The same sums as ``expert`` for all routed pairs at once (grouped path): segment reductions by expert
+        id on the device, no host sync."""
+        a = self.acc[lay.index]
+        v = self.valid[tok].to(torch.float32) if self.valid is not None else torch.ones_like(g, dtype=torch.float32)
+        yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
+        norm = yf.norm(dim=-1)
+        wg = gf * gf * v
+        a["reap"].index_add_(0, eid, (gf * norm * v).double())
+        a["out_norm"].index_add_(0, eid, (norm * v).double())
+        a["out_sum"].index_add_(0, eid, yf * v[:, None])
+        a["act_max"].scatter_reduce_(0, eid, yf.abs().amax(-1) * v, reduce="amax")
+        h2, x2 = hf * hf, xf * xf
+        a["neuron_sq"].index_add_(0, eid, h2 * v[:, None])
+        a["neuron_sq_gated"].index_add_(0, eid, h2 * wg[:, None])
+        a["in_sq"].index_add_(0, eid, x2 * v[:, None])
+        a["in_sq_gated"].index_add_(0, eid, x2 * wg[:, None])
+
     def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
         a = self.acc[lay.index]
         r = resid.reshape(-1, resid.shape[-1]).float()

@@ -19,6 +19,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "phimoe": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
     "deepseek_v3": dict(intermediate_size=96, moe_intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
                         n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                        num_key_value_heads=4,  # as the real model: with 2, padded batches fail in sdpa (MLA)
                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "gpt_oss": dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
