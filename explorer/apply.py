@@ -129,6 +129,9 @@ def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
 def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = False):
     """(new model, its view, layout or None). The original is untouched unless ``inplace``."""
     plan.validate(view)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PlanError("this model has weights offloaded by a device map; applying a plan needs the whole model in "
+                        "memory. Load it without --device-map (statistics, preview and perplexity work with one).")
     edits = {lay.index: layer_edit(lay, plan, stats, materialise=True) for lay in view}  # before any change
     if not inplace:
         model = copy.deepcopy(model)

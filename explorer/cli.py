@@ -39,6 +39,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bf16, fp16 or auto")
     p.add_argument("--experts-implementation", default=None, help="eager / grouped_mm / batched_mm")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    p.add_argument("--device-map", default=None, help="auto / balanced / sequential: spread a model larger than one "
+                   "device over GPUs, CPU and disk (accelerate)")
+    p.add_argument("--max-memory", default=None, help="with --device-map: e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where weights offloaded to disk go")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +57,8 @@ def _load(args):
 
     src = None if args.model == "demo" else args.model
     return load_model(src, dtype=args.dtype, device=args.device, experts_implementation=args.experts_implementation,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, device_map=args.device_map,
+                      max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
 def _data(args, tok, model=None):

@@ -86,17 +86,42 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
+def parse_max_memory(text: str | dict | None) -> dict | None:
+    """'0=20GiB,1=20GiB,cpu=60GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)."""
+    if text is None or isinstance(text, dict):
+        return text
+    out = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or not val.strip():
+            raise ModelLoadError(f"--max-memory wants DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB', got {part!r}")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = val.strip()
+    return out or None
+
+
 def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: str | None = None,
                experts_implementation: str | None = None, trust_remote_code: bool = False,
-               with_tokenizer: bool = True) -> tuple[PreTrainedModel, object, MoEModel]:
+               with_tokenizer: bool = True, device_map: str | dict | None = None, max_memory=None,
+               offload_folder: str | os.PathLike | None = None) -> tuple[PreTrainedModel, object, MoEModel]:
     """(model, tokenizer, MoE view) from a local directory or hub id; the bundled demo model by default.
 
     dtype: None (float32), 'auto' (the checkpoint's), a torch dtype or a name ('bf16', ...).
     device: default cuda when present, else cpu. Weights load only from safetensors. Remote code is refused
     unless ``trust_remote_code=True``. A folder written by ``apply`` with per-layer expert counts is restored.
+    device_map ('auto', 'balanced', 'sequential' or a dict) with ``max_memory`` ('0=20GiB,cpu=60GiB') spreads a
+    model larger than one device over GPUs, CPU and disk (accelerate's big-model inference; ``offload_folder``
+    holds what goes to disk). Statistics, preview and perplexity read offloaded weights through accelerate's hooks.
     """
     src = str(DEMO_MODEL if source is None else source)
-    device = check_device(device)
+    if device_map is None:
+        device = check_device(device)
+    else:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as err:
+            raise ModelLoadError("--device-map needs accelerate: pip install accelerate") from err
+        max_memory = parse_max_memory(max_memory)
     torch_dtype = _dtype(dtype)
     local = Path(src).expanduser()
     if local.exists():
@@ -134,6 +159,15 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     if archs and not any(("CausalLM" in a or "LMHead" in a or "ForConditionalGeneration" in a) for a in archs):
         raise ModelLoadError(f"{src} is not a causal language model (architectures: {', '.join(archs)})")
     kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    if device_map is not None:
+        if plan is not None:
+            raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a "
+                                 "device map")
+        if offload_folder is None:
+            import tempfile
+
+            offload_folder = tempfile.mkdtemp(prefix="explorer-offload-")
+        kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder))
     if experts_implementation:
         kw["experts_implementation"] = experts_implementation
     try:
@@ -152,7 +186,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     except SafetensorError as err:
         raise ModelLoadError(f"the weights of {src} are damaged or incomplete (safetensors: {err}); copy or export "
                              "the model again") from err
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     try:
         view = MoEModel(model)
     except NoMoELayersError as err:

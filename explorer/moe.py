@@ -10,6 +10,7 @@ stands behind every number the explorer shows.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -62,6 +63,42 @@ FAMILIES: dict[str, Family] = {
 
 class NoMoELayersError(ValueError):
     pass
+
+
+# ---- accelerate's big-model hooks ---------------------------------------------------------------------------
+# With ``device_map`` (weights spread over GPUs, CPU and disk), accelerate moves a module's weights in just before
+# its own forward and back out after. The view reads expert and router tensors directly, so it opens the same
+# hooks around its own computation: offloaded weights are then real tensors, and gone again afterwards.
+@contextmanager
+def materialized(*modules: nn.Module | None):
+    """Inside the block, the weights of ``modules`` are on their execution device even when offloaded."""
+    hooked = [m for m in modules if m is not None and getattr(m, "_hf_hook", None) is not None]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m._hf_hook.post_forward(m, None)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when it is dispatched, else its weights' device."""
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+        for p in m.parameters(recurse=False):
+            if p.device.type != "meta":
+                return p.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device token ids go to: the input embedding's."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return module_device(emb) if emb is not None else module_device(model)
 
 
 def _text_config(config):
@@ -310,6 +347,15 @@ class MoELayer:
         ``tensors`` (gate_up, down, gate_up_bias, down_bias) for the kept experts in order, used with ``slot``
         (long [E]: original expert -> row of ``tensors``); ``skip``: the MoE sub-layer adds nothing (Layer Drop).
         """
+        with materialized(self.experts, self.router_linear):
+            return self._forward(hidden, observer, edit)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this layer computes (its execution device when accelerate dispatched the model)."""
+        return module_device(self.experts)
+
+    def _forward(self, hidden: torch.Tensor, observer: Any, edit: Any):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits, w, idx = self.route(x, None if edit is None else edit.keep)

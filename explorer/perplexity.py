@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, TokenBlocks
+from .moe import input_device
 
 
 def fmt_ppl(x: float | None) -> str:
@@ -39,7 +40,7 @@ class Perplexity:
 
 def block_nll(model, blocks: TokenBlocks, batch_size: int = 8, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and scored-token count per block (float64, on the CPU)."""
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)
     sums, counts = [], []
     with torch.inference_mode():
         for b in blocks.batches(batch_size):

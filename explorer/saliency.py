@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .moe import MoEModel
+from .moe import MoEModel, input_device
 from .stats import RouterStats
 
 CRITERIA = ("frequency", "gate-mass", "reap", "reconstruction", "ablation", "random")
@@ -41,7 +41,7 @@ def _layer_inputs(model, view: MoEModel, blocks, max_tokens: int) -> dict[int, t
              for lay in view]
     n = max(1, max_tokens // blocks.block_len)
     sub = blocks.subset(range(min(n, len(blocks))))
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     try:
         with torch.inference_mode():
             for b in sub.batches(8):

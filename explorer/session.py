@@ -17,6 +17,7 @@ from .apply import apply_plan, export
 from .data import Dataset, load_data, text_blocks
 from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
+from .moe import input_device
 from .outputs import check_export_dir
 from .perplexity import perplexity
 from .plan import Plan, fingerprint
@@ -84,7 +85,7 @@ class Session:
         self.require()
         s = self.view.summary()
         s["source"] = self.source
-        s["device"] = str(next(self.model.parameters()).device)
+        s["device"] = str(input_device(self.model))
         s["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
         return s
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import TokenBlocks
-from .moe import MoELayer, MoEModel
+from .moe import MoELayer, MoEModel, input_device
 from .outputs import atomic_write
 
 # per-layer arrays; shapes use E experts, H hidden, I intermediate, D domains
@@ -187,7 +187,7 @@ class StatsObserver:
         self.acc: list[dict] = []
         for lay in view:
             E, H, I = lay.num_experts, lay.hidden_size, lay.intermediate_size
-            dev = device or lay.router_weight.device
+            dev = device or lay.device  # the layer's execution device (offloaded weights are on "meta")
             z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
             zf = lambda *s: torch.zeros(*s, dtype=torch.float32, device=dev)  # noqa: E731
             self.acc.append({
@@ -203,7 +203,8 @@ class StatsObserver:
 
     def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
         a = self.acc[lay.index]
-        valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        valid = (self.valid.to(x.device) if self.valid is not None
+                 else torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
         v = valid.to(torch.float32)  # per-token work in float32; the running sums are float64
         E = lay.num_experts
         p = lay.probs(logits.float())
@@ -237,7 +238,8 @@ class StatsObserver:
 
     def expert(self, lay: MoELayer, e: int, tok, g, xin, h, y) -> None:
         a = self.acc[lay.index]
-        v = self.valid[tok].to(torch.float32) if self.valid is not None else torch.ones_like(g, dtype=torch.float32)
+        v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
+             else torch.ones_like(g, dtype=torch.float32))
         yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
         norm = yf.norm(dim=-1)
         wg = gf * gf * v  # gate² per token (MoE-Pruner weights tokens by their gate)
@@ -255,7 +257,8 @@ class StatsObserver:
         """The same sums as ``expert`` for all routed pairs at once (grouped path): segment reductions by expert
         id on the device, no host sync."""
         a = self.acc[lay.index]
-        v = self.valid[tok].to(torch.float32) if self.valid is not None else torch.ones_like(g, dtype=torch.float32)
+        v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
+             else torch.ones_like(g, dtype=torch.float32))
         yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
         norm = yf.norm(dim=-1)
         wg = gf * gf * v
@@ -274,7 +277,7 @@ class StatsObserver:
         r = resid.reshape(-1, resid.shape[-1]).float()
         o = out.reshape(-1, out.shape[-1]).float()
         c = torch.nn.functional.cosine_similarity(r, r + o, dim=-1)
-        v = self.valid.to(c.dtype) if self.valid is not None else torch.ones_like(c)
+        v = self.valid.to(c.device, c.dtype) if self.valid is not None else torch.ones_like(c)
         a["layer_cos_sum"] += (c * v).sum().double()
         a["layer_tokens"] += v.sum().double()
 
@@ -286,7 +289,7 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
     dense_sample: tokens per batch on which every expert runs, for HC-SMoE's mean output over all tokens
     (0 turns it off; the per-expert mean over routed tokens is always there). progress: callable(done, total).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     obs = StatsObserver(view, len(blocks.domains), dense_sample=dense_sample)
     n_dec = len(view.decoder_layers)
     block_cos = torch.zeros(n_dec, dtype=torch.float64, device=device)
@@ -304,8 +307,8 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
             xi = resid.pop(("in", i))
             xo = out[0] if isinstance(out, tuple) else out
             c = torch.nn.functional.cosine_similarity(xi.float(), xo.float(), dim=-1).reshape(-1)
-            v = obs.valid.to(c.dtype)
-            block_cos[i] += (c * v).sum().double()
+            v = obs.valid.to(c.device, c.dtype)
+            block_cos[i] += (c * v).sum().double().to(block_cos.device)
         return hook
 
     def pre_norm(i):
@@ -381,7 +384,7 @@ def token_routes(model, view: MoEModel, tokenizer, text: str, max_tokens: int = 
         gates[lay.index] = w.gather(1, order).float().tolist()
         return lay.forward(hs)
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with torch.inference_mode(), view.patched(fwd):
         model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     return {"tokens": [tokenizer.decode([t]) for t in ids], "ids": ids, "routes": routes, "gates": gates}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .moe import MoELayer
+from .moe import MoELayer, materialized
 from .plan import Plan, PlanError
 
 
@@ -159,8 +159,8 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
             return None
         return LayerEdit(keep=keep, kept=kept, slot=slot)
     st = stats.layers[i] if stats is not None else None
-    dev = lay.gate_up.device
-    with torch.no_grad():
+    with torch.no_grad(), materialized(lay.experts):  # offloaded expert weights are read through accelerate's hook
+        dev = lay.gate_up.device
         per = {e: lay.expert_tensors(e) for e in kept}
         neuron_imp = {e: torch.as_tensor(st["neuron_sq"][e]) for e in kept} if st is not None else {}
         neuron_imp_g = {e: torch.as_tensor(st["neuron_sq_gated"][e]) for e in kept} if st is not None else {}
