@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+import torch
 
 from explorer import figures
 from explorer.data import DataError
@@ -62,6 +63,8 @@ def friendly_gen(fn):
     return wrapper
 
 
+SPREAD = "spread over GPUs, CPU and disk"
+DEVICES = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + [SPREAD]
 OUT_ROOT = Path(os.environ.get("MOE_EXPLORER_OUT") or Path(tempfile.gettempdir()) / "moe-explorer")
 
 
@@ -193,7 +196,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             with gr.Tab("Model", id="model"):
                 with gr.Row():
                     src = gr.Textbox(value=default_model, label="Model: 'demo', a local folder or a hub id", scale=3)
-                    device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device", scale=1)
+                    device = gr.Dropdown(DEVICES, value="auto", label="device", scale=1)
                     dtype = gr.Dropdown(["float32", "bf16", "fp16", "auto"], value="float32", label="dtype", scale=1)
                 with gr.Row():
                     data_src = gr.Dropdown(["demo"], value="demo", allow_custom_value=True, scale=3,
@@ -325,7 +328,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         def on_load(s, source, dev, dt, dsrc, files, mt, progress=gr.Progress()):
             s = _sess(s)
             progress(0.1, desc="loading model")
-            s.load(source, None if dev == "auto" else dev, dt)
+            s.load(source, None if dev in ("auto", SPREAD) else dev, dt, device_map="auto" if dev == SPREAD else None)
             return on_data(s, dsrc, files, mt)
 
         @friendly

@@ -111,7 +111,11 @@ def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
         if cand is not None and getattr(cand, "layers", None) is layers:
             cand.layers = new
             break
-    cfg = view.text_config
+    block_drop_config(view.text_config, keep, n_old)
+
+
+def block_drop_config(cfg, keep: list[int], n_old: int) -> None:
+    """Renumber a config after Block Drop: layer count, per-layer lists and layer-index lists."""
     cfg.num_hidden_layers = len(keep)
     remap = {old: new_i for new_i, old in enumerate(keep)}
     for name, val in list(cfg.to_dict().items()):

@@ -78,10 +78,16 @@ def _source(args):
     return DEMO_MODEL if args.model == "demo" else args.model
 
 
-def _progress(label: str):
+def _progress(label: str, unit: str = "batch"):
+    """A progress bar on stderr with the time left, estimated from the batches done so far."""
+    t0 = time.perf_counter()
+
     def show(done: int, total: int) -> None:
         n = 30 * done // max(total, 1)
-        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
+        spent = time.perf_counter() - t0
+        left = spent / max(done, 1) * (total - done)
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {unit}es, {spent:.0f}s spent, "
+                         f"about {left:.0f}s left   ")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -95,10 +101,17 @@ def cmd_stats(args) -> int:
     check_output_file(args.out, _source(args), args.overwrite)  # refused before anything loads
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
-    t = time.time()
+    n_batches = -(-len(ds.calib) // args.batch_size)
+    print(f"statistics: {int(ds.calib.lengths.sum()):,} calibration tokens in {len(ds.calib)} blocks of {ds.calib.block_len}, "
+          f"one pass of {n_batches} batches over {len(view)} MoE layers (time left shows after the first batch)",
+          file=sys.stderr)
     stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size, progress=_progress("stats"))
     stats.save(args.out)
-    print(f"{stats.info['tokens']:,} calibration tokens, {len(view)} MoE layers, {time.time() - t:.1f}s -> {args.out}")
+    mem = f"peak memory {stats.info['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
+    if "peak_cuda_bytes" in stats.info:
+        mem += f", {stats.info['peak_cuda_bytes'] / 2**30:.2f} GiB on the GPU"
+    print(f"{stats.info['tokens']:,} calibration tokens, {len(view)} MoE layers, {stats.info['seconds']:.1f}s, {mem}"
+          f" -> {args.out}")
     return 0
 
 
@@ -165,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity in the summary")
+    p.add_argument("--out-of-core", action="store_true", help="edit the checkpoint's safetensors shards without "
+                   "loading the model (expert drop, merge, block drop; memory about the largest tensor)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_apply)
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
@@ -274,6 +289,14 @@ def cmd_apply(args) -> int:
     _check_out(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
+    if args.out_of_core:
+        from .checkpoint import apply_checkpoint
+
+        t = time.perf_counter()
+        out = apply_checkpoint(_source(args), plan, args.out, stats=stats, overwrite=args.overwrite,
+                               summary={"source": args.model})
+        print(f"written out of core to {out} in {time.perf_counter() - t:.1f}s (the model was never loaded)")
+        return 0
     model, tok, view = _load(args)
     rep = plan.report(view)
     new, _, layout = apply_plan(model, view, plan, stats=stats)

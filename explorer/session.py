@@ -61,10 +61,12 @@ class Session:
             raise SessionError("collect statistics first (Model tab)")
 
     def load(self, source: str | None = None, device: str | None = None, dtype: str | None = None,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None) -> dict:
+        """device_map ('auto') spreads a model larger than one device over GPUs, CPU and disk."""
         src = None if source in (None, "", "demo", str(DEMO_MODEL)) else source.strip()
         model, tok, view = load_model(src, device=device or None, dtype=dtype or None,
-                                      trust_remote_code=trust_remote_code)
+                                      trust_remote_code=trust_remote_code, device_map=device_map or None,
+                                      max_memory=max_memory or None)
         self.model, self.tok, self.view = model, tok, view
         self.source = src or str(DEMO_MODEL)
         self.stats, self._scores, self.base, self.plan, self.tried, self.distiller = None, {}, None, Plan(), [], None

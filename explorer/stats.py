@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,16 @@ class RouterStats:
         return stats
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: the accelerator's allocator peak on CUDA, and the peak resident set (RSS)."""
+    import resource
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
 class StatsFileError(ValueError):
     """A statistics file that cannot be used; the message says why."""
 
@@ -334,6 +345,9 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
 
     first = True
     n_batches = math.ceil(len(blocks) / batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode(), view.patched(fwd):
             for bi, b in enumerate(blocks.batches(batch_size)):
@@ -359,7 +373,8 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
         top_k=view.top_k, num_experts=view.num_experts, domains=list(blocks.domains), layers=layers,
         block_cos_sum=block_cos.cpu().tolist(), block_tokens=float(block_tok), moe_layer_indices=[l.layer_idx for l in view],
         info={"blocks": len(blocks), "block_len": blocks.block_len, "tokens": int(blocks.lengths.sum()),
-              "dense_sample": dense_sample, "model_type": view.text_config.model_type},
+              "dense_sample": dense_sample, "model_type": view.text_config.model_type,
+              "seconds": time.perf_counter() - t0, "batch_size": batch_size, **peak_memory(device)},
     )
     if sample_tokens and len(blocks):
         stats.sample_tokens = blocks.input_ids[0, : sample["n"]].tolist()

@@ -1,0 +1,300 @@
+"""Apply a plan to a checkpoint on disk, shard by shard, without ever instantiating the model.
+
+A 600B MoE does not fit in memory twice (or once). This edits what is on disk: it reads the safetensors index,
+takes from each tensor only the rows it keeps (``safe_open(...).get_slice``), averages merge groups from their
+members' rows, renumbers per-expert keys and decoder layers, and streams each output tensor into new shards as it
+is made, so peak memory is about the largest tensor it edits, not the model. The model's structure (which keys
+are experts, routers and shared experts, top-k, the expert-count field) comes from the config alone, through the
+same ``MoEModel`` view built on the meta device.
+
+Both on-disk layouts are handled: per-expert keys (``...experts.3.w1.weight``, what ``save_pretrained`` writes for
+Mixtral-style families in transformers 5) and fused ones (``...experts.gate_up_proj`` [E, ...], GPT-OSS, Llama-4,
+GraniteMoE). The result has the same tensors, bit for bit, as ``apply_plan`` + ``export`` on the loaded model.
+Supported: expert drop, merge (no neuron alignment) and block drop, with the same expert count in every MoE layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .moe import BLOCK_ATTRS, MoEModel
+from .outputs import check_export_dir, clean_leftovers, commit_dir, new_partial_dir
+from .plan import Plan, PlanError
+from .transform import group_weights
+
+INDEX = "model.safetensors.index.json"
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass
+class _Layer:
+    """What the plan does to one MoE layer, in the terms of on-disk keys."""
+    prefix: str  # the block's module path, e.g. "model.layers.3.mlp"
+    shared: list[str]  # module paths of shared experts / shared gate (copied as they are)
+    E: int
+    kept: list[int]
+    merged: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # first member -> (group, w)
+
+
+@dataclass
+class _Out:
+    name: str
+    dtype: str
+    shape: list[int]
+    src: str  # source key
+    op: tuple  # ("copy",) | ("rows", dim, ids) | ("experts", dim, rows: [(ids, weights)])
+
+
+def _structure(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return config, model, MoEModel(model)
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    idx = folder / INDEX
+    if idx.exists():
+        return json.loads(idx.read_text())["weight_map"]
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise PlanError(f"{folder} has neither {INDEX} nor model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def _check_supported(plan: Plan, view: MoEModel) -> None:
+    missing = [name for name, used in (("slim", plan.slim is not None), ("prune", plan.prune is not None),
+                                       ("drop_layers", bool(plan.drop_layers)), ("merge_align", plan.merge_align))
+               if used]
+    if missing:
+        raise PlanError(f"out-of-core apply does not do {', '.join(missing)} yet: use the in-memory apply "
+                        "(without --out-of-core) for these")
+    blocked = plan.blocked_moe_layers(view)
+    counts = {len(plan.kept(lay.index, lay.num_experts)) for lay in view if lay.index not in blocked}
+    if len(counts) > 1:
+        raise PlanError(f"out-of-core apply needs the same expert count in every MoE layer (a stock config "
+                        f"describes it); this plan keeps {sorted(counts)}")
+
+
+def _disk_prefix(prefix: str, keys) -> str:
+    """The block's path as the checkpoint spells it: transformers 5 renames some on load (Mixtral's on-disk
+    ``block_sparse_moe`` is ``mlp`` in memory), so try the block names the view knows."""
+    if any(k.startswith(prefix + ".") for k in keys):
+        return prefix
+    head = prefix.rsplit(".", 1)[0]
+    for attr in BLOCK_ATTRS:
+        cand = f"{head}.{attr}"
+        if any(k.startswith(cand + ".") for k in keys):
+            return cand
+    raise PlanError(f"cannot find the MoE block {prefix} among the checkpoint's keys")
+
+
+def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
+    names = {id(m): n for n, m in model.named_modules()}
+    blocked = plan.blocked_moe_layers(view)
+    out = []
+    for lay in view:
+        if lay.index in blocked:
+            continue
+        i, E = lay.index, lay.num_experts
+        groups = plan.merge.get(i, [])
+        merged = {g[0]: (g, w) for g, w in zip(groups, group_weights(plan, i, stats))}
+        prefix = names[id(lay.block)]
+        disk = _disk_prefix(prefix, keys)
+        shared = [names[id(m)] for m in lay.shared] + ([names[id(lay.shared_gate)]] if lay.shared_gate else [])
+        shared = [disk + p[len(prefix):] for p in shared]
+        out.append(_Layer(disk, shared, E, plan.kept(i, E), merged))
+    return out
+
+
+def _edit_for(key: str, shape: list[int], lay: _Layer):
+    """(new key, new shape, op) for a key under a MoE block, or None to leave it out (a removed expert)."""
+    rel = key[len(lay.prefix) + 1:]
+    if any(key.startswith(s + ".") for s in lay.shared):
+        return key, shape, ("copy",)
+    m = _PER_EXPERT.search("." + rel)
+    if m:  # per-expert layout: keep, renumber, or average a merge group
+        e = int(m.group(1))
+        if e not in lay.kept:
+            return None
+        new = lay.prefix + "." + (("." + rel).replace(f".experts.{e}.", f".experts.{lay.kept.index(e)}.", 1))[1:]
+        if e in lay.merged:
+            g, w = lay.merged[e]
+            return new, shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w)
+        return new, shape, ("copy",)
+    is_expert = "expert" in rel or len(shape) == 3
+    if shape and shape[0] == lay.E and (is_expert or len(shape) <= 2):
+        rows = [(lay.merged[e] if e in lay.merged else ([e], [1.0])) for e in lay.kept]
+        op = ("experts", 0, rows) if is_expert else ("rows", 0, lay.kept)
+        return key, [len(lay.kept)] + shape[1:], op
+    if len(shape) == 2 and shape[0] == 1 and shape[1] == lay.E:  # a [1, E] correction bias
+        return key, [1, len(lay.kept)], ("rows", 1, lay.kept)
+    return key, shape, ("copy",)
+
+
+def _merge(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The same arithmetic, in the same order, as ``transform.merge_group``: bit-for-bit the in-memory result."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    acc = parts[0].detach().float() * w[0]
+    for t, a in zip(parts[1:], w[1:]):
+        acc = acc + t.detach().float() * a
+    return acc.to(parts[0].dtype)
+
+
+def _rows(sl, dim: int, ids: list[int]) -> torch.Tensor:
+    """Rows ``ids`` of a lazily opened tensor along ``dim`` (0 or 1), read one run of consecutive ids at a time."""
+    runs, start = [], 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or ids[j] != ids[j - 1] + 1:
+            a, b = ids[start], ids[j - 1] + 1
+            runs.append(sl[a:b] if dim == 0 else sl[:, a:b])
+            start = j
+    return torch.cat(runs, dim=dim)
+
+
+def _produce(o: _Out, files: dict, wmap: dict) -> torch.Tensor:
+    op = o.op
+    if op[0] == "copy":
+        return files[wmap[o.src]].get_tensor(o.src)
+    if op[0] == "rows":
+        return _rows(files[wmap[o.src]].get_slice(o.src), op[1], op[2])
+    if op[0] == "members":
+        return _merge([files[wmap[k]].get_tensor(k) for k in op[1]], op[2])
+    sl = files[wmap[o.src]].get_slice(o.src)
+    out = []
+    for ids, w in op[2]:
+        parts = [sl[e:e + 1][0] for e in ids]
+        out.append(parts[0] if len(parts) == 1 else _merge(parts, w))
+    return torch.stack(out)
+
+
+def _write_shard(path: Path, outs: list[_Out], files: dict, wmap: dict) -> int:
+    """Stream tensors into a safetensors file: the header first (shapes are known), then each tensor's bytes."""
+    header, offset = {}, 0
+    sizes = []
+    for o in outs:
+        n = torch.tensor([], dtype=_DTYPES[o.dtype]).element_size()
+        for d in o.shape:
+            n *= d
+        header[o.name] = {"dtype": o.dtype, "shape": o.shape, "data_offsets": [offset, offset + n]}
+        sizes.append(n)
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        for o, n in zip(outs, sizes):
+            t = _produce(o, files, wmap).contiguous()
+            if list(t.shape) != o.shape:
+                raise PlanError(f"internal: {o.name} came out {list(t.shape)}, expected {o.shape}")
+            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            fh.write(data)
+            del t, data
+    return offset
+
+
+def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, int | None]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    n_old = len(view.decoder_layers)
+    keep = [i for i in range(n_old) if i not in set(plan.drop_blocks)]
+    remap: dict[int, int | None] = {i: None for i in range(n_old)}
+    remap.update({old: new for new, old in enumerate(keep)})
+    return names[id(view.decoder_layers)], remap
+
+
+def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, stats=None,
+                     overwrite: bool = False, summary: dict | None = None) -> Path:
+    """Write the model ``plan`` makes of the checkpoint in ``source`` to ``out_dir`` (atomic, never over the input).
+
+    Other files of the checkpoint (tokenizer, generation config) are copied; plan.json and summary.json are added.
+    """
+    from safetensors import safe_open
+
+    from .apply import block_drop_config
+
+    src = Path(source).expanduser()
+    if not (src / "config.json").exists():
+        raise PlanError(f"{src} is not a model folder (no config.json)")
+    config, model, view = _structure(src)
+    plan.validate(view)
+    _check_supported(plan, view)
+    out = check_export_dir(out_dir, source=src, overwrite=overwrite)
+    wmap = _weight_map(src)
+    layers = _layers(model, view, plan, stats, wmap)
+    dl_path, remap = _block_renames(view, model, plan)
+    block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
+    shard_names = sorted(set(wmap.values()))
+    files = {s: safe_open(src / s, "pt") for s in shard_names}
+    try:
+        plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
+        for key, shard in wmap.items():
+            sl = files[shard].get_slice(key)
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+            if dtype not in _DTYPES:
+                raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
+            m = block_re.match(key)
+            if m and remap[int(m.group(1))] is None:
+                continue  # a dropped decoder block
+            lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
+            if lay is None:
+                new, new_shape, op = key, shape, ("copy",)
+            else:
+                edit = _edit_for(key, shape, lay)
+                if edit is None:
+                    continue  # a removed expert's own key
+                new, new_shape, op = edit
+            if m:
+                new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
+            plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op))
+        clean_leftovers(out)
+        tmp = new_partial_dir(out)
+        try:
+            total, new_map = 0, {}
+            n = len(shard_names)
+            for j, s in enumerate(shard_names):
+                name = "model.safetensors" if n == 1 else f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+                outs = sorted(plan_per_shard[s], key=lambda o: o.name)
+                total += _write_shard(tmp / name, outs, files, wmap)
+                new_map.update({o.name: name for o in outs})
+            if n > 1:
+                (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                     "weight_map": dict(sorted(new_map.items()))}, indent=2))
+            cfg = view.text_config
+            kept = {len(lay.kept) for lay in layers}
+            if kept and view.count_attr:
+                setattr(cfg, view.count_attr, kept.pop())
+            if plan.drop_blocks:
+                block_drop_config(cfg, [i for i, v in sorted(remap.items()) if v is not None], len(remap))
+            config.save_pretrained(tmp)
+            for f in src.iterdir():  # tokenizer and the rest, as they are
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json",
+                                                                                          "plan.json", "summary.json"):
+                    shutil.copy2(f, tmp / f.name)
+            plan.to_json(tmp / "plan.json")
+            (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
+                                                          "report": plan.report(view), **(summary or {})},
+                                                         indent=1, default=float))
+            commit_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        files.clear()
+    return out

@@ -1,0 +1,84 @@
+"""Out-of-core apply: editing the safetensors shards gives the very tensors the in-memory apply exports."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from explorer.apply import apply_plan, export
+from explorer.checkpoint import apply_checkpoint
+from explorer.moe import MoEModel
+from explorer.plan import Plan, PlanError
+from explorer.tiny import TINY_CONFIGS, tiny_model
+
+
+def _state(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def _plans(family, view):
+    n = len(view)
+    block = len(view.decoder_layers) - 2
+    drop = [0, 1] if family == "deepseek_v3" else [0, 3]  # DeepSeek: uneven across its routing groups
+    merge = [[5, 0], [6, 1]] if family == "deepseek_v3" else [[1, 2], [4, 6, 7]]
+    weights = [[3.0, 1.0], [1.0, 2.0]] if family == "deepseek_v3" else [[3.0, 1.0], [1.0, 2.0, 0.5]]
+    return {"drop": Plan(drop_experts={i: drop for i in range(n)}),
+            "merge": Plan(merge={i: merge for i in range(n)}, merge_weights={i: weights for i in range(n)}),
+            "drop+block": Plan(drop_experts={lay.index: drop for lay in view if lay.layer_idx != block},
+                               drop_blocks=[block])}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_out_of_core_equals_in_memory(family, tmp_path):
+    model = tiny_model(family, seed=8)
+    view = MoEModel(model)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="60KB")  # several shards and an index
+    assert (src / "model.safetensors.index.json").exists()
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    for name, plan in _plans(family, view).items():
+        new, _, layout = apply_plan(model, view, plan)
+        assert layout is None
+        ref = export(new, None, plan, tmp_path / f"mem-{name}")
+        out = apply_checkpoint(src, plan, tmp_path / f"ooc-{name}")
+        a, b = _state(ref), _state(out)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (name, k)
+        assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+        assert json.loads((out / "summary.json").read_text())["out_of_core"] is True
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before  # the input is untouched
+
+
+def test_out_of_core_refuses_what_it_cannot_do_yet(tmp_path):
+    model = tiny_model("mixtral", seed=1)
+    model.save_pretrained(tmp_path / "src")
+    for plan, msg in ((Plan(slim=0.5), "slim"), (Plan(drop_layers=[0]), "drop_layers"),
+                      (Plan(drop_experts={0: [1]}), "same expert count"),
+                      (Plan(drop_experts={0: list(range(8))}), "removes every expert")):
+        with pytest.raises(PlanError, match=msg):
+            apply_checkpoint(tmp_path / "src", plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="input model"):
+        apply_checkpoint(tmp_path / "src", Plan(drop_experts={i: [1] for i in range(3)}), tmp_path)
+
+
+def test_streamed_shards_are_valid_safetensors(tmp_path):
+    model = tiny_model("olmoe", seed=2)
+    model.save_pretrained(tmp_path / "src")
+    out = apply_checkpoint(tmp_path / "src", Plan(drop_experts={i: [2, 5] for i in range(3)}), tmp_path / "out")
+    t = load_file(out / "model.safetensors")  # the official reader accepts what the streaming writer wrote
+    assert t["model.layers.0.mlp.gate.weight"].shape == (6, 64)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_experts == 6
+
+
+def test_cli_apply_out_of_core(tmp_path, capsys):
+    from explorer.cli import main
+
+    tiny_model("qwen3_moe", seed=3).save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    (tmp_path / "plan.json").write_text(json.dumps({"drop_experts": {str(i): [0, 7] for i in range(3)}}))
+    assert main(["apply", str(tmp_path / "src"), str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"),
+                 "--out-of-core"]) == 0
+    assert "never loaded" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == 6
