@@ -168,23 +168,42 @@ def _rows(sl, dim: int, ids: list[int]) -> torch.Tensor:
     return torch.cat(runs, dim=dim)
 
 
-def _produce(o: _Out, files: dict, wmap: dict) -> torch.Tensor:
+class _Reader:
+    """Opens a shard for one tensor at a time: a mapping kept open would hold every page read so far resident,
+    and peak memory would grow to the size of the shard instead of the tensor being edited."""
+
+    def __init__(self, folder: Path, wmap: dict[str, str]):
+        self.folder, self.wmap = folder, wmap
+
+    def slice(self, key: str, fn):
+        from safetensors import safe_open
+
+        with safe_open(self.folder / self.wmap[key], "pt") as f:
+            return fn(f.get_slice(key))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.slice(key, lambda sl: sl[:])  # safetensors copies out of the mapping
+
+
+def _produce(o: _Out, rd: _Reader) -> torch.Tensor:
     op = o.op
     if op[0] == "copy":
-        return files[wmap[o.src]].get_tensor(o.src)
+        return rd.tensor(o.src)
     if op[0] == "rows":
-        return _rows(files[wmap[o.src]].get_slice(o.src), op[1], op[2])
+        return rd.slice(o.src, lambda sl: _rows(sl, op[1], op[2]))
     if op[0] == "members":
-        return _merge([files[wmap[k]].get_tensor(k) for k in op[1]], op[2])
-    sl = files[wmap[o.src]].get_slice(o.src)
-    out = []
-    for ids, w in op[2]:
-        parts = [sl[e:e + 1][0] for e in ids]
-        out.append(parts[0] if len(parts) == 1 else _merge(parts, w))
-    return torch.stack(out)
+        return _merge([rd.tensor(k) for k in op[1]], op[2])
+
+    def experts(sl):
+        out = []
+        for ids, w in op[2]:
+            parts = [sl[e:e + 1][0] for e in ids]
+            out.append(parts[0] if len(parts) == 1 else _merge(parts, w))
+        return torch.stack(out)
+    return rd.slice(o.src, experts)
 
 
-def _write_shard(path: Path, outs: list[_Out], files: dict, wmap: dict) -> int:
+def _write_shard(path: Path, outs: list[_Out], rd: _Reader) -> int:
     """Stream tensors into a safetensors file: the header first (shapes are known), then each tensor's bytes."""
     header, offset = {}, 0
     sizes = []
@@ -201,12 +220,12 @@ def _write_shard(path: Path, outs: list[_Out], files: dict, wmap: dict) -> int:
         fh.write(struct.pack("<Q", len(head)))
         fh.write(head)
         for o, n in zip(outs, sizes):
-            t = _produce(o, files, wmap).contiguous()
+            t = _produce(o, rd).contiguous()
             if list(t.shape) != o.shape:
                 raise PlanError(f"internal: {o.name} came out {list(t.shape)}, expected {o.shape}")
-            data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            fh.write(data)
-            del t, data
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+            del t
     return offset
 
 
@@ -241,12 +260,12 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     dl_path, remap = _block_renames(view, model, plan)
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
-    files = {s: safe_open(src / s, "pt") for s in shard_names}
-    try:
-        plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
-        for key, shard in wmap.items():
-            sl = files[shard].get_slice(key)
-            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
+    for shard in shard_names:
+        with safe_open(src / shard, "pt") as f:
+            heads = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                     for k in f.keys() if wmap.get(k) == shard}
+        for key, (shape, dtype) in heads.items():
             if dtype not in _DTYPES:
                 raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
             m = block_re.match(key)
@@ -263,38 +282,37 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             if m:
                 new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
             plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op))
-        clean_leftovers(out)
-        tmp = new_partial_dir(out)
-        try:
-            total, new_map = 0, {}
-            n = len(shard_names)
-            for j, s in enumerate(shard_names):
-                name = "model.safetensors" if n == 1 else f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-                outs = sorted(plan_per_shard[s], key=lambda o: o.name)
-                total += _write_shard(tmp / name, outs, files, wmap)
-                new_map.update({o.name: name for o in outs})
-            if n > 1:
-                (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                     "weight_map": dict(sorted(new_map.items()))}, indent=2))
-            cfg = view.text_config
-            kept = {len(lay.kept) for lay in layers}
-            if kept and view.count_attr:
-                setattr(cfg, view.count_attr, kept.pop())
-            if plan.drop_blocks:
-                block_drop_config(cfg, [i for i, v in sorted(remap.items()) if v is not None], len(remap))
-            config.save_pretrained(tmp)
-            for f in src.iterdir():  # tokenizer and the rest, as they are
-                if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json",
-                                                                                          "plan.json", "summary.json"):
-                    shutil.copy2(f, tmp / f.name)
-            plan.to_json(tmp / "plan.json")
-            (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
-                                                          "report": plan.report(view), **(summary or {})},
-                                                         indent=1, default=float))
-            commit_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        files.clear()
+    rd = _Reader(src, wmap)
+    clean_leftovers(out)
+    tmp = new_partial_dir(out)
+    try:
+        total, new_map = 0, {}
+        n = len(shard_names)
+        for j, s in enumerate(shard_names):
+            name = "model.safetensors" if n == 1 else f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+            outs = sorted(plan_per_shard[s], key=lambda o: o.name)
+            total += _write_shard(tmp / name, outs, rd)
+            new_map.update({o.name: name for o in outs})
+        if n > 1:
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(new_map.items()))}, indent=2))
+        cfg = view.text_config
+        kept = {len(lay.kept) for lay in layers}
+        if kept and view.count_attr:
+            setattr(cfg, view.count_attr, kept.pop())
+        if plan.drop_blocks:
+            block_drop_config(cfg, [i for i, v in sorted(remap.items()) if v is not None], len(remap))
+        config.save_pretrained(tmp)
+        for f in src.iterdir():  # tokenizer and the rest, as they are
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json",
+                                                                                      "plan.json", "summary.json"):
+                shutil.copy2(f, tmp / f.name)
+        plan.to_json(tmp / "plan.json")
+        (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
+                                                      "report": plan.report(view), **(summary or {})},
+                                                     indent=1, default=float))
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

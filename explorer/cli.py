@@ -336,15 +336,26 @@ def cmd_distill(args) -> int:
     _check_out(args)
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
+    acc = _accelerator()
+    main_proc = acc is None or acc.is_main_process
+    if acc is not None and args.device is None:
+        args.device = str(acc.device)
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
-    d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats)
+    d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats, accelerator=acc)
+    say = print if main_proc else (lambda *a, **k: None)
+    if acc is not None:
+        say(f"distributed: {acc.num_processes} processes ({acc.distributed_type.value}), "
+            f"{cfg.batch_size // acc.num_processes} blocks each per step of {cfg.batch_size}")
     if cfg.teacher_topk_cache:
         m = d.teacher_memory()
-        print(f"teacher top-{m['k']} cache: {m['topk_cache_bytes'] / 2**20:.1f} MiB instead of "
-              f"{m['full_logits_bytes'] / 2**20:.1f} MiB of full logits")
+        say(f"teacher top-{m['k']} cache: {m['topk_cache_bytes'] / 2**20:.1f} MiB instead of "
+            f"{m['full_logits_bytes'] / 2**20:.1f} MiB of full logits")
     last = None
     for e in d.run():
+        last = e
+        if not main_proc:
+            continue
         if e.kind == "start":
             print(f"student before distillation: perplexity {fmt_ppl(e.ppl)}")
         elif e.kind in ("step", "eval"):
@@ -354,23 +365,39 @@ def cmd_distill(args) -> int:
                              f"{e.tokens_per_s:,.0f} tok/s{eta}   ")
             if e.kind == "eval":
                 sys.stderr.write("\n")
-                print(f"step {e.step}: perplexity {fmt_ppl(e.ppl)} (best {fmt_ppl(e.best_ppl)})", flush=True)
+                print(f"step {e.step}: loss {e.loss:.4f}, perplexity {fmt_ppl(e.ppl)} (best {fmt_ppl(e.best_ppl)})",
+                      flush=True)
         elif e.kind == "error":
             print(f"\nerror: {e.message}", file=sys.stderr)
-        last = e
     d.restore_best()
     warn = d.divergence()
-    summary = {"source": args.model, "plan": plan.notes, "config": cfg.__dict__,
-               "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
-               "kept_step": d.best_step, "warning": warn,
-               "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
-    out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
-                 overwrite=args.overwrite)
-    print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
-          f"written to {out}")
+    if main_proc:  # one output folder, written by one process
+        summary = {"source": args.model, "plan": plan.notes, "config": cfg.__dict__,
+                   "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
+                   "kept_step": d.best_step, "warning": warn, "processes": d.world,
+                   "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
+        out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
+                     overwrite=args.overwrite)
+        print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
+              f"written to {out}")
+    if acc is not None:
+        acc.wait_for_everyone()
     if last is not None and last.kind == "error":
         return 1
     if warn:
-        print(warn, file=sys.stderr)
+        say(warn, file=sys.stderr)
         return 3
     return 0
+
+
+def _accelerator():
+    """accelerate's Accelerator when this process was started by a launcher (accelerate launch, torchrun)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    # transformers 5 fuses each layer's experts into one tensor: every parameter gets a gradient each step
+    return Accelerator(cpu=not torch.cuda.is_available())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .apply import apply_plan
 from .data import TokenBlocks
 from .moe import MoEModel
-from .perplexity import fmt_ppl, perplexity
+from .perplexity import block_nll, fmt_ppl, perplexity, summarise
 from .plan import Plan
 
 KL_KINDS = ("forward", "reverse", "jsd")
@@ -140,7 +140,11 @@ class Distiller:
     """Teacher (the model before the plan, frozen) → student (the plan applied)."""
 
     def __init__(self, teacher, teacher_view: MoEModel, student, student_view: MoEModel | None, plan: Plan,
-                 train_blocks: TokenBlocks, eval_blocks: TokenBlocks, config: DistillConfig | None = None):
+                 train_blocks: TokenBlocks, eval_blocks: TokenBlocks, config: DistillConfig | None = None,
+                 accelerator=None):
+        """``accelerator`` (accelerate's, under ``accelerate launch``): the student trains as DDP, each process on
+        its share of every batch (the same global batch as one process), evaluation is split over the processes
+        and summed, and every process sees the same events; only the main process should print or save."""
         self.config = (config or DistillConfig()).validate()
         if len(train_blocks) < 1 or train_blocks.tokens < 1:
             raise DistillError("no training text: the calibration split is empty")
@@ -152,6 +156,13 @@ class Distiller:
         self.device = next(student.parameters()).device
         self.params = _trainable(student, student_view, self.config.train)
         self.opt = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.acc = accelerator
+        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        if self.world > 1 and self.config.batch_size < self.world:
+            raise DistillError(f"batch size {self.config.batch_size} is smaller than the {self.world} processes")
+        self.train_model = student  # what the forward runs: the DDP wrapper under a launcher, the student itself else
+        if accelerator is not None:
+            self.train_model, self.opt = accelerator.prepare(student, self.opt)
         self.gen = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
         self.tokens = 0
@@ -170,10 +181,10 @@ class Distiller:
     # ---- set-up -----------------------------------------------------------------------------------------
     @classmethod
     def from_plan(cls, teacher, teacher_view: MoEModel, plan: Plan, train_blocks, eval_blocks,
-                  config: DistillConfig | None = None, stats=None) -> "Distiller":
+                  config: DistillConfig | None = None, stats=None, accelerator=None) -> "Distiller":
         config = (config or DistillConfig()).validate()  # refuse bad settings before building anything
         student, sview, layout = apply_plan(teacher, teacher_view, plan, stats=stats)
-        d = cls(teacher, teacher_view, student, sview, plan, train_blocks, eval_blocks, config)
+        d = cls(teacher, teacher_view, student, sview, plan, train_blocks, eval_blocks, config, accelerator)
         d.layout = layout  # what export needs when a stock config cannot describe the student
         return d
 
@@ -220,15 +231,37 @@ class Distiller:
 
     def evaluate(self) -> dict:
         self.student.eval()
-        res = perplexity(self.student, self.eval_blocks, batch_size=self.config.batch_size)
+        if self.world == 1:
+            res = perplexity(self.student, self.eval_blocks, batch_size=self.config.batch_size)
+        else:  # each process scores its share of the blocks; the sums are exchanged, so all agree
+            n = len(self.eval_blocks)
+            mine = list(range(self.rank, n, self.world))
+            nll = torch.zeros(n, dtype=torch.float64)
+            cnt = torch.zeros(n, dtype=torch.float64)
+            if mine:
+                s_, c_ = block_nll(self.student, self.eval_blocks.subset(mine), self.config.batch_size)
+                nll[mine], cnt[mine] = s_, c_.double()
+            both = self._all_sum(torch.stack([nll, cnt]))
+            res = summarise(self.eval_blocks, both[0], both[1].long())
         return {"ppl": res.ppl, "domains": {k: v["ppl"] for k, v in res.per_domain.items()}}
 
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the processes (identity in one process)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        out = t.to(self.device).clone()
+        dist.all_reduce(out)
+        return out.cpu()
+
     def _next_batch(self) -> torch.Tensor:
+        """This process's rows of the next global batch (every process draws the same seeded order)."""
         need = self.config.batch_size
         while len(self._order) < need:
             self._order += torch.randperm(len(self.train_blocks), generator=self.gen).tolist()
         rows, self._order = self._order[:need], self._order[need:]
-        return torch.tensor(rows)
+        return torch.tensor(rows[self.rank::self.world])
 
     def _lr(self) -> float:
         c = self.config
@@ -268,7 +301,8 @@ class Distiller:
         s_hooks = [lay.router.register_forward_hook(lambda m, a, o, _l=lay: s_router.append(_l.logits_of(o)))
                    for lay in (self.sview or [])]
         try:  # the student's router logits come from hooks: its aux loss may not exist for per-layer counts
-            sout = self.student(input_ids=ids, attention_mask=am, use_cache=False, output_hidden_states=need_hidden)
+            sout = self.train_model(input_ids=ids, attention_mask=am, use_cache=False,
+                                    output_hidden_states=need_hidden)
         finally:
             for h in s_hooks:
                 h.remove()
@@ -387,10 +421,14 @@ class Distiller:
                 g["lr"] = lr
             loss, parts, sout, t_router, am = self._losses(rows)
             mask = am[:, 1:]
-            bad = None if torch.isfinite(loss) else f"loss became {float(loss.detach())}"
-            if bad is None:
+            finite = float(self._all_sum(torch.tensor([float(torch.isfinite(loss))]))[0]) == self.world
+            bad = None if finite else f"loss became {float(loss.detach())}"
+            if bad is None:  # every process takes the same branch (a lone backward would wait forever)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if self.acc is not None:
+                    self.acc.backward(loss)
+                else:
+                    loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip else float("inf"))
                 bad = None if torch.isfinite(gn) else "gradients became non-finite"
             if bad is not None:
@@ -403,15 +441,21 @@ class Distiller:
                 return
             self.opt.step()
             self.step += 1
-            n_tok = int(mask.sum())
+            if self.world > 1:  # the event reports the global batch: mean loss parts, all tokens
+                vals = self._all_sum(torch.tensor([float(mask.sum()), loss.item(), *[v.item() for v in parts.values()]],
+                                                  dtype=torch.float64))
+                n_tok, loss = int(vals[0]), vals[1] / self.world
+                parts = {k: v / self.world for k, v in zip(parts, vals[2:])}
+            else:
+                n_tok = int(mask.sum())
             self.tokens += n_tok
             self.elapsed = base_elapsed + time.perf_counter() - t_run
             rkl, drift = self._router_metrics(t_router, sout.student_router or None, am)
             run_tokens = self.tokens - base_tokens
             tps = run_tokens / max(self.elapsed - base_elapsed, 1e-9)
             per_step = (self.elapsed - base_elapsed) / max(self.step - base_step, 1)
-            e = DistillEvent("step", self.step, self.tokens, loss.item(),
-                             {k: v.item() for k, v in parts.items()}, rkl, drift, lr, tps, self.elapsed,
+            e = DistillEvent("step", self.step, self.tokens, float(loss),
+                             {k: float(v) for k, v in parts.items()}, rkl, drift, lr, tps, self.elapsed,
                              eta=per_step * (target - self.step), best_ppl=self.best_ppl, stage=stage)
             if self.step % c.eval_every == 0 or self.step == target:
                 ev = self.evaluate()

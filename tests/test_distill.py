@@ -161,3 +161,39 @@ def test_demo_30_steps_lower_held_out_perplexity(demo, demo_data):
                             DistillConfig(steps=30, eval_every=30, lr=1e-3, batch_size=8, seed=0))
     list(d.run())
     assert d.best_ppl < d.initial_ppl
+
+
+@pytest.mark.slow
+def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
+    """`explorer distill` unchanged under torchrun (what `accelerate launch` runs): 2 CPU processes with gloo
+    train one student on the same global batches as a single process, print each event once, write one folder."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}}')
+    args = ["-m", "explorer", "distill", str(tmp_path / "plan.json"), "--steps", "6", "--eval-every", "3",
+            "--max-tokens", "512", "--block-len", "128"]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), *args, "--out", str(tmp_path / "ddp")],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "distributed: 2 processes" in ddp.stdout
+    assert ddp.stdout.count("student before distillation") == 1 and ddp.stdout.count("step 6:") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one", "plan.json"]  # one folder, no leftovers
+    a = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    b = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert a["processes"] == 2 and b["processes"] == 1
+    ppl = [h["ppl"] for h in a["history"]]
+    assert ppl[-1] < ppl[0]  # distillation works under the launcher
+    assert a["best_ppl"] == pytest.approx(b["best_ppl"], rel=1e-4)  # the same global batches as one process
