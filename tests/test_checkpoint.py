@@ -82,3 +82,22 @@ def test_cli_apply_out_of_core(tmp_path, capsys):
                  "--out-of-core"]) == 0
     assert "never loaded" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == 6
+
+
+@pytest.mark.slow
+def test_replay_end_to_end_script(demo):
+    """bench/replay.py: prototype on the demo, replay on a bigger model loaded with a device map (part on disk),
+    apply out of core; the exported model's perplexity is the preview's."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "replay.py"), "--max-tokens", "512"], cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    plan_ppl = re.search(r"plan:\s+perplexity (\S+)", r.stdout).group(1)
+    cut_ppl = re.search(r"\$ python -m explorer eval .*\nperplexity (\S+)", r.stdout).group(1)
+    assert plan_ppl == cut_ppl
+    assert "never loaded" in r.stdout and "offloaded" in r.stderr + r.stdout
