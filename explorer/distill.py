@@ -444,18 +444,18 @@ class Distiller:
             if self.world > 1:  # the event reports the global batch: mean loss parts, all tokens
                 vals = self._all_sum(torch.tensor([float(mask.sum()), loss.item(), *[v.item() for v in parts.values()]],
                                                   dtype=torch.float64))
-                n_tok, loss = int(vals[0]), vals[1] / self.world
-                parts = {k: v / self.world for k, v in zip(parts, vals[2:])}
+                n_tok, loss_v = int(vals[0]), float(vals[1]) / self.world
+                parts = {k: float(v) / self.world for k, v in zip(parts, vals[2:])}
             else:
-                n_tok = int(mask.sum())
+                n_tok, loss_v = int(mask.sum()), loss.item()
+                parts = {k: v.item() for k, v in parts.items()}
             self.tokens += n_tok
             self.elapsed = base_elapsed + time.perf_counter() - t_run
             rkl, drift = self._router_metrics(t_router, sout.student_router or None, am)
             run_tokens = self.tokens - base_tokens
             tps = run_tokens / max(self.elapsed - base_elapsed, 1e-9)
             per_step = (self.elapsed - base_elapsed) / max(self.step - base_step, 1)
-            e = DistillEvent("step", self.step, self.tokens, float(loss),
-                             {k: float(v) for k, v in parts.items()}, rkl, drift, lr, tps, self.elapsed,
+            e = DistillEvent("step", self.step, self.tokens, loss_v, parts, rkl, drift, lr, tps, self.elapsed,
                              eta=per_step * (target - self.step), best_ppl=self.best_ppl, stage=stage)
             if self.step % c.eval_every == 0 or self.step == target:
                 ev = self.evaluate()

@@ -476,13 +476,15 @@ class expert_path:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` sorted by group times that group's matrix: x [S, in], w [G, in, out], offs [G] cumulative ends.
 
-    torch's grouped kernel where it runs (CUDA, bf16, aligned shapes); otherwise one product per group with a
-    single host sync for the offsets."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        try:
-            return torch._grouped_mm(x, w, offs=offs.to(torch.int32))
-        except RuntimeError:  # shapes the kernel refuses (alignment): the loop below is exact
-            pass
+    torch's grouped kernel on CUDA (``F.grouped_mm``, else ``torch._grouped_mm``, as transformers' grouped_mm
+    experts do); elsewhere, or for shapes the kernel refuses, one product per group with a single host sync."""
+    if x.is_cuda:
+        fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+        if fn is not None:
+            try:
+                return fn(x.to(w.dtype), w, offs=offs.to(torch.int32))
+            except (RuntimeError, NotImplementedError):  # e.g. alignment or an older GPU: the loop is exact
+                pass
     out = x.new_empty(x.shape[0], w.shape[2])
     start = 0
     for i, end in enumerate(offs.tolist()):
