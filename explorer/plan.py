@@ -69,6 +69,13 @@ class Plan:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
+        examples = {"drop_experts": '{"0": [1, 2]}', "merge": '{"0": [[1, 2]]}', "merge_weights": '{"0": [[3.0, 1.0]]}'}
+        for k, ex in examples.items():
+            if d.get(k) is not None and not isinstance(d[k], dict):
+                raise PlanError(f"{k} must map MoE layers to lists, e.g. {ex}; got {type(d[k]).__name__}")
+        for k in ("drop_layers", "drop_blocks", "slim_layers"):
+            if d.get(k) is not None and not isinstance(d[k], list):
+                raise PlanError(f"{k} must be a list of layer numbers, e.g. [1, 3]; got {type(d[k]).__name__}")
         try:
             return cls(
                 drop_experts={k: [int(e) for e in v] for k, v in _intkeys(d.get("drop_experts")).items()},
@@ -82,7 +89,7 @@ class Plan:
                 prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
                 recipe=list(d.get("recipe") or []),
             )
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AttributeError) as err:
             raise PlanError(f"malformed plan: {err}") from err
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -214,6 +214,12 @@ def test_plan_round_trips_json_and_yaml(tmp_path):
         Plan.loads('{"drop_expert": {}}')
     with pytest.raises(PlanError, match="empty"):
         Plan.loads("  ")
+    with pytest.raises(PlanError, match=r"drop_experts must map MoE layers to lists"):
+        Plan.loads("drop_experts: [1]")  # what an editor's auto-closed bracket makes of a typo
+    with pytest.raises(PlanError, match=r"drop_blocks must be a list"):
+        Plan.loads('{"drop_blocks": 3}')
+    with pytest.raises(PlanError, match="malformed plan"):
+        Plan.loads('{"merge": {"0": [1, 2]}}')
 
 
 def test_planners_and_report():
