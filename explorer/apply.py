@@ -198,41 +198,6 @@ def config_describes(model) -> bool:
     return a == b
 
 
-def restructure(model, layout: dict) -> None:
-    """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
-    view = MoEModel(model)
-    by_idx = {lay.layer_idx: lay for lay in view}
-    for li in layout.get("dropped_moe_sublayers", []):
-        _drop_moe_sublayer(by_idx[li])
-    for li, shape in layout.get("moe", {}).items():
-        lay = by_idx[int(li)]
-        E, I = shape["num_experts"], shape["intermediate"]
-        H = lay.hidden_size
-        gu = torch.empty(E, H, 2 * I) if lay.transposed else torch.empty(E, 2 * I, H)
-        dn = torch.empty(E, I, H) if lay.transposed else torch.empty(E, H, I)
-        gb = None if lay.gate_up_bias is None else torch.empty(E, 2 * I)
-        db = None if lay.down_bias is None else torch.empty(E, H)
-        dt = lay.gate_up.dtype
-        tensors = tuple(None if t is None else t.to(dt) for t in (gu, dn, gb, db))
-        _resize_layer(lay, list(range(E)), tensors, E, I)
-
-
-def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_remote_code=False,
-                 experts_implementation=None):
-    """Load a folder written by ``export`` whose per-layer shapes a stock config cannot express."""
-    from safetensors.torch import load_model as st_load
-    from transformers import AutoModelForCausalLM
-
-    layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
-    kw = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
-    restructure(model, layout)
-    st_load(model, str(Path(folder) / "model.safetensors"), strict=True)
-    if isinstance(dtype, torch.dtype):
-        model = model.to(dtype)
-    return model
-
-
 def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dict | None = None,
            summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write model, tokenizer, plan and summary to ``out_dir`` atomically (all or nothing).

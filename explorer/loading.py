@@ -172,9 +172,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         kw["experts_implementation"] = experts_implementation
     try:
         if plan is not None:
-            from .apply import load_applied  # per-layer expert counts need the plan replayed on the structure
-
-            model = load_applied(local, config, **kw)
+            model = load_applied(local, config, **kw)  # per-layer shapes restored before the weights load
         else:
             model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
     except ValueError as err:
@@ -200,6 +198,44 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"{src} has no usable tokenizer: {str(err).splitlines()[0]}") from err
     return model, tok, view
+
+
+def restructure(model, layout: dict) -> None:
+    """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
+    from .apply import _drop_moe_sublayer, _resize_layer
+
+    view = MoEModel(model)
+    by_idx = {lay.layer_idx: lay for lay in view}
+    for li in layout.get("dropped_moe_sublayers", []):
+        _drop_moe_sublayer(by_idx[li])
+    for li, shape in layout.get("moe", {}).items():
+        lay = by_idx[int(li)]
+        E, I = shape["num_experts"], shape["intermediate"]
+        H = lay.hidden_size
+        gu = torch.empty(E, H, 2 * I) if lay.transposed else torch.empty(E, 2 * I, H)
+        dn = torch.empty(E, I, H) if lay.transposed else torch.empty(E, H, I)
+        gb = None if lay.gate_up_bias is None else torch.empty(E, 2 * I)
+        db = None if lay.down_bias is None else torch.empty(E, H)
+        dt = lay.gate_up.dtype
+        tensors = tuple(None if t is None else t.to(dt) for t in (gu, dn, gb, db))
+        _resize_layer(lay, list(range(E)), tensors, E, I)
+
+
+def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_remote_code=False,
+                 experts_implementation=None):
+    """Load a folder written by ``export`` whose per-layer shapes a stock config cannot express."""
+    from safetensors.torch import load_model as st_load
+
+    from .apply import LAYOUT_FILE
+
+    layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
+    kw = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
+    restructure(model, layout)
+    st_load(model, str(Path(folder) / "model.safetensors"), strict=True)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    return model
 
 
 def _stored_layout(folder: Path) -> dict | None:

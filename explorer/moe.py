@@ -189,6 +189,32 @@ class MoELayer:
     def hidden_size(self) -> int:
         return self.router_weight.shape[1]
 
+    # ---- what the routing allows -------------------------------------------------------------------------
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(n_group, topk_group) of group-limited routing (DeepSeek-V3 style); (1, 1) for every other router."""
+        if self.family.gating != "sigmoid_group":
+            return 1, 1
+        return int(getattr(self.router, "num_group", 1) or 1), int(getattr(self.router, "topk_group", 1) or 1)
+
+    def keep_rule(self) -> tuple[int, int]:
+        """(least experts this layer may keep, the step the kept count must be a multiple of)."""
+        g, tg = self.groups
+        return max(self.top_k, g * -(-self.top_k // tg)), g
+
+    def check_kept(self, kept: int) -> str | None:
+        """Why keeping ``kept`` experts breaks this layer's routing, or None when it is fine."""
+        if kept == 0:
+            return f"the plan removes every expert ({self.num_experts} of {self.num_experts})"
+        if kept < self.top_k:
+            return f"the plan keeps {kept} experts, fewer than top-k = {self.top_k}"
+        g, tg = self.groups
+        if g > 1 and kept % g:
+            return f"grouped routing needs the kept count divisible by n_group={g}; the plan keeps {kept}"
+        if g > 1 and kept != self.num_experts and (kept // g) * tg < self.top_k:
+            return f"{kept // g} experts per group x topk_group={tg} cannot serve top-k = {self.top_k}"
+        return None
+
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
         n = self.gate_up[0].numel() + self.down[0].numel()

@@ -249,21 +249,9 @@ class Plan:
                     raise PlanError(f"MoE layer {i}: merge_weights do not match the merge groups")
                 if any(x < 0 for w in ws for x in w) or any(sum(w) <= 0 for w in ws):
                     raise PlanError(f"MoE layer {i}: merge_weights must be non-negative with a positive sum")
-            kept = E[i] - len(self.removed(i))
-            if kept == 0:
-                raise PlanError(f"MoE layer {i}: the plan removes every expert ({E[i]} of {E[i]})")
-            if kept < lay.top_k:
-                raise PlanError(f"MoE layer {i}: the plan keeps {kept} experts, fewer than top-k = {lay.top_k}")
-            ng = getattr(lay.router, "num_group", None) or getattr(view.text_config, "n_group", None)
-            if lay.family.gating == "sigmoid_group" and ng and kept % ng:
-                raise PlanError(f"MoE layer {i}: grouped routing needs the kept count divisible by n_group={ng}; "
-                                f"the plan keeps {kept}")
-            if lay.family.gating == "sigmoid_group" and ng and self.removed(i):
-                per = kept // ng
-                topk_group = getattr(lay.router, "topk_group", 1)
-                if per * topk_group < lay.top_k:
-                    raise PlanError(f"MoE layer {i}: {per} experts per group x topk_group={topk_group} cannot "
-                                    f"serve top-k = {lay.top_k}")
+            problem = lay.check_kept(E[i] - len(self.removed(i)))
+            if problem:
+                raise PlanError(f"MoE layer {i}: {problem}")
         if self.slim is not None:
             if not 0 < self.slim <= 1:
                 raise PlanError(f"slim keeps a fraction of neurons in (0, 1], got {self.slim}")

@@ -5,9 +5,8 @@ import numpy as np
 
 from .moe import MoEModel
 from .plan import Plan, PlanError
-from .saliency import expert_scores, expert_similarity, mean_outputs
+from .saliency import expert_scores, expert_similarity, mean_outputs, super_experts
 from .stats import RouterStats
-from .transform import super_experts
 
 
 def _meta(stats: RouterStats) -> dict:
@@ -17,14 +16,7 @@ def _meta(stats: RouterStats) -> dict:
 
 def _min_keep(stats: RouterStats, view: MoEModel | None, layer: int) -> tuple[int, int]:
     """(least experts a layer may keep, granularity of the kept count)."""
-    k = stats.top_k
-    step = 1
-    if view is not None:
-        lay = view[layer]
-        if lay.family.gating == "sigmoid_group":
-            step = int(getattr(lay.router, "num_group", 1) or 1)
-            k = max(k, step * int(np.ceil(k / max(getattr(lay.router, "topk_group", 1), 1))))
-    return k, step
+    return view[layer].keep_rule() if view is not None else (stats.top_k, 1)
 
 
 def drop_experts(stats: RouterStats, fraction: float, criterion: str = "reap", scores: list | None = None,

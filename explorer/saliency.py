@@ -161,3 +161,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
     r = spearmanr(np.asarray(a).ravel(), np.asarray(b).ravel()).statistic
     return float(r)
+
+
+def super_experts(stats, early_fraction: float = 0.75) -> set[tuple[int, int]]:
+    """REAP's rule: max activation > max(99.5th percentile, global max / 10), in the first 75% of layers."""
+    acts = np.concatenate([np.asarray(lay["act_max"]) for lay in stats.layers])
+    thr = max(np.percentile(acts, 99.5), acts.max() / 10)
+    n = len(stats.layers)
+    out = set()
+    for i, lay in enumerate(stats.layers):
+        if i >= int(np.ceil(n * early_fraction)):
+            break
+        for e, a in enumerate(np.asarray(lay["act_max"])):
+            if a > thr:
+                out.add((i, e))
+    return out

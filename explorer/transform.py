@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .moe import MoELayer, materialized
@@ -193,18 +192,3 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
         tensors = tuple(None if per[kept[0]][j] is None else torch.stack([per[e][j] for e in kept]).to(dev)
                         for j in range(4))
     return LayerEdit(keep=keep, kept=kept, tensors=tensors, slot=slot)
-
-
-def super_experts(stats, early_fraction: float = 0.75) -> set[tuple[int, int]]:
-    """REAP's rule: max activation > max(99.5th percentile, global max / 10), in the first 75% of layers."""
-    acts = np.concatenate([np.asarray(lay["act_max"]) for lay in stats.layers])
-    thr = max(np.percentile(acts, 99.5), acts.max() / 10)
-    n = len(stats.layers)
-    out = set()
-    for i, lay in enumerate(stats.layers):
-        if i >= int(np.ceil(n * early_fraction)):
-            break
-        for e, a in enumerate(np.asarray(lay["act_max"])):
-            if a > thr:
-                out.add((i, e))
-    return out

@@ -255,7 +255,7 @@ def test_super_experts_are_protected():
         view[0].down[6] *= 200.0  # a massive-activation expert in an early layer
     stats = collect_stats(model, view, _blocks())
     assert 0 < stats.layers[0]["count"][6] == stats.layers[0]["count"].min()
-    from explorer.transform import super_experts
+    from explorer.saliency import super_experts
 
     assert (0, 6) in super_experts(stats)
     unprotected = planners.drop_experts(stats, 0.5, "frequency")
