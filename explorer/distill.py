@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .apply import apply_plan
 from .data import TokenBlocks
-from .moe import MoEModel
+from .moe import MoEModel, forward_hooks
 from .perplexity import block_nll, fmt_ppl, perplexity, summarise
 from .plan import Plan
 
@@ -279,33 +279,23 @@ class Distiller:
         # it: router KL and load drift are then not reported (they would cost the teacher pass the cache saves)
         need_router = self.sview is not None and (self.cache is None or c.expert_kd > 0)
         t_inputs: dict[int, torch.Tensor] = {}
-        hooks = []
-        if c.expert_kd > 0 and self.sview is not None:
-            for _, t_i, _, _ in self._map:
-                hooks.append(self.tview[t_i].block.register_forward_pre_hook(
-                    lambda m, a, _i=t_i: t_inputs.__setitem__(_i, a[0].detach())))
+        capture = ([(self.tview[t_i].block, "pre", lambda m, a, _i=t_i: t_inputs.__setitem__(_i, a[0].detach()))
+                    for _, t_i, _, _ in self._map] if c.expert_kd > 0 and self.sview is not None else [])
         t_hidden = t_router = t_logits = None
-        try:
-            if self.cache is None or need_hidden or need_router or hooks:
-                with torch.no_grad():
-                    tout = self.teacher(input_ids=ids, attention_mask=am, use_cache=False,
-                                        output_hidden_states=need_hidden, output_router_logits=need_router)
-                t_logits = tout.logits
-                t_hidden = tout.hidden_states if need_hidden else None
-                t_router = getattr(tout, "router_logits", None) if need_router else None
-        finally:
-            for h in hooks:
-                h.remove()
+        if self.cache is None or need_hidden or need_router or capture:
+            with torch.no_grad(), forward_hooks(*capture):
+                tout = self.teacher(input_ids=ids, attention_mask=am, use_cache=False,
+                                    output_hidden_states=need_hidden, output_router_logits=need_router)
+            t_logits = tout.logits
+            t_hidden = tout.hidden_states if need_hidden else None
+            t_router = getattr(tout, "router_logits", None) if need_router else None
         self.student.train()
         s_router: list = []
-        s_hooks = [lay.router.register_forward_hook(lambda m, a, o, _l=lay: s_router.append(_l.logits_of(o)))
-                   for lay in (self.sview or [])]
-        try:  # the student's router logits come from hooks: its aux loss may not exist for per-layer counts
+        # the student's router logits come from hooks: its aux loss may not exist for per-layer counts
+        with forward_hooks(*[(lay.router, "post", lambda m, a, o, _l=lay: s_router.append(_l.logits_of(o)))
+                             for lay in (self.sview or [])]):
             sout = self.train_model(input_ids=ids, attention_mask=am, use_cache=False,
                                     output_hidden_states=need_hidden)
-        finally:
-            for h in s_hooks:
-                h.remove()
         sout.student_router = s_router
         mask = am[:, 1:].bool()  # predict token t+1 from its prefix: the same positions perplexity scores
         if self.cache is not None:

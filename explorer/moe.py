@@ -82,6 +82,21 @@ def materialized(*modules: nn.Module | None):
             m._hf_hook.post_forward(m, None)
 
 
+@contextmanager
+def forward_hooks(*specs):
+    """Hooks that exist only inside the block. Each spec is (module, "pre" | "post", fn) or (..., with_kwargs);
+    whatever happens inside, every hook is removed on exit."""
+    handles = []
+    try:
+        for mod, when, fn, *kw in specs:
+            register = mod.register_forward_pre_hook if when == "pre" else mod.register_forward_hook
+            handles.append(register(fn, with_kwargs=bool(kw and kw[0])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: accelerate's execution device when it is dispatched, else its weights' device."""
     for m in module.modules():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .moe import MoEModel, input_device
+from .moe import MoEModel, forward_hooks, input_device
 from .stats import RouterStats
 
 CRITERIA = ("frequency", "gate-mass", "reap", "reconstruction", "ablation", "random")
@@ -37,18 +37,13 @@ def expert_scores(stats: RouterStats, criterion: str, model=None, view: MoEModel
 def _layer_inputs(model, view: MoEModel, blocks, max_tokens: int) -> dict[int, torch.Tensor]:
     """The input of every MoE block on up to ``max_tokens`` calibration tokens (real tokens only)."""
     caps: dict[int, list] = {lay.index: [] for lay in view}
-    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: caps[_i].append(a[0].detach()))
-             for lay in view]
     n = max(1, max_tokens // blocks.block_len)
     sub = blocks.subset(range(min(n, len(blocks))))
     dev = input_device(model)
-    try:
-        with torch.inference_mode():
-            for b in sub.batches(8):
-                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.inference_mode(), forward_hooks(*[(lay.block, "pre", lambda m, a, _i=lay.index: caps[_i].append(
+            a[0].detach())) for lay in view]):
+        for b in sub.batches(8):
+            model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
     valid = sub.attention_mask().reshape(-1).bool().to(dev)
     return {i: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[valid] for i, xs in caps.items()}
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .data import TokenBlocks
-from .moe import MoELayer, MoEModel, input_device
+from .moe import MoELayer, MoEModel, forward_hooks, input_device
 from .outputs import atomic_write
 
 # per-layer arrays; shapes use E experts, H hidden, I intermediate, D domains
@@ -306,7 +306,6 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
     block_cos = torch.zeros(n_dec, dtype=torch.float64, device=device)
     block_tok = torch.zeros((), dtype=torch.float64, device=device)
     resid: dict[int, torch.Tensor] = {}
-    hooks = []
 
     def pre_block(i):
         def hook(mod, args, kwargs):
@@ -327,13 +326,12 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
             resid[("h", i)] = args[0]
         return hook
 
-    for i, dl in enumerate(view.decoder_layers):
-        hooks.append(dl.register_forward_pre_hook(pre_block(i), with_kwargs=True))
-        hooks.append(dl.register_forward_hook(post_block(i), with_kwargs=True))
+    hooks = [spec for i, dl in enumerate(view.decoder_layers)
+             for spec in ((dl, "pre", pre_block(i), True), (dl, "post", post_block(i), True))]
     for lay in view:
         norm = getattr(lay.decoder_layer, "post_attention_layernorm", None)
         if norm is not None:
-            hooks.append(norm.register_forward_pre_hook(pre_norm(lay.layer_idx)))
+            hooks.append((norm, "pre", pre_norm(lay.layer_idx)))
 
     def fwd(lay: MoELayer, hs):
         out = lay.forward(hs, observer=obs)
@@ -348,26 +346,23 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    try:
-        with torch.inference_mode(), view.patched(fwd):
-            for bi, b in enumerate(blocks.batches(batch_size)):
-                am = b.attention_mask()
-                obs.valid = am.reshape(-1).bool().to(device)
-                obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
-                if first and sample_tokens:
-                    obs.sample = {"n": min(sample_tokens, int(b.lengths[0])), "routes": [None] * len(view),
-                                  "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
-                model(input_ids=b.input_ids.to(device), attention_mask=am.to(device), use_cache=False)
-                block_tok += obs.valid.sum().double()
-                if first and sample_tokens:
-                    sample = obs.sample
-                    obs.sample = None
-                first = False
-                if progress is not None:
-                    progress(bi + 1, n_batches)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.inference_mode(), forward_hooks(*hooks), view.patched(fwd):
+        for bi, b in enumerate(blocks.batches(batch_size)):
+            am = b.attention_mask()
+            obs.valid = am.reshape(-1).bool().to(device)
+            obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
+            if first and sample_tokens:
+                obs.sample = {"n": min(sample_tokens, int(b.lengths[0])), "routes": [None] * len(view),
+                              "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
+            model(input_ids=b.input_ids.to(device), attention_mask=am.to(device), use_cache=False)
+            block_tok += obs.valid.sum().double()
+            if first and sample_tokens:
+                sample = obs.sample
+                obs.sample = None
+            first = False
+            if progress is not None:
+                progress(bi + 1, n_batches)
+
     layers = [{k: (v.item() if v.dim() == 0 else v.cpu().double().numpy()) for k, v in a.items()} for a in obs.acc]
     stats = RouterStats(
         top_k=view.top_k, num_experts=view.num_experts, domains=list(blocks.domains), layers=layers,
