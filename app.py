@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import html
@@ -22,16 +23,18 @@ import torch
 
 from explorer import figures
 from explorer.data import DataError
-from explorer.distill import DistillConfig, DistillError
+from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError
 from explorer.loading import ModelLoadError
 from explorer.perplexity import fmt_ppl
-from explorer.plan import Plan, PlanError
+from explorer.plan import PRUNE_METHODS, Plan, PlanError
+from explorer.planners import MERGE_METHODS
 from explorer.saliency import CRITERIA, SIMILARITIES
-from explorer.session import Session, SessionError
+from explorer.session import PRESETS, Session, SessionError
 
 USER_ERRORS = (SessionError, PlanError, ModelLoadError, DataError, DistillError, ValueError, FileNotFoundError,
                KeyError, FloatingPointError)
 DEFAULT_MODEL = "demo"
+DEFAULTS = DistillConfig()  # the Distill tab's defaults are the library's
 
 
 def friendly(fn):
@@ -250,11 +253,11 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                     picked_md = gr.Markdown(scale=2)
                 table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
                 with gr.Row():
-                    preset = gr.Dropdown(["drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune"],
+                    preset = gr.Dropdown(list(PRESETS),
                                          value="drop-experts", label="preset")
                     amount = gr.Number(value=0.25, label="amount (fraction, or count for merge/layers/blocks)")
                     crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
-                    method = gr.Dropdown(["mc-smoe", "hc-smoe", "moe-pruner", "wanda"], value="mc-smoe",
+                    method = gr.Dropdown(list(MERGE_METHODS + PRUNE_METHODS), value=MERGE_METHODS[0],
                                          label="method (merge / prune)")
                     mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
                     protect = gr.Checkbox(label="protect super experts")
@@ -277,12 +280,12 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             # ---------------- Distill ----------------
             with gr.Tab("Distill", id="distill"):
                 with gr.Row():
-                    steps = gr.Number(value=60, precision=0, label="steps")
-                    lr = gr.Number(value=1e-3, label="learning rate")
-                    temp = gr.Number(value=1.0, label="temperature")
-                    kl = gr.Dropdown(["forward", "reverse", "jsd"], value="forward", label="KL")
-                    train_what = gr.Dropdown(["all", "experts-routers", "routers"], value="all", label="train")
-                    every = gr.Number(value=10, precision=0, label="evaluate every")
+                    steps = gr.Number(value=DEFAULTS.steps, precision=0, label="steps")
+                    lr = gr.Number(value=DEFAULTS.lr, label="learning rate")
+                    temp = gr.Number(value=DEFAULTS.temperature, label="temperature")
+                    kl = gr.Dropdown(list(KL_KINDS), value=DEFAULTS.kl, label="KL")
+                    train_what = gr.Dropdown(list(TRAINABLE), value=DEFAULTS.train, label="train")
+                    every = gr.Number(value=DEFAULTS.eval_every, precision=0, label="evaluate every")
                 with gr.Row():
                     start_btn = gr.Button("Start distillation", variant="primary")
                     stop_btn = gr.Button("Stop", variant="stop")
@@ -467,10 +470,10 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         plan_up.upload(on_upload, [state, plan_up], plan_outs)
 
         @friendly_gen
-        def on_distill(s, n, rate, t, k, tw, ev):
+        def on_distill(s, steps, lr, temperature, kl, train, eval_every):
             s = _sess(s)
-            cfg = DistillConfig(steps=int(n), lr=float(rate), temperature=float(t), kl=k, train=tw,
-                                eval_every=int(ev), batch_size=8).validate()
+            cfg = dataclasses.replace(DEFAULTS, steps=int(steps), lr=float(lr), temperature=float(temperature), kl=kl,
+                                      train=train, eval_every=int(eval_every)).validate()
             hist = []
             last = time.perf_counter()
             for e in s.distill(cfg):

@@ -9,6 +9,9 @@ from .saliency import expert_scores, expert_similarity, mean_outputs, super_expe
 from .stats import RouterStats
 
 
+MERGE_METHODS = ("mc-smoe", "hc-smoe")
+
+
 def _meta(stats: RouterStats) -> dict:
     return {"num_experts": list(stats.num_experts), "top_k": stats.top_k,
             "model_type": stats.info.get("model_type"), "moe_layer_indices": stats.moe_layer_indices}

@@ -26,6 +26,9 @@ from .saliency import CHEAP, expert_scores, expert_similarity
 from .stats import RouterStats, collect_stats, token_routes
 
 
+PRESETS = ("drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune")  # what ``Session.preset`` makes
+
+
 class SessionError(ValueError):
     """A user-facing problem: the message is shown as it is."""
 

@@ -9,6 +9,7 @@ FigureWidget needs the ``anywidget`` package.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import threading
 
@@ -18,9 +19,10 @@ import plotly.graph_objects as go
 from . import figures
 from .distill import DistillConfig
 from .perplexity import fmt_ppl
-from .plan import Plan
+from .plan import PRUNE_METHODS, Plan
+from .planners import MERGE_METHODS
 from .saliency import CRITERIA, SIMILARITIES
-from .session import Session
+from .session import PRESETS, Session
 
 
 def _fw(fig: go.Figure) -> go.FigureWidget:
@@ -161,11 +163,11 @@ class PlanView(W.VBox):
 
     def __init__(self, session: Session):
         self.s = session
-        self.preset = W.Dropdown(options=["drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune"],
+        self.preset = W.Dropdown(options=list(PRESETS),
                                  value="drop-experts", description="preset")
         self.amount = W.FloatText(0.25, description="amount")
         self.crit = W.Dropdown(options=list(CRITERIA), value="reap", description="criterion")
-        self.method = W.Dropdown(options=["mc-smoe", "hc-smoe", "moe-pruner", "wanda"], description="method")
+        self.method = W.Dropdown(options=list(MERGE_METHODS + PRUNE_METHODS), description="method")
         make = W.Button(description="Make plan", button_style="primary")
         clear = W.Button(description="Clear")
         self.json = W.Textarea(layout=W.Layout(width="100%", height="160px"))
@@ -211,9 +213,10 @@ class DistillView(W.VBox):
 
     def __init__(self, session: Session):
         self.s = session
-        self.steps = W.IntText(60, description="steps")
-        self.lr = W.FloatText(1e-3, description="lr")
-        self.every = W.IntText(10, description="eval every")
+        d = DistillConfig()  # the library's defaults
+        self.steps = W.IntText(d.steps, description="steps")
+        self.lr = W.FloatText(d.lr, description="learning rate")
+        self.every = W.IntText(d.eval_every, description="eval every")
         self.start_btn = W.Button(description="Start", button_style="success")
         self.stop_btn = W.Button(description="Stop", button_style="danger")
         self.status = W.HTML()
@@ -226,7 +229,8 @@ class DistillView(W.VBox):
 
     def run(self) -> None:
         """Run in the calling thread (what ``start`` runs in the background)."""
-        cfg = DistillConfig(steps=int(self.steps.value), lr=float(self.lr.value), eval_every=int(self.every.value))
+        cfg = dataclasses.replace(DistillConfig(), steps=int(self.steps.value), lr=float(self.lr.value),
+                                  eval_every=int(self.every.value))
         try:
             for e in self.s.distill(cfg):
                 if e.kind != "step":
