@@ -23,7 +23,7 @@ import torch
 
 from explorer import figures
 from explorer.data import DataError
-from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError
+from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError, recovered
 from explorer.loading import ModelLoadError
 from explorer.perplexity import fmt_ppl
 from explorer.plan import PRUNE_METHODS, Plan, PlanError
@@ -481,10 +481,12 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 if e.kind in ("step",) and time.perf_counter() - last < 0.5:
                     continue
                 last = time.perf_counter()
-                yield s, distill_md(e, s), figures.distill_figure(hist)
-            yield s, distill_md(hist[-1] if hist else None, s), figures.distill_figure(hist)
+                yield s, distill_md(e, s), figures.distill_figure(hist, s.baseline().ppl), gr.update(), gr.update()
+            # the distilled student now stands in Compare and on the Pareto chart
+            yield (s, distill_md(hist[-1] if hist else None, s), figures.distill_figure(hist, s.baseline().ppl),
+                   tried_table(s), pareto(s))
         start_btn.click(on_distill, [state, steps, lr, temp, kl, train_what, every],
-                        [state, dist_status, dist_plot], concurrency_limit=None)
+                        [state, dist_status, dist_plot, tried, pareto_plot], concurrency_limit=None)
 
         def on_stop(s):
             if s is not None:
@@ -496,10 +498,11 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             """A problem replaces the message (an earlier 'Written to' line never stays beside a new error)."""
             try:
                 s = _sess(s)
+                what = s.export_what()
                 out = s.export(folder, overwrite=bool(ow))
             except Exception as err:  # noqa: BLE001 - reported in the page
                 return s, user_message(err), None
-            return s, f"Written to `{out}`: model, tokenizer, plan.json and summary.json.", None
+            return s, f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json.", None
 
         def on_zip(s):
             try:
@@ -538,6 +541,9 @@ def distill_md(e, s: Session) -> str:
         parts.append(f"about {e.eta:.0f}s left")
     if d is not None and d.initial_ppl is not None:
         parts.append(f"perplexity {fmt_ppl(d.initial_ppl)} → best {fmt_ppl(d.best_ppl)} (step {d.best_step})")
+        r = recovered(s.baseline().ppl, d.initial_ppl, d.best_ppl)
+        if r is not None:
+            parts.append(f"recovered {max(r, 0):.0%} of the perplexity the cut lost")
     msg = f"\n\n{html.escape(e.message)}" if e.message else ""
     return f"**{e.kind}** · {head} · " + " · ".join(parts) + msg
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 from .data import DataError
+from .distill import DistillConfig
 from .loading import ModelLoadError
 
 
@@ -185,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("plan")
-    p.add_argument("--steps", type=_at_least(1), default=100)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--steps", type=_at_least(1), default=DistillConfig.steps)
+    p.add_argument("--lr", type=float, default=DistillConfig.lr)
+    p.add_argument("--warmup", type=_at_least(0), default=DistillConfig.warmup, help="steps of linear warm-up")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"])
     p.add_argument("--hidden-mse", type=float, default=0.0)
@@ -329,7 +331,8 @@ def cmd_distill(args) -> int:
     from .plan import Plan
     from .stats import RouterStats
 
-    cfg = DistillConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, temperature=args.temperature,
+    cfg = DistillConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
+                        temperature=args.temperature,
                         kl=args.kl, hidden_mse=args.hidden_mse, expert_kd=args.expert_kd, train=args.train,
                         eval_every=args.eval_every, seed=args.seed, teacher_topk_cache=args.cache_teacher_topk)
     cfg.validate()  # refused before anything loads

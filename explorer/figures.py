@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .distill import recovered
 from .stats import RouterStats
 
 PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
@@ -157,8 +158,9 @@ def importance_chart(stats: RouterStats) -> go.Figure:
     return f
 
 
-def distill_figure(history: list) -> go.Figure:
-    """Loss parts per step and held-out perplexity at each evaluation, from DistillEvents (or their dicts)."""
+def distill_figure(history: list, teacher_ppl: float | None = None) -> go.Figure:
+    """Loss parts per step and held-out perplexity at each evaluation, from DistillEvents (or their dicts), with the
+    teacher's and the undistilled cut model's perplexity as lines and the share of the lost perplexity won back."""
     ev = [e if isinstance(e, dict) else e.to_dict() for e in history]
     steps = [e for e in ev if e["kind"] in ("step", "eval")]
     evals = [e for e in ev if e["ppl"] is not None and e["kind"] in ("start", "eval")]
@@ -170,12 +172,24 @@ def distill_figure(history: list) -> go.Figure:
     ppls = [e["ppl"] for e in evals]
     f.add_trace(go.Scatter(x=[e["step"] for e in evals], y=ppls, mode="lines+markers",
                            name="perplexity", line=dict(color=PALETTE[3], width=3)), 1, 2)
+    title = "Distillation"
+    if evals and teacher_ppl is not None:
+        cut, best = evals[0]["ppl"], min(ppls)
+        steps_x = [evals[0]["step"], max(e["step"] for e in evals)]
+        for y, name, dash in ((teacher_ppl, "teacher (original)", "dash"), (cut, "cut, not distilled", "dot")):
+            f.add_trace(go.Scatter(x=steps_x, y=[y, y], mode="lines", name=name, hoverinfo="name+y",
+                                   line=dict(color="#555", dash=dash)), 1, 2)
+        r = recovered(teacher_ppl, cut, best)
+        if r is not None:
+            title = f"Distillation: recovered {max(r, 0):.0%} of the perplexity the cut lost"
     f.update_xaxes(title="step")
+    f.update_yaxes(title="loss (nats/token)", row=1, col=1)
+    f.update_yaxes(title="perplexity (eval)", row=1, col=2)
     if spans_orders(ppls):  # a diverging run: a linear axis would flatten every other point
         f.update_yaxes(type="log", title="perplexity (log scale)", row=1, col=2)
     if any(spans_orders([e["parts"].get(k) for e in steps]) for k in keys):
         f.update_yaxes(type="log", title="loss (log scale)", row=1, col=1)
-    f.update_layout(**LAYOUT, title="Distillation")
+    f.update_layout(**LAYOUT, title=title)
     return f
 
 
@@ -186,12 +200,15 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None) -> go.Figur
         f.add_trace(go.Scatter(x=[baseline["params"]], y=[baseline["ppl"]], mode="markers+text", text=["original"],
                                textposition="top center", marker=dict(size=12, symbol="star", color="black"),
                                name="original"))
+    plain = [e for e in entries if not e.get("distilled")]
+    distilled = [e for e in entries if e.get("distilled")]
+    for group, name, marker in ((plain, "plans", dict(size=10, color=PALETTE[0])),
+                                (distilled, "distilled", dict(size=13, color=PALETTE[2], symbol="diamond"))):
+        if group:
+            f.add_trace(go.Scatter(x=[e["params"] for e in group], y=[e["ppl"] for e in group], mode="markers",
+                                   name=name, text=[e["name"] for e in group], marker=marker,
+                                   hovertemplate="%{text}<br>%{x:,} params<br>ppl %{y:.3f}<extra></extra>"))
     if entries:
-        xs = [e["params"] for e in entries]
-        ys = [e["ppl"] for e in entries]
-        f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="plans", text=[e["name"] for e in entries],
-                               hovertemplate="%{text}<br>%{x:,} params<br>ppl %{y:.3f}<extra></extra>",
-                               marker=dict(size=10, color=PALETTE[0])))
         front = pareto_front(entries)
         f.add_trace(go.Scatter(x=[e["params"] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
                                name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))

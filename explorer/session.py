@@ -19,7 +19,7 @@ from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
 from .moe import input_device
 from .outputs import check_export_dir
-from .perplexity import perplexity
+from .perplexity import fmt_ppl, perplexity
 from .plan import Plan, fingerprint
 from .preview import preview_perplexity
 from .saliency import CHEAP, expert_scores, expert_similarity
@@ -239,7 +239,7 @@ class Session:
         if not plan.is_empty():
             entry = {"name": name or plan.describe(), "params": rep["params_after"],
                      "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict(), "data": self.data_key}
-            self.tried = [e for e in self.tried if e["plan"] != entry["plan"]] + [entry]
+            self.tried = [e for e in self.tried if e["plan"] != entry["plan"] or e.get("distilled")] + [entry]
         return out
 
     def compared(self) -> list[dict]:
@@ -252,7 +252,7 @@ class Session:
 
     def remeasure(self) -> list[dict]:
         """Preview again every stale plan on the current evaluation text (one evaluation pass each)."""
-        for e in [e for e in self.compared() if e["stale"]]:
+        for e in [e for e in self.compared() if e["stale"] and not e.get("distilled")]:
             self.preview(Plan.from_dict(e["plan"]), name=e["name"])
         return self.compared()
 
@@ -279,6 +279,26 @@ class Session:
             yield from d.run()
         finally:
             self.lock.release()
+        self._record_distilled()
+
+    def _record_distilled(self) -> None:
+        """The distilled student stands in Compare beside the plans (its best evaluation, on the same tokens)."""
+        d = self.distiller
+        if d is None or d.best_step == 0 or d.best_ppl is None:
+            return
+        rep = d.plan.report(self.view)
+        entry = {"name": f"{d.plan.describe()} + distilled ({d.step} steps)", "params": rep["params_after"],
+                 "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(), "data": self.data_key,
+                 "distilled": True}
+        self.tried = [e for e in self.tried if not (e.get("distilled") and e["plan"] == entry["plan"])] + [entry]
+
+    def export_what(self) -> str:
+        """In words, which model ``export`` would write for the current plan."""
+        d = self.distiller
+        if d is not None and d.plan.to_dict() == self.plan.to_dict() and d.best_step > 0:
+            return (f"the distilled student (step {d.best_step} of {d.step}, perplexity {fmt_ppl(d.best_ppl)} against "
+                    f"{fmt_ppl(d.initial_ppl)} undistilled)")
+        return "the cut model, not distilled"
 
     def stop_distill(self) -> None:
         if self.distiller is not None:
@@ -299,7 +319,7 @@ class Session:
             raise SessionError("the plan is empty: nothing to export")
         target = check_export_dir(self.export_path(out_dir), source=self.source, overwrite=overwrite)  # before work
         d = self.distiller
-        if use_distilled and d is not None and d.plan.to_dict() == self.plan.to_dict():
+        if use_distilled and d is not None and d.plan.to_dict() == self.plan.to_dict() and d.best_step > 0:
             d.restore_best()
             model, layout = d.student, d.layout
             extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}

@@ -234,7 +234,7 @@ class DistillView(W.VBox):
         try:
             for e in self.s.distill(cfg):
                 if e.kind != "step":
-                    refresh(self.fig, figures.distill_figure(self.s.distiller.history))
+                    refresh(self.fig, figures.distill_figure(self.s.distiller.history, self.s.baseline().ppl))
                 d = self.s.distiller
                 self.status.value = (f"{e.kind} · step {e.step}/{d.config.steps} · {e.tokens_per_s:,.0f} tokens/s"
                                      f" · best perplexity {fmt_ppl(d.best_ppl)} (step {d.best_step})"

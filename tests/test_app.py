@@ -165,10 +165,14 @@ def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
 def test_distill_and_export(client, tmp_path):
     _load(client)
     client.predict('{"drop_experts": {"0": [1, 2], "1": [0, 5]}}', api_name="/on_json")
-    status, fig = client.predict(8, 1e-3, 1.0, "forward", "all", 4, api_name="/on_distill")
-    assert "done" in status and "best" in status
+    status, fig, table, pareto = client.predict(8, 1e-3, 1.0, "forward", "all", 4, api_name="/on_distill")
+    assert "done" in status and "best" in status and "recovered" in status
+    names = [t.get("name") for t in json.loads(fig["plot"])["data"]]
+    assert "teacher (original)" in names and "cut, not distilled" in names  # the reference lines
+    assert any("distilled (8 steps)" in r[0] for r in table["data"])  # the student stands in Compare...
+    assert any(t.get("name") == "distilled" for t in json.loads(pareto["plot"])["data"])  # ...and on the chart
     msg, _ = client.predict(str(tmp_path / "exp"), False, api_name="/on_export")
-    assert "Written to" in msg
+    assert "Written to" in msg and "the distilled student" in msg
     assert {"plan.json", "summary.json", "config.json"} <= {p.name for p in (tmp_path / "exp").iterdir()}
     msg, f = client.predict(api_name="/on_zip")
     assert f and str(f).endswith(".zip")
@@ -231,6 +235,8 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         assert n_points >= 4  # the start plus one point per evaluation
         page.screenshot(path=str(tmp_path / "5-distill.png"), full_page=True)
         page.get_by_role("tab", name="Compare & export").click()
+        page.wait_for_function("() => document.body.innerText.includes('+ distilled (12 steps)')",
+                               timeout=30_000)  # the distilled student's row in Compare
         page.get_by_label("export folder").fill(str(ROOT / "assets"))  # the folder holding the loaded model
         page.get_by_label("replace a previous export there").check()
         page.get_by_role("button", name="Export to folder", exact=True).click()

@@ -20,7 +20,7 @@ def _distiller(steps=6, **kw):
     m = tiny_model("mixtral", seed=1)
     v = MoEModel(m)
     plan = Plan(drop_experts={i: [0, 1, 2, 3] for i in range(len(v))})
-    cfg = DistillConfig(**{"steps": steps, "eval_every": 3, "lr": 2e-3, "batch_size": 4, **kw})
+    cfg = DistillConfig(**{"steps": steps, "eval_every": 3, "lr": 2e-3, "batch_size": 4, "warmup": 0, **kw})
     return Distiller.from_plan(m, v, plan, _blocks(), _blocks(n=6, seed=1), cfg)
 
 

@@ -80,9 +80,9 @@ def test_session_distill_uses_changed_settings(session):
     from explorer.plan import Plan
 
     session.set_plan(Plan(drop_experts={1: [0, 6]}))
-    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=1e-3)))
+    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=1e-3, warmup=0)))
     first = session.distiller
-    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=5e-4, kl="reverse", temperature=2.0)))
+    list(session.distill(DistillConfig(steps=2, eval_every=2, lr=5e-4, kl="reverse", temperature=2.0, warmup=0)))
     d = session.distiller
     assert d is not first and d.step == 2
     assert (d.config.lr, d.config.kl, d.config.temperature) == (5e-4, "reverse", 2.0)
