@@ -25,7 +25,7 @@ from explorer import figures
 from explorer.data import DataError
 from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError, recovered
 from explorer.loading import ModelLoadError
-from explorer.perplexity import fmt_ppl
+from explorer.perplexity import fmt_change, fmt_ppl
 from explorer.plan import PRUNE_METHODS, Plan, PlanError
 from explorer.planners import MERGE_METHODS
 from explorer.saliency import CRITERIA, SIMILARITIES
@@ -35,6 +35,9 @@ USER_ERRORS = (SessionError, PlanError, ModelLoadError, DataError, DistillError,
                KeyError, FloatingPointError)
 DEFAULT_MODEL = "demo"
 DEFAULTS = DistillConfig()  # the Distill tab's defaults are the library's
+# a session lives in the page: reloading or closing it loses the plans tried, so the browser asks first
+LEAVE_WARNING = ("<script>window.addEventListener('beforeunload', (e) => { e.preventDefault(); e.returnValue = ''; });"
+                 "</script>")
 
 
 def friendly(fn):
@@ -149,10 +152,11 @@ def plan_md(s: Session, res: dict | None) -> str:
         base = s.baseline()
         return f"Empty plan. Original perplexity **{base.ppl:.3f}** on {base.tokens:,} tokens."
     r = res
-    sign = "+" if r["delta"] >= 0 else ""
     dom = " · ".join(f"{k} {v:.2f}" for k, v in r["per_domain"].items())
-    return (f"### Preview perplexity **{r['ppl']:.3f}** ({sign}{r['delta']:.1%} vs {r['base_ppl']:.3f})\n\n"
-            f"{dom}\n\nParameters {r['params_before']:,} → **{r['params_after']:,}** "
+    pruned = (f" · {r['params_nonzero_after']:,} non-zero after pruning "
+              f"({r['params_after'] - r['params_nonzero_after']:,} weights zeroed)" if s.plan.prune else "")
+    return (f"### Preview perplexity **{fmt_ppl(r['ppl'])}** ({fmt_change(r['delta'])} vs {fmt_ppl(r['base_ppl'])})"
+            f"\n\n{dom}\n\nParameters {r['params_before']:,} → **{r['params_after']:,}**{pruned} "
             f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
             f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16 · experts per layer "
             f"{r['experts_after']}\n\n{'✅' if r['loadable_by_transformers'] else 'ℹ️'} {r['loader_note']} · "
@@ -213,7 +217,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                 summary = gr.Markdown("Loading the demo model…")
 
             # ---------------- Routing ----------------
-            with gr.Tab("Routing", id="routing"):
+            with gr.Tab("Routing", id="routing") as routing_tab:
                 heat = gr.Plot(label="load heatmap")
                 layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer")
                 with gr.Row():
@@ -235,7 +239,7 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                                              label="criteria (reconstruction and ablation run the model)", scale=3)
                     sal_layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer", scale=1)
                 sal_btn = gr.Button("Score experts")
-                sal_plot = gr.Plot()
+                sal_plot = gr.Plot(label="expert scores by criterion")
                 with gr.Row():
                     sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
                 sim_plot = gr.Plot(label="similarity and dendrogram (merge candidates)")
@@ -290,13 +294,13 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
                     start_btn = gr.Button("Start distillation", variant="primary")
                     stop_btn = gr.Button("Stop", variant="stop")
                 dist_status = gr.Markdown()
-                dist_plot = gr.Plot()
+                dist_plot = gr.Plot(label="distillation: loss and held-out perplexity")
 
             # ---------------- Compare & export ----------------
-            with gr.Tab("Compare & export", id="export"):
+            with gr.Tab("Compare & export", id="export") as compare_tab:
                 tried = gr.Dataframe(label="plans tried this session", interactive=False)
                 remeasure_btn = gr.Button("Re-measure stale plans on the current text")
-                pareto_plot = gr.Plot()
+                pareto_plot = gr.Plot(label="parameters against perplexity")
                 with gr.Row():
                     out_dir = gr.Textbox(value="compressed", scale=3,
                                          label="export folder (a relative name goes under this session's own "
@@ -440,11 +444,16 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         merge_btn.click(on_merge, [state], plan_outs + [picked_md])
 
         @guard
-        def on_preset(s, kind, amt, cr, meth, md, prot, progress=gr.Progress()):
+        def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Progress()):
             s = _sess(s)
             progress(0.2, desc="writing the plan")
-            s.preset(kind, amt, cr, meth, md, prot)
-            return plan_outputs(s)
+            before = s.plan
+            s.preset(kind, amount, criterion, method, mode, protect)
+            out = list(plan_outputs(s))
+            if not before.is_empty():
+                out[1] = f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still " \
+                         "in Compare."
+            return tuple(out)
         preset_btn.click(on_preset, [state, preset, amount, crit, method, mode, protect], plan_outs)
 
         @guard
@@ -524,6 +533,19 @@ def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
             s.remeasure()
             return tried_table(s), pareto(s)
         remeasure_btn.click(on_remeasure, [state], [tried, pareto_plot])
+
+        def on_routing_tab(s):
+            """Plots drawn while their tab was hidden come out half as wide: draw them again when it shows."""
+            if s is None or s.stats is None:
+                return gr.update(), gr.update()
+            return figures.load_heatmap(s.stats, s.plan.drop_experts), figures.balance_chart(s.stats)
+
+        def on_compare_tab(s):
+            if s is None or not s.loaded:
+                return gr.update(), gr.update()
+            return tried_table(s), pareto(s)
+        routing_tab.select(on_routing_tab, [state], [heat, balance])
+        compare_tab.select(on_compare_tab, [state], [tried, pareto_plot])
     return demo
 
 
@@ -557,7 +579,7 @@ def main() -> None:
     args = ap.parse_args()
     demo = build(args.model)
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   show_error=True)
+                                                   show_error=True, head=LEAVE_WARNING)
 
 
 if __name__ == "__main__":

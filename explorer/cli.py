@@ -258,7 +258,7 @@ def _print_report(rep: dict) -> None:
 
 
 def cmd_preview(args) -> int:
-    from .perplexity import perplexity
+    from .perplexity import fmt_change, perplexity
     from .plan import Plan
     from .preview import preview_perplexity
     from .stats import RouterStats
@@ -270,7 +270,7 @@ def cmd_preview(args) -> int:
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
     print(f"before: {base}")
-    print(f"plan:   {res}  ({res.ppl / base.ppl - 1:+.2%})")
+    print(f"plan:   {res}  ({fmt_change(res.ppl / base.ppl - 1, 2)})")
     _print_report(plan.report(view))
     return 0
 

@@ -20,6 +20,12 @@ def fmt_ppl(x: float | None) -> str:
     return f"{x:.3f}" if abs(x) < 1e5 else f"{x:.3g}"
 
 
+def fmt_change(ratio_minus_one: float, digits: int = 1) -> str:
+    """A relative change for people: '+3.1%', '-0.4%', and '±0.0%' rather than '-0.0%'."""
+    text = f"{ratio_minus_one:+.{digits}%}"
+    return "±" + text[1:] if float(text[1:-1]) == 0 else text
+
+
 @dataclass
 class Perplexity:
     ppl: float

@@ -160,6 +160,11 @@ class Session:
             p = planners.drop_experts(st, float(amount), criterion, mode=mode, protect_super=protect_super,
                                       view=self.view, **kw)
         elif kind == "merge":
+            if int(amount) >= min(st.num_experts):
+                raise SessionError(f"merging down to {int(amount)} experts per layer changes nothing: the layers have "
+                                   f"{min(st.num_experts)}; choose fewer (the amount is the experts each layer keeps)")
+            if method not in planners.MERGE_METHODS:
+                raise SessionError(f"merge with {' or '.join(planners.MERGE_METHODS)}, not {method!r}")
             p = planners.merge_experts(st, int(amount), method)
         elif kind == "drop-layers":
             p = planners.drop_layers(st, int(amount))

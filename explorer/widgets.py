@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 from . import figures
 from .distill import DistillConfig
-from .perplexity import fmt_ppl
+from .perplexity import fmt_change, fmt_ppl
 from .plan import PRUNE_METHODS, Plan
 from .planners import MERGE_METHODS
 from .saliency import CRITERIA, SIMILARITIES
@@ -201,7 +201,8 @@ class PlanView(W.VBox):
             self.result.value = f"Empty plan: perplexity {s.baseline().ppl:.3f}"
         else:
             r = s.preview()
-            self.result.value = (f"<b>preview perplexity {r['ppl']:.3f}</b> ({r['delta']:+.1%} vs {r['base_ppl']:.3f})"
+            self.result.value = (f"<b>preview perplexity {fmt_ppl(r['ppl'])}</b> ({fmt_change(r['delta'])} vs "
+                                 f"{fmt_ppl(r['base_ppl'])})"
                                  f" · parameters {r['params_before']:,} → <b>{r['params_after']:,}</b>"
                                  f" · active/token {r['active_after']:,} · experts/layer {r['experts_after']}")
         base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl}

@@ -109,6 +109,18 @@ def test_plan_errors_are_one_readable_message(client):
     assert "line 1, column" in res[0] and "&lt;stream end&gt;" in res[0] and "<stream end>" not in res[0]
 
 
+def test_presets_say_what_they_replace_and_prune_counts_zeros(client):
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    res = client.predict("prune", 0.5, "reap", "moe-pruner", "uniform", False, api_name="/on_preset")
+    assert "replaced your earlier plan" in res[0] and "drop L0:e1/e2" in res[0]
+    assert "non-zero after pruning" in res[1] and "-0.0%" not in res[1]
+    res = client.predict("merge", 10, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    assert "changes nothing" in res[0] and "have 8" in res[0]
+    table, fig = client.predict(api_name="/on_compare_tab")  # drawn again when the tab shows
+    assert table["data"] and json.loads(fig["plot"])["data"]
+
+
 def test_download_gives_the_current_plan(client):
     _load(client)
     for plan in ('{"drop_experts": {"0": [1, 2]}}', '{"drop_experts": {"1": [3]}}'):
@@ -187,6 +199,7 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
         page.get_by_text("Perplexity (evaluation)").wait_for(timeout=120_000)  # loaded and statistics collected
+        assert "beforeunload" in page.content()  # a reload asks before the session's plans are lost
         _idle(page)
         page.screenshot(path=str(tmp_path / "1-model.png"), full_page=True)
         page.get_by_role("tab", name="Routing").click()

@@ -134,3 +134,10 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="hub cannot be reached"):
         load_model("some-org/some-moe-model")
+
+
+def test_changes_and_perplexities_read_well():
+    from explorer.perplexity import fmt_change, fmt_ppl
+
+    assert fmt_change(-0.0004) == "±0.0%" and fmt_change(0.031) == "+3.1%" and fmt_change(-0.004) == "-0.4%"
+    assert fmt_ppl(31.4931) == "31.493" and fmt_ppl(2.37e55) == "2.37e+55" and fmt_ppl(float("inf")) == "infinite"
