@@ -11,14 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .moe import BLOCK_ATTRS, MoELayer, MoEModel
-from .outputs import check_export_dir, clean_leftovers, commit_dir, new_partial_dir
+from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError, fingerprint
 from .transform import layer_edit
 
@@ -206,9 +205,7 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
     or the home folder; ``overwrite`` replaces only a previous export). Partial folders of killed runs are removed.
     """
     out = check_export_dir(out_dir, source=source, overwrite=overwrite)
-    clean_leftovers(out)
-    tmp = new_partial_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         if layout is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:
@@ -221,8 +218,4 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
             tokenizer.save_pretrained(tmp)
         plan.to_json(tmp / "plan.json")
         (tmp / "summary.json").write_text(json.dumps(summary or {}, indent=1, default=float))
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

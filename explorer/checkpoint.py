@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .moe import BLOCK_ATTRS, MoEModel
-from .outputs import check_export_dir, clean_leftovers, commit_dir, new_partial_dir
+from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
 from .transform import group_weights
 
@@ -283,9 +283,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
             plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op))
     rd = _Reader(src, wmap)
-    clean_leftovers(out)
-    tmp = new_partial_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         total, new_map = 0, {}
         n = len(shard_names)
         for j, s in enumerate(shard_names):
@@ -311,8 +309,4 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
                                                       "report": plan.report(view), **(summary or {})},
                                                      indent=1, default=float))
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

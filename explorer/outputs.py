@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 EXPORT_MARKERS = ("plan.json", "summary.json")
@@ -158,6 +159,20 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+@contextmanager
+def staged_dir(out: Path):
+    """Build a folder all or nothing: yields a fresh partial folder beside ``out`` (leftovers of killed runs
+    removed first); on success it replaces ``out`` as a whole, on any failure it is deleted and ``out`` untouched."""
+    clean_leftovers(out)
+    tmp = new_partial_dir(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
