@@ -10,7 +10,9 @@ same ``MoEModel`` view built on the meta device.
 Both on-disk layouts are handled: per-expert keys (``...experts.3.w1.weight``, what ``save_pretrained`` writes for
 Mixtral-style families in transformers 5) and fused ones (``...experts.gate_up_proj`` [E, ...], GPT-OSS, Llama-4,
 GraniteMoE). The result has the same tensors, bit for bit, as ``apply_plan`` + ``export`` on the loaded model.
-Supported: expert drop, merge (no neuron alignment) and block drop, with the same expert count in every MoE layer.
+Supported: expert drop, merge (no neuron alignment), slimming, Layer Drop and Block Drop, with the same expert
+count and width in every MoE layer. Layer Drop cannot be said in a stock config: the folder gets an
+``explorer_layout.json`` that ``load_model`` reads (the weights keep the checkpoint's own key names).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from .moe import BLOCK_ATTRS, MoEModel
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
-from .transform import group_weights
+from .transform import group_weights, top_neurons, up_positions
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -44,6 +46,12 @@ class _Layer:
     E: int
     kept: list[int]
     merged: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # first member -> (group, w)
+    neurons: dict[int, torch.Tensor] | None = None  # slimming: kept expert -> intermediate neurons it keeps
+    skip: bool = False  # Layer Drop: none of the block's keys are written
+    view_layer: object = None  # the MoELayer (meta), for the gate/up layout
+
+
+_DOWN = ("down", "w2", "output_linear")  # names of the expert tensor that reads the intermediate neurons
 
 
 @dataclass
@@ -52,7 +60,8 @@ class _Out:
     dtype: str
     shape: list[int]
     src: str  # source key
-    op: tuple  # ("copy",) | ("rows", dim, ids) | ("experts", dim, rows: [(ids, weights)])
+    op: tuple  # ("copy",) | ("rows", dim, ids) | ("members", keys, w) | ("experts", dim, [(ids, w, sel)])
+    sel: tuple | None = None  # (dim, positions): slimming of a per-expert tensor, after the op
 
 
 def _structure(folder: Path, trust_remote_code: bool = False):
@@ -77,18 +86,52 @@ def _weight_map(folder: Path) -> dict[str, str]:
         return {k: "model.safetensors" for k in f.keys()}
 
 
-def _check_supported(plan: Plan, view: MoEModel) -> None:
-    missing = [name for name, used in (("slim", plan.slim is not None), ("prune", plan.prune is not None),
-                                       ("drop_layers", bool(plan.drop_layers)), ("merge_align", plan.merge_align))
-               if used]
+def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
+    missing = [name for name, used in (("prune", plan.prune is not None), ("merge_align", plan.merge_align)) if used]
     if missing:
         raise PlanError(f"out-of-core apply does not do {', '.join(missing)} yet: use the in-memory apply "
                         "(without --out-of-core) for these")
-    blocked = plan.blocked_moe_layers(view)
+    blocked = plan.blocked_moe_layers(view) | set(plan.drop_layers)
     counts = {len(plan.kept(lay.index, lay.num_experts)) for lay in view if lay.index not in blocked}
     if len(counts) > 1:
         raise PlanError(f"out-of-core apply needs the same expert count in every MoE layer (a stock config "
                         f"describes it); this plan keeps {sorted(counts)}")
+    if plan.slim is not None and plan.slim < 1:
+        if stats is None:
+            raise PlanError("slimming scores neurons from router statistics: pass them (--stats)")
+        left = [lay.index for lay in view if lay.index not in blocked]
+        if plan.slim_layers is not None and set(left) - set(plan.slim_layers):
+            raise PlanError("out-of-core apply needs the same width in every MoE layer: slim all of them "
+                            "(no slim_layers), or use the in-memory apply")
+        _check_slim_config(config, model, view, _slim_width(plan, view))
+
+
+def _slim_width(plan: Plan, view: MoEModel) -> int:
+    return max(1, round(plan.slim * view[0].intermediate_size))
+
+
+def _check_slim_config(config, model, view: MoEModel, width: int) -> None:
+    """A narrower config must change the routed experts' shapes and nothing else (a shared expert or dense MLP
+    sized by the same field would shrink too, and the checkpoint would no longer load)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from .apply import _intermediate_attr
+
+    cfg = copy.deepcopy(config)
+    attr = _intermediate_attr(view.text_config)
+    setattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, attr, width)
+    with torch.device("meta"):
+        narrow = AutoModelForCausalLM.from_config(cfg)
+    names = {id(m): n for n, m in model.named_modules()}
+    experts = tuple(names[id(lay.experts)] + "." for lay in view)
+    before = {k: v.shape for k, v in model.state_dict().items()}
+    changed = [k for k, v in narrow.state_dict().items() if before.get(k) != v.shape]
+    other = [k for k in changed if not k.startswith(experts)]
+    if other:
+        raise PlanError(f"the config field {attr} also sizes {other[0]}, so a stock config cannot describe slimmed "
+                        "experts of this family: use the in-memory apply (without --out-of-core)")
 
 
 def _disk_prefix(prefix: str, keys) -> str:
@@ -107,44 +150,88 @@ def _disk_prefix(prefix: str, keys) -> str:
 def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
     names = {id(m): n for n, m in model.named_modules()}
     blocked = plan.blocked_moe_layers(view)
+    slim = plan.slim is not None and plan.slim < 1
     out = []
     for lay in view:
         if lay.index in blocked:
             continue
         i, E = lay.index, lay.num_experts
-        groups = plan.merge.get(i, [])
-        merged = {g[0]: (g, w) for g, w in zip(groups, group_weights(plan, i, stats))}
         prefix = names[id(lay.block)]
         disk = _disk_prefix(prefix, keys)
+        if i in plan.drop_layers:
+            out.append(_Layer(disk, [], E, [], skip=True, view_layer=lay))
+            continue
+        groups = plan.merge.get(i, [])
+        merged = {g[0]: (g, w) for g, w in zip(groups, group_weights(plan, i, stats))}
         shared = [names[id(m)] for m in lay.shared] + ([names[id(lay.shared_gate)]] if lay.shared_gate else [])
         shared = [disk + p[len(prefix):] for p in shared]
-        out.append(_Layer(disk, shared, E, plan.kept(i, E), merged))
+        kept = plan.kept(i, E)
+        neurons = None
+        if slim:  # the neurons layer_edit keeps: by energy, a merged expert by its members' summed energy
+            st, n_keep = stats.layers[i], _slim_width(plan, view)
+            neurons = {}
+            for e in kept:
+                g = merged[e][0] if e in merged else [e]
+                imp = sum(torch.as_tensor(st["neuron_sq"][x]) for x in g) if len(g) > 1 else \
+                    torch.as_tensor(st["neuron_sq"][e])
+                neurons[e] = top_neurons(imp, n_keep)
+        out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay))
     return out
 
 
+def _is_down(rel: str) -> bool:
+    leaf = rel.rsplit(".", 2)
+    return any(d in part for part in leaf for d in _DOWN)
+
+
+def _sel(lay: _Layer, e: int, rel: str, ndim: int, fused: bool) -> tuple | None:
+    """(dim, positions) of expert ``e``'s slimmed tensor (dims of the one-expert tensor), or None."""
+    if lay.neurons is None:
+        return None
+    idx = lay.neurons[e]
+    vl = lay.view_layer
+    if _is_down(rel):
+        if ndim == 1:
+            return None  # the down bias is per output, not per neuron
+        return (0 if vl.transposed else 1), idx
+    if not fused:  # per-expert gate or up: [I, H] or bias [I]
+        return 0, idx
+    pos = up_positions(vl, idx)
+    return (0 if ndim == 1 or not vl.transposed else 1), pos
+
+
 def _edit_for(key: str, shape: list[int], lay: _Layer):
-    """(new key, new shape, op) for a key under a MoE block, or None to leave it out (a removed expert)."""
+    """(new key, new shape, op, sel) for a key under a MoE block, or None to leave it out (a removed expert)."""
+    if lay.skip:
+        return None
     rel = key[len(lay.prefix) + 1:]
     if any(key.startswith(s + ".") for s in lay.shared):
-        return key, shape, ("copy",)
+        return key, shape, ("copy",), None
     m = _PER_EXPERT.search("." + rel)
     if m:  # per-expert layout: keep, renumber, or average a merge group
         e = int(m.group(1))
         if e not in lay.kept:
             return None
         new = lay.prefix + "." + (("." + rel).replace(f".experts.{e}.", f".experts.{lay.kept.index(e)}.", 1))[1:]
+        sel = _sel(lay, e, rel, len(shape), fused=False)
+        new_shape = list(shape) if sel is None else [len(sel[1]) if d == sel[0] else n for d, n in enumerate(shape)]
         if e in lay.merged:
             g, w = lay.merged[e]
-            return new, shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w)
-        return new, shape, ("copy",)
+            return new, new_shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w), sel
+        return new, new_shape, ("copy",), sel
     is_expert = "expert" in rel or len(shape) == 3
     if shape and shape[0] == lay.E and (is_expert or len(shape) <= 2):
-        rows = [(lay.merged[e] if e in lay.merged else ([e], [1.0])) for e in lay.kept]
-        op = ("experts", 0, rows) if is_expert else ("rows", 0, lay.kept)
-        return key, [len(lay.kept)] + shape[1:], op
+        if not is_expert:
+            return key, [len(lay.kept)] + shape[1:], ("rows", 0, lay.kept), None
+        sels = [_sel(lay, e, rel, len(shape) - 1, fused=True) for e in lay.kept]
+        rows = [(*(lay.merged[e] if e in lay.merged else ([e], [1.0])), sel) for e, sel in zip(lay.kept, sels)]
+        one = list(shape[1:])
+        if sels[0] is not None:
+            one[sels[0][0]] = len(sels[0][1])
+        return key, [len(lay.kept)] + one, ("experts", 0, rows), None
     if len(shape) == 2 and shape[0] == 1 and shape[1] == lay.E:  # a [1, E] correction bias
-        return key, [1, len(lay.kept)], ("rows", 1, lay.kept)
-    return key, shape, ("copy",)
+        return key, [1, len(lay.kept)], ("rows", 1, lay.kept), None
+    return key, shape, ("copy",), None
 
 
 def _merge(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -185,20 +272,24 @@ class _Reader:
         return self.slice(key, lambda sl: sl[:])  # safetensors copies out of the mapping
 
 
+def _select(t: torch.Tensor, sel: tuple | None) -> torch.Tensor:
+    return t if sel is None else t.index_select(sel[0], sel[1])
+
+
 def _produce(o: _Out, rd: _Reader) -> torch.Tensor:
     op = o.op
     if op[0] == "copy":
-        return rd.tensor(o.src)
+        return _select(rd.tensor(o.src), o.sel)
     if op[0] == "rows":
         return rd.slice(o.src, lambda sl: _rows(sl, op[1], op[2]))
     if op[0] == "members":
-        return _merge([rd.tensor(k) for k in op[1]], op[2])
+        return _select(_merge([rd.tensor(k) for k in op[1]], op[2]), o.sel)
 
     def experts(sl):
         out = []
-        for ids, w in op[2]:
+        for ids, w, sel in op[2]:
             parts = [sl[e:e + 1][0] for e in ids]
-            out.append(parts[0] if len(parts) == 1 else _merge(parts, w))
+            out.append(_select(parts[0] if len(parts) == 1 else _merge(parts, w), sel))
         return torch.stack(out)
     return rd.slice(o.src, experts)
 
@@ -246,18 +337,21 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     """
     from safetensors import safe_open
 
-    from .apply import block_drop_config
+    from .apply import LAYOUT_FILE, _intermediate_attr, block_drop_config
 
     src = Path(source).expanduser()
     if not (src / "config.json").exists():
         raise PlanError(f"{src} is not a model folder (no config.json)")
     config, model, view = _structure(src)
     plan.validate(view)
-    _check_supported(plan, view)
+    _check_supported(plan, view, config, model, stats)
     out = check_export_dir(out_dir, source=src, overwrite=overwrite)
     wmap = _weight_map(src)
     layers = _layers(model, view, plan, stats, wmap)
     dl_path, remap = _block_renames(view, model, plan)
+    names = {id(m): n for n, m in model.named_modules()}
+    # Layer Drop also removes the norm before the MoE sub-layer, as the in-memory apply does
+    gone_norms = tuple(names[id(view[i].decoder_layer)] + ".post_attention_layernorm." for i in plan.drop_layers)
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
     plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
@@ -271,17 +365,19 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             m = block_re.match(key)
             if m and remap[int(m.group(1))] is None:
                 continue  # a dropped decoder block
+            if key.startswith(gone_norms):
+                continue
             lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
             if lay is None:
-                new, new_shape, op = key, shape, ("copy",)
+                new, new_shape, op, sel = key, shape, ("copy",), None
             else:
                 edit = _edit_for(key, shape, lay)
                 if edit is None:
-                    continue  # a removed expert's own key
-                new, new_shape, op = edit
+                    continue  # a removed expert's own key, or a dropped MoE sub-layer
+                new, new_shape, op, sel = edit
             if m:
                 new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
-            plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op))
+            plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op, sel))
     rd = _Reader(src, wmap)
     with staged_dir(out) as tmp:
         total, new_map = 0, {}
@@ -295,15 +391,22 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(new_map.items()))}, indent=2))
         cfg = view.text_config
-        kept = {len(lay.kept) for lay in layers}
+        kept = {len(lay.kept) for lay in layers if not lay.skip}
         if kept and view.count_attr:
             setattr(cfg, view.count_attr, kept.pop())
+        if any(lay.neurons is not None for lay in layers):
+            setattr(cfg, _intermediate_attr(cfg), _slim_width(plan, view))
         if plan.drop_blocks:
             block_drop_config(cfg, [i for i, v in sorted(remap.items()) if v is not None], len(remap))
         config.save_pretrained(tmp)
+        if plan.drop_layers:  # a stock config cannot say "no MoE here": load_model reads this
+            (tmp / LAYOUT_FILE).write_text(json.dumps({
+                "format": "checkpoint", "num_hidden_layers": cfg.num_hidden_layers,
+                "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.drop_layers),
+                "plan": plan.to_dict()}, indent=1))
         for f in src.iterdir():  # tokenizer and the rest, as they are
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json",
-                                                                                      "plan.json", "summary.json"):
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
+                    INDEX, "config.json", "plan.json", "summary.json", LAYOUT_FILE):
                 shutil.copy2(f, tmp / f.name)
         plan.to_json(tmp / "plan.json")
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,

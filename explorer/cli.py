@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity in the summary")
     p.add_argument("--out-of-core", action="store_true", help="edit the checkpoint's safetensors shards without "
-                   "loading the model (expert drop, merge, block drop; memory about the largest tensor)")
+                   "loading the model (expert drop, merge, slim, layer and block drop; memory about the largest tensor)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_apply)
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")

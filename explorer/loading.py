@@ -160,7 +160,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         raise ModelLoadError(f"{src} is not a causal language model (architectures: {', '.join(archs)})")
     kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device_map is not None:
-        if plan is not None:
+        if plan is not None and plan.get("format") != "checkpoint":
             raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a "
                                  "device map")
         if offload_folder is None:
@@ -222,7 +222,7 @@ def restructure(model, layout: dict) -> None:
 
 
 def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_remote_code=False,
-                 experts_implementation=None):
+                 experts_implementation=None, **device_kw):
     """Load a folder written by ``export`` whose per-layer shapes a stock config cannot express."""
     from safetensors.torch import load_model as st_load
 
@@ -230,11 +230,39 @@ def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_r
 
     layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
     kw = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    if layout.get("format") == "checkpoint":
+        return _load_checkpoint_layout(folder, config, layout, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       **kw, **device_kw)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
     restructure(model, layout)
     st_load(model, str(Path(folder) / "model.safetensors"), strict=True)
     if isinstance(dtype, torch.dtype):
         model = model.to(dtype)
+    return model
+
+
+def _load_checkpoint_layout(folder: Path, config, layout: dict, **kw):
+    """An out-of-core export with MoE sub-layers dropped: the stock model loads every other weight under the
+    checkpoint's own key names; the dropped sub-layers' weights are the only ones missing, and are then removed."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the missing weights are expected; say nothing about them
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, output_loading_info=True,
+                                                           use_safetensors=True, **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    view = MoEModel(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    dropped = [lay for lay in view if lay.layer_idx in set(layout["dropped_moe_sublayers"])]
+    gone = tuple(p for lay in dropped for p in (names[id(lay.block)] + ".",
+                                                names[id(lay.decoder_layer)] + ".post_attention_layernorm."))
+    restructure(model, layout)
+    strange = [k for k in info.get("missing_keys", []) if not k.startswith(gone)]
+    strange += list(info.get("unexpected_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]
+    if strange:
+        raise ModelLoadError(f"{folder}: weights do not match its layout ({strange[0]}); export it again")
     return model
 
 

@@ -36,6 +36,11 @@ def up_positions(lay: MoELayer, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1)
 
 
+def top_neurons(energy: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The ``n_keep`` neurons of highest activation energy, in their original order (SlimMoE's slimming)."""
+    return torch.topk(energy.float(), n_keep).indices.sort().values
+
+
 def select_neurons(lay: MoELayer, gu, dn, gb, idx: torch.Tensor):
     """One expert's tensors restricted (or permuted) to intermediate neurons ``idx``."""
     pos = up_positions(lay, idx.to(gu.device))
@@ -178,7 +183,7 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
         if slim:
             n_keep = max(1, round(plan.slim * lay.intermediate_size))
             for e in kept:
-                idx = torch.topk(neuron_imp[e].float(), n_keep).indices.sort().values
+                idx = top_neurons(neuron_imp[e], n_keep)
                 gu, dn, gb = select_neurons(lay, per[e][0], per[e][1], per[e][2], idx)
                 per[e] = (gu, dn, gb, per[e][3])
                 neuron_imp[e], neuron_imp_g[e] = neuron_imp[e][idx], neuron_imp_g[e][idx]

@@ -8,13 +8,27 @@ from transformers import AutoModelForCausalLM
 
 from explorer.apply import apply_plan, export
 from explorer.checkpoint import apply_checkpoint
+from explorer.data import TokenBlocks
+from explorer.loading import load_model
 from explorer.moe import MoEModel
 from explorer.plan import Plan, PlanError
+from explorer.stats import collect_stats
 from explorer.tiny import TINY_CONFIGS, tiny_model
+
+# slimming's width field also sizes the shared expert in these families: a stock config cannot say it
+SLIM_NEEDS_LAYOUT = {"deepseek_v3", "llama4_text"}
 
 
 def _state(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def _stats(model, view):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (8, 32), generator=g)
+    lengths = torch.full((8,), 32)
+    return collect_stats(model, view, TokenBlocks(ids, lengths, torch.arange(8) % 2, ["a", "b"],
+                                                  (lengths - 1).double(), 32))
 
 
 def _plans(family, view):
@@ -23,10 +37,16 @@ def _plans(family, view):
     drop = [0, 1] if family == "deepseek_v3" else [0, 3]  # DeepSeek: uneven across its routing groups
     merge = [[5, 0], [6, 1]] if family == "deepseek_v3" else [[1, 2], [4, 6, 7]]
     weights = [[3.0, 1.0], [1.0, 2.0]] if family == "deepseek_v3" else [[3.0, 1.0], [1.0, 2.0, 0.5]]
-    return {"drop": Plan(drop_experts={i: drop for i in range(n)}),
-            "merge": Plan(merge={i: merge for i in range(n)}, merge_weights={i: weights for i in range(n)}),
-            "drop+block": Plan(drop_experts={lay.index: drop for lay in view if lay.layer_idx != block},
-                               drop_blocks=[block])}
+    plans = {"drop": Plan(drop_experts={i: drop for i in range(n)}),
+             "merge": Plan(merge={i: merge for i in range(n)}, merge_weights={i: weights for i in range(n)}),
+             "drop+block": Plan(drop_experts={lay.index: drop for lay in view if lay.layer_idx != block},
+                                drop_blocks=[block]),
+             "layer-drop": Plan(drop_layers=[1], drop_experts={i: drop for i in range(n) if i != 1})}
+    if family not in SLIM_NEEDS_LAYOUT:
+        plans["slim"] = Plan(slim=0.5)
+        plans["slim+merge+drop"] = Plan(slim=0.75, drop_experts={i: drop for i in range(n)},
+                                        merge={i: merge for i in range(n)}, merge_weights={i: weights for i in range(n)})
+    return plans
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -37,12 +57,17 @@ def test_out_of_core_equals_in_memory(family, tmp_path):
     model.save_pretrained(src, max_shard_size="60KB")  # several shards and an index
     assert (src / "model.safetensors.index.json").exists()
     before = {f.name: f.read_bytes() for f in src.iterdir()}
+    stats = _stats(model, view)
     for name, plan in _plans(family, view).items():
-        new, _, layout = apply_plan(model, view, plan)
-        assert layout is None
-        ref = export(new, None, plan, tmp_path / f"mem-{name}")
-        out = apply_checkpoint(src, plan, tmp_path / f"ooc-{name}")
-        a, b = _state(ref), _state(out)
+        new, _, layout = apply_plan(model, view, plan, stats=stats)
+        assert (layout is None) == (name != "layer-drop"), name
+        ref = export(new, None, plan, tmp_path / f"mem-{name}", layout=layout)
+        out = apply_checkpoint(src, plan, tmp_path / f"ooc-{name}", stats=stats)
+        if layout is None:
+            a, b = _state(ref), _state(out)
+        else:  # the in-memory export keeps in-memory key names, out of core keeps the checkpoint's: compare loaded
+            assert json.loads((out / "explorer_layout.json").read_text())["format"] == "checkpoint"
+            a, b = (load_model(str(f), with_tokenizer=False)[0].state_dict() for f in (ref, out))
         assert a.keys() == b.keys(), name
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (name, k)
@@ -54,11 +79,18 @@ def test_out_of_core_equals_in_memory(family, tmp_path):
 def test_out_of_core_refuses_what_it_cannot_do_yet(tmp_path):
     model = tiny_model("mixtral", seed=1)
     model.save_pretrained(tmp_path / "src")
-    for plan, msg in ((Plan(slim=0.5), "slim"), (Plan(drop_layers=[0]), "drop_layers"),
+    stats = _stats(model, MoEModel(model))
+    ds = tiny_model("deepseek_v3", seed=1)
+    ds.save_pretrained(tmp_path / "ds")
+    with pytest.raises(PlanError, match="also sizes .*shared_experts"):
+        apply_checkpoint(tmp_path / "ds", Plan(slim=0.5), tmp_path / "out", stats=_stats(ds, MoEModel(ds)))
+    for plan, msg in ((Plan(prune={"sparsity": 0.5}), "prune"), (Plan(slim=0.5), "statistics"),
                       (Plan(drop_experts={0: [1]}), "same expert count"),
                       (Plan(drop_experts={0: list(range(8))}), "removes every expert")):
         with pytest.raises(PlanError, match=msg):
             apply_checkpoint(tmp_path / "src", plan, tmp_path / "out")
+    with pytest.raises(PlanError, match="same width"):
+        apply_checkpoint(tmp_path / "src", Plan(slim=0.5, slim_layers=[0]), tmp_path / "out", stats=stats)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="input model"):
         apply_checkpoint(tmp_path / "src", Plan(drop_experts={i: [1] for i in range(3)}), tmp_path)
@@ -101,3 +133,25 @@ def test_replay_end_to_end_script(demo):
     cut_ppl = re.search(r"\$ python -m explorer eval .*\nperplexity (\S+)", r.stdout).group(1)
     assert plan_ppl == cut_ppl
     assert "never loaded" in r.stdout and "offloaded" in r.stderr + r.stdout
+
+
+def test_layer_drop_export_loads_with_a_device_map_and_checks_its_weights(tmp_path):
+    """The Layer-Drop layout keeps stock shapes, so a device map works; a weight missing elsewhere is refused."""
+    model = tiny_model("qwen3_moe", seed=5)
+    model.save_pretrained(tmp_path / "src")
+    out = apply_checkpoint(tmp_path / "src", Plan(drop_layers=[2]), tmp_path / "out")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = load_model(str(out), with_tokenizer=False)[0]
+    dmap = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+            **{f"model.layers.{i}": ("cpu" if i == 0 else "disk") for i in range(3)}}
+    off, _, view = load_model(str(out), device_map=dmap, offload_folder=tmp_path / "off", with_tokenizer=False)
+    assert len(view) == 2 and type(off.model.layers[2].mlp).__name__ == "DroppedMoE"
+    with torch.no_grad():
+        assert torch.allclose(ref(ids).logits, off(ids).logits, atol=1e-5)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(out / "model.safetensors")
+    del t["model.layers.0.self_attn.q_proj.weight"]  # damaged: a weight the layout does not explain is missing
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match its layout.*q_proj"):
+        load_model(str(out), with_tokenizer=False)
