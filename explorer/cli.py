@@ -397,6 +397,12 @@ def _accelerator():
     """accelerate's Accelerator when this process was started by a launcher (accelerate launch, torchrun)."""
     import os
 
+    for var, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes"):
+            # the student would be sharded, but evaluation splits blocks unevenly over the processes, the teacher
+            # is whole on every process and the export reads unsharded weights: refused rather than half-working
+            raise ValueError(f"distillation under {engine} is not supported yet: launch with DDP (accelerate launch "
+                             "--multi_gpu, or torchrun), which needs the student to fit one GPU")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch

@@ -197,3 +197,16 @@ def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
     ppl = [h["ppl"] for h in a["history"]]
     assert ppl[-1] < ppl[0]  # distillation works under the launcher
     assert a["best_ppl"] == pytest.approx(b["best_ppl"], rel=1e-4)  # the same global batches as one process
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launchers_are_refused_in_words(var, tmp_path, monkeypatch, capsys):
+    """FSDP/DeepSpeed would shard the student without the evaluation and export knowing: refused before loading."""
+    from explorer.cli import main
+
+    (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0]}}')
+    monkeypatch.setenv(var, "true")
+    assert main(["distill", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not supported yet" in err and "DDP" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
