@@ -207,42 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_plan(args) -> int:
     from . import planners
     from .outputs import check_output_file
+    from .plan import Plan
     from .stats import RouterStats
 
     check_output_file(args.out, _source(args), args.overwrite)
     stats = RouterStats.load_file(args.stats)
+    recipe = Plan.load(args.recipe).recipe if args.recipe is not None else None
     skip = [int(x) for x in args.skip_layers.split(",") if x.strip()]
     model, tok, view = _load(args)
-    if args.drop_experts is not None:
-        kw = {}
-        if args.criterion in ("reconstruction", "ablation"):
-            from .data import load_data
+    score_kw = {}
+    needs_model = (args.drop_experts is not None and args.criterion in ("reconstruction", "ablation")) or any(
+        r.get("criterion") in ("reconstruction", "ablation") for r in recipe or [])
+    if needs_model:
+        from .data import load_data
 
-            kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
-        plan = planners.drop_experts(stats, args.drop_experts, args.criterion, mode=args.mode, skip_layers=skip,
-                                     protect_super=args.protect_super, view=view, **kw)
-    elif args.recipe is not None:
-        from .plan import Plan
-
-        kw = {}
-        recipe = Plan.load(args.recipe).recipe
-        if any(r.get("criterion") in ("reconstruction", "ablation") for r in recipe):
-            from .data import load_data
-
-            kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
-        plan = planners.replay(recipe, stats, view, **kw)
-    elif args.merge_to is not None:
-        plan = planners.merge_experts(stats, args.merge_to, args.method, align=args.align, skip_layers=skip)
-    elif args.drop_layers is not None:
-        plan = planners.drop_layers(stats, args.drop_layers)
-    elif args.drop_blocks is not None:
-        plan = planners.drop_blocks(stats, args.drop_blocks, consecutive=args.consecutive)
-    elif args.slim is not None:
-        plan = planners.slim_experts(stats, args.slim)
+        score_kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
+    if recipe is not None:
+        plan = planners.replay(recipe, stats, view, **score_kw)
     else:
-        nm = [int(x) for x in args.nm.split(":")] if args.nm else None
-        method = args.method if args.method in ("moe-pruner", "wanda") else "moe-pruner"
-        plan = planners.prune_weights(stats, args.prune, method, nm)
+        name, kw = _planner_args(args, skip)
+        plan = planners.make(name, stats, view, **kw, **(score_kw if name == "drop_experts" else {}))
     rep = plan.report(view)
     plan.to_json(args.out) if not str(args.out).endswith((".yaml", ".yml")) else plan.to_yaml(args.out)
     print(f"{plan.notes} -> {args.out}")
@@ -250,17 +234,35 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _planner_args(args, skip: list[int]) -> tuple[str, dict]:
+    """The planner and its arguments that ``explorer plan``'s options ask for."""
+    if args.drop_experts is not None:
+        return "drop_experts", dict(fraction=args.drop_experts, criterion=args.criterion, mode=args.mode,
+                                    skip_layers=skip, protect_super=args.protect_super)
+    if args.merge_to is not None:
+        return "merge_experts", dict(to=args.merge_to, method=args.method, align=args.align, skip_layers=skip)
+    if args.drop_layers is not None:
+        return "drop_layers", dict(n=args.drop_layers)
+    if args.drop_blocks is not None:
+        return "drop_blocks", dict(n=args.drop_blocks, consecutive=args.consecutive)
+    if args.slim is not None:
+        return "slim_experts", dict(keep=args.slim)
+    nm = [int(x) for x in args.nm.split(":")] if args.nm else None
+    return "prune_weights", dict(sparsity=args.prune, method=args.method if args.method in ("moe-pruner", "wanda")
+                                 else "moe-pruner", nm=nm)
+
+
 def _print_report(rep: dict) -> None:
-    print(f"  parameters {rep['params_before']:,} -> {rep['params_after']:,} "
-          f"({rep['params_after'] / rep['params_before']:.1%}); active/token {rep['active_before']:,} -> "
-          f"{rep['active_after']:,}; bf16 {rep['bytes_bf16_after'] / 2**20:.1f} MiB")
-    print(f"  experts per MoE layer after: {rep['experts_after']}; {rep['loader_note']}")
+    from .report import size_lines
+
+    print("\n".join("  " + line for line in size_lines(rep)))
 
 
 def cmd_preview(args) -> int:
     from .perplexity import fmt_change, perplexity
     from .plan import Plan
     from .preview import preview_perplexity
+    from .report import preview_report, preview_result
     from .stats import RouterStats
 
     plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
@@ -268,10 +270,11 @@ def cmd_preview(args) -> int:
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
+    t = time.perf_counter()
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
     print(f"before: {base}")
     print(f"plan:   {res}  ({fmt_change(res.ppl / base.ppl - 1, 2)})")
-    _print_report(plan.report(view))
+    print(preview_report(preview_result(res, base, plan.report(view), time.perf_counter() - t)))
     return 0
 
 

@@ -499,8 +499,9 @@ def progressive(teacher, teacher_view: MoEModel, stages: list, steps_per_stage: 
     """Prune a step, distill, prune the next step... all stages streamed as one sequence of events.
 
     Every stage distills toward the original teacher; statistics are re-collected on the current student before
-    each stage's plan is written. Yields the events of each stage (``stage`` field) and, last, a "done" event whose
-    ``message`` names the final student, available as ``progressive.last_student`` after the generator ends.
+    each stage's plan is written. Yields the events of each stage (``stage`` field) and, last, one "done" event for
+    the whole schedule. The final (student, view, plan on the original model's experts) is
+    ``progressive.last_student`` once the generator has ended.
     """
     from .stats import collect_stats
 

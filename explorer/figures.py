@@ -28,7 +28,7 @@ def expert_color(e: int) -> str:
 
 def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = None) -> go.Figure:
     """Layers x experts: share of routing slots, as a multiple of the uniform share k/E. Selected cells marked."""
-    m = stats.load_matrix() * np.array(stats.num_experts)[:, None]
+    m = stats.load_vs_uniform()
     L, E = m.shape
     text = [[f"layer {i} expert {e}<br>load {m[i, e]:.2f}x uniform<br>tokens {int(stats.layers[i]['count'][e]):,}"
              if e < stats.num_experts[i] else "" for e in range(E)] for i in range(L)]
@@ -76,12 +76,49 @@ def balance_chart(stats: RouterStats) -> go.Figure:
 
 
 def domain_heatmap(stats: RouterStats, layer: int) -> go.Figure:
-    """Domains x experts: share of each domain's routing slots per expert, x uniform (1 = no preference)."""
-    r = stats.domain_load(layer) * stats.num_experts[layer]
-    f = _fig(title=f"Domain specialisation, layer {layer} (x uniform share)")
-    f.add_trace(go.Heatmap(z=r, x=list(range(r.shape[1])), y=stats.domains, colorscale="RdBu_r", zmid=1.0,
-                           hovertemplate="%{y} -> expert %{x}: %{z:.2f}x uniform<extra></extra>"))
+    """Domains x experts: an expert's share of a domain's slots over its share of all slots (1 = no preference).
+    Relative to the expert's own load, so a busy generalist does not look like a specialist."""
+    r = stats.specialisation(layer)
+    load = stats.domain_load(layer) * stats.num_experts[layer]
+    f = _fig(title=f"Domain specialisation, layer {layer}<br><sup>an expert's share of the domain / its overall share"
+                   "</sup>")
+    f.add_trace(go.Heatmap(z=np.log2(np.maximum(r, 1 / 16)), x=list(range(r.shape[1])), y=stats.domains,
+                           colorscale="RdBu_r", zmid=0.0, customdata=np.stack([r, load], -1),
+                           colorbar=dict(title="x the expert's<br>own share", tickvals=[-3, -2, -1, 0, 1, 2, 3],
+                                         ticktext=["1/8", "1/4", "1/2", "1", "2", "4", "8"]),
+                           hovertemplate="%{y} -> expert %{x}: %{customdata[0]:.2f}x its overall share "
+                                         "(%{customdata[1]:.2f}x uniform)<extra></extra>"))
     f.update_xaxes(title="expert", dtick=1)
+    f.update_yaxes(title="domain")
+    return f
+
+
+def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int = 4) -> go.Figure:
+    """For each expert, the token ids that go to it most reliably (share of the id's occurrences), OLMoE-style;
+    the title compares the layer's id-concentration with the shuffled-ids baseline."""
+    ids, share, occ = vr.token_share(layer, min_count)
+    E = share.shape[1] if len(ids) else vr.num_experts[layer]
+    rows, labels = [], []
+    for e in range(E):
+        for j in np.argsort(-share[:, e], kind="stable")[:per_expert] if len(ids) else []:
+            if share[j, e] <= 0 or int(ids[j]) in [r[0] for r in rows]:
+                continue
+            rows.append((int(ids[j]), share[j], int(occ[j])))
+            labels.append(f"{tokenizer.decode([int(ids[j])])!r} ({int(occ[j])}x) → e{e}")
+    try:
+        c, base = vr.concentration(layer, min_count), vr.concentration(layer, min_count, shuffled=True)
+        title = (f"Vocabulary specialisation, layer {layer}: a token goes to its favourite expert {c:.0%} of the "
+                 f"time (shuffled ids: {base:.0%})")
+    except ValueError:
+        title = f"Vocabulary specialisation, layer {layer}: too little text"
+    f = _fig(title=title, height=max(320, 22 * len(rows) + 120))
+    if rows:
+        z = np.array([r[1] for r in rows])
+        f.add_trace(go.Heatmap(z=z, x=list(range(E)), y=labels, colorscale="Blues", zmin=0, zmax=1,
+                               colorbar=dict(title="share of the<br>token's occurrences"),
+                               hovertemplate="%{y}: %{z:.0%} of its occurrences to expert %{x}<extra></extra>"))
+    f.update_xaxes(title="expert", dtick=1)
+    f.update_yaxes(title=f"token (occurrences) → the expert it favours; seen ≥ {min_count} times", autorange="reversed")
     return f
 
 

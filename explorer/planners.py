@@ -169,6 +169,26 @@ def prune_weights(stats: RouterStats, sparsity: float, method: str = "moe-pruner
                 recipe=[{"planner": "prune_weights", "sparsity": sparsity, "method": method, "nm": nm}])
 
 
+PLANNERS = {f.__name__: f for f in (drop_experts, merge_experts, drop_layers, drop_blocks, slim_experts,
+                                    prune_weights)}
+# the app's and widgets' preset names for the planners (their "amount" is each planner's first argument)
+PRESETS = {"drop-experts": "drop_experts", "merge": "merge_experts", "slim": "slim_experts",
+           "drop-layers": "drop_layers", "drop-blocks": "drop_blocks", "prune": "prune_weights"}
+
+
+def make(name: str, stats: RouterStats, view: MoEModel | None = None, **kw) -> Plan:
+    """Run planner ``name`` with arguments as a recipe step stores them (JSON keys are strings: made ints here).
+    The one entry point of ``replay``, the app's presets and ``explorer plan``."""
+    if name not in PLANNERS:
+        raise PlanError(f"unknown planner {name!r}: one of {', '.join(PLANNERS)}")
+    if name == "drop_experts":
+        kw["layer_fractions"] = {int(k): v for k, v in (kw.get("layer_fractions") or {}).items()}
+        return drop_experts(stats, view=view, **kw)
+    if name == "merge_experts" and isinstance(kw.get("to"), dict):
+        kw["to"] = {int(k): v for k, v in kw["to"].items()}
+    return PLANNERS[name](stats, **kw)
+
+
 def replay(recipe: list[dict], stats: RouterStats, view: MoEModel | None = None, **score_kw) -> Plan:
     """Run a plan's recipe (the planner calls that wrote it) on another model's statistics.
 
@@ -181,15 +201,8 @@ def replay(recipe: list[dict], stats: RouterStats, view: MoEModel | None = None,
     for step in recipe:
         kw = dict(step)
         name = kw.pop("planner", None)
-        if name == "drop_experts":
-            kw["layer_fractions"] = {int(k): v for k, v in (kw.get("layer_fractions") or {}).items()}
-            p = drop_experts(stats, view=view, **kw, **score_kw)
-        elif name == "merge_experts":
-            to = kw.pop("to")
-            p = merge_experts(stats, {int(k): v for k, v in to.items()} if isinstance(to, dict) else to, **kw)
-        elif name in ("drop_layers", "drop_blocks", "slim_experts", "prune_weights"):
-            p = globals()[name](stats, **kw)
-        else:
+        if name not in PLANNERS:
             raise PlanError(f"unknown planner in recipe: {name!r}")
+        p = make(name, stats, view, **kw, **(score_kw if name == "drop_experts" else {}))
         out = p if out is None else out.combine(p)
     return out

@@ -6,6 +6,7 @@ arrange controls around these methods, so they behave the same and nothing is co
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -20,13 +21,23 @@ from .loading import DEMO_MODEL, load_model
 from .moe import input_device
 from .outputs import check_export_dir
 from .perplexity import fmt_ppl, perplexity
-from .plan import Plan, fingerprint
+from .plan import PRUNE_METHODS, Plan, fingerprint
 from .preview import preview_perplexity
+from .report import preview_result
 from .saliency import CHEAP, expert_scores, expert_similarity
-from .stats import RouterStats, collect_stats, token_routes
+from .stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
 
 
-PRESETS = ("drop-experts", "merge", "slim", "drop-layers", "drop-blocks", "prune")  # what ``Session.preset`` makes
+PRESETS = tuple(planners.PRESETS)  # what ``Session.preset`` makes
+
+
+MAX_STUDENTS = 3  # distilled students kept per session (each is a copy of the cut model)
+
+
+def _key(plan: Plan) -> str:
+    """What a plan cuts (not its notes, recipe or model fingerprint): two plans that cut alike share a student."""
+    d = {k: v for k, v in plan.to_dict().items() if k not in ("notes", "recipe", "model")}
+    return json.dumps(d, sort_keys=True)
 
 
 class SessionError(ValueError):
@@ -42,10 +53,13 @@ class Session:
         self.block_len, self.max_tokens = block_len, max_tokens
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
+        self._vocab: tuple[str, VocabRouting] | None = None
+        self._previews: dict[tuple, dict] = {}
         self.base = None  # Perplexity of the unmodified model on the evaluation blocks
         self.plan = Plan()
         self.tried: list[dict] = []
-        self.distiller: Distiller | None = None
+        self.distiller: Distiller | None = None  # the latest run (the Distill tab shows it)
+        self.students: dict[str, Distiller] = {}  # every distilled plan's run, kept when the plan changes
         self.pending: tuple[int, list[int]] | None = None  # a merge group being picked: (layer, experts)
         self.lock = threading.Lock()  # one long job per session
         # relative export paths resolve here (the app gives each browser session its own), never the server's cwd
@@ -73,6 +87,8 @@ class Session:
         self.model, self.tok, self.view = model, tok, view
         self.source = src or str(DEMO_MODEL)
         self.stats, self._scores, self.base, self.plan, self.tried, self.distiller = None, {}, None, Plan(), [], None
+        self.students = {}
+        self._vocab, self._previews = None, {}
         self.set_data(self.data_source)
         return self.summary()
 
@@ -99,7 +115,7 @@ class Session:
         self.require()
         with self.lock:
             self.stats = collect_stats(self.model, self.view, self.data.calib, progress=progress)
-            self._scores = {}
+            self._scores, self._previews = {}, {}
             self.base = perplexity(self.model, self.data.eval)
         return self.stats
 
@@ -116,6 +132,13 @@ class Session:
     def similarity(self, layer: int, kind: str) -> np.ndarray:
         self.require(stats=True)
         return expert_similarity(self.stats, layer, kind, self.view)
+
+    def vocab(self) -> VocabRouting:
+        """Which experts each token id goes to, on (up to 8K tokens of) the calibration text; computed once."""
+        self.require(stats=True)
+        if self._vocab is None or self._vocab[0] != self.data_key:
+            self._vocab = (self.data_key, vocab_routing(self.model, self.view, self.data.calib, max_tokens=8192))
+        return self._vocab[1]
 
     def routes(self, text: str) -> dict:
         self.require()
@@ -153,30 +176,36 @@ class Session:
         (count), slim (fraction kept), prune (sparsity)."""
         self.require(stats=True)
         st = self.stats
+        if kind not in planners.PRESETS:
+            raise SessionError(f"unknown preset {kind!r}: one of {', '.join(planners.PRESETS)}")
         if kind == "drop-experts":
-            kw = {}
+            kw = dict(fraction=float(amount), criterion=criterion, mode=mode, protect_super=protect_super)
             if criterion not in CHEAP:
                 kw["scores"] = self.scores(criterion)
-            p = planners.drop_experts(st, float(amount), criterion, mode=mode, protect_super=protect_super,
-                                      view=self.view, **kw)
         elif kind == "merge":
             if int(amount) >= min(st.num_experts):
                 raise SessionError(f"merging down to {int(amount)} experts per layer changes nothing: the layers have "
                                    f"{min(st.num_experts)}; choose fewer (the amount is the experts each layer keeps)")
             if method not in planners.MERGE_METHODS:
                 raise SessionError(f"merge with {' or '.join(planners.MERGE_METHODS)}, not {method!r}")
-            p = planners.merge_experts(st, int(amount), method)
-        elif kind == "drop-layers":
-            p = planners.drop_layers(st, int(amount))
-        elif kind == "drop-blocks":
-            p = planners.drop_blocks(st, int(amount))
+            kw = dict(to=int(amount), method=method)
+        elif kind in ("drop-layers", "drop-blocks"):
+            kw = dict(n=int(amount))
         elif kind == "slim":
-            p = planners.slim_experts(st, float(amount))
-        elif kind == "prune":
-            p = planners.prune_weights(st, float(amount), method if method in ("moe-pruner", "wanda") else "moe-pruner")
+            kw = dict(keep=float(amount))
         else:
-            raise SessionError(f"unknown preset {kind!r}")
+            kw = dict(sparsity=float(amount), method=method if method in PRUNE_METHODS else PRUNE_METHODS[0])
+        p = planners.make(planners.PRESETS[kind], st, self.view, **kw)
         return self.set_plan(p)
+
+    def set_depth(self, drop_layers: list[int], drop_blocks: list[int], slim_keep: float | None) -> Plan:
+        """The Plan tab's depth and width controls: MoE sub-layers and decoder blocks to drop, and the fraction of
+        neurons every expert keeps (1 or None: no slimming); the rest of the plan stays."""
+        self.require()
+        d = self.plan.to_dict()
+        d.update(drop_layers=sorted(int(i) for i in drop_layers), drop_blocks=sorted(int(i) for i in drop_blocks),
+                 slim=None if slim_keep is None or float(slim_keep) >= 1.0 else float(slim_keep))
+        return self.set_plan(d)
 
     def toggle_expert(self, layer: int, expert: int) -> Plan:
         """Click on a heatmap cell: add the expert to the drop list of its layer, or take it out."""
@@ -229,22 +258,27 @@ class Session:
         self.require()
         plan = plan or self.plan
         base = self.baseline()
-        t = time.perf_counter()
-        if not self.lock.acquire(blocking=False):  # never queue silently behind a distillation
-            raise SessionError("a distillation or another long job is running in this session: the preview waits "
-                               "until it ends (stop it on the Distill tab)")
-        try:
-            res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats)
-        finally:
-            self.lock.release()
-        rep = plan.report(self.view)
-        out = {"ppl": res.ppl, "base_ppl": base.ppl, "delta": res.ppl / base.ppl - 1, "bpb": res.bpb,
-               "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
-               "seconds": time.perf_counter() - t, **rep}
+        # the same plan on the same model, statistics and text gives the same numbers: a redraw costs nothing
+        key = (plan.to_json(), self.data_key, id(self.model), id(self.stats))
+        out = self._previews.get(key)
+        if out is None:
+            t = time.perf_counter()
+            if not self.lock.acquire(blocking=False):  # never queue silently behind a distillation
+                raise SessionError("a distillation or another long job is running in this session: the preview "
+                                   "waits until it ends (stop it on the Distill tab)")
+            try:
+                res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats)
+            finally:
+                self.lock.release()
+            out = self._previews[key] = preview_result(res, base, plan.report(self.view), time.perf_counter() - t)
         if not plan.is_empty():
-            entry = {"name": name or plan.describe(), "params": rep["params_after"],
-                     "active": rep["active_after"], "ppl": res.ppl, "plan": plan.to_dict(), "data": self.data_key}
-            self.tried = [e for e in self.tried if e["plan"] != entry["plan"] or e.get("distilled")] + [entry]
+            entry = {"name": name or plan.describe(), "params": out["params_after"],
+                     "active": out["active_after"], "ppl": out["ppl"], "plan": plan.to_dict(), "data": self.data_key}
+            same = [i for i, e in enumerate(self.tried) if e["plan"] == entry["plan"] and not e.get("distilled")]
+            if same:  # measured again: the row keeps its place in Compare
+                self.tried[same[0]] = entry
+            else:
+                self.tried.append(entry)
         return out
 
     def compared(self) -> list[dict]:
@@ -272,15 +306,18 @@ class Session:
         if not self.lock.acquire(timeout=120):  # waits for a preview to finish; two runs at once are refused
             raise SessionError("another job in this session is still running; stop it or wait for it")
         try:
-            d = self.distiller
+            d = self.students.get(_key(plan))
             same_settings = d is not None and {**d.config.__dict__, "steps": 0} == {**config.__dict__, "steps": 0}
-            if d is None or d.plan.to_dict() != plan.to_dict() or not same_settings:
+            if d is None or not same_settings:
                 # a new plan or new settings (learning rate, KL, temperature, ...): a new run from the cut model
                 d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
                                         stats=self.stats)
-                self.distiller = d
+                self.students[_key(plan)] = d
+                while len(self.students) > MAX_STUDENTS:  # each holds a copy of the cut model
+                    self.students.pop(next(iter(self.students)))
             elif d.step >= d.config.steps:  # finished: Start again distills ``config.steps`` more steps
                 d.config.steps = d.step + config.steps
+            self.distiller = d
             yield from d.run()
         finally:
             self.lock.release()
@@ -297,10 +334,30 @@ class Session:
                  "distilled": True}
         self.tried = [e for e in self.tried if not (e.get("distilled") and e["plan"] == entry["plan"])] + [entry]
 
+    def student(self, plan: Plan | None = None) -> Distiller | None:
+        """The distillation run of ``plan`` (default: the current plan) that improved its student, if any."""
+        d = self.students.get(_key(plan or self.plan))
+        return d if d is not None and d.best_step > 0 else None
+
+    def kept_note(self) -> str:
+        """When the plan in force is not a distilled one: which distilled students are kept, and how to return."""
+        others = [d for k, d in self.students.items() if k != _key(self.plan) and d.best_step > 0]
+        if not others:
+            return ""
+        names = "; ".join(f"{d.plan.describe()} (perplexity {fmt_ppl(d.best_ppl)})" for d in others)
+        return (f"ℹ️ Distilled students are kept for: {names}. Pick a plan's row in Compare to make it the plan "
+                "again and export its student.")
+
+    def use_tried(self, index: int) -> Plan:
+        """Make a plan tried earlier (a Compare row) the current plan again; its distilled student comes with it."""
+        if not 0 <= index < len(self.tried):
+            raise SessionError(f"there is no plan number {index + 1} in Compare")
+        return self.set_plan(self.tried[index]["plan"])
+
     def export_what(self) -> str:
         """In words, which model ``export`` would write for the current plan."""
-        d = self.distiller
-        if d is not None and d.plan.to_dict() == self.plan.to_dict() and d.best_step > 0:
+        d = self.student()
+        if d is not None:
             return (f"the distilled student (step {d.best_step} of {d.step}, perplexity {fmt_ppl(d.best_ppl)} against "
                     f"{fmt_ppl(d.initial_ppl)} undistilled)")
         return "the cut model, not distilled"
@@ -323,8 +380,8 @@ class Session:
         if self.plan.is_empty():
             raise SessionError("the plan is empty: nothing to export")
         target = check_export_dir(self.export_path(out_dir), source=self.source, overwrite=overwrite)  # before work
-        d = self.distiller
-        if use_distilled and d is not None and d.plan.to_dict() == self.plan.to_dict() and d.best_step > 0:
+        d = self.student()
+        if use_distilled and d is not None:
             d.restore_best()
             model, layout = d.student, d.layout
             extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}

@@ -72,6 +72,10 @@ class RouterStats:
             m[i, : self.num_experts[i]] = self.load(i)
         return m
 
+    def load_vs_uniform(self) -> np.ndarray:
+        """[L, E_max] load as a multiple of the uniform share k/E of its own layer (1 = a fair share)."""
+        return self.load_matrix() * np.array(self.num_experts)[:, None]
+
     def gate_mass(self, layer: int) -> np.ndarray:
         return self.layers[layer]["gate_mass"] / max(self.layers[layer]["tokens"], 1)
 
@@ -92,6 +96,22 @@ class RouterStats:
         """[D, E] share of each domain's routing slots per expert (rows sum to 1); uniform is 1/E."""
         d = self.layers[layer]["domain_count"]
         return d / np.maximum(d.sum(1, keepdims=True), 1)
+
+    def specialisation(self, layer: int) -> np.ndarray:
+        """[D, E] an expert's share of a domain's slots over its share of all slots: >1 means the domain uses it more
+        than the rest of the text does. Unlike ``domain_load`` x E, a busy generalist is not called a specialist."""
+        overall = self.load(layer)
+        return self.domain_load(layer) / np.maximum(overall, 1e-12)[None, :]
+
+    def coactivation_lift(self, layer: int) -> np.ndarray:
+        """[E, E] how often two experts are chosen together against chance (independent choices at their loads):
+        1 = as often as chance, >1 = a pair the router likes, 0 = never together. Diagonal is NaN."""
+        n = max(self.layers[layer]["tokens"], 1)
+        p = self.layers[layer]["count"] / n  # probability that a token routes to the expert
+        chance = np.outer(p, p)
+        lift = self.coactivation(layer) / np.maximum(chance, 1e-12)
+        np.fill_diagonal(lift, np.nan)
+        return lift
 
     def coactivation(self, layer: int, normalise: bool = True) -> np.ndarray:
         c = self.layers[layer]["coact"]
@@ -398,3 +418,70 @@ def token_routes(model, view: MoEModel, tokenizer, text: str, max_tokens: int = 
     with torch.inference_mode(), view.patched(fwd):
         model(input_ids=torch.tensor([ids], device=device), use_cache=False)
     return {"tokens": [tokenizer.decode([t]) for t in ids], "ids": ids, "routes": routes, "gates": gates}
+
+
+@dataclass
+class VocabRouting:
+    """Which experts each token id goes to (OLMoE's vocabulary specialisation), from one pass over some text.
+
+    Kept as the raw (position -> token id, experts) pairs: a few thousand tokens make a small array, and the
+    shuffled-ids baseline needs them."""
+    ids: np.ndarray  # [N] token id at each scored position
+    routes: list  # [L] of [N, k] expert ids
+    num_experts: list[int]
+
+    def _counts(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        uniq, inv = np.unique(ids, return_inverse=True)
+        r = self.routes[layer]
+        E = self.num_experts[layer]
+        counts = np.zeros((len(uniq), E))
+        np.add.at(counts, (np.repeat(inv, r.shape[1]), r.reshape(-1)), 1)
+        return uniq, counts, np.bincount(inv, minlength=len(uniq))
+
+    def token_share(self, layer: int, min_count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, [V, E] share of each id's occurrences routed to each expert, occurrences) for ids seen
+        ``min_count`` times. A row sums to top-k; 1.0 means every occurrence of the token goes to that expert."""
+        uniq, counts, occ = self._counts(layer, self.ids)
+        keep = occ >= min_count
+        return uniq[keep], counts[keep] / occ[keep][:, None], occ[keep]
+
+    def concentration(self, layer: int, min_count: int = 5, shuffled: bool = False, seed: int = 0) -> float:
+        """Occurrence-weighted mean, over token ids seen ``min_count`` times, of how often an id goes to its
+        favourite expert (OLMoE's vocabulary specialisation). ``shuffled``: the same with ids shuffled over
+        positions, i.e. what routing that ignores the token id would give (chance, small-sample noise included)."""
+        ids = np.random.default_rng(seed).permutation(self.ids) if shuffled else self.ids
+        uniq, counts, occ = self._counts(layer, ids)
+        keep = occ >= min_count
+        if not keep.any():
+            raise ValueError(f"no token id occurs {min_count} times in this text: use more text or a lower min_count")
+        best = counts[keep].max(1) / occ[keep]
+        return float((best * occ[keep]).sum() / occ[keep].sum())
+
+
+def vocab_routing(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 8,
+                  max_tokens: int | None = 8192) -> VocabRouting:
+    """Route ``blocks`` (up to ``max_tokens`` real tokens) and keep every position's token id and top-k experts."""
+    ids_all: list[np.ndarray] = []
+    routes: list[list[np.ndarray]] = [[] for _ in view]
+    mask_now: dict = {}
+
+    def fwd(lay, hs):
+        x = hs.reshape(-1, hs.shape[-1])
+        _, _, idx = lay.route(x)
+        routes[lay.index].append(idx[mask_now["m"]].cpu().numpy())
+        return lay.forward(hs)
+
+    device = input_device(model)
+    seen = 0
+    with torch.inference_mode(), view.patched(fwd):
+        for b in blocks.batches(batch_size):
+            am = b.attention_mask()
+            mask_now["m"] = am.reshape(-1).bool().to(device)
+            model(input_ids=b.input_ids.to(device), attention_mask=am.to(device), use_cache=False)
+            ids_all.append(b.input_ids.reshape(-1)[am.reshape(-1).bool()].numpy())
+            seen += int(am.sum())
+            if max_tokens and seen >= max_tokens:
+                break
+    if not ids_all:
+        raise ValueError("no text to route: the calibration split is empty")
+    return VocabRouting(np.concatenate(ids_all), [np.concatenate(r) for r in routes], list(view.num_experts))

@@ -54,3 +54,36 @@ def tiny_model(family: str = "mixtral", seed: int = 0, dtype: torch.dtype = torc
             if "correction_bias" in name:
                 b.copy_(torch.randn(b.shape, generator=g).to(b.dtype) * 0.05)
     return model.eval()
+
+
+def upcycled(model: PreTrainedModel, factor: int = 2, noise: float = 0.0, seed: int = 0) -> PreTrainedModel:
+    """A model with ``factor`` times the experts that computes what ``model`` computes (sparse upcycling): each
+    expert and its router row copied ``factor`` times and top-k multiplied by ``factor``. With a softmax router (over
+    all experts or over the top-k), the copies of the k chosen experts are chosen and split their gate, so the
+    output is unchanged. ``noise`` (relative) makes the copies differ slightly.
+    Teaching uses it as a *trained* stand-in for a larger model of the same family."""
+    import copy
+
+    from .moe import MoEModel
+
+    view = MoEModel(model)
+    if any(lay.family.gating not in ("softmax_topk", "topk_softmax") for lay in view):
+        raise ValueError(f"upcycling keeps the function only for softmax routers, not {view[0].family.gating!r}")
+    cfg = copy.deepcopy(model.config)
+    tc = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    setattr(tc, view.count_attr, getattr(tc, view.count_attr) * factor)
+    tc.num_experts_per_tok = tc.num_experts_per_tok * factor
+    big = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    src = model.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in big.state_dict().items():
+            old = src[name]
+            if t.shape == old.shape:
+                t.copy_(old)
+                continue
+            rep = old.repeat_interleave(factor, dim=0)
+            if old.dim() == 3 and noise:  # expert tensors: copies differ a little
+                rep = rep + noise * old.std() * torch.randn(rep.shape, generator=g).to(rep.dtype)
+            t.copy_(rep)
+    return big.eval()

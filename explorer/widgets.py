@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from . import figures
 from .distill import DistillConfig
 from .perplexity import fmt_change, fmt_ppl
+from .report import preview_report
 from .plan import PRUNE_METHODS, Plan
 from .planners import MERGE_METHODS
 from .saliency import CRITERIA, SIMILARITIES
@@ -74,8 +75,12 @@ class RoutingView(W.VBox):
         merge = W.Button(description="Merge picked")
         merge.on_click(lambda _: self._run(self.s.merge_pending))
         self.picked = W.HTML()
+        # standalone (no PlanView beside it), the view says what the selection costs: the preview perplexity
+        self.result = W.HTML() if on_plan is None else None
         self.layer.observe(lambda ch: self.show_layer(ch["new"]), names="value")
-        super().__init__([W.HBox([self.mode, merge, self.picked]), self.heat, self.err, self.layer,
+        self._show_result()
+        super().__init__([W.HBox([self.mode, merge, self.picked]), self.heat, *([self.result] if self.result else []),
+                          self.err, self.layer,
                           W.HBox([self.coact, self.domain]), self.balance])
 
     def show_layer(self, layer: int) -> None:
@@ -104,8 +109,19 @@ class RoutingView(W.VBox):
         except Exception as err:  # noqa: BLE001 - shown in the widget
             _show_error(self.err, err)
         self.redraw()
+        self._show_result()
         if self.on_plan:
             self.on_plan()
+
+    def _show_result(self) -> None:
+        if self.result is None:
+            return
+        s = self.s
+        if s.plan.is_empty():
+            self.result.value = (f"Nothing selected: perplexity {fmt_ppl(s.baseline().ppl)}. Click cells to drop "
+                                 "experts and see what it costs.")
+        else:
+            self.result.value = preview_report(s.preview(), "html")
 
     def redraw(self) -> None:
         refresh(self.heat, figures.load_heatmap(self.s.stats, self.s.plan.drop_experts))
@@ -175,13 +191,17 @@ class PlanView(W.VBox):
         self.result = W.HTML()
         self.err = _error_box()
         self.pareto = _fw(figures.pareto_figure([]))
-        make.on_click(lambda _: self._run(lambda: self.s.preset(self.preset.value, self.amount.value,
-                                                                  self.crit.value, self.method.value)))
+        make.on_click(lambda _: self.make_plan())
         clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
         use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
         self.listeners: list = []
         super().__init__([W.HBox([self.preset, self.amount]), W.HBox([self.crit, self.method]), W.HBox([make, clear]),
                           self.err, self.result, self.json, use, self.pareto])
+        self.update()
+
+    def make_plan(self) -> None:
+        """What the Make plan button does: the chosen preset's plan, previewed and added to the chart."""
+        self._run(lambda: self.s.preset(self.preset.value, self.amount.value, self.crit.value, self.method.value))
         self.update()
 
     def _run(self, fn) -> None:
@@ -200,11 +220,7 @@ class PlanView(W.VBox):
         if s.plan.is_empty():
             self.result.value = f"Empty plan: perplexity {s.baseline().ppl:.3f}"
         else:
-            r = s.preview()
-            self.result.value = (f"<b>preview perplexity {fmt_ppl(r['ppl'])}</b> ({fmt_change(r['delta'])} vs "
-                                 f"{fmt_ppl(r['base_ppl'])})"
-                                 f" · parameters {r['params_before']:,} → <b>{r['params_after']:,}</b>"
-                                 f" · active/token {r['active_after']:,} · experts/layer {r['experts_after']}")
+            self.result.value = preview_report(s.preview(), "html")
         base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl}
         refresh(self.pareto, figures.pareto_figure(s.comparable(), base))
 
@@ -257,12 +273,11 @@ class Explorer(W.Tab):
 
     def __init__(self, session: Session):
         self.session = session
-        self.routing = RoutingView(session)
+        self.plan = PlanView(session)
+        self.routing = RoutingView(session, on_plan=self.plan.update)  # the Plan tab shows what a click costs
         self.tokens = TokenView(session)
         self.saliency = SaliencyView(session)
-        self.plan = PlanView(session)
         self.distill = DistillView(session)
-        self.routing.on_plan = self.plan.update
         self.plan.listeners.append(self.routing.redraw)
         super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill])
         for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill"]):

@@ -96,3 +96,20 @@ def test_model_without_moe_layers_is_refused():
                       num_key_value_heads=2, vocab_size=64)
     with pytest.raises(NoMoELayersError, match="no MoE layers"):
         MoEModel(LlamaForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "granitemoe"])
+def test_upcycled_model_computes_what_the_original_computes(family):
+    """The trained stand-in of notebook 5: twice the experts and top-k, the same logits (softmax routers)."""
+    from explorer.tiny import upcycled
+
+    model = tiny_model(family, seed=2)
+    big = upcycled(model, 2)
+    assert MoEModel(big).num_experts == [2 * e for e in MoEModel(model).num_experts]
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits, big(ids).logits
+        assert torch.allclose(a, b, atol=1e-4)
+        assert not torch.allclose(a, upcycled(model, 2, noise=0.2)(ids).logits, atol=1e-4)  # noisy copies differ
+    with pytest.raises(ValueError, match="softmax routers"):
+        upcycled(tiny_model("deepseek_v3", seed=2))

@@ -261,3 +261,47 @@ def test_grouped_and_loop_expert_paths_agree(family):
             np.testing.assert_allclose(lb[k], la[k], rtol=1e-5, atol=1e-5, err_msg=k)
     assert pb == pytest.approx(pa, rel=1e-5)
     torch.testing.assert_close(ob, oa, rtol=1e-5, atol=1e-5)
+
+
+def test_specialisation_lift_and_vocabulary_against_brute_force():
+    """Specialisation is relative to an expert's own load, co-activation is against chance, and the vocabulary
+    view counts every (token id, expert) pair of the pass; each checked by counting by hand."""
+    from explorer.stats import vocab_routing
+
+    model = tiny_model("mixtral", seed=3)
+    view = MoEModel(model)
+    blocks = _blocks(n=8, L=24, pad_last=5)
+    stats = collect_stats(model, view, blocks)
+    i = 1
+    c = stats.layers[i]["count"]
+    dom = stats.layers[i]["domain_count"]
+    want = (dom / dom.sum(1, keepdims=True)) / (c / c.sum())[None, :]
+    assert np.allclose(stats.specialisation(i), want)
+    n = stats.layers[i]["tokens"]
+    lift = stats.coactivation_lift(i)
+    assert np.isnan(lift[0, 0]) and np.allclose(lift[0, 1], stats.layers[i]["coact"][0, 1] / n / (c[0] * c[1] / n**2))
+    vr = vocab_routing(model, view, blocks, batch_size=3)
+    assert len(vr.ids) == int(blocks.lengths.sum())  # every real token once, no padding
+    routes = []
+
+    def fwd(lay, hs):
+        if lay.index == i:
+            routes.append(lay.route(hs.reshape(-1, hs.shape[-1]))[2])
+        return lay.forward(hs)
+    with torch.inference_mode(), view.patched(fwd):
+        for j in range(len(blocks)):
+            L = int(blocks.lengths[j])
+            model(input_ids=blocks.input_ids[j:j + 1, :L], use_cache=False)
+    brute = {}
+    for j, r in enumerate(routes):
+        for t, tok in enumerate(blocks.input_ids[j, :int(blocks.lengths[j])].tolist()):
+            for e in r[t].tolist():
+                brute.setdefault(tok, np.zeros(8))[e] += 1
+    ids, share, occ = vr.token_share(i)
+    for tok, sh in zip(ids.tolist(), share):
+        assert np.allclose(sh, brute[tok] / (brute[tok].sum() / 2)), tok  # per occurrence; top-2: a row sums to 2
+    assert set(ids.tolist()) == set(brute)
+    conc, chance = vr.concentration(i, 2), vr.concentration(i, 2, shuffled=True)
+    assert 1 / 8 <= chance <= 1 and 1 / 8 <= conc <= 1
+    with pytest.raises(ValueError, match="occurs 1000 times"):
+        vr.concentration(i, 1000)

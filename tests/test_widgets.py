@@ -23,11 +23,14 @@ def test_routing_view_layer_slider_and_clicks(session):
     v.layer.value = 2
     assert not np.allclose(np.array(v.coact.data[0].z), z0)
     assert len(v.heat.data[-1].x) == 0  # nothing selected yet
+    assert "Nothing selected" in v.result.value
     v.toggle(1, 3)  # what a click on the heatmap cell (expert 3, layer 1) does
     assert session.plan.drop_experts == {1: [3]}
     assert list(v.heat.data[-1].x) == [3] and list(v.heat.data[-1].y) == [1]
+    ppl = session.preview()["ppl"]  # standalone, the view shows what the selection costs
+    assert "preview perplexity" in v.result.value and f"{ppl:.3f}" in v.result.value
     v.toggle(1, 3)
-    assert session.plan.is_empty() and len(v.heat.data[-1].x) == 0
+    assert session.plan.is_empty() and len(v.heat.data[-1].x) == 0 and "Nothing selected" in v.result.value
 
 
 def _click(fw, expert: int, layer: int) -> None:
@@ -87,6 +90,32 @@ def test_session_distill_uses_changed_settings(session):
     assert d is not first and d.step == 2
     assert (d.config.lr, d.config.kl, d.config.temperature) == (5e-4, "reverse", 2.0)
     assert d.opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_a_new_plan_keeps_the_distilled_student(session, tmp_path):
+    """Changing the plan after distilling neither discards the student nor exports it for the wrong plan; picking
+    the plan again (a Compare row) brings it back, and the export writes it."""
+    import json
+
+    from explorer.distill import DistillConfig
+    from explorer.plan import Plan
+
+    a = Plan(drop_experts={0: [1, 2], 2: [3]})
+    session.set_plan(a)
+    list(session.distill(DistillConfig(steps=4, eval_every=2, seed=0)))
+    student = session.student()
+    assert student is not None and "distilled student" in session.export_what()
+    session.set_plan(Plan(drop_experts={1: [4]}))  # a click: another plan
+    assert session.student() is None and session.export_what() == "the cut model, not distilled"
+    note = session.kept_note()
+    assert "Distilled students are kept" in note and a.describe() in note
+    row = next(i for i, e in enumerate(session.tried) if e.get("distilled"))
+    session.use_tried(row)
+    assert session.student() is student and session.kept_note() == ""
+    out = session.export(tmp_path / "back")
+    assert json.loads((out / "summary.json").read_text())["kept_step"] == student.best_step
+    with pytest.raises(ValueError, match="no plan number"):
+        session.use_tried(99)
 
 
 def test_plan_view_preview_updates(session):

@@ -1,0 +1,37 @@
+"""How a plan's preview reads, in one place for the app (Markdown), the widgets (HTML) and the CLI (text)."""
+from __future__ import annotations
+
+from .perplexity import fmt_change, fmt_ppl
+
+_BOLD = {"markdown": ("**", "**"), "html": ("<b>", "</b>"), "text": ("", "")}
+_SEP = {"markdown": "\n\n", "html": "<br>", "text": "\n"}
+
+
+def preview_result(res, base, report: dict, seconds: float) -> dict:
+    """A preview's perplexity (``res``, against the original's ``base``) and the plan's size report, as one dict."""
+    return {"ppl": res.ppl, "base_ppl": base.ppl, "delta": res.ppl / base.ppl - 1, "bpb": res.bpb,
+            "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
+            "seconds": seconds, **report}
+
+
+def size_lines(r: dict, markup: str = "text") -> list[str]:
+    """Parameters, active parameters, memory and experts per layer before and after a plan."""
+    b0, b1 = _BOLD[markup]
+    zeroed = r["params_after"] - r.get("params_nonzero_after", r["params_after"])
+    pruned = f", {r['params_nonzero_after']:,} non-zero after pruning ({zeroed:,} weights zeroed)" if zeroed else ""
+    return [f"parameters {r['params_before']:,} → {b0}{r['params_after']:,}{b1}{pruned} "
+            f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
+            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16",
+            f"experts per MoE layer {r['experts_after']} · {r['loader_note']}"]
+
+
+def preview_report(r: dict, markup: str = "text") -> str:
+    """The preview in words: perplexity against the original, per domain, size, and how long it took."""
+    b0, b1 = _BOLD[markup]
+    lines = [f"preview perplexity {b0}{fmt_ppl(r['ppl'])}{b1} ({fmt_change(r['delta'])} vs original "
+             f"{fmt_ppl(r['base_ppl'])}, {r['tokens']:,} tokens)",
+             "per domain: " + " · ".join(f"{k} {fmt_ppl(v)}" for k, v in r["per_domain"].items()),
+             *size_lines(r, markup)]
+    if r.get("seconds") is not None:
+        lines.append(f"preview took {r['seconds']:.2f}s")
+    return _SEP[markup].join(lines)
