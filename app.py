@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from types import SimpleNamespace
 import functools
 import hashlib
 import html
@@ -25,8 +26,9 @@ from explorer import figures
 from explorer.data import DataError
 from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError, recovered
 from explorer.loading import ModelLoadError
-from explorer.perplexity import fmt_change, fmt_ppl
+from explorer.perplexity import fmt_ppl
 from explorer.plan import PRUNE_METHODS, Plan, PlanError
+from explorer.report import preview_report
 from explorer.planners import MERGE_METHODS
 from explorer.saliency import CRITERIA, SIMILARITIES
 from explorer.session import PRESETS, Session, SessionError
@@ -36,6 +38,8 @@ USER_ERRORS = (SessionError, PlanError, ModelLoadError, DataError, DistillError,
 DEFAULT_MODEL = "demo"
 DEFAULTS = DistillConfig()  # the Distill tab's defaults are the library's
 # a session lives in the page: reloading or closing it loses the plans tried, so the browser asks first
+# a clicked table cell shows its plan colour at once (red = dropped), not the selection's white
+CSS = '.body-cell[aria-selected="true"] * { background: transparent !important; }'
 LEAVE_WARNING = ("<script>window.addEventListener('beforeunload', (e) => { e.preventDefault(); e.returnValue = ''; });"
                  "</script>")
 
@@ -124,7 +128,7 @@ def load_table(s: Session):
     """The load heatmap as a clickable table (click a cell to drop / keep that expert)."""
     if s.stats is None:
         return pd.DataFrame()
-    m = s.stats.load_matrix() * max(s.stats.num_experts)
+    m = s.stats.load_vs_uniform()
     df = pd.DataFrame(m.round(2), columns=[f"e{e}" for e in range(m.shape[1])])
     df.insert(0, "layer", [f"L{i}" for i in range(m.shape[0])])
     drops = s.plan.drop_experts
@@ -151,16 +155,9 @@ def plan_md(s: Session, res: dict | None) -> str:
     if s.plan.is_empty():
         base = s.baseline()
         return f"Empty plan. Original perplexity **{base.ppl:.3f}** on {base.tokens:,} tokens."
-    r = res
-    dom = " · ".join(f"{k} {v:.2f}" for k, v in r["per_domain"].items())
-    pruned = (f" · {r['params_nonzero_after']:,} non-zero after pruning "
-              f"({r['params_after'] - r['params_nonzero_after']:,} weights zeroed)" if s.plan.prune else "")
-    return (f"### Preview perplexity **{fmt_ppl(r['ppl'])}** ({fmt_change(r['delta'])} vs {fmt_ppl(r['base_ppl'])})"
-            f"\n\n{dom}\n\nParameters {r['params_before']:,} → **{r['params_after']:,}**{pruned} "
-            f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
-            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16 · experts per layer "
-            f"{r['experts_after']}\n\n{'✅' if r['loadable_by_transformers'] else 'ℹ️'} {r['loader_note']} · "
-            f"preview took {r['seconds']:.2f}s")
+    mark = "✅" if res["loadable_by_transformers"] else "ℹ️"
+    return "### " + preview_report(res, "markdown").replace("preview perplexity", "Preview perplexity", 1) \
+        .replace("experts per MoE layer", f"{mark} experts per MoE layer", 1)
 
 
 COMPARE_COLUMNS = ["plan", "parameters", "active/token", "perplexity", "measured on"]
@@ -192,360 +189,451 @@ def plan_file(s: Session) -> str | None:
     return str(path)
 
 
-# ---- handlers ---------------------------------------------------------------------------------------------
+# ---- layout: one builder per tab, each returns its components ------------------------------------------------
+def model_tab(default_model: str) -> SimpleNamespace:
+    with gr.Tab("Model", id="model"):
+        with gr.Row():
+            src = gr.Textbox(value=default_model, label="Model: 'demo', a local folder or a hub id", scale=3)
+            device = gr.Dropdown(DEVICES, value="auto", label="device", scale=1)
+            dtype = gr.Dropdown(["float32", "bf16", "fp16", "auto"], value="float32", label="dtype", scale=1)
+        with gr.Row():
+            data_src = gr.Dropdown(["demo"], value="demo", allow_custom_value=True, scale=3,
+                                   label="Calibration/evaluation text: 'demo' (4 domains) or a .txt path")
+            upload = gr.File(label="…or upload .txt files (one domain each)", file_count="multiple",
+                             file_types=[".txt"], scale=2)
+            max_tok = gr.Number(value=2048, precision=0, label="tokens per domain and split", scale=1)
+        with gr.Row():
+            load_btn = gr.Button("Load model", variant="primary")
+            stats_btn = gr.Button("Collect statistics")
+        summary = gr.Markdown("Loading the demo model…")
+    return SimpleNamespace(**locals())
+
+
+def routing_tab() -> SimpleNamespace:
+    with gr.Tab("Routing", id="routing") as tab:
+        heat = gr.Plot(label="load heatmap")
+        layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer")
+        with gr.Row():
+            coact = gr.Plot(label="co-activation")
+            domain = gr.Plot(label="domain specialisation")
+        balance = gr.Plot(label="entropy and balance")
+        vocab = gr.Plot(label="vocabulary specialisation")
+        with gr.Row():
+            text = gr.Textbox(value="def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + "
+                              "fibonacci(n - 2)\n\nTo be, or not to be, that is the question.",
+                              lines=4, label="Type a text to see each token's expert", scale=3)
+            strip_layer = gr.Slider(0, 3, value=0, step=1, label="layer for the token colours", scale=1)
+        route_btn = gr.Button("Show routing")
+        strip = gr.HTML()
+    return SimpleNamespace(**locals())
+
+
+def saliency_tab() -> SimpleNamespace:
+    with gr.Tab("Saliency", id="saliency"):
+        with gr.Row():
+            crits = gr.CheckboxGroup(list(CRITERIA), value=["frequency", "gate-mass", "reap"],
+                                     label="criteria (reconstruction and ablation run the model)", scale=3)
+            layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer", scale=1)
+        btn = gr.Button("Score experts")
+        bars = gr.Plot(label="expert scores by criterion")
+        with gr.Row():
+            sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
+        sim = gr.Plot(label="similarity and dendrogram (merge candidates)")
+        importance = gr.Plot(label="layer and block importance")
+    return SimpleNamespace(**locals())
+
+
+def plan_tab() -> SimpleNamespace:
+    with gr.Tab("Plan", id="plan"):
+        gr.Markdown("Click a cell to drop or keep that expert (red = dropped), or switch the click to pick a merge "
+                    "group (yellow = picked, green = merged); or write a plan with a preset. Every change updates "
+                    "the preview at once.")
+        with gr.Row():
+            click_mode = gr.Radio(["drop / keep", "pick for a merge group"], value="drop / keep",
+                                  label="a click on a cell does", scale=2)
+            merge_btn = gr.Button("Merge the picked experts", scale=1)
+            picked = gr.Markdown(scale=2)
+        table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
+        with gr.Row():
+            preset = gr.Dropdown(list(PRESETS), value="drop-experts", label="preset")
+            amount = gr.Number(value=0.25, label="amount (fraction, or count for merge/layers/blocks)")
+            crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
+            method = gr.Dropdown(list(MERGE_METHODS + PRUNE_METHODS), value=MERGE_METHODS[0],
+                                 label="method (merge / prune)")
+            mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
+            protect = gr.Checkbox(label="protect super experts")
+        with gr.Row():
+            preset_btn = gr.Button("Make plan", variant="primary")
+            clear_btn = gr.Button("Clear plan")
+        with gr.Row():
+            depth_layers = gr.CheckboxGroup([], label="drop MoE sub-layers (Layer Drop)")
+            depth_blocks = gr.CheckboxGroup([], label="drop decoder blocks (Block Drop)")
+            slim_keep = gr.Slider(0.1, 1.0, value=1.0, step=0.05,
+                                  label="keep this fraction of every expert's neurons (1 = no slimming)")
+        msg = gr.Markdown()
+        preview = gr.Markdown()
+        plan_json = gr.Code(language="json", label="plan (editable)", interactive=True)
+        with gr.Row():
+            json_btn = gr.Button("Use edited JSON")
+            download = gr.DownloadButton("Download plan.json")
+            upload = gr.UploadButton("Upload a plan", file_types=[".json", ".yaml", ".yml"])
+    return SimpleNamespace(**locals())
+
+
+def distill_tab() -> SimpleNamespace:
+    with gr.Tab("Distill", id="distill"):
+        with gr.Row():
+            steps = gr.Number(value=DEFAULTS.steps, precision=0, label="steps")
+            lr = gr.Number(value=DEFAULTS.lr, label="learning rate")
+            temp = gr.Number(value=DEFAULTS.temperature, label="temperature")
+            kl = gr.Dropdown(list(KL_KINDS), value=DEFAULTS.kl, label="KL")
+            train_what = gr.Dropdown(list(TRAINABLE), value=DEFAULTS.train, label="train")
+            every = gr.Number(value=DEFAULTS.eval_every, precision=0, label="evaluate every")
+        with gr.Row():
+            start_btn = gr.Button("Start distillation", variant="primary")
+            stop_btn = gr.Button("Stop", variant="stop")
+        status = gr.Markdown()
+        chart = gr.Plot(label="distillation: loss and held-out perplexity")
+    return SimpleNamespace(**locals())
+
+
+def compare_tab() -> SimpleNamespace:
+    with gr.Tab("Compare & export", id="export") as tab:
+        tried = gr.Dataframe(label="plans tried this session: click a row to make it the plan again", interactive=False)
+        remeasure_btn = gr.Button("Re-measure stale plans on the current text")
+        pareto = gr.Plot(label="parameters against perplexity")
+        with gr.Row():
+            out_dir = gr.Textbox(value="compressed", scale=3,
+                                 label="export folder (a relative name goes under this session's own output folder)")
+            overwrite = gr.Checkbox(label="replace a previous export there", scale=1)
+        with gr.Row():
+            export_btn = gr.Button("Export to folder", variant="primary")
+            zip_btn = gr.Button("Export as download")
+        msg = gr.Markdown()
+        file = gr.File(label="download")
+    return SimpleNamespace(**locals())
+
+
+# ---- handlers (module level: session in, component values out) -----------------------------------------------
+N_PLAN_OUTPUTS = 12  # state, message, preview, JSON, table, heatmap, tried, Pareto, layers, blocks, slim, download
+
+
+def plan_outputs(s: Session) -> tuple:
+    """Every Plan-tab view of the session, in the order of ``Views.plan_outputs``."""
+    res = None if s.plan.is_empty() else s.preview()
+    p = s.plan
+    return (s, s.kept_note(), plan_md(s, res), p.to_json(), load_table(s),
+            figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, tried_table(s), pareto(s),
+            gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
+            gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))], value=list(p.drop_blocks)),
+            gr.update(value=1.0 if p.slim is None else p.slim), plan_file(s))
+
+
+def plan_edit_outputs(s: Session) -> tuple:
+    """What a click changes at once (the table, the heatmap, the JSON); the preview follows in ``on_refresh``."""
+    p = s.plan
+    keep = [gr.update()] * 2
+    return (s, s.kept_note(), "⏳ measuring the preview…" if not p.is_empty() else gr.update(), p.to_json(), load_table(s),
+            figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, *keep, *keep, gr.update(),
+            plan_file(s))
+
+
+def picked_text(s: Session) -> str:
+    if not s.pending or not s.pending[1]:
+        return ""
+    return f"Picked in layer {s.pending[0]}: experts {', '.join(map(str, s.pending[1]))}"
+
+
+@friendly
+def on_load(s, source, device, dtype, data_source, files, max_tokens, progress=gr.Progress()):
+    s = _sess(s)
+    progress(0.1, desc="loading model")
+    s.load(source, None if device in ("auto", SPREAD) else device, dtype,
+           device_map="auto" if device == SPREAD else None)
+    return on_data(s, data_source, files, max_tokens)
+
+
+@friendly
+def on_data(s, data_source, files, max_tokens):
+    s = _sess(s)
+    s.require()
+    source = data_source or "demo"
+    if files:
+        folder = Path(tempfile.mkdtemp(prefix="explorer-upload-"))
+        for f in files:
+            shutil.copy(getattr(f, "name", f), folder / Path(getattr(f, "name", f)).name)
+        source = str(folder)
+    s.max_tokens = int(max_tokens) if max_tokens else None
+    s.set_data(source)
+    return s, summary_md(s) + "\n\nCollecting router statistics…"
+
+
+@friendly
+def on_stats(s, progress=gr.Progress()):
+    s = _sess(s)
+    s.require()
+    s.collect(progress=lambda d, t: progress(d / t, desc="collecting router statistics"))
+    st = s.stats
+    sliders = [gr.update(maximum=max(0, len(s.view) - 1), value=0) for _ in range(3)]
+    return (s, summary_md(s), figures.coactivation_heatmap(st, 0), figures.domain_heatmap(st, 0),
+            figures.balance_chart(st), figures.vocab_figure(s.vocab(), s.tok, 0), *sliders, figures.importance_chart(st),
+            *plan_outputs(s)[1:])
+
+
+@friendly
+def on_layer(s, layer):
+    s = _sess(s)
+    s.require(stats=True)
+    lay = int(layer)
+    return (figures.coactivation_heatmap(s.stats, lay), figures.domain_heatmap(s.stats, lay),
+            figures.vocab_figure(s.vocab(), s.tok, lay))
+
+
+@friendly
+def on_route(s, text, layer):
+    r = _sess(s).routes(text)
+    return figures.token_strip_html(r, min(int(layer), len(r["routes"]) - 1))
+
+
+@friendly
+def on_saliency(s, criteria, layer, kind, progress=gr.Progress()):
+    s = _sess(s)
+    s.require(stats=True)
+    if not criteria:
+        raise SessionError("choose at least one criterion")
+    sc = {c: s.scores(c, progress=lambda d, t: progress(d / t, desc=f"scoring by {c}")) for c in criteria}
+    lay = int(layer)
+    return (figures.saliency_bars(sc, lay),
+            figures.similarity_figure(s.similarity(lay, kind), f"Expert similarity ({kind}), layer {lay}"),
+            figures.importance_chart(s.stats))
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_depth(s, layers, blocks, keep):
+    s = _sess(s)
+    s.set_depth(layers or [], blocks or [], keep)
+    return plan_outputs(s)
+
+
+@plan_guard(N_PLAN_OUTPUTS + 1)
+def on_cell(s, click_mode, evt: gr.SelectData):
+    s = _sess(s)
+    s.require(stats=True)
+    row, col = evt.index
+    if col == 0:
+        return (*plan_outputs(s), picked_text(s))
+    if click_mode == "pick for a merge group":
+        s.pick_for_merge(int(row), int(col) - 1)
+        unchanged = [gr.update()] * (N_PLAN_OUTPUTS - 5)
+        return (s, "", gr.update(), gr.update(), load_table(s), *unchanged, picked_text(s))
+    s.toggle_expert(int(row), int(col) - 1)
+    return (*plan_edit_outputs(s), picked_text(s))  # the cell turns red now; on_refresh measures the preview
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_refresh(s):
+    """After a click: the preview, the Compare rows and the chart; the click's own message stays."""
+    s = _sess(s)
+    s.require()
+    out = list(plan_outputs(s))
+    out[1] = gr.update()
+    return tuple(out)
+
+
+@plan_guard(N_PLAN_OUTPUTS + 1)
+def on_merge(s):
+    s = _sess(s)
+    s.merge_pending()
+    return (*plan_outputs(s), picked_text(s))
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Progress()):
+    s = _sess(s)
+    progress(0.2, desc="writing the plan")
+    before = s.plan
+    s.preset(kind, amount, criterion, method, mode, protect)
+    out = list(plan_outputs(s))
+    if not before.is_empty():
+        out[1] = (f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still in "
+                  "Compare: pick its row there to bring it back. " + out[1])
+    return tuple(out)
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_pick_tried(s, evt: gr.SelectData):
+    """A click on a Compare row makes that plan the current one again (with its distilled student, if any)."""
+    s = _sess(s)
+    plan = s.use_tried(int(evt.index[0]))
+    out = list(plan_outputs(s))
+    d = s.student()
+    out[1] = (f"ℹ️ '{html.escape(plan.describe())}' is the plan again" +
+              (f"; its distilled student (perplexity {fmt_ppl(d.best_ppl)}) is what an export writes." if d else ".")
+              + (" " + out[1] if out[1] else ""))
+    return tuple(out)
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_clear(s):
+    s = _sess(s)
+    s.require()
+    s.set_plan(Plan())
+    return plan_outputs(s)
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_json(s, text):
+    s = _sess(s)
+    s.set_plan(text)
+    return plan_outputs(s)
+
+
+@plan_guard(N_PLAN_OUTPUTS)
+def on_upload(s, file):
+    s = _sess(s)
+    s.set_plan(Path(getattr(file, "name", file)).read_text())
+    return plan_outputs(s)
+
+
+@friendly_gen
+def on_distill(s, steps, lr, temperature, kl, train, eval_every):
+    s = _sess(s)
+    cfg = dataclasses.replace(DEFAULTS, steps=int(steps), lr=float(lr), temperature=float(temperature), kl=kl,
+                              train=train, eval_every=int(eval_every)).validate()
+    hist = []
+    last = time.perf_counter()
+    for e in s.distill(cfg):
+        hist = s.distiller.history
+        if e.kind == "step" and time.perf_counter() - last < 0.5:
+            continue
+        last = time.perf_counter()
+        yield s, distill_md(e, s), figures.distill_figure(hist, s.baseline().ppl), gr.update(), gr.update()
+    # the distilled student now stands in Compare and on the Pareto chart
+    yield (s, distill_md(hist[-1] if hist else None, s), figures.distill_figure(hist, s.baseline().ppl),
+           tried_table(s), pareto(s))
+
+
+def on_stop(s):
+    if s is not None:
+        s.stop_distill()
+    return "Stopping after the current step… (press Start to go on from there)"
+
+
+def on_export(s, folder, overwrite):
+    """A problem replaces the message (an earlier 'Written to' line never stays beside a new error)."""
+    try:
+        s = _sess(s)
+        what = s.export_what()
+        out = s.export(folder, overwrite=bool(overwrite))
+    except Exception as err:  # noqa: BLE001 - reported in the page
+        return s, user_message(err), None
+    return s, f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json.", None
+
+
+def on_zip(s):
+    try:
+        s = _sess(s)
+        tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
+        out = s.export(tmp / "compressed")
+        archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
+    except Exception as err:  # noqa: BLE001
+        return s, user_message(err), None
+    return s, f"Archive ready: {Path(archive).name}", archive
+
+
+@friendly
+def on_remeasure(s, progress=gr.Progress()):
+    s = _sess(s)
+    s.require()
+    progress(0.1, desc="re-measuring stale plans")
+    s.remeasure()
+    return tried_table(s), pareto(s)
+
+
+def on_routing_tab(s):
+    """Plots drawn while their tab was hidden come out half as wide: draw them again when it shows."""
+    if s is None or s.stats is None:
+        return gr.update(), gr.update()
+    return figures.load_heatmap(s.stats, s.plan.drop_experts), figures.balance_chart(s.stats)
+
+
+def on_compare_tab(s):
+    if s is None or not s.loaded:
+        return gr.update(), gr.update()
+    return tried_table(s), pareto(s)
+
+
+# ---- wiring ----------------------------------------------------------------------------------------------------
+def wire_loading(demo: gr.Blocks, state, m, r, sa, p, c) -> None:
+    stat_outputs = [state, m.summary, r.coact, r.domain, r.balance, r.vocab, r.layer, sa.layer, r.strip_layer,
+                    sa.importance, *plan_views(p, r, c)[1:]]
+    # the summary shows as soon as the model is in; the plots follow when the statistics are collected
+    gr.on([m.load_btn.click, demo.load], on_load, [state, m.src, m.device, m.dtype, m.data_src, m.upload, m.max_tok],
+          [state, m.summary]).success(on_stats, [state], stat_outputs)
+    m.stats_btn.click(on_data, [state, m.data_src, m.upload, m.max_tok], [state, m.summary]).success(
+        on_stats, [state], stat_outputs)
+
+
+def plan_views(p, r, c) -> list:
+    return [None, p.msg, p.preview, p.plan_json, p.table, r.heat, c.tried, c.pareto, p.depth_layers, p.depth_blocks,
+            p.slim_keep, p.download]
+
+
+def wire_routing(state, r) -> None:
+    r.layer.change(on_layer, [state, r.layer], [r.coact, r.domain, r.vocab])
+    gr.on([r.route_btn.click, r.strip_layer.change], on_route, [state, r.text, r.strip_layer], r.strip)
+    r.tab.select(on_routing_tab, [state], [r.heat, r.balance])
+
+
+def wire_saliency(state, sa) -> None:
+    gr.on([sa.btn.click, sa.layer.change, sa.sim_kind.change], on_saliency, [state, sa.crits, sa.layer, sa.sim_kind],
+          [sa.bars, sa.sim, sa.importance])
+
+
+def wire_plan(state, p, r, c) -> None:
+    outs = [state, *plan_views(p, r, c)[1:]]
+    gr.on([p.depth_layers.input, p.depth_blocks.input, p.slim_keep.release], on_depth,
+          [state, p.depth_layers, p.depth_blocks, p.slim_keep], outs)
+    p.table.select(on_cell, [state, p.click_mode], outs + [p.picked]).then(on_refresh, [state], outs)
+    p.merge_btn.click(on_merge, [state], outs + [p.picked])
+    p.preset_btn.click(on_preset, [state, p.preset, p.amount, p.crit, p.method, p.mode, p.protect], outs)
+    p.clear_btn.click(on_clear, [state], outs)
+    p.json_btn.click(on_json, [state, p.plan_json], outs)
+    p.upload.upload(on_upload, [state, p.upload], outs)
+
+
+def wire_compare_rows(state, p, r, c) -> None:
+    c.tried.select(on_pick_tried, [state], [state, *plan_views(p, r, c)[1:]])
+
+
+def wire_distill(state, d, c) -> None:
+    d.start_btn.click(on_distill, [state, d.steps, d.lr, d.temp, d.kl, d.train_what, d.every],
+                      [state, d.status, d.chart, c.tried, c.pareto], concurrency_limit=None)
+    d.stop_btn.click(on_stop, [state], d.status, queue=False)
+
+
+def wire_compare(state, c) -> None:
+    c.export_btn.click(on_export, [state, c.out_dir, c.overwrite], [state, c.msg, c.file])
+    c.zip_btn.click(on_zip, [state], [state, c.msg, c.file])
+    c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
+    c.tab.select(on_compare_tab, [state], [c.tried, c.pareto])
+
+
 def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
     with gr.Blocks(title="MoE Compression Explorer") as demo:
         state = gr.State(None)
         gr.Markdown("# MoE Compression Explorer\nSee which experts carry the load, what cutting them costs, and how "
                     "much a short distillation wins back.")
         with gr.Tabs():
-            # ---------------- Model ----------------
-            with gr.Tab("Model", id="model"):
-                with gr.Row():
-                    src = gr.Textbox(value=default_model, label="Model: 'demo', a local folder or a hub id", scale=3)
-                    device = gr.Dropdown(DEVICES, value="auto", label="device", scale=1)
-                    dtype = gr.Dropdown(["float32", "bf16", "fp16", "auto"], value="float32", label="dtype", scale=1)
-                with gr.Row():
-                    data_src = gr.Dropdown(["demo"], value="demo", allow_custom_value=True, scale=3,
-                                           label="Calibration/evaluation text: 'demo' (4 domains) or a .txt path")
-                    upload = gr.File(label="…or upload .txt files (one domain each)", file_count="multiple",
-                                     file_types=[".txt"], scale=2)
-                    max_tok = gr.Number(value=2048, precision=0, label="tokens per domain and split", scale=1)
-                with gr.Row():
-                    load_btn = gr.Button("Load model", variant="primary")
-                    stats_btn = gr.Button("Collect statistics")
-                summary = gr.Markdown("Loading the demo model…")
-
-            # ---------------- Routing ----------------
-            with gr.Tab("Routing", id="routing") as routing_tab:
-                heat = gr.Plot(label="load heatmap")
-                layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer")
-                with gr.Row():
-                    coact = gr.Plot(label="co-activation")
-                    domain = gr.Plot(label="domain specialisation")
-                balance = gr.Plot(label="entropy and balance")
-                with gr.Row():
-                    text = gr.Textbox(value="def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + "
-                                      "fibonacci(n - 2)\n\nTo be, or not to be, that is the question.",
-                                      lines=4, label="Type a text to see each token's expert", scale=3)
-                    strip_layer = gr.Slider(0, 3, value=0, step=1, label="layer for the token colours", scale=1)
-                route_btn = gr.Button("Show routing")
-                strip = gr.HTML()
-
-            # ---------------- Saliency ----------------
-            with gr.Tab("Saliency", id="saliency"):
-                with gr.Row():
-                    crits = gr.CheckboxGroup(list(CRITERIA), value=["frequency", "gate-mass", "reap"],
-                                             label="criteria (reconstruction and ablation run the model)", scale=3)
-                    sal_layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer", scale=1)
-                sal_btn = gr.Button("Score experts")
-                sal_plot = gr.Plot(label="expert scores by criterion")
-                with gr.Row():
-                    sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
-                sim_plot = gr.Plot(label="similarity and dendrogram (merge candidates)")
-                imp_plot = gr.Plot(label="layer and block importance")
-
-            # ---------------- Plan ----------------
-            with gr.Tab("Plan", id="plan"):
-                gr.Markdown("Click a cell to drop or keep that expert (red = dropped), or switch the click to pick a "
-                            "merge group (yellow = picked, green = merged); or write a plan with a preset. Every "
-                            "change updates the preview at once.")
-                with gr.Row():
-                    click_mode = gr.Radio(["drop / keep", "pick for a merge group"], value="drop / keep",
-                                          label="a click on a cell does", scale=2)
-                    merge_btn = gr.Button("Merge the picked experts", scale=1)
-                    picked_md = gr.Markdown(scale=2)
-                table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
-                with gr.Row():
-                    preset = gr.Dropdown(list(PRESETS),
-                                         value="drop-experts", label="preset")
-                    amount = gr.Number(value=0.25, label="amount (fraction, or count for merge/layers/blocks)")
-                    crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
-                    method = gr.Dropdown(list(MERGE_METHODS + PRUNE_METHODS), value=MERGE_METHODS[0],
-                                         label="method (merge / prune)")
-                    mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
-                    protect = gr.Checkbox(label="protect super experts")
-                with gr.Row():
-                    preset_btn = gr.Button("Make plan", variant="primary")
-                    clear_btn = gr.Button("Clear plan")
-                with gr.Row():
-                    depth_layers = gr.CheckboxGroup([], label="drop MoE sub-layers (Layer Drop)")
-                    depth_blocks = gr.CheckboxGroup([], label="drop decoder blocks (Block Drop)")
-                    slim_keep = gr.Slider(0.1, 1.0, value=1.0, step=0.05,
-                                          label="keep this fraction of every expert's neurons (1 = no slimming)")
-                plan_msg = gr.Markdown()
-                preview = gr.Markdown()
-                plan_json = gr.Code(language="json", label="plan (editable)", interactive=True)
-                with gr.Row():
-                    plan_apply_btn = gr.Button("Use edited JSON")
-                    plan_dl = gr.DownloadButton("Download plan.json")
-                    plan_up = gr.UploadButton("Upload a plan", file_types=[".json", ".yaml", ".yml"])
-
-            # ---------------- Distill ----------------
-            with gr.Tab("Distill", id="distill"):
-                with gr.Row():
-                    steps = gr.Number(value=DEFAULTS.steps, precision=0, label="steps")
-                    lr = gr.Number(value=DEFAULTS.lr, label="learning rate")
-                    temp = gr.Number(value=DEFAULTS.temperature, label="temperature")
-                    kl = gr.Dropdown(list(KL_KINDS), value=DEFAULTS.kl, label="KL")
-                    train_what = gr.Dropdown(list(TRAINABLE), value=DEFAULTS.train, label="train")
-                    every = gr.Number(value=DEFAULTS.eval_every, precision=0, label="evaluate every")
-                with gr.Row():
-                    start_btn = gr.Button("Start distillation", variant="primary")
-                    stop_btn = gr.Button("Stop", variant="stop")
-                dist_status = gr.Markdown()
-                dist_plot = gr.Plot(label="distillation: loss and held-out perplexity")
-
-            # ---------------- Compare & export ----------------
-            with gr.Tab("Compare & export", id="export") as compare_tab:
-                tried = gr.Dataframe(label="plans tried this session", interactive=False)
-                remeasure_btn = gr.Button("Re-measure stale plans on the current text")
-                pareto_plot = gr.Plot(label="parameters against perplexity")
-                with gr.Row():
-                    out_dir = gr.Textbox(value="compressed", scale=3,
-                                         label="export folder (a relative name goes under this session's own "
-                                               "output folder)")
-                    overwrite = gr.Checkbox(label="replace a previous export there", scale=1)
-                with gr.Row():
-                    export_btn = gr.Button("Export to folder", variant="primary")
-                    zip_btn = gr.Button("Export as download")
-                export_msg = gr.Markdown()
-                export_file = gr.File(label="download")
-
-        # ---------------- wiring ----------------
-        def routing_figs(s: Session, lay: int):
-            st = s.stats
-            return figures.coactivation_heatmap(st, lay), figures.domain_heatmap(st, lay), figures.balance_chart(st)
-
-        def slider_updates(s: Session):
-            n = max(0, len(s.view) - 1)
-            return [gr.update(maximum=n, value=0) for _ in range(3)]
-
-        def plan_outputs(s: Session):
-            res = None if s.plan.is_empty() else s.preview()
-            p = s.plan
-            return (s, "", plan_md(s, res), p.to_json(), load_table(s),
-                    figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, tried_table(s), pareto(s),
-                    gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
-                    gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
-                              value=list(p.drop_blocks)),
-                    gr.update(value=1.0 if p.slim is None else p.slim), plan_file(s))
-
-        @friendly
-        def on_load(s, source, dev, dt, dsrc, files, mt, progress=gr.Progress()):
-            s = _sess(s)
-            progress(0.1, desc="loading model")
-            s.load(source, None if dev in ("auto", SPREAD) else dev, dt, device_map="auto" if dev == SPREAD else None)
-            return on_data(s, dsrc, files, mt)
-
-        @friendly
-        def on_data(s, dsrc, files, mt):
-            s = _sess(s)
-            s.require()
-            source = dsrc or "demo"
-            if files:
-                folder = Path(tempfile.mkdtemp(prefix="explorer-upload-"))
-                for f in files:
-                    shutil.copy(getattr(f, "name", f), folder / Path(getattr(f, "name", f)).name)
-                source = str(folder)
-            s.max_tokens = int(mt) if mt else None
-            s.set_data(source)
-            return s, summary_md(s) + "\n\nCollecting router statistics…"
-
-        @friendly
-        def on_stats(s, progress=gr.Progress()):
-            s = _sess(s)
-            s.require()
-            s.collect(progress=lambda d, t: progress(d / t, desc="collecting router statistics"))
-            return (s, summary_md(s), *routing_figs(s, 0), *slider_updates(s), figures.importance_chart(s.stats),
-                    *plan_outputs(s)[1:])
-
-        stat_outputs = [state, summary, coact, domain, balance, layer, sal_layer, strip_layer, imp_plot, plan_msg,
-                        preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks, slim_keep,
-                        plan_dl]
-        load_inputs = [state, src, device, dtype, data_src, upload, max_tok]
-        # the summary shows as soon as the model is in; the plots follow when the statistics are collected
-        load_btn.click(on_load, load_inputs, [state, summary]).success(on_stats, [state], stat_outputs)
-        stats_btn.click(on_data, [state, data_src, upload, max_tok], [state, summary]).success(
-            on_stats, [state], stat_outputs)
-        demo.load(on_load, load_inputs, [state, summary]).success(on_stats, [state], stat_outputs)
-
-        @friendly
-        def on_layer(s, lay):
-            s = _sess(s)
-            s.require(stats=True)
-            return figures.coactivation_heatmap(s.stats, int(lay)), figures.domain_heatmap(s.stats, int(lay))
-        layer.change(on_layer, [state, layer], [coact, domain])
-
-        @friendly
-        def on_route(s, txt, lay):
-            s = _sess(s)
-            r = s.routes(txt)
-            return figures.token_strip_html(r, min(int(lay), len(r["routes"]) - 1))
-        route_btn.click(on_route, [state, text, strip_layer], strip)
-        strip_layer.change(on_route, [state, text, strip_layer], strip)
-
-        @friendly
-        def on_saliency(s, cs, lay, kind, progress=gr.Progress()):
-            s = _sess(s)
-            s.require(stats=True)
-            if not cs:
-                raise SessionError("choose at least one criterion")
-            sc = {c: s.scores(c, progress=lambda d, t: progress(d / t, desc=f"scoring by {c}")) for c in cs}
-            lay = int(lay)
-            return (figures.saliency_bars(sc, lay),
-                    figures.similarity_figure(s.similarity(lay, kind), f"Expert similarity ({kind}), layer {lay}"),
-                    figures.importance_chart(s.stats))
-        sal_btn.click(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
-        sal_layer.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
-        sim_kind.change(on_saliency, [state, crits, sal_layer, sim_kind], [sal_plot, sim_plot, imp_plot])
-
-        plan_outs = [state, plan_msg, preview, plan_json, table, heat, tried, pareto_plot, depth_layers, depth_blocks,
-                     slim_keep, plan_dl]
-        guard = plan_guard(len(plan_outs))
-
-        @guard
-        def on_depth(s, layers, blocks, keep):
-            s = _sess(s)
-            s.require()
-            d = s.plan.to_dict()
-            d.update(drop_layers=sorted(int(i) for i in layers or []), drop_blocks=sorted(int(i) for i in blocks or []),
-                     slim=None if keep is None or float(keep) >= 1.0 else float(keep))
-            s.set_plan(d)
-            return plan_outputs(s)
-        for comp in (depth_layers, depth_blocks):
-            comp.input(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
-        slim_keep.release(on_depth, [state, depth_layers, depth_blocks, slim_keep], plan_outs)
-
-        def picked_text(s: Session) -> str:
-            if not s.pending or not s.pending[1]:
-                return ""
-            return f"Picked in layer {s.pending[0]}: experts {', '.join(map(str, s.pending[1]))}"
-
-        @plan_guard(len(plan_outs) + 1)
-        def on_cell(s, mode, evt: gr.SelectData):
-            s = _sess(s)
-            s.require(stats=True)
-            row, col = evt.index
-            if col == 0:
-                return (*plan_outputs(s), picked_text(s))
-            if mode == "pick for a merge group":
-                s.pick_for_merge(int(row), int(col) - 1)
-                return (s, "", *[gr.update()] * 2, load_table(s), *[gr.update()] * 7, picked_text(s))
-            s.toggle_expert(int(row), int(col) - 1)
-            return (*plan_outputs(s), picked_text(s))
-        table.select(on_cell, [state, click_mode], plan_outs + [picked_md])
-
-        @plan_guard(len(plan_outs) + 1)
-        def on_merge(s):
-            s = _sess(s)
-            s.merge_pending()
-            return (*plan_outputs(s), picked_text(s))
-        merge_btn.click(on_merge, [state], plan_outs + [picked_md])
-
-        @guard
-        def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Progress()):
-            s = _sess(s)
-            progress(0.2, desc="writing the plan")
-            before = s.plan
-            s.preset(kind, amount, criterion, method, mode, protect)
-            out = list(plan_outputs(s))
-            if not before.is_empty():
-                out[1] = f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still " \
-                         "in Compare."
-            return tuple(out)
-        preset_btn.click(on_preset, [state, preset, amount, crit, method, mode, protect], plan_outs)
-
-        @guard
-        def on_clear(s):
-            s = _sess(s)
-            s.require()
-            s.set_plan(Plan())
-            return plan_outputs(s)
-        clear_btn.click(on_clear, [state], plan_outs)
-
-        @guard
-        def on_json(s, txt):
-            s = _sess(s)
-            s.set_plan(txt)
-            return plan_outputs(s)
-        plan_apply_btn.click(on_json, [state, plan_json], plan_outs)
-
-        @guard
-        def on_upload(s, f):
-            s = _sess(s)
-            s.set_plan(Path(getattr(f, "name", f)).read_text())
-            return plan_outputs(s)
-        plan_up.upload(on_upload, [state, plan_up], plan_outs)
-
-        @friendly_gen
-        def on_distill(s, steps, lr, temperature, kl, train, eval_every):
-            s = _sess(s)
-            cfg = dataclasses.replace(DEFAULTS, steps=int(steps), lr=float(lr), temperature=float(temperature), kl=kl,
-                                      train=train, eval_every=int(eval_every)).validate()
-            hist = []
-            last = time.perf_counter()
-            for e in s.distill(cfg):
-                hist = s.distiller.history
-                if e.kind in ("step",) and time.perf_counter() - last < 0.5:
-                    continue
-                last = time.perf_counter()
-                yield s, distill_md(e, s), figures.distill_figure(hist, s.baseline().ppl), gr.update(), gr.update()
-            # the distilled student now stands in Compare and on the Pareto chart
-            yield (s, distill_md(hist[-1] if hist else None, s), figures.distill_figure(hist, s.baseline().ppl),
-                   tried_table(s), pareto(s))
-        start_btn.click(on_distill, [state, steps, lr, temp, kl, train_what, every],
-                        [state, dist_status, dist_plot, tried, pareto_plot], concurrency_limit=None)
-
-        def on_stop(s):
-            if s is not None:
-                s.stop_distill()
-            return "Stopping after the current step… (press Start to resume)"
-        stop_btn.click(on_stop, [state], dist_status, queue=False)
-
-        def on_export(s, folder, ow):
-            """A problem replaces the message (an earlier 'Written to' line never stays beside a new error)."""
-            try:
-                s = _sess(s)
-                what = s.export_what()
-                out = s.export(folder, overwrite=bool(ow))
-            except Exception as err:  # noqa: BLE001 - reported in the page
-                return s, user_message(err), None
-            return s, f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json.", None
-
-        def on_zip(s):
-            try:
-                s = _sess(s)
-                tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
-                out = s.export(tmp / "compressed")
-                archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
-            except Exception as err:  # noqa: BLE001
-                return s, user_message(err), None
-            return s, f"Archive ready: {Path(archive).name}", archive
-        export_btn.click(on_export, [state, out_dir, overwrite], [state, export_msg, export_file])
-        zip_btn.click(on_zip, [state], [state, export_msg, export_file])
-
-        @friendly
-        def on_remeasure(s, progress=gr.Progress()):
-            s = _sess(s)
-            s.require()
-            progress(0.1, desc="re-measuring stale plans")
-            s.remeasure()
-            return tried_table(s), pareto(s)
-        remeasure_btn.click(on_remeasure, [state], [tried, pareto_plot])
-
-        def on_routing_tab(s):
-            """Plots drawn while their tab was hidden come out half as wide: draw them again when it shows."""
-            if s is None or s.stats is None:
-                return gr.update(), gr.update()
-            return figures.load_heatmap(s.stats, s.plan.drop_experts), figures.balance_chart(s.stats)
-
-        def on_compare_tab(s):
-            if s is None or not s.loaded:
-                return gr.update(), gr.update()
-            return tried_table(s), pareto(s)
-        routing_tab.select(on_routing_tab, [state], [heat, balance])
-        compare_tab.select(on_compare_tab, [state], [tried, pareto_plot])
+            m, r, sa, p, d, c = model_tab(default_model), routing_tab(), saliency_tab(), plan_tab(), distill_tab(), \
+                compare_tab()
+        wire_loading(demo, state, m, r, sa, p, c)
+        wire_routing(state, r)
+        wire_saliency(state, sa)
+        wire_plan(state, p, r, c)
+        wire_distill(state, d, c)
+        wire_compare(state, c)
+        wire_compare_rows(state, p, r, c)
     return demo
 
 
@@ -579,7 +667,7 @@ def main() -> None:
     args = ap.parse_args()
     demo = build(args.model)
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   show_error=True, head=LEAVE_WARNING)
+                                                   show_error=True, head=LEAVE_WARNING, css=CSS)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ def test_model_and_routing(client):
     assert "MixtralForCausalLM" in summary and "Perplexity (evaluation)" in summary and "code" in summary
     html = client.predict("def f(x):\n    return x", 1, api_name="/on_route")
     assert html.count("<span title=") >= 5 and "layer 1" in html
+    vocab = json.loads(out[4]["plot"])  # the vocabulary view: tokens that favour an expert, against a baseline
+    assert "Vocabulary specialisation, layer 0" in vocab["layout"]["title"]["text"]
+    assert "shuffled ids" in vocab["layout"]["title"]["text"] and len(vocab["data"][0]["y"]) >= 8
+    coact, domain, vocab3 = client.predict(3, api_name="/on_layer")
+    assert "layer 3" in json.loads(vocab3["plot"])["layout"]["title"]["text"]
+    assert "its overall share" in json.loads(domain["plot"])["layout"]["title"]["text"]
 
 
 def test_saliency_plan_preview_and_errors(client):
@@ -138,7 +144,7 @@ def test_compare_marks_plans_measured_on_other_text(client, tmp_path):
     text.write_text((ROOT / "assets" / "corpus" / "code" / "eval.txt").read_text()[:60_000])
     client.predict(str(text), None, 512, api_name="/on_data")
     out = client.predict(api_name="/on_stats")
-    table, fig = out[13], out[14]
+    table, fig = out[14], out[15]
     # the plan in force is previewed again on the new text; the other one is marked and left off the chart
     rows = {r[0]: r[-1] for r in table["data"]}
     assert rows == {"drop L0:e1/e2": "earlier text: stale, re-measure", "drop L1:e3": "current text"}
@@ -217,8 +223,15 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         page.locator('[data-testid="cell-1-3"]').wait_for(timeout=30_000)
         before = page.locator("body").inner_text()
         assert "Empty plan" in before
+        red = "e => getComputedStyle(e).backgroundColor === 'rgb(255, 138, 128)'"
         for row, col in ((1, 3), (2, 5)):  # drop two experts by clicking their cells
-            page.locator(f'[data-testid="cell-{row}-{col}"]').click()
+            cell = page.locator(f'[data-testid="cell-{row}-{col}"]')
+            cell.click()
+            # the clicked cell turns red at once, before the preview (its own step) is measured
+            page.wait_for_function(f"() => ({red})(document.querySelector('[data-testid=cell-{row}-{col}]'))",
+                                   timeout=5_000)
+            if (row, col) == (1, 3):  # red while the first preview is still being measured (it takes seconds)
+                assert "Preview perplexity" not in page.locator("body").inner_text()
             page.wait_for_timeout(2000)
         page.get_by_text("Preview perplexity").wait_for(timeout=60_000)
         _idle(page)
@@ -230,7 +243,7 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
             page.wait_for_timeout(1000)
         page.get_by_text("Picked in layer 3").wait_for(timeout=30_000)
         page.get_by_role("button", name="Merge the picked experts", exact=True).click()
-        page.get_by_text("experts per layer [8, 7, 7, 7]").wait_for(timeout=60_000)
+        page.get_by_text("experts per MoE layer [8, 7, 7, 7]").wait_for(timeout=60_000)
         _idle(page)
         page.screenshot(path=str(tmp_path / "4-plan.png"), full_page=True)
         with page.expect_download() as dl:  # the first click gives the plan in force, not nothing or an older one
@@ -249,7 +262,19 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         page.screenshot(path=str(tmp_path / "5-distill.png"), full_page=True)
         page.get_by_role("tab", name="Compare & export").click()
         page.wait_for_function("() => document.body.innerText.includes('+ distilled (12 steps)')",
-                               timeout=30_000)  # the distilled student's row in Compare
+                               timeout=30_000)  # the distilled student's row in Compare...
+        page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot')].some(
+            g => g.offsetParent !== null && (g.data || []).some(t => t.name === 'distilled'))""",
+                               timeout=30_000)  # ...and its point on the Pareto chart
+        page.screenshot(path=str(tmp_path / "6-compare.png"), full_page=True)
+        page.locator('[data-testid="cell-0-0"]:visible').click()  # another plan: the distilled student is kept
+        page.get_by_role("tab", name="Plan").click()
+        page.get_by_text("Distilled students are kept").wait_for(timeout=30_000)
+        page.get_by_role("tab", name="Compare & export").click()
+        page.locator('[data-testid="cell-3-0"]:visible').click()  # the distilled plan's row brings it back
+        page.get_by_role("tab", name="Plan").click()
+        page.get_by_text("its distilled student").wait_for(timeout=30_000)
+        page.get_by_role("tab", name="Compare & export").click()
         page.get_by_label("export folder").fill(str(ROOT / "assets"))  # the folder holding the loaded model
         page.get_by_label("replace a previous export there").check()
         page.get_by_role("button", name="Export to folder", exact=True).click()
@@ -258,7 +283,7 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         page.get_by_label("export folder").fill(str(tmp_path / "browser-export"))
         page.get_by_role("button", name="Export to folder", exact=True).click()
         page.get_by_text("Written to").wait_for(timeout=120_000)
-        page.screenshot(path=str(tmp_path / "6-export.png"), full_page=True)
+        page.screenshot(path=str(tmp_path / "7-export.png"), full_page=True)
         browser.close()
     assert (tmp_path / "browser-export" / "plan.json").exists()
     for f in sorted(tmp_path.glob("*.png")):
