@@ -66,15 +66,17 @@ class DistillConfig:
         if not 0 < self.temperature <= 100:
             raise DistillError(f"temperature must be in (0, 100], got {self.temperature}")
         if self.kl not in KL_KINDS:
-            raise DistillError(f"kl must be one of {KL_KINDS}, got {self.kl!r}")
+            raise DistillError(f"the KL kind must be one of {', '.join(KL_KINDS)}, got {self.kl!r}")
         if self.train not in TRAINABLE:
-            raise DistillError(f"train must be one of {TRAINABLE}, got {self.train!r}")
-        if self.batch_size < 1 or self.eval_every < 1:
-            raise DistillError("batch_size and eval_every must be at least 1")
+            raise DistillError(f"what to train must be one of {', '.join(TRAINABLE)}, got {self.train!r}")
+        if self.batch_size < 1:
+            raise DistillError(f"the batch size (blocks per step) must be at least 1, got {self.batch_size}")
+        if self.eval_every < 1:
+            raise DistillError(f"'evaluate every' must be at least 1 step, got {self.eval_every}")
         if self.hidden_mse < 0 or self.expert_kd < 0:
             raise DistillError("loss weights must be non-negative")
         if self.teacher_topk_cache is not None and self.teacher_topk_cache < 1:
-            raise DistillError("teacher_topk_cache must be a positive number of logits")
+            raise DistillError("the teacher's top-k cache must keep at least 1 logit per token")
         return self
 
 

@@ -110,7 +110,9 @@ def test_nan_stops_and_keeps_last_good_student():
 
 
 @pytest.mark.parametrize("kw,msg", [({"lr": 0.0}, "learning rate"), ({"lr": 5.0}, "learning rate"),
-                                    ({"steps": 0}, "steps"), ({"kl": "x"}, "kl"), ({"train": "x"}, "train")])
+                                    ({"steps": 0}, "steps"), ({"kl": "x"}, "KL kind must be one of forward"),
+                                    ({"train": "x"}, "what to train"), ({"batch_size": 0}, "batch size .blocks"),
+                                    ({"eval_every": 0}, "'evaluate every'")])
 def test_bad_settings_are_refused_before_anything_runs(kw, msg):
     m = tiny_model("mixtral")
     v = MoEModel(m)

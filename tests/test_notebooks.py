@@ -18,12 +18,36 @@ def test_committed_without_outputs(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_each_notebook_is_a_lesson(path):
+    """Objectives first, exercises with hidden answers, takeaways, arXiv references, and interpretations that are
+    checked (asserts in the cells, so the text cannot contradict the numbers); one evaluation size for all."""
+    nb = nbformat.read(path, as_version=4)
+    cells = nb.cells
+    assert "You will learn" in cells[0].source
+    exercises = [i for i, c in enumerate(cells) if c.cell_type == "markdown" and "### Exercise" in c.source]
+    assert len(exercises) >= 1 + (path.name != "05_your_own_model.ipynb")
+    for i in exercises:  # the answer follows, its code collapsed
+        ans = cells[i + 1]
+        assert ans.cell_type == "code" and ans.metadata.get("jupyter", {}).get("source_hidden") is True
+    assert any("Takeaways" in c.source for c in cells if c.cell_type == "markdown")
+    refs = next(c.source for c in cells if c.cell_type == "markdown" and c.source.startswith("## References"))
+    assert refs.count("https://arxiv.org/abs/") >= 3
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    assert code.count("assert ") >= 2 and "print(f" in code
+    assert "DATA = dict(block_len=128, max_tokens=4096)" in code and "**DATA" in code
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_top_to_bottom(path, demo):
+    """Runs every cell: the interpretations' asserts hold on the numbers the cells compute."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+    assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
+    # a figure is saved as its data, not with a copy of plotly.js (about 4.6 MB) per figure
+    sizes = [len(str(o.get("data", ""))) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert max(sizes) < 500_000
