@@ -4,17 +4,21 @@
     explore()                      # the demo model, every view in tabs
     explore(session).routing       # or one view alone: .routing, .tokens, .saliency, .plan, .distill
 
-Figures come from ``explorer.figures`` (the same builders as the app) and update in place.
-FigureWidget needs the ``anywidget`` package.
+Figures come from ``explorer.figures`` (the same builders as the app) and update in place. Only the clickable load
+heatmap is a plotly ``FigureWidget`` (it needs ``anywidget``, and its widget state carries plotly.js, about 5 MB);
+every other chart is a ``FigureView``, drawn from its data by JupyterLab's plotly renderer, so a notebook saved with
+widget state does not hold a copy of plotly.js per chart.
 """
 from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import threading
 
 import ipywidgets as W
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from . import figures
 from .distill import DistillConfig
@@ -26,13 +30,41 @@ from .saliency import CRITERIA, SIMILARITIES
 from .session import PRESETS, Session
 
 
+class FigureView(W.Output):
+    """A chart shown as its plotly data in an Output widget: no plotly.js in the widget state, and safe to update
+    from a background thread (the outputs are set, not captured). ``figure`` is the figure shown."""
+
+    def __init__(self, fig: go.Figure):
+        super().__init__()
+        self.show(fig)
+
+    def show(self, fig: go.Figure) -> None:
+        self.figure = fig
+        title = fig.layout.title.text or "chart"
+        self.outputs = ({"output_type": "display_data", "metadata": {},
+                         "data": {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+                                  "text/plain": f"<plotly figure: {title}>"}},)
+
+    @property
+    def data(self):
+        return self.figure.data
+
+    @property
+    def layout(self):
+        return self.figure.layout
+
+
 def _fw(fig: go.Figure) -> go.FigureWidget:
+    """The clickable kind of chart (the load heatmap): a plotly FigureWidget."""
     return go.FigureWidget(fig)
 
 
-def refresh(fw: go.FigureWidget, fig: go.Figure) -> None:
-    """Put ``fig``'s data and layout into an existing FigureWidget, in place. Click handlers stay attached: traces
-    that keep their place are updated, and when the traces change the handlers move to the new ones."""
+def refresh(fw: go.FigureWidget | FigureView, fig: go.Figure) -> None:
+    """Put ``fig``'s data and layout into an existing chart, in place. In a FigureWidget click handlers stay
+    attached: traces that keep their place are updated, and when the traces change the handlers move to them."""
+    if isinstance(fw, FigureView):
+        fw.show(fig)
+        return
     with fw.batch_update():
         same = len(fw.data) == len(fig.data) and all(a.type == b.type for a, b in zip(fw.data, fig.data))
         if same:
@@ -65,11 +97,9 @@ class RoutingView(W.VBox):
         self.heat = _fw(figures.load_heatmap(st, session.plan.drop_experts))
         self.heat.data[0].on_click(self._click)
         self.layer = W.IntSlider(0, 0, len(st.layers) - 1, description="MoE layer")
-        self.coact = _fw(figures.coactivation_heatmap(st, 0))
-        self.domain = _fw(figures.domain_heatmap(st, 0))
-        for f in (self.coact, self.domain):  # side by side: half a notebook's width each
-            f.layout.width = 520
-        self.balance = _fw(figures.balance_chart(st))
+        self.coact = FigureView(figures.coactivation_heatmap(st, 0).update_layout(width=520))
+        self.domain = FigureView(figures.domain_heatmap(st, 0).update_layout(width=520))  # side by side
+        self.balance = FigureView(figures.balance_chart(st))
         self.err = _error_box()
         self.mode = W.ToggleButtons(options=["drop / keep", "pick for a merge group"], description="click")
         merge = W.Button(description="Merge picked")
@@ -156,9 +186,9 @@ class SaliencyView(W.VBox):
                                       description="criteria", rows=6)
         self.layer = W.IntSlider(0, 0, len(session.view) - 1, description="MoE layer")
         self.sim = W.Dropdown(options=list(SIMILARITIES), value="router-logits", description="similarity")
-        self.bars = _fw(self._bars())
-        self.simfig = _fw(figures.similarity_figure(session.similarity(0, "router-logits"), "similarity"))
-        self.importance = _fw(figures.importance_chart(session.stats))
+        self.bars = FigureView(self._bars())
+        self.simfig = FigureView(figures.similarity_figure(session.similarity(0, "router-logits"), "similarity"))
+        self.importance = FigureView(figures.importance_chart(session.stats))
         for w in (self.crits, self.layer, self.sim):
             w.observe(lambda ch: self.update(), names="value")
         super().__init__([W.HBox([self.crits, W.VBox([self.layer, self.sim])]), self.bars, self.simfig,
@@ -190,7 +220,7 @@ class PlanView(W.VBox):
         use = W.Button(description="Use JSON")
         self.result = W.HTML()
         self.err = _error_box()
-        self.pareto = _fw(figures.pareto_figure([]))
+        self.pareto = FigureView(figures.pareto_figure([]))
         make.on_click(lambda _: self.make_plan())
         clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
         use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
@@ -237,7 +267,7 @@ class DistillView(W.VBox):
         self.start_btn = W.Button(description="Start", button_style="success")
         self.stop_btn = W.Button(description="Stop", button_style="danger")
         self.status = W.HTML()
-        self.fig = _fw(figures.distill_figure([]))
+        self.fig = FigureView(figures.distill_figure([]))
         self.thread: threading.Thread | None = None
         self.start_btn.on_click(lambda _: self.start())
         self.stop_btn.on_click(lambda _: self.s.stop_distill())

@@ -216,3 +216,25 @@ def test_routing_view_picks_and_merges(session):
     assert "picked in layer 0" in v.picked.value and session.plan.is_empty()
     v._run(session.merge_pending)
     assert session.plan.merge == {0: [[2, 3]]} and v.picked.value == ""
+
+
+def test_saved_widget_state_carries_plotly_js_once(session):
+    """Only the clickable heatmap is a FigureWidget (its state holds plotly.js, ~5 MB); every other chart is a
+    FigureView holding just its data, so a notebook saved with widget state stays small."""
+    import json
+
+    import plotly.graph_objects as go
+
+    from explorer.widgets import Explorer, FigureView
+
+    ex = Explorer(session)
+
+    def walk(w):
+        yield w
+        for c in getattr(w, "children", ()):
+            yield from walk(c)
+    charts = [w for w in walk(ex) if isinstance(w, (go.FigureWidget, FigureView))]
+    assert sum(isinstance(w, go.FigureWidget) for w in charts) == 1 and len(charts) >= 7
+    views = [w for w in charts if isinstance(w, FigureView)]
+    assert max(len(json.dumps(w.get_state(), default=str)) for w in views) < 300_000
+    assert all(w.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"] is not None for w in views)
