@@ -51,6 +51,7 @@ def coactivation_heatmap(stats: RouterStats, layer: int) -> go.Figure:
     E = c.shape[0]
     f = _fig(title=f"Co-activation, layer {layer}: share of tokens routed to both i and j")
     f.add_trace(go.Heatmap(z=c, x=list(range(E)), y=list(range(E)), colorscale="Blues",
+                           colorbar=dict(title="share of<br>tokens"),
                            hovertemplate="experts %{y} & %{x}: %{z:.3f} of tokens<extra></extra>"))
     f.update_xaxes(title="expert j", dtick=1)
     f.update_yaxes(title="expert i", dtick=1, autorange="reversed")
@@ -72,6 +73,8 @@ def balance_chart(stats: RouterStats) -> go.Figure:
                        marker_color=PALETTE[2]), 1, 2)
     f.update_layout(**LAYOUT, title="Router confidence and balance per MoE layer")
     f.update_xaxes(title="MoE layer", dtick=1)
+    f.update_yaxes(title="entropy (nats)", row=1, col=1)
+    f.update_yaxes(title="CV, max / mean (0 and 1 = even)", row=1, col=2)
     return f
 
 
@@ -175,9 +178,10 @@ def similarity_figure(sim: np.ndarray, title: str) -> go.Figure:
     pos = [5 + 10 * i for i in range(E)]  # the dendrogram's leaf positions, so columns sit under their leaves
     labels = [[f"experts {a} & {b}" for b in order] for a in order]
     f.add_trace(go.Heatmap(z=s, x=pos, y=[str(o) for o in order], colorscale="Viridis", zmin=-1, zmax=1,
-                           text=labels, hovertemplate="%{text}: cos %{z:.3f}<extra></extra>"), 2, 1)
+                           colorbar=dict(title="cosine", len=0.7, y=0.35), text=labels,
+                           hovertemplate="%{text}: cos %{z:.3f}<extra></extra>"), 2, 1)
     f.update_xaxes(range=[0, 10 * E], tickvals=pos, ticktext=[str(o) for o in order], title="expert", row=2, col=1)
-    f.update_yaxes(autorange="reversed", row=2, col=1)
+    f.update_yaxes(autorange="reversed", title="expert", row=2, col=1)
     f.update_layout(**{**LAYOUT, "height": 520}, title=title)
     return f
 
@@ -192,6 +196,10 @@ def importance_chart(stats: RouterStats) -> go.Figure:
     f.add_trace(go.Bar(x=[f"B{i}" for i in range(len(bi))], y=bi, marker_color=PALETTE[4], name="1 - cos(X_i, X_i+1)"),
                 1, 2)
     f.update_layout(**LAYOUT, title="Which layers do little? (lower = safer to drop)")
+    f.update_xaxes(title="MoE layer", row=1, col=1)
+    f.update_xaxes(title="decoder block", row=1, col=2)
+    f.update_yaxes(title="1 - cos(h, h + MoE(h))", row=1, col=1)
+    f.update_yaxes(title="1 - cos(input, output)", row=1, col=2)
     return f
 
 

@@ -238,3 +238,25 @@ def test_saved_widget_state_carries_plotly_js_once(session):
     views = [w for w in charts if isinstance(w, FigureView)]
     assert max(len(json.dumps(w.get_state(), default=str)) for w in views) < 300_000
     assert all(w.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"] is not None for w in views)
+
+
+def test_every_chart_names_its_axes_and_colour_scales(session):
+    """A reader can tell what each axis and colour means without the code: titles everywhere."""
+    from explorer import figures
+
+    st = session.stats
+    figs = [figures.load_heatmap(st), figures.coactivation_heatmap(st, 1), figures.domain_heatmap(st, 1),
+            figures.balance_chart(st), figures.vocab_figure(session.vocab(), session.tok, 1),
+            figures.saliency_bars({"reap": session.scores("reap")}, 1),
+            figures.similarity_figure(session.similarity(1, "router-logits"), "similarity"),
+            figures.importance_chart(st), figures.pareto_figure([], {"params": 10, "ppl": 2.0}),
+            figures.distill_figure([])]
+    for f in figs:
+        name = f.layout.title.text
+        assert name, "a chart without a title"
+        for ax in (a for a in f.layout if a.startswith(("xaxis", "yaxis"))):
+            if f.layout[ax].showticklabels is not False:
+                assert f.layout[ax].title.text, (name, ax)
+        for t in f.data:
+            if t.type == "heatmap":
+                assert t.colorbar.title.text, name
