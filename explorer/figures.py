@@ -85,10 +85,14 @@ def domain_heatmap(stats: RouterStats, layer: int) -> go.Figure:
     load = stats.domain_load(layer) * stats.num_experts[layer]
     f = _fig(title=f"Domain specialisation, layer {layer}<br><sup>an expert's share of the domain / its overall share"
                    "</sup>")
-    f.add_trace(go.Heatmap(z=np.log2(np.maximum(r, 1 / 16)), x=list(range(r.shape[1])), y=stats.domains,
-                           colorscale="RdBu_r", zmid=0.0, customdata=np.stack([r, load], -1),
-                           colorbar=dict(title="x the expert's<br>own share", tickvals=[-3, -2, -1, 0, 1, 2, 3],
-                                         ticktext=["1/8", "1/4", "1/2", "1", "2", "4", "8"]),
+    z = np.log2(np.maximum(r, 1 / 16))
+    lim = max(1.0, float(np.abs(z).max()))  # symmetric, so x2 and x1/2 always have their ticks
+    ticks = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 2 / 3, 1, 1.5, 2, 4, 8, 16]
+    f.add_trace(go.Heatmap(z=z, x=list(range(r.shape[1])), y=stats.domains, zmin=-lim, zmax=lim,
+                           colorscale="RdBu_r", customdata=np.stack([r, load], -1),
+                           colorbar=dict(title="x the expert's<br>own share", tickvals=[math.log2(t) for t in ticks],
+                                         ticktext=["1/16", "1/8", "1/4", "1/2", "2/3", "1", "1.5", "2", "4", "8",
+                                                   "16"]),
                            hovertemplate="%{y} -> expert %{x}: %{customdata[0]:.2f}x its overall share "
                                          "(%{customdata[1]:.2f}x uniform)<extra></extra>"))
     f.update_xaxes(title="expert", dtick=1)

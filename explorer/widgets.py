@@ -97,8 +97,8 @@ class RoutingView(W.VBox):
         self.heat = _fw(figures.load_heatmap(st, session.plan.drop_experts))
         self.heat.data[0].on_click(self._click)
         self.layer = W.IntSlider(0, 0, len(st.layers) - 1, description="MoE layer")
-        self.coact = FigureView(figures.coactivation_heatmap(st, 0).update_layout(width=520))
-        self.domain = FigureView(figures.domain_heatmap(st, 0).update_layout(width=520))  # side by side
+        self.coact = FigureView(figures.coactivation_heatmap(st, 0).update_layout(width=480))
+        self.domain = FigureView(figures.domain_heatmap(st, 0).update_layout(width=480))  # side by side
         self.balance = FigureView(figures.balance_chart(st))
         self.err = _error_box()
         self.mode = W.ToggleButtons(options=["drop / keep", "pick for a merge group"], description="click")
@@ -116,7 +116,7 @@ class RoutingView(W.VBox):
     def show_layer(self, layer: int) -> None:
         for fw, fig in ((self.coact, figures.coactivation_heatmap(self.s.stats, layer)),
                         (self.domain, figures.domain_heatmap(self.s.stats, layer))):
-            fig.update_layout(width=520)
+            fig.update_layout(width=480)
             refresh(fw, fig)
 
     def _click(self, trace, points, state):
