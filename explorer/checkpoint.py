@@ -29,7 +29,7 @@ import torch
 from .moe import BLOCK_ATTRS, MoEModel
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
-from .transform import group_weights, top_neurons, up_positions
+from .transform import group_energy, group_weights, top_neurons, up_positions
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -107,7 +107,7 @@ def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
 
 
 def _slim_width(plan: Plan, view: MoEModel) -> int:
-    return max(1, round(plan.slim * view[0].intermediate_size))
+    return plan.slim_width(view[0].intermediate_size)
 
 
 def _check_slim_config(config, model, view: MoEModel, width: int) -> None:
@@ -172,9 +172,7 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
             neurons = {}
             for e in kept:
                 g = merged[e][0] if e in merged else [e]
-                imp = sum(torch.as_tensor(st["neuron_sq"][x]) for x in g) if len(g) > 1 else \
-                    torch.as_tensor(st["neuron_sq"][e])
-                neurons[e] = top_neurons(imp, n_keep)
+                neurons[e] = top_neurons(group_energy(st, "neuron_sq", g), n_keep)
         out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay))
     return out
 

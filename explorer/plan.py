@@ -137,6 +137,10 @@ class Plan:
         return cls.loads(p.read_text())
 
     # ---- combination ----------------------------------------------------------------------------------
+    def slim_width(self, intermediate: int) -> int:
+        """Neurons an expert of width ``intermediate`` keeps under ``slim`` (at least one)."""
+        return max(1, round(self.slim * intermediate))
+
     def is_empty(self) -> bool:
         return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune)
 
@@ -309,7 +313,7 @@ class Plan:
             kept = len(self.kept(i, E))
             I2 = I
             if self.slim is not None and (self.slim_layers is None or i in self.slim_layers):
-                I2 = max(1, round(self.slim * I))
+                I2 = self.slim_width(I)
             gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
             dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
             per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb

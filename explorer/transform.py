@@ -36,6 +36,12 @@ def up_positions(lay: MoELayer, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1)
 
 
+def group_energy(st: dict, key: str, group: list[int], perms=None) -> torch.Tensor:
+    """A merged expert's neuron energies: its members' sums, each member's neurons in the aligned order."""
+    perms = perms or [slice(None)] * len(group)
+    return sum(torch.as_tensor(st[key][e])[p] for e, p in zip(group, perms))
+
+
 def top_neurons(energy: torch.Tensor, n_keep: int) -> torch.Tensor:
     """The ``n_keep`` neurons of highest activation energy, in their original order (SlimMoE's slimming)."""
     return torch.topk(energy.float(), n_keep).indices.sort().values
@@ -176,12 +182,12 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
             tensors, perms = merge_group(lay, g, wts, plan.merge_align)
             per[g[0]] = tensors
             if st is not None:  # the merged expert's neuron and input energies: members' sums, aligned
-                neuron_imp[g[0]] = sum(torch.as_tensor(st["neuron_sq"][e])[p] for e, p in zip(g, perms))
-                neuron_imp_g[g[0]] = sum(torch.as_tensor(st["neuron_sq_gated"][e])[p] for e, p in zip(g, perms))
+                neuron_imp[g[0]] = group_energy(st, "neuron_sq", g, perms)
+                neuron_imp_g[g[0]] = group_energy(st, "neuron_sq_gated", g, perms)
                 key = "in_sq_gated" if (plan.prune or {}).get("method", "moe-pruner") == "moe-pruner" else "in_sq"
                 in_imp[g[0]] = sum(torch.as_tensor(st[key][e]) for e in g)
         if slim:
-            n_keep = max(1, round(plan.slim * lay.intermediate_size))
+            n_keep = plan.slim_width(lay.intermediate_size)
             for e in kept:
                 idx = top_neurons(neuron_imp[e], n_keep)
                 gu, dn, gb = select_neurons(lay, per[e][0], per[e][1], per[e][2], idx)
