@@ -318,24 +318,22 @@ def compare_tab() -> SimpleNamespace:
 N_PLAN_OUTPUTS = 12  # state, message, preview, JSON, table, heatmap, tried, Pareto, layers, blocks, slim, download
 
 
-def plan_outputs(s: Session) -> tuple:
-    """Every Plan-tab view of the session, in the order of ``Views.plan_outputs``."""
-    res = None if s.plan.is_empty() else s.preview()
+def plan_outputs(s: Session, measure: bool = True) -> tuple:
+    """Every Plan-tab view of the session, in the order of ``plan_views``. ``measure=False`` is what a click shows
+    at once (table, heatmap, JSON): the preview and what depends on it are left for ``on_refresh``."""
     p = s.plan
-    return (s, s.kept_note(), plan_md(s, res), p.to_json(), load_table(s),
-            figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, tried_table(s), pareto(s),
-            gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
-            gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))], value=list(p.drop_blocks)),
-            gr.update(value=1.0 if p.slim is None else p.slim), plan_file(s))
-
-
-def plan_edit_outputs(s: Session) -> tuple:
-    """What a click changes at once (the table, the heatmap, the JSON); the preview follows in ``on_refresh``."""
-    p = s.plan
-    keep = [gr.update()] * 2
-    return (s, s.kept_note(), "⏳ measuring the preview…" if not p.is_empty() else gr.update(), p.to_json(), load_table(s),
-            figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, *keep, *keep, gr.update(),
-            plan_file(s))
+    if measure:
+        preview = plan_md(s, None if p.is_empty() else s.preview())
+        rest = (tried_table(s), pareto(s),
+                gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
+                gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
+                          value=list(p.drop_blocks)),
+                gr.update(value=1.0 if p.slim is None else p.slim))
+    else:
+        preview = gr.update() if p.is_empty() else "⏳ measuring the preview…"
+        rest = (gr.update(),) * 5
+    heat = figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None
+    return (s, s.kept_note(), preview, p.to_json(), load_table(s), heat, *rest, plan_file(s))
 
 
 def picked_text(s: Session) -> str:
@@ -427,7 +425,7 @@ def on_cell(s, click_mode, evt: gr.SelectData):
         unchanged = [gr.update()] * (N_PLAN_OUTPUTS - 5)
         return (s, "", gr.update(), gr.update(), load_table(s), *unchanged, picked_text(s))
     s.toggle_expert(int(row), int(col) - 1)
-    return (*plan_edit_outputs(s), picked_text(s))  # the cell turns red now; on_refresh measures the preview
+    return (*plan_outputs(s, measure=False), picked_text(s))  # red now; on_refresh measures the preview
 
 
 @plan_guard(N_PLAN_OUTPUTS)
