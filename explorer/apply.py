@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .moe import BLOCK_ATTRS, MoELayer, MoEModel
+from .moe import BLOCK_ATTRS, EXPERT_COUNT_NAMES, MoELayer, MoEModel, slice_experts_of
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError, fingerprint
 from .transform import layer_edit
@@ -64,18 +64,12 @@ def _resize_layer(lay: MoELayer, kept: list[int] | None, tensors: tuple | None, 
             _set_param(ex, "gate_up_proj_bias", tensors[2])
         if tensors[3] is not None:
             _set_param(ex, "down_proj_bias", tensors[3])
-    if kept is not None:
-        idx = torch.as_tensor(kept, device=rl.weight.device)
-        _set_param(rl, "weight", rl.weight.index_select(0, idx))
-        if lay.router_bias is not None:
-            _set_param(rl, "bias", rl.bias.index_select(0, idx))
-        for mod in (lay.router, lay.block):
-            for name in ("e_score_correction_bias", "expert_bias"):
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor):
-                    _set_param(mod, name, t.index_select(t.dim() - 1, idx.to(t.device)))
+    if kept is not None:  # router rows, router and choice biases, ERNIE's moe_statics...: one rule with preview
+        E = lay.num_experts
+        slice_experts_of(lay.router, kept, E)
+        slice_experts_of(lay.block, kept, E, recurse=False)
     for mod in (ex, lay.router, rl, lay.block):
-        for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        for name in EXPERT_COUNT_NAMES:
             if isinstance(getattr(mod, name, None), int):
                 setattr(mod, name, n_experts)
     if isinstance(rl, nn.Linear):
@@ -89,10 +83,13 @@ def _block_attr(dl: nn.Module) -> str:
     return next(a for a in BLOCK_ATTRS if hasattr(dl, a))
 
 
-def _drop_moe_sublayer(lay: MoELayer) -> None:
+def _drop_moe_sublayer(lay: MoELayer, drop_norm: bool = False) -> None:
+    """Layer Drop: the MoE block adds nothing, exactly as the preview's skip does. The norm before it stays: in
+    post-norm families (FlexOLMo) or where it also feeds a shared MLP (GraniteMoE-shared) it is not the block's
+    own. ``drop_norm`` reads exports of earlier versions, which removed it."""
     dl = lay.decoder_layer
     setattr(dl, _block_attr(dl), DroppedMoE(lay.family.returns_tuple, lay.family.flat_output))
-    if hasattr(dl, "post_attention_layernorm"):
+    if drop_norm and hasattr(dl, "post_attention_layernorm"):
         dl.post_attention_layernorm = nn.Identity()
 
 
@@ -178,6 +175,7 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
         "num_hidden_layers": n_dec_new,
         "moe": {str(old_to_new[li]): {"num_experts": counts[li], "intermediate": inters[li]} for li in counts},
         "dropped_moe_sublayers": [old_to_new[li] for li in dropped_sub],
+        "norms_kept": True,
         "plan": plan.to_dict(),
     }
     new_view = MoEModel(model) if len(counts) else None

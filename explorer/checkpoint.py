@@ -347,9 +347,6 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     wmap = _weight_map(src)
     layers = _layers(model, view, plan, stats, wmap)
     dl_path, remap = _block_renames(view, model, plan)
-    names = {id(m): n for n, m in model.named_modules()}
-    # Layer Drop also removes the norm before the MoE sub-layer, as the in-memory apply does
-    gone_norms = tuple(names[id(view[i].decoder_layer)] + ".post_attention_layernorm." for i in plan.drop_layers)
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
     plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
@@ -363,8 +360,6 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             m = block_re.match(key)
             if m and remap[int(m.group(1))] is None:
                 continue  # a dropped decoder block
-            if key.startswith(gone_norms):
-                continue
             lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
             if lay is None:
                 new, new_shape, op, sel = key, shape, ("copy",), None
@@ -401,6 +396,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             (tmp / LAYOUT_FILE).write_text(json.dumps({
                 "format": "checkpoint", "num_hidden_layers": cfg.num_hidden_layers,
                 "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.drop_layers),
+                "norms_kept": True,
                 "plan": plan.to_dict()}, indent=1))
         for f in src.iterdir():  # tokenizer and the rest, as they are
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (

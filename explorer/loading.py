@@ -204,10 +204,10 @@ def restructure(model, layout: dict) -> None:
     """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
     from .apply import _drop_moe_sublayer, _resize_layer
 
-    view = MoEModel(model)
+    view = MoEModel(model, check=False)  # the weights are not loaded yet
     by_idx = {lay.layer_idx: lay for lay in view}
     for li in layout.get("dropped_moe_sublayers", []):
-        _drop_moe_sublayer(by_idx[li])
+        _drop_moe_sublayer(by_idx[li], drop_norm=not layout.get("norms_kept", False))
     for li, shape in layout.get("moe", {}).items():
         lay = by_idx[int(li)]
         E, I = shape["num_experts"], shape["intermediate"]
@@ -253,11 +253,12 @@ def _load_checkpoint_layout(folder: Path, config, layout: dict, **kw):
                                                            use_safetensors=True, **kw)
     finally:
         hf_logging.set_verbosity(verbosity)
-    view = MoEModel(model)
+    view = MoEModel(model, check=False)  # checked by load_model once restructured
     names = {id(m): n for n, m in model.named_modules()}
     dropped = [lay for lay in view if lay.layer_idx in set(layout["dropped_moe_sublayers"])]
     gone = tuple(p for lay in dropped for p in (names[id(lay.block)] + ".",
-                                                names[id(lay.decoder_layer)] + ".post_attention_layernorm."))
+                                                names[id(lay.decoder_layer)] + ".post_attention_layernorm.")
+                 if layout.get("norms_kept") is not True or not p.endswith("layernorm."))
     restructure(model, layout)
     strange = [k for k in info.get("missing_keys", []) if not k.startswith(gone)]
     strange += list(info.get("unexpected_keys", [])) + [str(k) for k in info.get("mismatched_keys", [])]

@@ -10,6 +10,8 @@ stands behind every number the explorer shows.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -63,6 +65,39 @@ FAMILIES: dict[str, Family] = {
 
 class NoMoELayersError(ValueError):
     pass
+
+
+class UnsupportedModelError(NoMoELayersError):
+    """The view does not reproduce this model's own MoE blocks: refused in words rather than shown wrong."""
+
+
+EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts",
+                      "num_routed_experts")
+
+
+def slice_experts_of(module: nn.Module, kept: list[int], n_experts: int, recurse: bool = True) -> None:
+    """Keep rows ``kept`` of every per-expert tensor held by ``module`` (router rows, router and choice biases,
+    ERNIE's ``moe_statics``...) and every cached expert count, in place: what a router of the smaller model holds.
+    A tensor is per-expert when its first (else last) dimension is the expert count. ``recurse=False``: the
+    module's own tensors only (a block's, whose children are sliced each by their own rule)."""
+    idx = torch.as_tensor(kept, dtype=torch.long)
+    for mod in (module.modules() if recurse else [module]):
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or t.dim() == 0:
+                continue
+            dim = 0 if t.shape[0] == n_experts else (t.dim() - 1 if t.shape[-1] == n_experts else None)
+            if dim is None:
+                continue
+            new = t.detach().index_select(dim, idx.to(t.device)).clone().contiguous()
+            if isinstance(t, nn.Parameter):
+                setattr(mod, name, nn.Parameter(new, requires_grad=t.requires_grad))
+            else:
+                mod._buffers[name] = new
+        for name in EXPERT_COUNT_NAMES:
+            if getattr(mod, name, None) == n_experts and isinstance(getattr(mod, name), int):
+                setattr(mod, name, len(kept))
+        if isinstance(mod, nn.Linear) and mod.out_features == n_experts:
+            mod.out_features = len(kept)
 
 
 # ---- accelerate's big-model hooks ---------------------------------------------------------------------------
@@ -121,10 +156,12 @@ def _text_config(config):
 
 
 def family_of(config) -> Family:
+    """The family row of ``config``'s model type; unknown types get the common layout, which ``MoEModel.check``
+    then holds against the model's own blocks (a type it does not reproduce is refused)."""
     mt = getattr(_text_config(config), "model_type", None)
     if mt in FAMILIES:
         return FAMILIES[mt]
-    return Family("softmax_topk", "norm_topk_prob", True)  # the common layout; checked by MoELayer.check()
+    return Family("softmax_topk", "norm_topk_prob", True)
 
 
 @dataclass
@@ -151,7 +188,7 @@ class MoELayer:
 
     @property
     def router_linear(self) -> nn.Module:
-        for name in ("wg", "gate"):
+        for name in ("wg", "gate", "classifier"):
             sub = getattr(self.router, name, None)
             if isinstance(sub, nn.Module) and isinstance(getattr(sub, "weight", None), torch.Tensor):
                 return sub
@@ -207,10 +244,12 @@ class MoELayer:
     # ---- what the routing allows -------------------------------------------------------------------------
     @property
     def groups(self) -> tuple[int, int]:
-        """(n_group, topk_group) of group-limited routing (DeepSeek-V3 style); (1, 1) for every other router."""
-        if self.family.gating != "sigmoid_group":
-            return 1, 1
-        return int(getattr(self.router, "num_group", 1) or 1), int(getattr(self.router, "topk_group", 1) or 1)
+        """(n_group, topk_group) of group-limited routing (DeepSeek-V2/V3 style, as the router holds them);
+        (1, 1) for every other router."""
+        g = next((getattr(self.router, a) for a in ("num_group", "n_group") if getattr(self.router, a, None)), 1)
+        tg = getattr(self.router, "topk_group", None) or 1
+        g, tg = int(g or 1), int(tg)
+        return (g, tg) if g > 1 else (1, 1)
 
     def keep_rule(self) -> tuple[int, int]:
         """(least experts this layer may keep, the step the kept count must be a multiple of)."""
@@ -237,6 +276,22 @@ class MoELayer:
             if b is not None:
                 n += b[0].numel()
         return n
+
+    def _per_expert_params(self):
+        E = self.num_experts
+        for mod, rec in ((self.router, True), (self.block, False)):
+            for p in mod.parameters(recurse=rec):
+                if p.dim() and E in (p.shape[0], p.shape[-1]):
+                    yield p
+
+    def router_params(self) -> int:
+        """Parameters of the router and the block's own per-expert tensors (what Layer Drop removes beside experts)."""
+        return sum(p.numel() for p in self.router.parameters()) + sum(
+            p.numel() for p in self.block.parameters(recurse=False))
+
+    def router_row_params(self) -> int:
+        """Parameters one expert holds outside its own weights: its router row, router and choice biases..."""
+        return sum(p.numel() for p in self._per_expert_params()) // self.num_experts
 
     def shared_params(self) -> int:
         n = sum(p.numel() for m in self.shared for p in m.parameters())
@@ -310,23 +365,98 @@ class MoELayer:
             return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         return torch.softmax(logits, dim=-1)
 
+    @property
+    def router_extra(self) -> torch.Tensor | None:
+        """A per-expert tensor the block passes to its router beside the hidden states (MiniMax-M2's and HY-V3's
+        ``e_score_correction_bias``, AFMoE's ``expert_bias``), or None when the router takes the hidden states only."""
+        try:
+            params = [p for p in inspect.signature(self.router.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            return None
+        if len(params) < 2:
+            return None
+        for name in ("e_score_correction_bias", "expert_bias"):
+            t = getattr(self.block, name, None)
+            if isinstance(t, torch.Tensor):
+                return t
+        return None
+
+    def call_router(self, x: torch.Tensor, router: nn.Module | None = None, extra: torch.Tensor | None = None):
+        """The router's own output on tokens x, called as the block calls it."""
+        router = self.router if router is None else router
+        extra = self.router_extra if extra is None else extra
+        return router(x) if extra is None else router(x, extra)
+
+    def _parse(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.family.gating == "sigmoid_input":
+            logits = out[1].float()
+            w, idx = torch.topk(logits, self.top_k, dim=-1)
+            return logits, torch.sigmoid(w), idx
+        if isinstance(out, tuple) and len(out) == 3:
+            logits, w, idx = out
+            return logits.float(), w, idx
+        if isinstance(out, torch.Tensor):
+            return self.route_from_logits(out.float())
+        raise UnsupportedModelError(
+            f"the router of MoE layer {self.index} ({type(self.router).__name__}) returns "
+            f"{type(out).__name__} of {len(out) if isinstance(out, tuple) else '?'} parts; the explorer reads "
+            "(logits, top-k weights, top-k indices) or logits")
+
+    def sliced_router(self, kept: list[int]) -> tuple[nn.Module, torch.Tensor | None]:
+        """(router, extra) of the smaller model that keeps experts ``kept``: a copy of this router with the kept
+        rows of every per-expert tensor, exactly what ``apply`` writes. Masked routing runs it, so a preview routes
+        as the applied model routes, whatever the family's gating (group limits, choice biases, renormalisation)."""
+        key = tuple(kept)
+        cache = self.__dict__.setdefault("_sliced", {})
+        if key not in cache:
+            with materialized(self.router_linear):
+                hook = self.router.__dict__.get("_hf_hook")
+                if hook is not None:
+                    del self.router._hf_hook
+                try:
+                    r = copy.deepcopy(self.router)
+                finally:
+                    if hook is not None:
+                        self.router._hf_hook = hook
+            for m in r.modules():  # the copy computes where it is; accelerate's hooks belong to the original
+                m.__dict__.pop("_hf_hook", None)
+                if "forward" in m.__dict__ and hasattr(m, "_old_forward"):
+                    m.forward = m._old_forward
+            slice_experts_of(r, kept, self.num_experts)
+            extra = self.router_extra
+            if extra is not None:
+                extra = extra.detach().index_select(extra.dim() - 1 if extra.shape[0] != self.num_experts else 0,
+                                                    torch.as_tensor(kept, device=extra.device))
+            cache.clear()  # one plan at a time per layer
+            cache[key] = (r, extra)
+        return cache[key]
+
+    def _router_triple(self, x: torch.Tensor) -> bool:
+        if "_triple" not in self.__dict__:
+            self.__dict__["_triple"] = isinstance(self.call_router(x[:1]), tuple)
+        return self.__dict__["_triple"]
+
     def route(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [T,E] fp32, top-k weights [T,k], top-k indices [T,k]).
 
-        Without a mask the model's own router module decides (exact). With a boolean keep-mask [E] the
-        routing is recomputed from the logits with dropped experts at -inf, as the smaller model would.
+        Without a mask the model's own router module decides (exact). With a boolean keep-mask [E] the smaller
+        model's router decides: a copy holding only the kept rows (``sliced_router``), its choices named by their
+        original ids; the logits of removed experts are -inf.
         """
         if mask is None:
-            out = self.router(x)
-            if self.family.gating == "sigmoid_input":
-                logits = out[1].float()
-                w, idx = torch.topk(logits, self.top_k, dim=-1)
-                return logits, torch.sigmoid(w).to(x.dtype), idx
-            if isinstance(out, tuple) and len(out) == 3:
-                logits, w, idx = out
-                return logits.float(), w, idx
-            return self.route_from_logits(out.float() if isinstance(out, torch.Tensor) else out[0].float())
-        return self.route_from_logits(self.logits(x), mask)
+            return self._parse(self.call_router(x))
+        kept = mask.nonzero().flatten().tolist()
+        if len(kept) == self.num_experts:
+            return self._parse(self.call_router(x))
+        if self.family.gating == "sigmoid_input" or not self._router_triple(x):
+            return self.route_from_logits(self.logits(x), mask)
+        r, extra = self.sliced_router(kept)
+        logits_k, w, sub = self._parse(self.call_router(x, r, extra) if extra is not None else r(x))
+        ids = torch.as_tensor(kept, device=sub.device)
+        logits = logits_k.new_full((logits_k.shape[0], self.num_experts), float("-inf"))
+        logits[:, ids] = logits_k
+        return logits, w, ids[sub]
 
     def logits_of(self, router_output) -> torch.Tensor:
         """The [T, E] logits inside whatever the router module returned."""
@@ -535,10 +665,128 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
-class MoEModel:
-    """The MoE layers of a causal LM, found once, with uniform handles."""
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
-    def __init__(self, model: nn.Module):
+
+def _main(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().reshape(-1), b.float().reshape(-1)
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+class _Mask:
+    """The smallest edit ``MoELayer.forward`` takes: a routing mask (see transform.LayerEdit)."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep, self.tensors, self.slot, self.skip = keep, None, None, False
+
+
+def check_kept_ids(lay: "MoELayer") -> list[int]:
+    """A small set of experts the layer may keep (its least allowed count, spread over the groups): what the
+    self-check routes among."""
+    E = lay.num_experts
+    least, step = lay.keep_rule()
+    g, _ = lay.groups
+    n = max(least, min(E - step, -(-max(least, E // 2) // step) * step))
+    if n >= E:
+        return list(range(E))
+    per = n // g
+    size = E // g
+    return [grp * size + j for grp in range(g) for j in range(size - per, size)]  # the last ``per`` of each group
+
+
+def sliced_block(lay: "MoELayer", kept: list[int]) -> nn.Module:
+    """A shallow copy of ``lay``'s block as the smaller model holds it: the kept experts' rows (copied), the
+    sliced router, block-level per-expert tensors sliced. What ``apply`` writes, built for one layer."""
+    b = copy.copy(lay.block)
+    b._modules, b._parameters, b._buffers = dict(b._modules), dict(b._parameters), dict(b._buffers)
+    ex = copy.copy(lay.experts)
+    ex._parameters, ex._buffers = dict(ex._parameters), dict(ex._buffers)
+    for m in (b, ex):  # accelerate's hooks and forward wrappers belong to the originals
+        for name in ("forward", "_hf_hook", "_old_forward"):
+            m.__dict__.pop(name, None)
+    idx = torch.as_tensor(kept, dtype=torch.long)
+    with materialized(lay.experts):
+        for name, t in list(ex._parameters.items()):
+            if t is not None and t.dim() and t.shape[0] == lay.num_experts:
+                ex._parameters[name] = nn.Parameter(t.detach().index_select(0, idx.to(t.device)), requires_grad=False)
+    for name in EXPERT_COUNT_NAMES:
+        if getattr(ex, name, None) == lay.num_experts:
+            setattr(ex, name, len(kept))
+    attr_ex = next(n for n, m in lay.block.named_children() if m is lay.experts)
+    attr_r = next(n for n, m in lay.block.named_children() if m is lay.router)
+    b._modules[attr_ex] = ex
+    router, _ = lay.sliced_router(kept)
+    b._modules[attr_r] = router
+    slice_experts_of(b, kept, lay.num_experts, recurse=False)
+    return b
+
+
+def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 0, masked: bool = True) -> None:
+    """Refuse (UnsupportedModelError) what the view of this layer does not reproduce."""
+    where = f"{model_type}: MoE layer {lay.index} (decoder layer {lay.layer_idx}, {type(lay.block).__name__})"
+    dev = lay.device
+    dtype = next((p.dtype for p in lay.router.parameters() if p.is_floating_point()), torch.float32)
+    g = torch.Generator().manual_seed(seed + lay.index)
+    x = torch.randn(1, tokens, lay.hidden_size, generator=g).to(dev, dtype)
+    tol = _tolerance(dtype)
+    with torch.no_grad():
+        try:
+            ref = _main(lay.block(x))
+        except Exception as err:  # noqa: BLE001 - any failure of the family's own block is the answer
+            raise UnsupportedModelError(
+                f"{where} cannot be run on hidden states alone ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "the explorer cannot observe or edit it") from err
+        try:
+            got = _main(lay.forward(x))
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{where}: {err}") from err
+        except Exception as err:  # noqa: BLE001
+            raise UnsupportedModelError(
+                f"{where}: the explorer's view of the block fails ({type(err).__name__}: "
+                f"{str(err).splitlines()[0]}); it does not know this family's layout") from err
+        if got.numel() != ref.numel():
+            raise UnsupportedModelError(f"{where}: the view's output has shape {tuple(got.shape)}, the block's "
+                                        f"{tuple(ref.shape)}")
+        err = _rel(got, ref)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"{where}: the view does not reproduce the block's own output (relative difference {err:.2g}, "
+                f"tolerance {tol:g}); the block computes more than router + experts + shared experts as the "
+                "explorer knows them, so its statistics and previews would be wrong. Refused.")
+        if not masked:
+            return
+        kept = check_kept_ids(lay)
+        if len(kept) == lay.num_experts:
+            return
+        keep = torch.zeros(lay.num_experts, dtype=torch.bool)
+        keep[kept] = True
+        try:
+            small = _main(sliced_block(lay, kept)(x))
+        except Exception as err:  # noqa: BLE001
+            raise UnsupportedModelError(
+                f"{where}: the block with {len(kept)} of {lay.num_experts} experts kept fails "
+                f"({type(err).__name__}: {str(err).splitlines()[0]}); expert removal cannot be applied") from err
+        got = _main(lay.forward(x, edit=_Mask(keep)))
+        err = _rel(got, small)
+        if not err <= tol:
+            raise UnsupportedModelError(
+                f"{where}: routing among {len(kept)} kept experts differs from the smaller model's own block "
+                f"(relative difference {err:.2g}); previews of dropped or merged experts would be wrong. Refused.")
+
+
+class MoEModel:
+    """The MoE layers of a causal LM, found once, with uniform handles.
+
+    ``check`` (default: whenever the weights are real, not on the meta device) holds the view against each MoE
+    block's own forward before anything is computed from it; a family the view does not reproduce is refused
+    with ``UnsupportedModelError`` naming the model type and what differs."""
+
+    def __init__(self, model: nn.Module, check: bool | None = None):
         self.model = model
         self.config = model.config
         self.text_config = _text_config(model.config)
@@ -547,9 +795,34 @@ class MoEModel:
         if not self.layers:
             raise NoMoELayersError(
                 f"no MoE layers found in {type(model).__name__} (model_type={self.text_config.model_type!r}): "
-                "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward` block holding fused "
-                "`experts.gate_up_proj` and a router")
+                "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward`/`moe`/`mixer` block "
+                "holding fused `experts.gate_up_proj` and a router")
         self.decoder_layers = _decoder_layers(model)
+        if check is None:
+            check = not any(p.device.type == "meta" for p in self.layers[0].router.parameters())
+        if check:
+            self.check()
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.text_config, "model_type", type(self.model).__name__))
+
+    def check(self, tokens: int = 16, seed: int = 0) -> None:
+        """Run every MoE block and the view on the same random tokens and refuse the model in words where they
+        differ: the block's output, and, for a routing mask, the block of the smaller model ``apply`` would build.
+        Cheap (a few tokens per layer; a copy of a handful of one layer's experts); cached on the model."""
+        key = (tuple(lay.num_experts for lay in self.layers), tuple(lay.intermediate_size for lay in self.layers))
+        if self.model.__dict__.get("_explorer_checked") == key:
+            return
+        training = [(m, m.training) for m in (lay.block for lay in self.layers)]
+        try:
+            for lay in self.layers:
+                lay.block.eval()  # jitter and dropout are training-time noise, not the family's routing
+                check_layer(lay, self.model_type, tokens, seed, masked=lay.index == 0)
+        finally:
+            for m, t in training:
+                m.train(t)
+        self.model.__dict__["_explorer_checked"] = key
 
     @property
     def count_attr(self) -> str | None:

@@ -303,10 +303,7 @@ class Plan:
             E, k, I = lay.num_experts, lay.top_k, lay.intermediate_size
             per = lay.expert_params()
             if i in self.drop_layers:
-                n = per * E + lay.router_weight.numel() + lay.shared_params()
-                n += (lay.router_bias.numel() if lay.router_bias is not None else 0)
-                norm = getattr(lay.decoder_layer, "post_attention_layernorm", None)
-                n += sum(p.numel() for p in norm.parameters()) if norm is not None else 0
+                n = per * E + lay.router_params() + lay.shared_params()  # the norm before it stays
                 removed_total += n
                 removed_active += n - per * (E - k)
                 continue
@@ -317,8 +314,7 @@ class Plan:
             gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
             dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
             per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb
-            row = lay.hidden_size + (1 if lay.router_bias is not None else 0)
-            row += 1 if isinstance(lay.correction_bias, torch.nn.Parameter) else 0
+            row = lay.router_row_params()
             removed_total += per * E - per2 * kept + (E - kept) * row
             removed_active += (per - per2) * k
             experts_after.append(kept)

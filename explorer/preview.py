@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from .moe import MoEModel
 from .perplexity import Perplexity, perplexity
-from .plan import Plan
+from .plan import Plan, PlanError
 from .transform import layer_edit
 
 
@@ -18,8 +18,10 @@ from .transform import layer_edit
 def previewing(model, view: MoEModel, plan: Plan, stats=None):
     """Inside the block, ``model`` computes as if ``plan`` were applied."""
     plan.validate(view)
-    edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
     skipped = [view.decoder_layers[i] for i in plan.drop_blocks]
+    for dl in skipped:
+        _check_identity_block(dl, view)
+    edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
     for dl in skipped:
         dl.forward = _identity_block
     try:
@@ -39,6 +41,30 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
 
 def _identity_block(hidden_states, *args, **kwargs):
     return hidden_states
+
+
+def _check_identity_block(dl, view: MoEModel) -> None:
+    """Block Drop is previewed by a decoder layer that returns its input. That is exact only where the model's
+    layer loop takes the hidden states alone from each layer (``hidden_states = decoder_layer(...)``); where it
+    takes more (GLM-MoE-DSA passes its indexer's choices to the next layer) the stand-in would be wrong: refused
+    in words, not approximated."""
+    import inspect
+    import re
+
+    stack = next((m for m in view.model.modules() if getattr(m, "layers", None) is view.decoder_layers), None)
+    try:
+        src = inspect.getsource(type(stack).forward)
+    except (TypeError, OSError):
+        src = ""
+    m = re.search(r"for\s+(?:\w+\s*,\s*)?(\w+)\s+in\s+(?:enumerate\()?self\.layers", src)
+    target = None
+    if m:
+        call = re.search(r"\n\s*([\w, ]+?)\s*=\s*" + re.escape(m.group(1)) + r"\(", src)
+        target = call.group(1) if call else None
+    if target is None or "," in target or re.search(re.escape(target) + r"\s*\[", src):
+        raise PlanError(f"{view.model_type}: its decoder layers ({type(dl).__name__}) hand the next layer more than "
+                        "the hidden states, so a dropped block cannot be previewed exactly; apply the plan and "
+                        "evaluate the smaller model instead")
 
 
 def preview_perplexity(model, view: MoEModel, plan: Plan, blocks, stats=None, batch_size: int = 8) -> Perplexity:
