@@ -58,7 +58,7 @@ def _resize_layer(lay: MoELayer, kept: list[int] | None, tensors: tuple | None, 
     """Write new expert tensors and router rows into ``lay``'s modules and update every cached count."""
     ex, rl = lay.experts, lay.router_linear
     if tensors is not None:
-        _set_param(ex, "gate_up_proj", tensors[0])
+        _set_param(ex, lay.gate_up_name, tensors[0])
         _set_param(ex, "down_proj", tensors[1])
         if tensors[2] is not None:
             _set_param(ex, "gate_up_proj_bias", tensors[2])
@@ -99,9 +99,12 @@ def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
     keep = [i for i in range(n_old) if i not in set(drop)]
     new = nn.ModuleList([layers[i] for i in keep])
     for new_i, dl in enumerate(new):  # KV-cache indices follow the new numbering
+        old_i = keep[new_i]
         for mod in dl.modules():
-            if isinstance(getattr(mod, "layer_idx", None), int):
-                mod.layer_idx = new_i
+            v = getattr(mod, "layer_idx", None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                # a sub-layer numbered 2*i + j (LongCat's two attention sub-layers per layer) keeps its j
+                mod.layer_idx = 2 * new_i + (v - 2 * old_i) if v != old_i and 0 <= v - 2 * old_i <= 1 else new_i
     parent = model.get_decoder() if hasattr(model, "get_decoder") else model
     for cand in (parent, getattr(parent, "model", None), getattr(parent, "language_model", None)):
         if cand is not None and getattr(cand, "layers", None) is layers:
@@ -112,10 +115,20 @@ def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
 
 def block_drop_config(cfg, keep: list[int], n_old: int) -> None:
     """Renumber a config after Block Drop: layer count, per-layer lists and layer-index lists."""
-    cfg.num_hidden_layers = len(keep)
+    stored = cfg.to_dict()
+    counts = [a for a in ("num_layers", "n_layers") if isinstance(stored.get(a), int)]
+    if counts:  # the field the config stores (LongCat derives num_hidden_layers = 2 * num_layers from it)
+        for a in counts:
+            setattr(cfg, a, len(keep))
+    else:
+        cfg.num_hidden_layers = len(keep)
     remap = {old: new_i for new_i, old in enumerate(keep)}
     for name, val in list(cfg.to_dict().items()):
-        if name in ("num_hidden_layers",) or not isinstance(val, list):
+        if isinstance(val, dict) and val and all(str(k).lstrip("-").isdigit() for k in val):
+            # per-layer settings keyed by layer index (dots.llm3's per_layer_config)
+            setattr(cfg, name, {type(k)(remap[int(k)]): v for k, v in val.items() if int(k) in remap})
+            continue
+        if name in ("num_hidden_layers", "num_layers", "n_layers") or not isinstance(val, list):
             continue
         if name in INDEX_LISTS and all(isinstance(v, int) for v in val):
             setattr(cfg, name, [remap[v] for v in val if v in remap])

@@ -49,6 +49,9 @@ class _Layer:
     neurons: dict[int, torch.Tensor] | None = None  # slimming: kept expert -> intermediate neurons it keeps
     skip: bool = False  # Layer Drop: none of the block's keys are written
     view_layer: object = None  # the MoELayer (meta), for the gate/up layout
+    experts_rel: str = "experts"  # the experts module's path under the block: only its tensors are expert weights
+    rows: dict[str, int] = field(default_factory=dict)  # on-disk key of a router-side per-expert tensor -> its dim
+    expert_keys: set[str] = field(default_factory=set)  # on-disk keys of the fused expert tensors
 
 
 _DOWN = ("down", "w2", "output_linear")  # names of the expert tensor that reads the intermediate neurons
@@ -134,21 +137,65 @@ def _check_slim_config(config, model, view: MoEModel, width: int) -> None:
                         "experts of this family: use the in-memory apply (without --out-of-core)")
 
 
+def _disk_path(path: str, keys, keep: int = 3) -> str | None:
+    """``path`` as the checkpoint spells it: the in-memory path, or the same last ``keep`` components (layer
+    number included) under another head (Nemotron-H stores ``backbone.layers...`` for ``model.layers...``)."""
+    if any(k.startswith(path + ".") for k in keys):
+        return path
+    parts = path.split(".")
+    for j in range(1, len(parts) - keep + 1):
+        tail = ".".join(parts[j:]) + "."
+        heads = {k[: k.index(tail)] for k in keys if k.startswith(tail) or ("." + tail) in k}
+        heads = {h for h in heads if h == "" or h.endswith(".")}
+        if len(heads) == 1:
+            return heads.pop() + tail[:-1]
+    return None
+
+
 def _disk_prefix(prefix: str, keys) -> str:
     """The block's path as the checkpoint spells it: transformers 5 renames some on load (Mixtral's on-disk
-    ``block_sparse_moe`` is ``mlp`` in memory), so try the block names the view knows."""
-    if any(k.startswith(prefix + ".") for k in keys):
-        return prefix
+    ``block_sparse_moe`` is ``mlp`` in memory; Nemotron-H's ``backbone`` is ``model``), so try those."""
+    found = _disk_path(prefix, keys)
+    if found is not None:
+        return found
     head = prefix.rsplit(".", 1)[0]
     for attr in BLOCK_ATTRS:
-        cand = f"{head}.{attr}"
-        if any(k.startswith(cand + ".") for k in keys):
+        cand = _disk_path(f"{head}.{attr}", keys)
+        if cand is not None:
             return cand
     raise PlanError(f"cannot find the MoE block {prefix} among the checkpoint's keys")
 
 
+def _disk_name(model):
+    """In-memory key -> the key ``save_pretrained`` writes (transformers' reverse renamings; Kolibri's
+    ``mlp.gate.e_score_correction_bias`` is ``moe.router.expert_bias`` on disk)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        rev = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]]
+        ren = [r for r in rev if isinstance(r, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - an older or newer transformers without these: names as they are
+        return lambda k: k
+    return lambda k: apply_renamings(k, ren) if ren else k
+
+
+def _router_rows(lay, prefix: str, to_disk) -> dict[str, int]:
+    """On-disk keys of the per-expert tensors outside the experts (router rows and biases), with their dim."""
+    out = {}
+    E = lay.num_experts
+    for mod, rec, head in ((lay.router, True, None), (lay.block, False, prefix)):
+        items = list(mod.named_parameters(recurse=rec)) + list(mod.named_buffers(recurse=rec))
+        for name, t in items:
+            if t.dim() and E in (t.shape[0], t.shape[-1]):
+                full = f"{head}.{name}" if head else None
+                out[(name, id(mod), full)] = 0 if t.shape[0] == E else t.dim() - 1
+    return out
+
+
 def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
     names = {id(m): n for n, m in model.named_modules()}
+    to_disk = _disk_name(model)
     blocked = plan.blocked_moe_layers(view)
     slim = plan.slim is not None and plan.slim < 1
     out = []
@@ -173,7 +220,15 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
             for e in kept:
                 g = merged[e][0] if e in merged else [e]
                 neurons[e] = top_neurons(group_energy(st, "neuron_sq", g), n_keep)
-        out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay))
+        rel = names[id(lay.experts)][len(prefix) + 1:]
+        rows = {}
+        for (name, mid, full), dim in _router_rows(lay, prefix, to_disk).items():
+            mem = full or f"{names[id(lay.router)]}.{name}"
+            rows[to_disk(mem)] = dim
+        ekeys = {to_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
+        ekeys = {disk + k[len(prefix):] if k.startswith(prefix + ".") else k for k in ekeys}
+        out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay, experts_rel=rel, rows=rows,
+                          expert_keys=ekeys))
     return out
 
 
@@ -217,7 +272,9 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
             g, w = lay.merged[e]
             return new, new_shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w), sel
         return new, new_shape, ("copy",), sel
-    is_expert = "expert" in rel or len(shape) == 3
+    # expert weights live under the experts module; a per-expert tensor elsewhere (router rows, router and choice
+    # biases, ERNIE's moe_statics) is sliced, never averaged or narrowed
+    is_expert = rel.startswith(lay.experts_rel + ".") or key in lay.expert_keys
     if shape and shape[0] == lay.E and (is_expert or len(shape) <= 2):
         if not is_expert:
             return key, [len(lay.kept)] + shape[1:], ("rows", 0, lay.kept), None
@@ -347,6 +404,8 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     wmap = _weight_map(src)
     layers = _layers(model, view, plan, stats, wmap)
     dl_path, remap = _block_renames(view, model, plan)
+    first = _disk_path(dl_path + ".0", wmap, keep=2)
+    dl_path = first[:-2] if first else dl_path
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
     plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
@@ -361,6 +420,17 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             if m and remap[int(m.group(1))] is None:
                 continue  # a dropped decoder block
             lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
+            owner = next((x for x in layers if key in x.rows), None)
+            if owner is not None and lay is None:  # a router-side per-expert tensor stored outside the block
+                if owner.skip:
+                    continue
+                dim = owner.rows[key]
+                new_shape = [len(owner.kept) if d == dim else n for d, n in enumerate(shape)]
+                new, op, sel = key, ("rows", dim, owner.kept), None
+                if m:
+                    new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
+                plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op, sel))
+                continue
             if lay is None:
                 new, new_shape, op, sel = key, shape, ("copy",), None
             else:

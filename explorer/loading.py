@@ -212,7 +212,8 @@ def restructure(model, layout: dict) -> None:
         lay = by_idx[int(li)]
         E, I = shape["num_experts"], shape["intermediate"]
         H = lay.hidden_size
-        gu = torch.empty(E, H, 2 * I) if lay.transposed else torch.empty(E, 2 * I, H)
+        U = lay.up_rows(I)
+        gu = torch.empty(E, H, U) if lay.transposed else torch.empty(E, U, H)
         dn = torch.empty(E, I, H) if lay.transposed else torch.empty(E, H, I)
         gb = None if lay.gate_up_bias is None else torch.empty(E, 2 * I)
         db = None if lay.down_bias is None else torch.empty(E, H)

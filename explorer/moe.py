@@ -31,9 +31,9 @@ from torch import nn
 #   count_attr: the config attribute that counts routed experts
 # --------------------------------------------------------------------------------------------------------
 COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward", "moe")
+BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward", "moe", "mixer")
 ROUTER_ATTRS = ("gate", "router")
-SHARED_ATTRS = ("shared_expert", "shared_experts")
+SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Family:
     returns_tuple: bool = False  # the block returns (hidden, router_something)
     transposed: bool = False  # experts stored [E, H, 2I] / [E, I, H]
     flat_output: bool = False  # the block returns [tokens, H] rather than the input's shape
+    block_scale: bool = False  # the block multiplies the routed sum by its ``routed_scaling_factor`` (Beam, M3)
+    post_norm: str | None = None  # a norm the block applies to routed + shared (AXK1's ``post_mlp_layernorm``)
+    latent: tuple[str, str] | None = None  # projections around the routed experts (Nemotron-H's fc1/fc2_latent_proj)
 
 
 FAMILIES: dict[str, Family] = {
@@ -60,6 +63,12 @@ FAMILIES: dict[str, Family] = {
     "granitemoe": Family("topk_softmax"),
     "llama4_text": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
     "llama4": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
+    # families whose routers return (logits, weights, indices) and whose blocks add one step of their own
+    "beam": Family("softmax_topk", block_scale=True),
+    "minimax_m3_vl": Family("softmax_topk", block_scale=True),
+    "minimax_m3_vl_text": Family("softmax_topk", block_scale=True),
+    "axk1": Family("sigmoid_group", post_norm="post_mlp_layernorm"),
+    "nemotron_h": Family("sigmoid_group", latent=("fc1_latent_proj", "fc2_latent_proj")),
 }
 
 
@@ -188,11 +197,16 @@ class MoELayer:
 
     @property
     def router_linear(self) -> nn.Module:
-        for name in ("wg", "gate", "classifier"):
+        """The module holding the router's [E, H] score matrix."""
+        for name in ("wg", "gate", "classifier", "layer"):
             sub = getattr(self.router, name, None)
             if isinstance(sub, nn.Module) and isinstance(getattr(sub, "weight", None), torch.Tensor):
                 return sub
-        return self.router
+        if isinstance(getattr(self.router, "weight", None), torch.Tensor):
+            return self.router
+        n = self.gate_up.shape[0]
+        lin = [m for m in self.router.modules() if isinstance(m, nn.Linear) and m.out_features == n]
+        return lin[-1] if lin else self.router
 
     @property
     def router_bias(self) -> torch.Tensor | None:
@@ -210,15 +224,29 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.router_weight.shape[0]
+        w = getattr(self.router_linear, "weight", None)
+        return w.shape[0] if isinstance(w, torch.Tensor) else self.gate_up.shape[0]
 
     @property
     def transposed(self) -> bool:
         return bool(getattr(self.experts, "is_transposed", self.family.transposed))
 
     @property
+    def gated(self) -> bool:
+        """Gated experts (gate and up fused in ``gate_up_proj``) or plain ones (Nemotron-H's ``up_proj``, relu²)."""
+        return isinstance(getattr(self.experts, "gate_up_proj", None), torch.Tensor)
+
+    @property
+    def gate_up_name(self) -> str:
+        return "gate_up_proj" if self.gated else "up_proj"
+
+    def up_rows(self, intermediate: int) -> int:
+        """Rows of the first expert matrix for ``intermediate`` neurons: 2I gated, I plain."""
+        return 2 * intermediate if self.gated else intermediate
+
+    @property
     def gate_up(self) -> torch.Tensor:
-        return self.experts.gate_up_proj
+        return getattr(self.experts, self.gate_up_name)
 
     @property
     def down(self) -> torch.Tensor:
@@ -301,6 +329,8 @@ class MoELayer:
 
     # ---- computation --------------------------------------------------------------------------------
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.experts.act_fn(gate_up)
         fn = getattr(self.experts, "_apply_gate", None)
         if fn is not None:
             return fn(gate_up)
@@ -386,7 +416,17 @@ class MoELayer:
         """The router's own output on tokens x, called as the block calls it."""
         router = self.router if router is None else router
         extra = self.router_extra if extra is None else extra
-        return router(x) if extra is None else router(x, extra)
+        args = (x,) if extra is None else (x, extra)
+        if self.__dict__.get("_router_3d") is None:  # most blocks pass [T, H]; some (AFMoE) [B, S, H]
+            try:
+                out = router(*args)
+                self.__dict__["_router_3d"] = False
+                return out
+            except (ValueError, RuntimeError, IndexError):
+                self.__dict__["_router_3d"] = True
+        if self.__dict__["_router_3d"]:
+            args = (x.reshape(1, -1, x.shape[-1]), *args[1:])
+        return router(*args)
 
     def _parse(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.family.gating == "sigmoid_input":
@@ -395,7 +435,7 @@ class MoELayer:
             return logits, torch.sigmoid(w), idx
         if isinstance(out, tuple) and len(out) == 3:
             logits, w, idx = out
-            return logits.float(), w, idx
+            return logits.reshape(-1, logits.shape[-1]).float(), w.reshape(-1, w.shape[-1]), idx.reshape(-1, idx.shape[-1])
         if isinstance(out, torch.Tensor):
             return self.route_from_logits(out.float())
         raise UnsupportedModelError(
@@ -533,10 +573,18 @@ class MoELayer:
         if edit is not None and edit.skip:
             out = torch.zeros_like(x)
         else:
-            out = self.combine(x, w, idx, observer=observer, logits=logits, edit=edit)
+            lat = self.family.latent
+            xe = x if lat is None else getattr(self.block, lat[0])(x)
+            out = self.combine(xe, w, idx, observer=observer, logits=logits, edit=edit)
+            if lat is not None:
+                out = getattr(self.block, lat[1])(out)
+            if self.family.block_scale:
+                out = out * self.block.routed_scaling_factor
             sh = self.shared_out(x)
             if sh is not None:
                 out = out + sh.reshape(out.shape)
+            if self.family.post_norm is not None:
+                out = getattr(self.block, self.family.post_norm)(out)
         if not self.family.flat_output:
             out = out.reshape(shape)
         if self.family.returns_tuple:
@@ -729,6 +777,11 @@ def sliced_block(lay: "MoELayer", kept: list[int]) -> nn.Module:
 def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 0, masked: bool = True) -> None:
     """Refuse (UnsupportedModelError) what the view of this layer does not reproduce."""
     where = f"{model_type}: MoE layer {lay.index} (decoder layer {lay.layer_idx}, {type(lay.block).__name__})"
+    n_held = lay.gate_up.shape[0]
+    if n_held != lay.num_experts:
+        raise UnsupportedModelError(
+            f"{where}: its router scores {lay.num_experts} experts but the block holds {n_held}; routed slots "
+            "without weights (LongCat-Flash's zero-computation experts) are not supported")
     dev = lay.device
     dtype = next((p.dtype for p in lay.router.parameters() if p.is_floating_point()), torch.float32)
     g = torch.Generator().manual_seed(seed + lay.index)
@@ -904,7 +957,8 @@ def _find_layers(model, family: Family, cfg) -> Iterator[MoELayer]:
     for li, dl in enumerate(layers):
         block = next((getattr(dl, a) for a in BLOCK_ATTRS if hasattr(dl, a)), None)
         experts = getattr(block, "experts", None) if block is not None else None
-        if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        if experts is None or not any(isinstance(getattr(experts, a, None), torch.Tensor)
+                                      for a in ("gate_up_proj", "up_proj")):
             continue
         router = next((getattr(block, a) for a in ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
         if router is None:

@@ -36,7 +36,7 @@ _SHRINK = dict(
     hidden_size=64, d_model=64, num_attention_heads=4, n_heads=4, num_key_value_heads=2, head_dim=16,
     vocab_size=256, max_position_embeddings=256, intermediate_size=96, moe_intermediate_size=48,
     shared_expert_intermediate_size=64, moe_shared_expert_intermediate_size=64, shared_intermediate_size=64,
-    expert_ffn_hidden_size=48, ffn_hidden_size=96, num_experts_per_tok=2, moe_k=2, moe_topk=2, kv_lora_rank=16,
+    expert_ffn_hidden_size=48, ffn_hidden_size=96, num_experts_per_tok=2, num_experts_per_token=2, moe_k=2, moe_topk=2, kv_lora_rank=16,
     q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, n_shared_experts=1,
     moe_num_shared_experts=1, first_k_dense_replace=1, tie_word_embeddings=False, kv_channels=16,
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -47,6 +47,14 @@ _SHRINK = dict(
 )
 _LAYERS = 4
 TINY_OVERRIDES: dict[str, dict] = {
+    "dots1": dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
+    "zaya": dict(num_experts_per_tok=1),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"]),
+    "dbrx": dict(ffn_config=dict(hidden_size=64, ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),
+    "longcat_flash": dict(zero_expert_num=4),  # as the published model: routed slots that compute nothing
     "jamba": dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1),
 }
 
@@ -55,7 +63,7 @@ def _count_fields(cfg) -> list[str]:
     from .moe import COUNT_ATTRS
 
     d = cfg.to_dict()
-    return [a for a in COUNT_ATTRS + ("zero_expert_num",) if d.get(a) is not None]
+    return [a for a in COUNT_ATTRS if d.get(a) is not None]
 
 
 def generic_tiny_config(model_type: str, **overrides):
@@ -66,9 +74,11 @@ def generic_tiny_config(model_type: str, **overrides):
     n_old = d.get("num_hidden_layers") or d.get("n_layers") or d.get("num_layers")
     kw = {k: v for k, v in _SHRINK.items() if k in d}
     for a in _count_fields(tc):
-        kw[a] = 0 if a == "zero_expert_num" else 8
+        kw[a] = 8
     if "kv_lora_rank" in d and "num_key_value_heads" in d:  # MLA: as many KV heads as heads (as the real models)
         kw["num_key_value_heads"] = kw.get("num_attention_heads", d["num_key_value_heads"])
+        if "head_dim" in d and d.get("head_dim") == d.get("qk_rope_head_dim"):  # MLA's head_dim is the rope part
+            kw["head_dim"] = kw["qk_rope_head_dim"]
     if d.get("n_group"):
         kw.update(n_group=2, topk_group=1)
     for a in ("num_hidden_layers", "n_layers", "num_layers"):

@@ -31,6 +31,8 @@ def _concatenated(lay: MoELayer) -> bool:
 def up_positions(lay: MoELayer, idx: torch.Tensor) -> torch.Tensor:
     """Positions in gate_up's 2I axis that belong to intermediate neurons ``idx``."""
     I = lay.intermediate_size
+    if not lay.gated:
+        return idx
     if _concatenated(lay):
         return torch.cat([idx, idx + I])
     return torch.stack([2 * idx, 2 * idx + 1], dim=1).reshape(-1)
@@ -60,7 +62,9 @@ def neuron_features(lay: MoELayer, gu, dn) -> torch.Tensor:
     """[I, 3H]: each neuron's gate row, up row and down column (what weight matching compares)."""
     I = dn.shape[0] if lay.transposed else dn.shape[1]
     idx = torch.arange(I, device=gu.device)
-    if _concatenated(lay):
+    if not lay.gated:
+        g_pos = u_pos = idx
+    elif _concatenated(lay):
         g_pos, u_pos = idx, idx + I
     else:
         g_pos, u_pos = 2 * idx, 2 * idx + 1

@@ -114,7 +114,7 @@ def test_stats_match_brute_force(family):
         np.testing.assert_allclose(lay["act_max"], r["act_max"], rtol=1e-5)
         for k in ("neuron_sq", "neuron_sq_gated", "in_sq", "in_sq_gated"):
             np.testing.assert_allclose(lay[k], r[k], rtol=1e-4, atol=1e-6, err_msg=k)
-        np.testing.assert_allclose(lay["logit_gram"], r["logit_gram"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lay["logit_gram"], r["logit_gram"], rtol=1e-5, atol=1e-5)  # sums of ~100s
         np.testing.assert_allclose(lay["dense_out_sum"], r["dense_out_sum"], rtol=1e-4, atol=1e-4)
         assert set(lay) >= set(ARRAYS) and all(k in r for k in ARRAYS)  # every statistic is checked above
         assert stats.mean_entropy(i) == pytest.approx(r["entropy"], rel=1e-5)
