@@ -30,12 +30,14 @@ from .moe import BLOCK_ATTRS, MoEModel
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
 from .transform import group_energy, group_weights, top_neurons, up_positions
+from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, dequant_fp8, dequant_mxfp4, fp8_block, is_mxfp4,
+                            quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 @dataclass
@@ -52,6 +54,15 @@ class _Layer:
     experts_rel: str = "experts"  # the experts module's path under the block: only its tensors are expert weights
     rows: dict[str, int] = field(default_factory=dict)  # on-disk key of a router-side per-expert tensor -> its dim
     expert_keys: set[str] = field(default_factory=set)  # on-disk keys of the fused expert tensors
+    fmt: "_Format | None" = None  # the checkpoint's weight format (FP8 blocks, MXFP4) and every key's shape
+
+
+@dataclass
+class _Format:
+    heads: dict  # key -> (shape, dtype) over all shards
+    fp8: tuple[int, int] | None = None  # weight_block_size of a block-wise FP8 checkpoint
+    mxfp4: bool = False
+    packed: bool = False  # compressed-tensors / other packed integer weights: never averaged or narrowed
 
 
 _DOWN = ("down", "w2", "output_linear")  # names of the expert tensor that reads the intermediate neurons
@@ -266,8 +277,14 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
         if e not in lay.kept:
             return None
         new = lay.prefix + "." + (("." + rel).replace(f".experts.{e}.", f".experts.{lay.kept.index(e)}.", 1))[1:]
+        fp8 = _fp8_edit(key, rel, e, lay)
+        if fp8 is not None:
+            return (new, *fp8)
         sel = _sel(lay, e, rel, len(shape), fused=False)
         new_shape = list(shape) if sel is None else [len(sel[1]) if d == sel[0] else n for d, n in enumerate(shape)]
+        if (e in lay.merged or sel is not None) and lay.fmt is not None and lay.fmt.packed:
+            raise PlanError(f"{key}: packed integer weights (compressed-tensors) cannot be merged or slimmed out of "
+                            "core; drop experts or layers out of core, or apply in memory")
         if e in lay.merged:
             g, w = lay.merged[e]
             return new, new_shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w), sel
@@ -280,6 +297,11 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
             return key, [len(lay.kept)] + shape[1:], ("rows", 0, lay.kept), None
         sels = [_sel(lay, e, rel, len(shape) - 1, fused=True) for e in lay.kept]
         rows = [(*(lay.merged[e] if e in lay.merged else ([e], [1.0])), sel) for e, sel in zip(lay.kept, sels)]
+        if (lay.merged or sels[0] is not None) and key.endswith(("_blocks", "_scales")) and lay.fmt and lay.fmt.mxfp4:
+            return _mxfp4_edit(key, shape, lay, rows)
+        if (lay.merged or sels[0] is not None) and lay.fmt is not None and (lay.fmt.packed or lay.fmt.fp8):
+            raise PlanError(f"{key}: quantised fused expert tensors cannot be merged or slimmed out of core; drop "
+                            "experts or layers out of core, or apply in memory")
         one = list(shape[1:])
         if sels[0] is not None:
             one[sels[0][0]] = len(sels[0][1])
@@ -287,6 +309,68 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
     if len(shape) == 2 and shape[0] == 1 and shape[1] == lay.E:  # a [1, E] correction bias
         return key, [1, len(lay.kept)], ("rows", 1, lay.kept), None
     return key, shape, ("copy",), None
+
+
+def _fp8_edit(key: str, rel: str, e: int, lay: _Layer):
+    """(shape, op, sel) for an FP8 weight or its scales of a merged or slimmed expert: dequantised, edited and
+    quantised back (``("fp8", members, weights, sel, part, block)``); None when the bytes are copied as they are."""
+    f = lay.fmt
+    if f is None or f.fp8 is None:
+        return None
+    base = key[: -len("_scale_inv")] if key.endswith("_scale_inv") else key
+    if base + "_scale_inv" not in f.heads:
+        return None
+    brel = rel[: -len("_scale_inv")] if rel.endswith("_scale_inv") else rel
+    sel = _sel(lay, e, brel, 2, fused=False)
+    if e not in lay.merged and sel is None:
+        return None
+    g, w = lay.merged.get(e, ([e], [1.0]))
+    members = [base.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g]
+    wshape = list(f.heads[base][0])
+    for m in members:
+        check_fp8_grid(m, f.heads[m][0], f.heads[m + "_scale_inv"][0], f.fp8)
+    if sel is not None:
+        wshape[sel[0]] = len(sel[1])
+        try:
+            check_fp8_readable(base, wshape, f.fp8)
+        except WeightFormatError as err:
+            raise PlanError(f"slimming to {len(sel[1])} neurons: {err}; choose a width that is a multiple of "
+                            f"{f.fp8[sel[0]]}, or apply in memory") from err
+    part = "scale" if key.endswith("_scale_inv") else "weight"
+    shape = scale_grid(wshape, f.fp8) if part == "scale" else wshape
+    return shape, ("fp8", members, w, sel, part, f.fp8), None
+
+
+def _mxfp4_edit(key: str, shape: list[int], lay: _Layer, rows):
+    """(key, shape, op, sel) of a fused MXFP4 ``*_blocks`` / ``*_scales`` tensor whose experts are merged or slimmed:
+    each kept expert dequantised [out, in], edited, and quantised back."""
+    base = key[: -len("_blocks")] if key.endswith("_blocks") else key[: -len("_scales")]
+    bshape = lay.fmt.heads[base + "_blocks"][0]  # [E, out, in/32, 16]
+    out_n, in_n = bshape[1], bshape[2] * 32
+    sel = rows[0][2]
+    if sel is not None:  # the view's dims are the in-memory (transposed) ones: out and in swap on disk
+        dim = 1 - sel[0] if lay.view_layer.transposed else sel[0]
+        if dim == 0:
+            out_n = len(sel[1])
+        else:
+            in_n = len(sel[1])
+            if in_n % 32:
+                raise PlanError(f"{base}: MXFP4 holds 32 values per scale; slimming to {in_n} neurons cannot be "
+                                "stored in this format (choose a width that is a multiple of 32, or apply in memory)")
+    E = len(lay.kept)
+    new = [E, out_n, in_n // 32, 16] if key.endswith("_blocks") else [E, out_n, in_n // 32]
+    return key, new, ("mxfp4", base, rows, "blocks" if key.endswith("_blocks") else "scales",
+                      lay.view_layer.transposed), None
+
+
+def _merge_float(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``_merge``'s arithmetic on float32 (dequantised) tensors, without a cast back."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    acc = parts[0].float() * w[0]
+    for t, a in zip(parts[1:], w[1:]):
+        acc = acc + t.float() * a
+    return acc
 
 
 def _merge(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -339,6 +423,25 @@ def _produce(o: _Out, rd: _Reader) -> torch.Tensor:
         return rd.slice(o.src, lambda sl: _rows(sl, op[1], op[2]))
     if op[0] == "members":
         return _select(_merge([rd.tensor(k) for k in op[1]], op[2]), o.sel)
+    if op[0] == "fp8":
+        _, members, w, sel, part, block = op
+        x = _merge_float([dequant_fp8(rd.tensor(k), rd.tensor(k + "_scale_inv"), block) for k in members], w)
+        q, scale = quant_fp8(_select(x, sel), block)
+        return q if part == "weight" else scale
+    if op[0] == "mxfp4":
+        _, base, rows, part, transposed = op
+
+        def one(e):
+            return rd.slice(base + "_blocks", lambda sl: sl[e:e + 1][0]), rd.slice(base + "_scales",
+                                                                                  lambda sl: sl[e:e + 1][0])
+        out = []
+        for ids, w, sel in rows:
+            x = _merge_float([dequant_mxfp4(*one(e)) for e in ids], w)  # [out, in] as stored
+            if sel is not None:
+                x = x.index_select(1 - sel[0] if transposed else sel[0], sel[1])
+            blocks, scales = quant_mxfp4(x)
+            out.append(blocks if part == "blocks" else scales)
+        return torch.stack(out)
 
     def experts(sl):
         out = []
@@ -384,11 +487,44 @@ def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, in
     return names[id(view.decoder_layers)], remap
 
 
+def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], str]]:
+    from safetensors import safe_open
+
+    heads = {}
+    for shard in sorted(set(wmap.values())):
+        with safe_open(src / shard, "pt") as f:
+            for k in f.keys():
+                if wmap.get(k) == shard:
+                    sl = f.get_slice(k)
+                    heads[k] = (list(sl.get_shape()), sl.get_dtype())
+    return heads
+
+
+def _format(src: Path, heads: dict) -> _Format:
+    """The checkpoint's weight format, with every FP8 weight's scale grid checked against the weight."""
+    qc = quant_config(src)
+    fmt = _Format(heads, fp8=fp8_block(qc), mxfp4=is_mxfp4(qc),
+                  packed=bool(qc) and qc.get("quant_method") not in (None, "fp8", "mxfp4"))
+    if fmt.fp8 is not None:
+        for k, (shape, dtype) in heads.items():
+            if dtype.startswith("F8") and k + "_scale_inv" in heads and len(shape) == 2:
+                try:
+                    check_fp8_grid(k, shape, heads[k + "_scale_inv"][0], fmt.fp8)
+                except WeightFormatError as err:
+                    raise PlanError(str(err)) from err
+    return fmt
+
+
 def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, stats=None,
-                     overwrite: bool = False, summary: dict | None = None) -> Path:
+                     overwrite: bool = False, summary: dict | None = None, keep_mtp: bool = False) -> Path:
     """Write the model ``plan`` makes of the checkpoint in ``source`` to ``out_dir`` (atomic, never over the input).
 
     Other files of the checkpoint (tokenizer, generation config) are copied; plan.json and summary.json are added.
+    Quantised checkpoints keep their format and ``quantization_config``: block-wise FP8 and MXFP4 bytes are copied
+    with their scales where experts or layers are dropped, and merged or slimmed experts are dequantised, edited and
+    quantised back. Layers stored past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer, which
+    transformers does not load) are left out, and ``num_nextn_predict_layers`` set to 0, since their experts would
+    no longer match the config; ``keep_mtp`` keeps them as they are (uncut), renumbered after the last layer.
     """
     from safetensors import safe_open
 
@@ -402,23 +538,29 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     _check_supported(plan, view, config, model, stats)
     out = check_export_dir(out_dir, source=src, overwrite=overwrite)
     wmap = _weight_map(src)
+    all_heads = _read_heads(src, wmap)
+    fmt = _format(src, all_heads)
     layers = _layers(model, view, plan, stats, wmap)
+    for lay in layers:
+        lay.fmt = fmt
     dl_path, remap = _block_renames(view, model, plan)
     first = _disk_path(dl_path + ".0", wmap, keep=2)
     dl_path = first[:-2] if first else dl_path
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
     plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
+    n_old = len(view.decoder_layers)
+    mtp = sorted({int(m.group(1)) for k in all_heads if (m := block_re.match(k)) and int(m.group(1)) >= n_old})
+    for i in mtp:  # stored past the decoder: kept after the last kept layer, or left out
+        remap[i] = (len([v for v in remap.values() if v is not None]) + mtp.index(i)) if keep_mtp else None
     for shard in shard_names:
-        with safe_open(src / shard, "pt") as f:
-            heads = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                     for k in f.keys() if wmap.get(k) == shard}
+        heads = {k: v for k, v in all_heads.items() if wmap.get(k) == shard}
         for key, (shape, dtype) in heads.items():
             if dtype not in _DTYPES:
                 raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
             m = block_re.match(key)
             if m and remap[int(m.group(1))] is None:
-                continue  # a dropped decoder block
+                continue  # a dropped decoder block, or a multi-token-prediction layer left out
             lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
             owner = next((x for x in layers if key in x.rows), None)
             if owner is not None and lay is None:  # a router-side per-expert tensor stored outside the block
@@ -460,7 +602,19 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
         if any(lay.neurons is not None for lay in layers):
             setattr(cfg, _intermediate_attr(cfg), _slim_width(plan, view))
         if plan.drop_blocks:
-            block_drop_config(cfg, [i for i, v in sorted(remap.items()) if v is not None], len(remap))
+            block_drop_config(cfg, [i for i in range(n_old) if remap[i] is not None], n_old)
+        notes = {}
+        if mtp:
+            notes["mtp_layers"] = (f"stored layers {mtp} (multi-token prediction) kept as they are, their experts "
+                                   "uncut, renumbered after the last layer" if keep_mtp else
+                                   f"stored layers {mtp} (multi-token prediction) left out; num_nextn_predict_layers "
+                                   "set to 0 (keep_mtp keeps them, uncut)")
+            if not keep_mtp and isinstance(getattr(cfg, "num_nextn_predict_layers", None), int):
+                cfg.num_nextn_predict_layers = 0
+        if fmt.fp8 or fmt.mxfp4 or fmt.packed:
+            notes["weight_format"] = (f"kept as the input's ({quant_config(src).get('quant_method')}); merged and "
+                                      "slimmed experts were dequantised, edited and quantised back"
+                                      if (fmt.fp8 or fmt.mxfp4) else "kept as the input's (packed; drops only)")
         config.save_pretrained(tmp)
         if plan.drop_layers:  # a stock config cannot say "no MoE here": load_model reads this
             (tmp / LAYOUT_FILE).write_text(json.dumps({
@@ -474,6 +628,6 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 shutil.copy2(f, tmp / f.name)
         plan.to_json(tmp / "plan.json")
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
-                                                      "report": plan.report(view), **(summary or {})},
+                                                      "report": plan.report(view), **notes, **(summary or {})},
                                                      indent=1, default=float))
     return out

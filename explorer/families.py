@@ -55,7 +55,7 @@ class FamilyResult:
         return f"| `{self.model_type}` | supported | {'; '.join(notes) or 'every step'} |"
 
 
-def _short(text: str, n: int = 160) -> str:
+def _short(text: str, n: int = 240) -> str:
     text = re.sub(r"\s+", " ", str(text)).replace("|", "/")
     text = re.sub(r"/tmp/\S+", "<folder>", text)
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -210,9 +210,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("types", nargs="*", help="model types (default: every MoE type of the installed transformers)")
     p.add_argument("--no-out-of-core", action="store_true")
+    p.add_argument("--write-readme", action="store_true", help="replace the README's family table with this walk")
     a = p.parse_args()
     results = [walk(t, out_of_core=not a.no_out_of_core) for t in (a.types or moe_model_types())]
-    print(table(results))
+    text = table(results)
+    print(text)
+    if a.write_readme:
+        import transformers
+
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        body = readme.read_text()
+        new = f"<!-- families:begin transformers={transformers.__version__} -->\n{text}\n<!-- families:end -->"
+        pat = re.compile(r"<!-- families:begin[^>]*-->\n.*?\n<!-- families:end -->", re.S)
+        if not pat.search(body):
+            raise SystemExit("README.md has no <!-- families:begin --> ... <!-- families:end --> section")
+        readme.write_text(pat.sub(lambda _: new, body))
 
 
 if __name__ == "__main__":

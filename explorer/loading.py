@@ -143,6 +143,13 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         raise ModelLoadError(f"{src!r} is not a local folder, and the model hub cannot be reached (offline?). "
                              "Pass the path of a local model folder.")
     plan = _stored_layout(local) if local.exists() else None
+    if local.exists():
+        from .weightformats import WeightFormatError, check_fp8_checkpoint
+
+        try:
+            check_fp8_checkpoint(local)
+        except WeightFormatError as err:
+            raise ModelLoadError(f"{src}: {err}") from err
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as err:

@@ -31,6 +31,7 @@ from torch import nn
 #   count_attr: the config attribute that counts routed experts
 # --------------------------------------------------------------------------------------------------------
 COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+TOPK_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k", "moe_topk", "moe_top_k")
 BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward", "moe", "mixer")
 ROUTER_ATTRS = ("gate", "router")
 SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_mlp")
@@ -188,12 +189,16 @@ class MoELayer:
     shared: list[nn.Module] = field(default_factory=list)
     shared_gate: nn.Module | None = None
     decoder_layer: nn.Module | None = None
+    model_hidden: int | None = None  # the model's hidden size (config), for routers without one [E, H] matrix
 
     # ---- tensors ------------------------------------------------------------------------------------
     @property
     def router_weight(self) -> torch.Tensor:
-        lin = self.router_linear
-        return lin.weight
+        w = getattr(self.router_linear, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise UnsupportedModelError(f"the router of MoE layer {self.index} ({type(self.router).__name__}) has no "
+                                        "[experts, hidden] score matrix the explorer can read")
+        return w
 
     @property
     def router_linear(self) -> nn.Module:
@@ -267,14 +272,17 @@ class MoELayer:
 
     @property
     def hidden_size(self) -> int:
-        return self.router_weight.shape[1]
+        """The block's input width (the model's hidden size; Nemotron-H's experts may work in a latent one)."""
+        w = getattr(self.router_linear, "weight", None)
+        return w.shape[1] if isinstance(w, torch.Tensor) else self.model_hidden
 
     # ---- what the routing allows -------------------------------------------------------------------------
     @property
     def groups(self) -> tuple[int, int]:
         """(n_group, topk_group) of group-limited routing (DeepSeek-V2/V3 style, as the router holds them);
         (1, 1) for every other router."""
-        g = next((getattr(self.router, a) for a in ("num_group", "n_group") if getattr(self.router, a, None)), 1)
+        g = next((getattr(self.router, a) for a in ("num_group", "n_group", "num_expert_group")
+                  if getattr(self.router, a, None)), 1)
         tg = getattr(self.router, "topk_group", None) or 1
         g, tg = int(g or 1), int(tg)
         return (g, tg) if g > 1 else (1, 1)
@@ -781,7 +789,7 @@ def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 
     if n_held != lay.num_experts:
         raise UnsupportedModelError(
             f"{where}: its router scores {lay.num_experts} experts but the block holds {n_held}; routed slots "
-            "without weights (LongCat-Flash's zero-computation experts) are not supported")
+            "without weights (zero-computation or null experts, as LongCat-Flash's) are not supported")
     dev = lay.device
     dtype = next((p.dtype for p in lay.router.parameters() if p.is_floating_point()), torch.float32)
     g = torch.Generator().manual_seed(seed + lay.index)
@@ -846,10 +854,11 @@ class MoEModel:
         self.family = family_of(model.config)
         self.layers: list[MoELayer] = list(_find_layers(model, self.family, self.text_config))
         if not self.layers:
+            why = _why_not_found(model)
             raise NoMoELayersError(
                 f"no MoE layers found in {type(model).__name__} (model_type={self.text_config.model_type!r}): "
-                "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward`/`moe`/`mixer` block "
-                "holding fused `experts.gate_up_proj` and a router")
+                + (why if why else "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward`/`moe`/"
+                   "`mixer` block holding stacked `experts.gate_up_proj` (or `up_proj`) and a router"))
         self.decoder_layers = _decoder_layers(model)
         if check is None:
             check = not any(p.device.type == "meta" for p in self.layers[0].router.parameters())
@@ -939,6 +948,26 @@ class _Patch:
         return False
 
 
+def _why_not_found(model: nn.Module) -> str:
+    """What the model holds instead, in words, when it has expert-like modules the view does not take."""
+    try:
+        layers = _decoder_layers(model)
+    except NoMoELayersError:
+        layers = [model]
+    for dl in layers:
+        if dl is not model and isinstance(getattr(dl, "experts", None), nn.Module):
+            return (f"{type(dl).__name__} holds its router and experts directly, beside a dense MLP, with no MoE "
+                    "block of their own to observe and cut; not supported")
+        for name, m in dl.named_modules():
+            cls = type(m).__name__
+            low = cls.lower()
+            if ("expert" in low or low.endswith("moe") or "moeblock" in low) and m is not dl and not any(isinstance(getattr(m, a, None), torch.Tensor)
+                                                   for a in ("gate_up_proj", "up_proj")):
+                return (f"its experts ({cls}) are not stacked per-expert tensors (gate_up_proj or up_proj, and "
+                        "down_proj), which the explorer needs to observe and cut them; not supported")
+    return ""
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     for cand in (base, getattr(base, "model", None), getattr(base, "language_model", None)):
@@ -963,12 +992,15 @@ def _find_layers(model, family: Family, cfg) -> Iterator[MoELayer]:
         router = next((getattr(block, a) for a in ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
         if router is None:
             continue
-        top_k = getattr(router, "top_k", None) or getattr(block, "top_k", None) or cfg.num_experts_per_tok
+        top_k = next((getattr(o, a) for o in (router, block) for a in ("top_k", "topk", "num_experts_per_tok")
+                      if isinstance(getattr(o, a, None), int)), None)
+        top_k = top_k or next((getattr(cfg, a) for a in TOPK_ATTRS if isinstance(getattr(cfg, a, None), int)), 1)
         renorm = family.renorm_default
         if family.renorm_attr is not None:
             renorm = bool(getattr(cfg, family.renorm_attr, family.renorm_default))
         shared = [getattr(block, a) for a in SHARED_ATTRS if isinstance(getattr(block, a, None), nn.Module)]
         yield MoELayer(index=n, layer_idx=li, block=block, router=router, experts=experts, family=family,
                        top_k=int(top_k), renorm=renorm, shared=shared,
-                       shared_gate=getattr(block, "shared_expert_gate", None), decoder_layer=dl)
+                       shared_gate=getattr(block, "shared_expert_gate", None), decoder_layer=dl,
+                       model_hidden=getattr(cfg, "hidden_size", None))
         n += 1

@@ -338,6 +338,8 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
             xo = out[0] if isinstance(out, tuple) else out
             c = torch.nn.functional.cosine_similarity(xi.float(), xo.float(), dim=-1).reshape(-1)
             v = obs.valid.to(c.device, c.dtype)
+            if c.numel() != v.numel() and c.numel() % v.numel() == 0:  # several residual streams (hyper-connections)
+                c = c.reshape(v.numel(), -1).mean(-1)
             block_cos[i] += (c * v).sum().double().to(block_cos.device)
         return hook
 

@@ -43,7 +43,7 @@ _SHRINK = dict(
     mamba_n_heads=8, mamba_num_heads=8, mamba_d_head=16, mamba_head_dim=16, mamba_d_state=16, ssm_state_size=16,
     mamba_dt_rank=8, mamba_n_groups=1, n_groups=1, use_mamba_kernels=False, num_nextn_predict_layers=0,
     sliding_window=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, index_head_dim=16, index_n_heads=2,
-    index_topk=8,
+    index_topk=8, unpadded_vocab_size=256, top_k_experts=2,
 )
 _LAYERS = 4
 TINY_OVERRIDES: dict[str, dict] = {
@@ -51,6 +51,9 @@ TINY_OVERRIDES: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, moe_intermediate_size=48),
+    "gemma4": dict(enable_moe_block=True, num_experts=8, moe_intermediate_size=48),
     "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"]),
     "dbrx": dict(ffn_config=dict(hidden_size=64, ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0)),
@@ -79,8 +82,9 @@ def generic_tiny_config(model_type: str, **overrides):
         kw["num_key_value_heads"] = kw.get("num_attention_heads", d["num_key_value_heads"])
         if "head_dim" in d and d.get("head_dim") == d.get("qk_rope_head_dim"):  # MLA's head_dim is the rope part
             kw["head_dim"] = kw["qk_rope_head_dim"]
-    if d.get("n_group"):
-        kw.update(n_group=2, topk_group=1)
+    for g in ("n_group", "num_expert_group"):
+        if d.get(g):
+            kw.update({g: 2, "topk_group": 1})
     for a in ("num_hidden_layers", "n_layers", "num_layers"):
         if a in d:
             kw[a] = _LAYERS

@@ -1,0 +1,136 @@
+"""The quantised weight formats the largest MoE checkpoints ship in, as the out-of-core apply reads and writes them.
+
+- Block-wise FP8 (DeepSeek-V3/R1, Kimi-K2, GLM-4.5/4.6, Qwen3-*-FP8, MiniMax-M2; ``quant_method: fp8``):
+  ``W`` in ``float8_e4m3fn`` [out, in] with ``W_scale_inv`` float32 [ceil(out/bh), ceil(in/bw)], one scale per
+  ``weight_block_size`` block (128x128 in the published models); the real weight is ``W * scale`` blockwise.
+- MXFP4 (gpt-oss; ``quant_method: mxfp4``): ``*_blocks`` uint8 [..., n/32, 16] holding two e2m1 values per byte
+  (low nibble first) and ``*_scales`` uint8 [..., n/32], an e8m0 exponent biased by 127 per 32 values.
+
+Dropping experts or whole layers copies these bytes and their scales as they are; merging and slimming
+dequantise the members, edit in float32, and quantise the result back to the same format.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+class WeightFormatError(ValueError):
+    """A quantised checkpoint is not what its config says (a scale grid that does not fit its weight, ...)."""
+
+
+def quant_config(folder: Path) -> dict | None:
+    """The checkpoint's ``quantization_config`` (text config included), or None."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
+    return q if isinstance(q, dict) else None
+
+
+def fp8_block(qc: dict | None) -> tuple[int, int] | None:
+    """(bh, bw) of a block-wise FP8 checkpoint, else None."""
+    if not qc or qc.get("quant_method") != "fp8":
+        return None
+    b = qc.get("weight_block_size") or [128, 128]
+    return int(b[0]), int(b[1])
+
+
+def is_mxfp4(qc: dict | None) -> bool:
+    return bool(qc) and qc.get("quant_method") == "mxfp4"
+
+
+def scale_grid(shape, block: tuple[int, int]) -> list[int]:
+    return [math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])]
+
+
+def check_fp8_grid(name: str, shape, scale_shape, block: tuple[int, int]) -> None:
+    """A weight and its scales must agree on the block grid; say which tensor and how when they do not."""
+    want = scale_grid(shape, block)
+    if list(scale_shape) != want:
+        raise WeightFormatError(
+            f"{name}: FP8 weight {list(shape)} with weight_block_size {list(block)} needs a scale grid {want}, but "
+            f"{name}_scale_inv is {list(scale_shape)}; the checkpoint's scales do not fit its weights (a damaged "
+            "or differently blocked checkpoint): refused rather than dequantised wrongly")
+
+
+def check_fp8_readable(name: str, shape, block: tuple[int, int]) -> None:
+    """transformers dequantises with a block of rows / scale-rows: a weight that does not fill whole blocks is
+    read with the wrong block (or not at all), so say so instead of letting it happen."""
+    if shape[0] % block[0] or shape[1] % block[1]:
+        raise WeightFormatError(
+            f"{name}: FP8 weight {list(shape)} does not fill whole {list(block)} blocks; transformers derives the block "
+            f"from the scale grid and would read it with the wrong block or fail (\"not divisible by scale grid\")")
+
+
+def check_fp8_checkpoint(folder: Path) -> None:
+    """Every FP8 weight of a local checkpoint against its scales, from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    block = fp8_block(quant_config(folder))
+    if block is None:
+        return
+    folder = Path(folder)
+    heads = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                heads[k] = (sl.get_shape(), sl.get_dtype())
+    for k, (shape, dtype) in heads.items():
+        if dtype.startswith("F8") and len(shape) == 2 and k + "_scale_inv" in heads:
+            check_fp8_grid(k, shape, heads[k + "_scale_inv"][0], block)
+            check_fp8_readable(k, shape, block)
+
+
+def dequant_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 weight of a block-wise FP8 tensor [out, in] and its [ceil(out/bh), ceil(in/bw)] scales."""
+    check_fp8_grid("weight", w.shape, scale.shape, block)
+    s = scale.float().repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
+    return w.float() * s
+
+
+def quant_fp8(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scales) of ``x`` [out, in]: one scale per block, its largest value at 448."""
+    rows, cols = x.shape
+    gh, gw = scale_grid(x.shape, block)
+    pad = torch.zeros(gh * block[0], gw * block[1], dtype=torch.float32)
+    pad[:rows, :cols] = x.float()
+    blocks = pad.reshape(gh, block[0], gw, block[1])
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).reshape(gh * block[0], gw * block[1])
+    return q[:rows, :cols].to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [..., n] of MXFP4 ``blocks`` [..., n/32, 16] (uint8, low nibble first) and ``scales`` [..., n/32]."""
+    lo, hi = blocks & 0x0F, blocks >> 4
+    vals = torch.stack([FP4_VALUES[lo.long()], FP4_VALUES[hi.long()]], dim=-1).reshape(*blocks.shape[:-1], 32)
+    exp = scales.to(torch.int32) - 127
+    out = vals * torch.pow(2.0, exp.float())[..., None]
+    return out.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+
+
+def quant_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [..., n/32, 16], scales uint8 [..., n/32]) of ``x`` [..., n]: per 32 values the power of two
+    that brings their largest to at most 6 (e2m1's largest), then round to the nearest e2m1 value."""
+    if x.shape[-1] % 32:
+        raise WeightFormatError(f"MXFP4 packs 32 values per scale; a last dimension of {x.shape[-1]} cannot be held")
+    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = g.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-127, 127)
+    v = g / torch.pow(2.0, exp)[..., None]
+    mags = FP4_VALUES[:8]
+    code = (v.abs()[..., None] - mags).abs().argmin(-1)  # nearest magnitude
+    code = code + 8 * ((v < 0) & (code > 0)).long()
+    code = code.to(torch.uint8).reshape(*g.shape[:-1], 16, 2)
+    packed = code[..., 0] | (code[..., 1] << 4)
+    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
