@@ -37,7 +37,8 @@ def _at_least(n: int):
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="demo", help="folder, hub id, or 'demo' (default)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bf16, fp16 or auto")
+    p.add_argument("--dtype", default=None, help="float32, bf16, fp16 or auto (default: the checkpoint's own dtype "
+                   "for a model folder or hub id, float32 for the demo)")
     p.add_argument("--experts-implementation", default=None, help="eager / grouped_mm / batched_mm")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.add_argument("--device-map", default=None, help="auto / balanced / sequential: spread a model larger than one "
@@ -57,7 +58,8 @@ def _load(args):
     from .loading import load_model
 
     src = None if args.model == "demo" else args.model
-    return load_model(src, dtype=args.dtype, device=args.device, experts_implementation=args.experts_implementation,
+    dtype = args.dtype or (None if src is None else "auto")  # a bf16 checkpoint stays bf16 in memory and offload
+    return load_model(src, dtype=dtype, device=args.device, experts_implementation=args.experts_implementation,
                       trust_remote_code=args.trust_remote_code, device_map=args.device_map,
                       max_memory=args.max_memory, offload_folder=args.offload_folder)
 
@@ -180,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
     p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity in the summary")
     p.add_argument("--out-of-core", action="store_true", help="edit the checkpoint's safetensors shards without "
-                   "loading the model (expert drop, merge, slim, layer and block drop; memory about the largest tensor)")
+                   "loading the model (expert drop, merge, slim, layer and block drop; memory about the largest tensor; "
+                   "FP8 and MXFP4 checkpoints keep their format)")
+    p.add_argument("--keep-mtp", action="store_true", help="out of core: keep layers stored past num_hidden_layers "
+                   "(DeepSeek-V3's multi-token prediction) as they are, instead of leaving them out")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_apply)
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
@@ -299,13 +304,21 @@ def cmd_apply(args) -> int:
 
         t = time.perf_counter()
         out = apply_checkpoint(_source(args), plan, args.out, stats=stats, overwrite=args.overwrite,
-                               summary={"source": args.model})
+                               summary={"source": args.model}, keep_mtp=args.keep_mtp)
         print(f"written out of core to {out} in {time.perf_counter() - t:.1f}s (the model was never loaded)")
+        notes = json.loads((out / "summary.json").read_text())
+        for k in ("weight_format", "mtp_layers"):
+            if k in notes:
+                print(f"{k.replace('_', ' ')}: {notes[k]}")
         return 0
     model, tok, view = _load(args)
     rep = plan.report(view)
     new, _, layout = apply_plan(model, view, plan, stats=stats)
     summary = {"source": args.model, "report": rep}
+    widened = _widened_note(args, new)
+    if widened:
+        summary["weight_format"] = widened
+        print(f"note: {widened}")
     if not args.no_eval:
         ds = _data(args, tok, model)
         summary["perplexity_before"] = perplexity(model, ds.eval, batch_size=args.batch_size).to_dict()
@@ -316,6 +329,28 @@ def cmd_apply(args) -> int:
     _print_report(rep)
     print(f"written to {out}" + ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
     return 0
+
+
+def _widened_note(args, new) -> str | None:
+    """The in-memory apply writes the dequantised weights: say so when the input was FP8 / MXFP4 / packed."""
+    from pathlib import Path
+
+    from .weightformats import quant_config
+
+    src = _source(args)
+    qc = quant_config(src) if src is not None and Path(src).is_dir() else None
+    if not qc:
+        return None
+    dt = next(new.parameters()).dtype
+    return (f"the input is {qc.get('quant_method')}-quantised; transformers dequantised it on load, so this export "
+            f"is {str(dt).replace('torch.', '')} (about {torch_bytes(dt)}x the bytes per weight) without its "
+            "quantization_config; apply --out-of-core keeps the input's format")
+
+
+def torch_bytes(dt) -> int:
+    import torch
+
+    return torch.tensor([], dtype=dt).element_size()
 
 
 def main(argv: list[str] | None = None) -> int:

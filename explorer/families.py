@@ -221,7 +221,7 @@ def main() -> None:
         readme = Path(__file__).resolve().parent.parent / "README.md"
         body = readme.read_text()
         new = f"<!-- families:begin transformers={transformers.__version__} -->\n{text}\n<!-- families:end -->"
-        pat = re.compile(r"<!-- families:begin[^>]*-->\n.*?\n<!-- families:end -->", re.S)
+        pat = re.compile(r"<!-- families:begin[^>]*-->\n(?:.*?\n)?<!-- families:end -->", re.S)
         if not pat.search(body):
             raise SystemExit("README.md has no <!-- families:begin --> ... <!-- families:end --> section")
         readme.write_text(pat.sub(lambda _: new, body))

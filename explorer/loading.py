@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -13,6 +14,10 @@ from .moe import MoEModel, NoMoELayersError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_MODEL = ASSETS / "demo-moe"
+# transformers' loading is not thread-safe: ``no_tie_weights()`` swaps ``PreTrainedModel.tie_weights`` for a no-op
+# and back, so two loads at once can leave the no-op in place for every later load in the process (lm_head comes
+# back missing, "Cannot copy out of meta tensor"). The app loads from several sessions' threads: one at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelLoadError(ValueError):
@@ -179,9 +184,11 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         kw["experts_implementation"] = experts_implementation
     try:
         if plan is not None:
-            model = load_applied(local, config, **kw)  # per-layer shapes restored before the weights load
+            with _LOAD_LOCK:
+                model = load_applied(local, config, **kw)  # per-layer shapes restored before the weights load
         else:
-            model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
+            with _LOAD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
             raise ModelLoadError(f"{src} is not a causal language model ({type(config).__name__})") from err

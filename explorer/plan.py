@@ -35,7 +35,43 @@ class PlanError(ValueError):
 
 
 def _intkeys(d: dict | None) -> dict:
-    return {int(k): v for k, v in (d or {}).items()}
+    return {_id(k, "a layer number"): v for k, v in (d or {}).items()}
+
+
+def _id(v, what: str = "an expert id") -> int:
+    """An index as the plan must spell it: a whole number (or its decimal string, as JSON keys are), never
+    1.9 read as 1, ``true`` read as 1, or Infinity."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.strip().lstrip("-").isdigit()):
+        raise PlanError(f"{what} must be a whole number, got {v!r}")
+    return int(v)
+
+
+def _weight(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise PlanError(f"merge weights must be finite numbers, got {v!r}")
+    return float(v)
+
+
+def _ids(v, what: str) -> list[int]:
+    if not isinstance(v, list):
+        raise PlanError(f"{what} must be a list of whole numbers, got {type(v).__name__}")
+    return [_id(e, what[:-1] if what.endswith("s") else what) for e in v]
+
+
+MAX_PLAN_BYTES = 4 << 20  # a plan for 256 experts x 100 layers is ~1 MB of JSON
+MAX_PLAN_DEPTH = 12  # the deepest a plan nests: merge_weights {layer: [[w]]} inside the recipe lists
+
+
+def _depth(x, limit: int = MAX_PLAN_DEPTH) -> None:
+    stack = [(x, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            raise PlanError(f"the plan nests deeper than {limit} levels; a plan is a flat mapping of layers to lists")
+        if isinstance(v, dict):
+            stack.extend((w, d + 1) for w in v.values())
+        elif isinstance(v, list):
+            stack.extend((w, d + 1) for w in v)
 
 
 @dataclass
@@ -77,15 +113,25 @@ class Plan:
             if d.get(k) is not None and not isinstance(d[k], list):
                 raise PlanError(f"{k} must be a list of layer numbers, e.g. [1, 3]; got {type(d[k]).__name__}")
         try:
+            for k in ("merge", "merge_weights"):
+                for i, v in (d.get(k) or {}).items():
+                    if not isinstance(v, list) or not all(isinstance(g, list) for g in v):
+                        raise PlanError(f"{k} of layer {i} must be a list of groups, e.g. [[1, 2]]; got {v!r}")
+            if not isinstance(d.get("notes") or "", str):
+                raise PlanError(f"notes must be text, got {type(d['notes']).__name__}")
+            if d.get("recipe") is not None and not (isinstance(d["recipe"], list)
+                                                    and all(isinstance(r, dict) for r in d["recipe"])):
+                raise PlanError("recipe must be a list of planner calls ({'planner': ..., ...})")
             return cls(
-                drop_experts={k: [int(e) for e in v] for k, v in _intkeys(d.get("drop_experts")).items()},
-                merge={k: [[int(e) for e in g] for g in v] for k, v in _intkeys(d.get("merge")).items()},
-                merge_weights={k: [[float(w) for w in g] for g in v] for k, v in _intkeys(d.get("merge_weights")).items()},
+                drop_experts={k: _ids(v, "drop_experts ids") for k, v in _intkeys(d.get("drop_experts")).items()},
+                merge={k: [_ids(g, "merge group ids") for g in v] for k, v in _intkeys(d.get("merge")).items()},
+                merge_weights={k: [[_weight(w) for w in g] for g in v]
+                               for k, v in _intkeys(d.get("merge_weights")).items()},
                 merge_align=bool(d.get("merge_align", False)),
                 slim=None if d.get("slim") is None else float(d["slim"]),
-                slim_layers=None if d.get("slim_layers") is None else [int(i) for i in d["slim_layers"]],
-                drop_layers=[int(i) for i in d.get("drop_layers") or []],
-                drop_blocks=[int(i) for i in d.get("drop_blocks") or []],
+                slim_layers=None if d.get("slim_layers") is None else _ids(d["slim_layers"], "slim_layers"),
+                drop_layers=_ids(d.get("drop_layers") or [], "drop_layers"),
+                drop_blocks=_ids(d.get("drop_blocks") or [], "drop_blocks"),
                 prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
                 recipe=list(d.get("recipe") or []),
             )
@@ -111,22 +157,40 @@ class Plan:
         text = text.strip()
         if not text:
             raise PlanError("the plan is empty")
+        if len(text.encode("utf-8", "replace")) > MAX_PLAN_BYTES:
+            raise PlanError(f"the plan is larger than {MAX_PLAN_BYTES >> 20} MB; a plan names layers and experts")
         if text[0] in "{[":  # JSON: report the parser's line and column
             try:
                 d = json.loads(text)
             except json.JSONDecodeError as err:
                 raise PlanError(f"the plan is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
                                 ) from err
+            except RecursionError as err:
+                raise PlanError(f"the plan nests deeper than {MAX_PLAN_DEPTH} levels") from err
         else:
             import yaml
 
+            class _NoAliases(yaml.SafeLoader):
+                """A YAML reader without anchors and aliases: a few hundred characters of nested aliases expand
+                to billions of leaves (a 'billion laughs' plan), and a plan never needs them."""
+
+                def compose_node(self, parent, index):
+                    if self.check_event(yaml.events.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                        mark = self.peek_event().start_mark
+                        raise PlanError(f"the plan uses YAML anchors or aliases (line {mark.line + 1}, column "
+                                        f"{mark.column + 1}); write each value out")
+                    return super().compose_node(parent, index)
+
             try:
-                d = yaml.safe_load(text)
+                d = yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader without aliases
+            except RecursionError as err:
+                raise PlanError(f"the plan nests deeper than {MAX_PLAN_DEPTH} levels") from err
             except yaml.YAMLError as err:
                 mark = getattr(err, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 raise PlanError(f"the plan is neither valid JSON nor YAML: "
                                 f"{getattr(err, 'problem', None) or 'unreadable'}{where}") from err
+        _depth(d)
         return cls.from_dict(d)
 
     @classmethod
@@ -134,7 +198,15 @@ class Plan:
         p = Path(path)
         if not p.exists():
             raise PlanError(f"plan file not found: {p}")
-        return cls.loads(p.read_text())
+        if not p.is_file():
+            raise PlanError(f"{p} is not a plan file (a folder or a device); pass the plan's .json or .yaml")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except PermissionError as err:
+            raise PlanError(f"no permission to read the plan {p}") from err
+        except UnicodeDecodeError as err:
+            raise PlanError(f"{p} is not text (UTF-8): not a plan") from err
+        return cls.loads(text)
 
     # ---- combination ----------------------------------------------------------------------------------
     def slim_width(self, intermediate: int) -> int:
@@ -221,6 +293,9 @@ class Plan:
         if len(set(self.drop_layers)) != len(self.drop_layers):
             raise PlanError("drop_layers names a layer twice")
         blocked = self.blocked_moe_layers(view)
+        if len(blocked | set(self.drop_layers)) >= n:
+            raise PlanError(f"the plan removes every MoE layer ({n} of {n}, by drop_layers and drop_blocks): the "
+                            "result would not be a mixture of experts")
         both = blocked & set(self.drop_layers)
         if both:
             raise PlanError(f"MoE layer(s) {sorted(both)} are dropped twice: by drop_layers and drop_blocks")

@@ -126,3 +126,33 @@ def test_refusals_name_what_is_missing():
         MoEModel(tiny_model("longcat_flash", seed=0))
     with pytest.raises(NoMoELayersError, match="not stacked per-expert tensors"):
         MoEModel(tiny_model("jetmoe", seed=0))
+
+
+def test_sessions_loading_at_once_all_get_whole_models():
+    """Eight threads load the demo at the same moment (the app's sessions): every model is whole and equal."""
+    import threading
+
+    from explorer.loading import DEMO_MODEL, load_model
+
+    if not (DEMO_MODEL / "config.json").exists():
+        pytest.skip("demo model asset not built yet")
+    out, errors = [None] * 8, []
+    barrier = threading.Barrier(8)
+
+    def run(i):
+        try:
+            barrier.wait()
+            out[i] = load_model(device="cpu", with_tokenizer=False)[0]
+        except Exception as err:  # noqa: BLE001 - collected and reported below
+            errors.append(f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    ref = out[0].lm_head.weight
+    assert all(torch.equal(m.lm_head.weight, ref) for m in out)
+    after = load_model(device="cpu", with_tokenizer=False)[0]  # and loading still works afterwards
+    assert torch.equal(after.lm_head.weight, ref)

@@ -279,3 +279,21 @@ def test_mxfp4_slim_to_a_width_the_format_cannot_hold_is_refused(tmp_path):
     new, _, _ = apply_plan(model, view, Plan(slim=0.5), stats)
     d = (_logits(_load(out)) - _logits(new)).abs().mean()
     assert d < 0.1 * _logits(new).std(), d
+
+
+def test_cli_says_what_becomes_of_the_format_and_the_mtp_layer(fp8, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from explorer.cli import main
+    from explorer.loading import DEMO_MODEL
+
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(fp8)  # the CLI's in-memory apply exports one
+    plan = tmp_path / "plan.json"
+    Plan(drop_experts={0: [1, 5], 1: [0, 6]}).to_json(plan)
+    assert main(["apply", str(fp8), str(plan), "--out-of-core", "--out", str(tmp_path / "ooc")]) == 0
+    out = capsys.readouterr().out
+    assert "weight format: kept as the input's (fp8)" in out and "mtp layers: stored layers [3]" in out
+    assert main(["apply", str(fp8), str(plan), "--no-eval", "--out", str(tmp_path / "mem")]) == 0
+    out = capsys.readouterr().out
+    assert "fp8-quantised" in out and "--out-of-core keeps the input's format" in out
+    assert "fp8-quantised" in json.loads((tmp_path / "mem" / "summary.json").read_text())["weight_format"]
