@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from types import SimpleNamespace
 import functools
@@ -78,9 +79,36 @@ DEVICES = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + [S
 OUT_ROOT = Path(os.environ.get("MOE_EXPLORER_OUT") or Path(tempfile.gettempdir()) / "moe-explorer")
 
 
+# Who may name server paths: in a private app (loopback, no --share) the person at the page owns the machine; in a
+# shared one every field comes from a stranger (see Session.allowed). Set by build() from main()'s flags.
+POLICY = {"untrusted": False, "allow_paths": []}
+
+
 def _sess(s: Session | None) -> Session:
-    """This browser session's state; its relative export paths resolve under a folder of its own."""
-    return s if s is not None else Session(out_root=OUT_ROOT / uuid.uuid4().hex[:12])
+    """This browser session's state; its files live under a folder of its own that no other session can name."""
+    return s if s is not None else Session(out_root=OUT_ROOT / uuid.uuid4().hex, untrusted=POLICY["untrusted"],
+                                           allow_paths=POLICY["allow_paths"])
+
+
+def _forget(s: Session | None) -> None:
+    """A session is gone: stop its job and remove the files only it could download."""
+    if s is None:
+        return
+    with contextlib.suppress(Exception):
+        s.stop_distill()
+    for kind in ("plan", "uploads", "archive"):
+        if s.out_root is not None:
+            shutil.rmtree(s.out_root / f".{kind}", ignore_errors=True)
+
+
+def _private_dir(s: Session, kind: str) -> Path:
+    """A fresh folder for this session's downloads or uploads; the previous one of the same kind is removed, so a
+    session keeps one plan download, one archive and one set of uploads at a time."""
+    base = (s.out_root or Path(tempfile.gettempdir()) / "moe-explorer") / f".{kind}"
+    if base.exists():
+        shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=base))
 
 
 def user_message(err: Exception) -> str:
@@ -182,10 +210,12 @@ def plan_file(s: Session) -> str | None:
     if not s.loaded:
         return None
     text = s.plan.to_json()
-    folder = Path(tempfile.gettempdir()) / "moe-explorer-plans" / hashlib.sha1(text.encode()).hexdigest()[:16]
-    path = folder / "plan.json"
-    if not path.exists():
-        s.plan.to_json(path)
+    key = hashlib.sha1(text.encode()).hexdigest()[:16]
+    if getattr(s, "_plan_file", (None, None))[0] == key and Path(s._plan_file[1]).exists():
+        return s._plan_file[1]
+    path = _private_dir(s, "plan") / "plan.json"  # under the session's own folder, never a shared one
+    s.plan.to_json(path)
+    s._plan_file = (key, str(path))
     return str(path)
 
 
@@ -356,13 +386,16 @@ def on_data(s, data_source, files, max_tokens):
     s = _sess(s)
     s.require()
     source = data_source or "demo"
+    uploaded = bool(files)
     if files:
-        folder = Path(tempfile.mkdtemp(prefix="explorer-upload-"))
-        for f in files:
-            shutil.copy(getattr(f, "name", f), folder / Path(getattr(f, "name", f)).name)
+        folder = _private_dir(s, "uploads")
+        for i, f in enumerate(files):  # the uploaded names are never used as paths: one domain per file, numbered
+            shutil.copy(getattr(f, "name", f), folder / f"domain-{i + 1}.txt")
+            with contextlib.suppress(OSError):
+                os.remove(getattr(f, "name", f))  # gradio's own copy of the upload
         source = str(folder)
     s.max_tokens = int(max_tokens) if max_tokens else None
-    s.set_data(source)
+    s.set_data(source, uploaded=uploaded)
     return s, summary_md(s) + "\n\nCollecting router statistics…"
 
 
@@ -531,9 +564,10 @@ def on_export(s, folder, overwrite):
 def on_zip(s):
     try:
         s = _sess(s)
-        tmp = Path(tempfile.mkdtemp(prefix="explorer-export-"))
-        out = s.export(tmp / "compressed")
+        tmp = _private_dir(s, "archive")  # the previous archive of this session goes
+        out = s.export(tmp / "compressed", trusted_target=True)
         archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
+        shutil.rmtree(out, ignore_errors=True)  # the zip is what is downloaded; the folder was only its source
     except Exception as err:  # noqa: BLE001
         return s, user_message(err), None
     return s, f"Archive ready: {Path(archive).name}", archive
@@ -617,9 +651,14 @@ def wire_compare(state, c) -> None:
     c.tab.select(on_compare_tab, [state], [c.tried, c.pareto])
 
 
-def build(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
-    with gr.Blocks(title="MoE Compression Explorer") as demo:
-        state = gr.State(None)
+def build(default_model: str = DEFAULT_MODEL, untrusted: bool = False, allow_paths: list[str] | None = None
+          ) -> gr.Blocks:
+    """The app. ``untrusted`` (main() sets it for --share or a non-loopback host): model, data and export fields
+    name no server path outside ``allow_paths``."""
+    POLICY.update(untrusted=untrusted, allow_paths=list(allow_paths or []))
+    # gradio's copies of downloads and uploads go after an hour; a closed session's files and state with them
+    with gr.Blocks(title="MoE Compression Explorer", delete_cache=(600, 3600)) as demo:
+        state = gr.State(None, time_to_live=3600, delete_callback=_forget)
         gr.Markdown("# MoE Compression Explorer\nSee which experts carry the load, what cutting them costs, and how "
                     "much a short distillation wins back.")
         with gr.Tabs():
@@ -662,8 +701,14 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true")
+    ap.add_argument("--allow-paths", action="append", default=[], metavar="FOLDER",
+                    help="a server folder that sessions of a shared app may read models and text from and export to "
+                    "(repeatable); without it a shared app reads and writes no server path")
+    ap.add_argument("--untrusted", action="store_true", help="treat every session as a stranger even on loopback "
+                    "(what --share and a non-loopback --host imply)")
     args = ap.parse_args()
-    demo = build(args.model)
+    untrusted = bool(args.share or args.untrusted) or args.host not in ("127.0.0.1", "localhost", "::1")
+    demo = build(args.model, untrusted=untrusted, allow_paths=args.allow_paths)
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                    show_error=True, head=LEAVE_WARNING, css=CSS)
 

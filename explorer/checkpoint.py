@@ -88,16 +88,38 @@ def _structure(folder: Path, trust_remote_code: bool = False):
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
+    """key -> shard file, every shard inside ``folder`` and readable (a weight_map naming
+    ``../outside/x.safetensors`` would copy another folder's file into the output: refused)."""
+    from safetensors import SafetensorError, safe_open
+
     idx = folder / INDEX
     if idx.exists():
-        return json.loads(idx.read_text())["weight_map"]
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise PlanError(f"{folder} has neither {INDEX} nor model.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(single, "pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
+        try:
+            wmap = json.loads(idx.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise PlanError(f"{idx} is not a safetensors index (no readable weight_map): {err}") from err
+        if not isinstance(wmap, dict) or not wmap:
+            raise PlanError(f"{idx}: weight_map is empty or not a mapping of tensor names to shard files")
+    else:
+        single = folder / "model.safetensors"
+        if not single.exists():
+            raise PlanError(f"{folder} has neither {INDEX} nor model.safetensors")
+        wmap = None
+    root = folder.resolve()
+    for shard in sorted(set(wmap.values()) if wmap else {"model.safetensors"}):
+        path = (folder / str(shard)).resolve()
+        if not isinstance(shard, str) or root not in path.parents:
+            raise PlanError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
+        if not path.is_file():
+            raise PlanError(f"{folder}: shard {shard} named by the index is missing")
+        try:
+            with safe_open(path, "pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise PlanError(f"{path} is damaged or incomplete (safetensors: {err}); copy the model again") from err
+        if wmap is None:
+            wmap = {k: "model.safetensors" for k in keys}
+    return wmap
 
 
 def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:

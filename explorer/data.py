@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import torch
@@ -73,10 +74,35 @@ class Dataset:
     info: dict = field(default_factory=dict)
 
 
+MAX_TEXT_BYTES = 256 << 20  # far beyond what a statistics pass reads; the cap keeps a 20 GB log from being slurped
+
+
 def read_text_file(path: Path) -> str:
-    """A file's text, or DataError when it is not mostly printable text (a binary file renamed .txt)."""
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="replace")
+    """A file's text (UTF-8, else Latin-1 / cp1252 when that is what it is), or DataError when it is not a regular
+    readable file of mostly printable text (a device, a pipe, a binary renamed .txt)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is not a regular file (a device, a pipe or a socket); give a .txt file or a folder")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TEXT_BYTES)
+    except PermissionError as err:
+        raise DataError(f"no permission to read {path}") from err
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
+    if not raw:
+        raise DataError(f"{path} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        if text.count("\ufffd") > 0.001 * len(text) and b"\x00" not in raw[:200_000]:
+            text = raw.decode("cp1252", errors="replace")  # Latin-1 family text is text too
     sample = text[:200_000]
     if not sample:
         return text
@@ -99,8 +125,16 @@ def check_block_len(block_len: int, config) -> str | None:
 
 def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, list[str]]]:
     path = Path(source).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # e.g. a path under a file (NotADirectoryError)
+        raise DataError(f"data path cannot be read: {source} ({err.strerror or err})") from err
+    if not exists:
         raise DataError(f"data path not found: {source}")
+    if not path.is_dir() and not path.is_file():
+        raise DataError(f"{source} is not a regular file (a device, a pipe or a socket); give a .txt file or a folder")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"no permission to read the folder {source}")
     if path.is_file():
         if path.suffix not in (".txt", ".md", ".rst", ".py", ""):
             raise DataError(f"{source}: expected a plain-text file (.txt)")

@@ -59,6 +59,10 @@ class DistillConfig:
     teacher_topk_cache: int | None = None  # cache the teacher's top-k logits once; the teacher then skips its passes
 
     def validate(self) -> "DistillConfig":
+        for name in ("hidden_mse", "expert_kd", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DistillError(f"{name.replace('_', ' ')} must be a finite number, got {v!r}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 1_000_000:
             raise DistillError(f"steps must be an integer in [1, 1000000], got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr <= 1.0):

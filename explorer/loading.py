@@ -70,6 +70,23 @@ def _check_config_json(folder: Path) -> None:
         raise ModelLoadError(f"{folder / 'config.json'} is not text (UTF-8): the file is damaged") from err
 
 
+def _check_index(folder: Path) -> None:
+    """Every shard a safetensors index names lies inside the model folder (transformers would read
+    ``../elsewhere/x.safetensors`` as the index says)."""
+    idx = folder / "model.safetensors.index.json"
+    if not idx.exists():
+        return
+    try:
+        wmap = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(wmap.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{idx} is not a safetensors index with a weight_map: {err}") from err
+    root = folder.resolve()
+    for shard in shards:
+        if not isinstance(shard, str) or root not in (folder / shard).resolve().parents:
+            raise ModelLoadError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers at all (checked before a hub id is tried, so offline fails at once)."""
     import socket
@@ -142,11 +159,13 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                     "Convert them once with a trusted script (model.save_pretrained(..., safe_serialization=True)).")
             raise ModelLoadError(f"{src} holds no *.safetensors weights")
         _check_config_json(local)
+        _check_index(local)
     elif _looks_like_path(src) or source is None:
         raise ModelLoadError(f"model path not found: {src}")
     elif not hub_reachable():
         raise ModelLoadError(f"{src!r} is not a local folder, and the model hub cannot be reached (offline?). "
                              "Pass the path of a local model folder.")
+    made_offload = None
     plan = _stored_layout(local) if local.exists() else None
     if local.exists():
         from .weightformats import WeightFormatError, check_fp8_checkpoint
@@ -175,10 +194,16 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         if plan is not None and plan.get("format") != "checkpoint":
             raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a "
                                  "device map")
+        if offload_folder is not None and local.exists():
+            off, root = Path(offload_folder).expanduser().resolve(), local.resolve()
+            if off == root or root in off.parents:
+                raise ModelLoadError(f"the offload folder {offload_folder} lies inside the model folder {src}; the "
+                                     "explorer never writes into its input: choose a folder outside it")
+        made_offload = None
         if offload_folder is None:
             import tempfile
 
-            offload_folder = tempfile.mkdtemp(prefix="explorer-offload-")
+            offload_folder = made_offload = tempfile.mkdtemp(prefix="explorer-offload-")
         kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder))
     if experts_implementation:
         kw["experts_implementation"] = experts_implementation
@@ -200,6 +225,11 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                              "the model again") from err
     if device_map is None:
         model.to(device)
+    elif made_offload is not None:  # our temporary offload copies go with the model (or at exit), not left behind
+        import shutil
+        import weakref
+
+        weakref.finalize(model, shutil.rmtree, made_offload, True)
     model.eval()
     try:
         view = MoEModel(model)

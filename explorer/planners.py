@@ -99,6 +99,9 @@ def merge_experts(stats: RouterStats, to: int | dict[int, int], method: str = "m
     from scipy.cluster.hierarchy import fcluster, linkage
 
     groups, weights = {}, {}
+    if isinstance(to, int) and not isinstance(to, bool) and all(to >= E for E in stats.num_experts):
+        raise PlanError(f"merging to {to} experts changes nothing: the layers have {max(stats.num_experts)} experts "
+                        "at most; give fewer")
     for i in range(len(stats.layers)):
         if i in skip_layers:
             continue

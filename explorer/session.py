@@ -45,7 +45,8 @@ class SessionError(ValueError):
 
 
 class Session:
-    def __init__(self, block_len: int = 128, max_tokens: int = 4096, out_root: str | Path | None = None):
+    def __init__(self, block_len: int = 128, max_tokens: int = 4096, out_root: str | Path | None = None,
+                 untrusted: bool = False, allow_paths: list[str | Path] | None = None):
         self.model = self.tok = self.view = None
         self.source: str | None = None
         self.data: Dataset | None = None
@@ -64,6 +65,10 @@ class Session:
         self.lock = threading.Lock()  # one long job per session
         # relative export paths resolve here (the app gives each browser session its own), never the server's cwd
         self.out_root = Path(out_root) if out_root is not None else None
+        # a shared app (--share, or bound beyond loopback) takes every field from strangers: no server path is read
+        # or written unless the owner listed it (allow_paths); relative exports never climb out of out_root
+        self.untrusted = untrusted
+        self.allow_paths = [Path(p).expanduser().resolve() for p in (allow_paths or [])]
         self.data_key: str | None = None  # which evaluation tokens the perplexities were measured on
 
     # ---- model and data ---------------------------------------------------------------------------------
@@ -81,6 +86,7 @@ class Session:
              trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None) -> dict:
         """device_map ('auto') spreads a model larger than one device over GPUs, CPU and disk."""
         src = None if source in (None, "", "demo", str(DEMO_MODEL)) else source.strip()
+        self.check_source(src, "model")
         model, tok, view = load_model(src, device=device or None, dtype=dtype or None,
                                       trust_remote_code=trust_remote_code, device_map=device_map or None,
                                       max_memory=max_memory or None)
@@ -92,8 +98,12 @@ class Session:
         self.set_data(self.data_source)
         return self.summary()
 
-    def set_data(self, source: str = "demo", block_len: int | None = None, max_tokens: int | None = None) -> dict:
+    def set_data(self, source: str = "demo", block_len: int | None = None, max_tokens: int | None = None,
+                 uploaded: bool = False) -> dict:
+        """``uploaded``: ``source`` is the session's own copy of uploaded files, not a path a user typed."""
         self.require()
+        if not uploaded:
+            self.check_source(source, "data")
         data = load_data(self.tok, source, block_len=block_len or self.block_len,
                          max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
         self.data, self.data_source = data, source
@@ -367,19 +377,53 @@ class Session:
             self.distiller.stop()
 
     # ---- export -----------------------------------------------------------------------------------------
+    def allowed(self, path: str | Path) -> bool:
+        """Whether a server path may be read or written by this session: always in a private app; in a shared
+        one only inside a folder the owner listed (``--allow-paths``)."""
+        if not self.untrusted:
+            return True
+        p = Path(path).expanduser().resolve()
+        return any(p == a or a in p.parents for a in self.allow_paths)
+
+    def check_source(self, source: str | None, what: str = "model") -> None:
+        """A model or data field in a shared app: the demo, a hub id or an uploaded file; a server path only
+        inside an allowed folder. The refusal says nothing about whether the path exists."""
+        if not self.untrusted or source in (None, "", "demo") or str(source).startswith("hf:"):
+            return
+        text = str(source).strip()
+        looks_local = text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or Path(text).exists()
+        if looks_local and not self.allowed(text):
+            raise SessionError(f"this app is shared: {what} paths on the server are not read unless its owner "
+                               "allowed them (--allow-paths); " + ("upload the text instead" if what == "data" else
+                                                                    "use the demo or a hub id"))
+
     def export_path(self, out_dir: str | Path | None) -> Path:
-        """Where an export goes: an absolute path as given; an empty or relative one under ``out_root``."""
+        """Where an export goes: an empty or relative path under ``out_root`` (never climbing out of it); an
+        absolute one as given in a private app, and in a shared one only inside an allowed folder."""
         text = "" if out_dir is None else str(out_dir).strip()
         p = Path(text or "compressed").expanduser()
-        if p.is_absolute() or self.out_root is None:
+        if self.out_root is None:
             return p
+        if p.is_absolute():
+            if not self.allowed(p):
+                raise SessionError("this app is shared: exports go to a folder name under your session's own folder "
+                                   "(an absolute path needs the owner's --allow-paths)")
+            return p
+        root = self.out_root.resolve()
+        target = (self.out_root / p).resolve()
+        if target != root and root not in target.parents:
+            raise SessionError(f"the export folder {text!r} climbs out of your session's folder; give a folder name "
+                               "inside it")
         return self.out_root / p
 
-    def export(self, out_dir: str | Path | None, use_distilled: bool = True, overwrite: bool = False) -> Path:
+    def export(self, out_dir: str | Path | None, use_distilled: bool = True, overwrite: bool = False,
+               trusted_target: bool = False) -> Path:
+        """``trusted_target``: ``out_dir`` is a folder the app made for this session (a download), not typed."""
         self.require()
         if self.plan.is_empty():
             raise SessionError("the plan is empty: nothing to export")
-        target = check_export_dir(self.export_path(out_dir), source=self.source, overwrite=overwrite)  # before work
+        where = Path(out_dir) if trusted_target else self.export_path(out_dir)
+        target = check_export_dir(where, source=self.source, overwrite=overwrite)  # before work
         d = self.student()
         if use_distilled and d is not None:
             d.restore_best()

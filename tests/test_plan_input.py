@@ -53,3 +53,78 @@ def test_a_plan_leaving_no_moe_layer_is_refused():
     with pytest.raises(PlanError, match="removes every MoE layer"):
         Plan(drop_layers=[1], drop_blocks=[1]).validate(view)
     Plan(drop_layers=[1]).validate(view)  # one MoE layer is left: fine
+
+
+def test_checkpoints_whose_index_leaves_the_folder_or_is_damaged(tmp_path):
+    import json
+
+    from explorer.checkpoint import apply_checkpoint
+    from explorer.loading import ModelLoadError, load_model
+
+    model = tiny_model("mixtral", seed=0)
+    src = tmp_path / "m"
+    model.save_pretrained(src, max_shard_size="100KB")
+    idx = src / "model.safetensors.index.json"
+    good = json.loads(idx.read_text())
+    plan = Plan(drop_experts={i: [1] for i in range(3)})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    first = sorted(set(good["weight_map"].values()))[0]
+    (outside / "stolen.safetensors").write_bytes((src / first).read_bytes())
+    bad = {**good, "weight_map": {k: ("../outside/stolen.safetensors" if v == first else v)
+                                  for k, v in good["weight_map"].items()}}
+    idx.write_text(json.dumps(bad))
+    with pytest.raises(PlanError, match="lies outside the model folder"):
+        apply_checkpoint(src, plan, tmp_path / "o1")
+    with pytest.raises(ModelLoadError, match="lies outside the model folder"):
+        load_model(src, with_tokenizer=False)
+    idx.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(PlanError, match="no readable weight_map"):
+        apply_checkpoint(src, plan, tmp_path / "o2")
+    idx.write_text(json.dumps(good))
+    data = (src / first).read_bytes()
+    (src / first).write_bytes(data[: len(data) // 2])  # a truncated shard
+    with pytest.raises(PlanError, match="damaged or incomplete"):
+        apply_checkpoint(src, plan, tmp_path / "o3")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_cli_inputs_that_were_tracebacks_or_silent(tmp_path, capsys):
+    import os
+
+    from explorer.cli import main
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("Café crème, naïve façade. " * 400).encode("latin-1"))
+    for data, words in (("/dev/null", "not a regular file"), (str(fifo), "not a regular file"),
+                        (str(tmp_path / "latin.txt" / "x"), "not found")):
+        assert main(["eval", "--data", data, "--max-tokens", "256"]) == 2
+        assert words in capsys.readouterr().err, data
+    assert main(["eval", "--data", str(latin), "--max-tokens", "256", "--block-len", "64"]) == 0  # text in Latin-1
+    plan = tmp_path / "p.json"
+    assert main(["stats", "--max-tokens", "256", "--out", str(tmp_path / "s.json")]) == 0
+    assert main(["plan", "--stats", str(tmp_path / "s.json"), "--merge-to", "99", "--out", str(plan)]) == 2
+    assert "changes nothing" in capsys.readouterr().err and not plan.exists()
+    assert main(["plan", "--stats", str(tmp_path / "missing.json"), "--drop-experts", "0.25",
+                 "--out", str(plan)]) == 2
+    assert "not found" in capsys.readouterr().err and not plan.exists()
+    Plan(drop_experts={0: [1]}).to_json(plan)
+    assert main(["distill", str(plan), "--steps", "2", "--hidden-mse", "nan", "--out", str(tmp_path / "d")]) == 2
+    assert "finite" in capsys.readouterr().err
+    assert main(["apply", str(plan), "--out", str(tmp_path)]) == 2  # a plan path that is a folder, below
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a plan file" in capsys.readouterr().err
+
+
+def test_offload_folder_inside_the_input_model_is_refused(tmp_path):
+    from explorer.loading import ModelLoadError, load_model
+
+    model = tiny_model("mixtral", seed=0)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="lies inside the model folder"):
+        load_model(tmp_path / "m", with_tokenizer=False, device_map="auto", max_memory="cpu=1MB",
+                   offload_folder=tmp_path / "m" / "off")
+    assert not (tmp_path / "m" / "off").exists()
