@@ -180,6 +180,7 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
     dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
     if plan.drop_blocks:
         _drop_blocks(model, view, sorted(plan.drop_blocks))
+        _check_layer_kinds(model, view, plan)
     n_dec_new = cfg.num_hidden_layers
     old_to_new = {old: new for new, old in enumerate(i for i in range(len(view.decoder_layers))
                                                    if i not in set(plan.drop_blocks))}
@@ -195,6 +196,45 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
     if not config_describes(model):
         return model, new_view, layout
     return model, new_view, None
+
+
+def _kinds(layers) -> list[tuple]:
+    """Each decoder layer's kind: the classes of its sub-modules (attention or mamba, dense MLP or MoE...)."""
+    return [tuple(sorted(f"{n}:{type(m).__name__}" for n, m in dl.named_children()
+                         if not isinstance(m, DroppedMoE))) for dl in layers]
+
+
+def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:
+    """After Block Drop the renumbered config must still say which layer is which. Where a family derives layer
+    kinds from a period (Jamba's attn/expert_layer_period, Qwen2-MoE's decoder_sparse_step), dropping a block in
+    the middle shifts the pattern: the config would build other layers than the model holds (a cache of the wrong
+    kind, MoE where a dense MLP was). Refused in words rather than written."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+    want = _kinds(MoEModel(ref, check=False).decoder_layers if _has_moe(ref) else _stack(ref))
+    have = _kinds(_stack(model))
+    bad = [i for i, (a, b) in enumerate(zip(want, have)) if a != b and not any("DroppedMoE" in x for x in b)]
+    if bad or len(want) != len(have):
+        raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {sorted(plan.drop_blocks)} the config's "
+                        f"layer pattern no longer matches the layers kept (first at new layer {bad[0] if bad else '?'}"
+                        "): this family sets layer kinds by a period; drop other blocks (at the end), or use Layer "
+                        "Drop")
+
+
+def _stack(model):
+    from .moe import _decoder_layers
+
+    return _decoder_layers(model)
+
+
+def _has_moe(model) -> bool:
+    try:
+        MoEModel(model, check=False)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def config_describes(model) -> bool:

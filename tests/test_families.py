@@ -156,3 +156,18 @@ def test_sessions_loading_at_once_all_get_whole_models():
     assert all(torch.equal(m.lm_head.weight, ref) for m in out)
     after = load_model(device="cpu", with_tokenizer=False)[0]  # and loading still works afterwards
     assert torch.equal(after.lm_head.weight, ref)
+
+
+@pytest.mark.parametrize("family,kw,drop", [("jamba", {}, 1), ("qwen2_moe", dict(decoder_sparse_step=2,
+                                                                                  num_hidden_layers=4), 1)])
+def test_block_drop_that_shifts_a_periodic_layer_pattern_is_refused(family, kw, drop):
+    """Jamba's attention/expert periods and Qwen2-MoE's decoder_sparse_step set layer kinds by position: dropping a
+    block in the middle gave a model that crashed (Jamba) or reloaded as another model (Qwen2-MoE)."""
+    from explorer.apply import apply_plan
+    from explorer.plan import Plan, PlanError
+
+    model = tiny_model(family, seed=3, **kw)
+    view = MoEModel(model)
+    with pytest.raises(PlanError, match="layer pattern no longer matches"):
+        apply_plan(model, view, Plan(drop_blocks=[drop]))
+    apply_plan(model, view, Plan(drop_blocks=[len(view.decoder_layers) - 1]))  # the last block: fine

@@ -297,3 +297,34 @@ def test_cli_says_what_becomes_of_the_format_and_the_mtp_layer(fp8, tmp_path, ca
     out = capsys.readouterr().out
     assert "fp8-quantised" in out and "--out-of-core keeps the input's format" in out
     assert "fp8-quantised" in json.loads((tmp_path / "mem" / "summary.json").read_text())["weight_format"]
+
+
+def test_packed_integer_checkpoints_drop_out_of_core_and_refuse_merges_in_words(tmp_path):
+    """compressed-tensors W4A16 (llm-compressor's output): int32-packed weights. Averaging the packed words gave
+    merged experts 3.2x off and exit 0; slimming crashed. Drops copy the words; merges and slims are refused."""
+    src = tmp_path / "w4a16"
+    model = tiny_model("qwen3_moe", seed=2)
+    model.save_pretrained(src)
+    sd = load_file(src / "model.safetensors")
+    out = {}
+    for k, v in sd.items():
+        if ".experts." in k and k.endswith("proj.weight"):  # the packed layout: 8 int4 per int32, group scales
+            base = k[: -len("weight")]
+            out[base + "weight_packed"] = torch.randint(-2**31, 2**31 - 1, (v.shape[0], v.shape[1] // 8),
+                                                        dtype=torch.int32)
+            out[base + "weight_scale"] = torch.rand(v.shape[0], v.shape[1] // 16).to(torch.bfloat16)
+            out[base + "weight_shape"] = torch.tensor(list(v.shape), dtype=torch.int64)
+        else:
+            out[k] = v
+    save_file(out, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    drop = apply_checkpoint(src, Plan(drop_experts={i: [1, 5] for i in range(3)}), tmp_path / "drop")
+    got = load_file(drop / "model.safetensors")
+    k = "model.layers.0.mlp.experts.{}.gate_proj.weight_packed"
+    assert torch.equal(got[k.format(1)], out[k.format(2)])
+    assert json.loads((drop / "summary.json").read_text())["weight_format"].startswith("kept as the input's")
+    with pytest.raises(PlanError, match="packed integer weights .* cannot be merged or slimmed out of core"):
+        apply_checkpoint(src, Plan(merge={i: [[1, 2]] for i in range(3)}), tmp_path / "merge")
+    assert not (tmp_path / "merge").exists()
