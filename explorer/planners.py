@@ -184,6 +184,18 @@ def make(name: str, stats: RouterStats, view: MoEModel | None = None, **kw) -> P
     The one entry point of ``replay``, the app's presets and ``explorer plan``."""
     if name not in PLANNERS:
         raise PlanError(f"unknown planner {name!r}: one of {', '.join(PLANNERS)}")
+    import inspect
+
+    fn = drop_experts if name == "drop_experts" else PLANNERS[name]
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(kw) - set(params) - {"view"})
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise PlanError(f"planner {name} takes no argument {', '.join(unknown)}; it takes "
+                        f"{', '.join(p for p in params if p not in ('stats', 'view'))}")
+    for k, v in kw.items():  # amounts are numbers, never words
+        if k in ("fraction", "sparsity", "keep", "n", "to") and not isinstance(v, (int, float, dict)) \
+                or isinstance(v, bool) and k in ("fraction", "sparsity", "keep", "n", "to"):
+            raise PlanError(f"planner {name}: {k} must be a number, got {v!r}")
     if name == "drop_experts":
         kw["layer_fractions"] = {int(k): v for k, v in (kw.get("layer_fractions") or {}).items()}
         return drop_experts(stats, view=view, **kw)
@@ -200,8 +212,12 @@ def replay(recipe: list[dict], stats: RouterStats, view: MoEModel | None = None,
     """
     if not recipe:
         raise PlanError("this plan has no recipe (it was written by hand): there is nothing to replay")
+    if not isinstance(recipe, list):
+        raise PlanError("a recipe is a list of planner calls ({'planner': 'drop_experts', ...})")
     out: Plan | None = None
     for step in recipe:
+        if not isinstance(step, dict):
+            raise PlanError(f"each recipe step is a planner call ({{'planner': ..., ...}}), got {step!r}")
         kw = dict(step)
         name = kw.pop("planner", None)
         if name not in PLANNERS:

@@ -128,3 +128,37 @@ def test_offload_folder_inside_the_input_model_is_refused(tmp_path):
         load_model(tmp_path / "m", with_tokenizer=False, device_map="auto", max_memory="cpu=1MB",
                    offload_folder=tmp_path / "m" / "off")
     assert not (tmp_path / "m" / "off").exists()
+
+
+def test_recipes_with_unknown_arguments_words_or_strings_are_refused_in_words():
+    from explorer import planners
+    from explorer.families import _blocks
+    from explorer.stats import collect_stats
+
+    model = tiny_model("mixtral", seed=0)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks(256))
+    for recipe, match in (([{"planner": "merge_experts", "to": 4, "colour": "red"}], "takes no argument colour"),
+                          ([{"planner": "slim_experts", "keep": "half"}], "keep must be a number"),
+                          (["drop_experts"], "each recipe step is a planner call"),
+                          ("drop", "a recipe is a list")):
+        with pytest.raises(PlanError, match=match):
+            planners.replay(recipe, stats, view)
+
+
+@pytest.mark.parametrize("slim", [0.3, 0.62, 0.9])
+def test_slimmed_models_run_in_transformers_default_kernel(slim):
+    """Widths whose bf16 rows are not a multiple of 16 bytes crashed grouped_mm ("strides should be multiple of 16
+    bytes"); slim widths are multiples of 8 and the applied model runs in the default kernel."""
+    import torch
+
+    from explorer.apply import apply_plan
+    from explorer.families import _blocks, _logits
+    from explorer.stats import collect_stats
+
+    model = tiny_model("mixtral", seed=0, dtype=torch.bfloat16)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks(256))
+    new, nv, _ = apply_plan(model, view, Plan(slim=slim), stats)
+    assert nv[0].intermediate_size % 8 == 0
+    assert torch.isfinite(_logits(new, _blocks(256))).all()
