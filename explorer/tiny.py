@@ -51,6 +51,14 @@ TINY_OVERRIDES: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
     "zaya": dict(num_experts_per_tok=1),
+    "dots3_note": dict(per_layer_config={}),
+    "dots3_note_text": dict(per_layer_config={}),
+    "kolibri1_1": dict(index_layers=[1, 3], kv_source_layers=[0, 1, 2, 3], mlp_only_layers=[0], index_num_heads=2,
+                       num_key_value_heads=2, num_attention_heads=4),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                      indexer_compress_ratio=2),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=2),
     "doge": dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
     "gemma4_text": dict(enable_moe_block=True, num_experts=8, moe_intermediate_size=48),
     "gemma4": dict(enable_moe_block=True, num_experts=8, moe_intermediate_size=48),
@@ -98,8 +106,12 @@ def generic_tiny_config(model_type: str, **overrides):
     kw.update(overrides)
     if tc is cfg:
         return AutoConfig.for_model(model_type, **kw)
-    for k, v in kw.items():  # a composite config: shrink its text part in place
-        setattr(tc, k, v)
+    name = next((n for n, v in vars(cfg).items() if v is tc), None)
+    try:  # a composite config: a freshly built text part (its derived fields follow), else shrunk in place
+        setattr(cfg, name, AutoConfig.for_model(tc.model_type, **{**kw, **TINY_OVERRIDES.get(tc.model_type, {})}))
+    except Exception:  # noqa: BLE001
+        for k, v in kw.items():
+            setattr(tc, k, v)
     return cfg
 
 
