@@ -252,7 +252,11 @@ class Session:
         layer, members = self.pending
         d = self.plan.to_dict()
         d["merge"] = {**d["merge"], str(layer): d["merge"].get(str(layer), []) + [list(members)]}
-        d["merge_weights"] = {k: v for k, v in d["merge_weights"].items() if k != str(layer)}  # from statistics
+        d["merge_weights"] = {k: v for k, v in d["merge_weights"].items() if k != str(layer)}
+        if self.stats is not None:  # the weights the preview uses, stored: a replay without statistics is the same
+            from .transform import group_weights
+
+            d["merge_weights"][str(layer)] = group_weights(Plan.from_dict(d), layer, self.stats)
         plan = self.set_plan(d)
         self.pending = None
         return plan

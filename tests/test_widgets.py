@@ -202,6 +202,10 @@ def test_session_picks_a_merge_group(session):
     plan = session.merge_pending()
     assert plan.merge == {2: [[1, 5]]} and session.pending is None
     assert session.preview()["experts_after"] == [8, 8, 7, 8]
+    # the weights the preview used are in the plan, so the plan file replays the same merge without statistics
+    c = session.stats.layers[2]["count"]
+    assert plan.merge_weights[2][0] == pytest.approx([float(c[1]) + 1e-6, float(c[5]) + 1e-6])
+    assert Plan.loads(plan.to_json()).merge_weights == plan.merge_weights
 
 
 def test_routing_view_picks_and_merges(session):
