@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .moe import BLOCK_ATTRS, MoEModel
+from .moe import BLOCK_ATTRS, MoEModel, expert_dim
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
 from .transform import group_energy, group_weights, top_neurons, up_positions
-from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, dequant_fp8, dequant_mxfp4, fp8_block, is_mxfp4,
-                            quant_config, quant_fp8, quant_mxfp4, scale_grid)
+from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, dequant_fp8, dequant_mxfp4,
+                            fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -90,8 +90,6 @@ def _structure(folder: Path, trust_remote_code: bool = False):
 def _weight_map(folder: Path) -> dict[str, str]:
     """key -> shard file, every shard inside ``folder`` and readable (a weight_map naming
     ``../outside/x.safetensors`` would copy another folder's file into the output: refused)."""
-    from safetensors import SafetensorError, safe_open
-
     idx = folder / INDEX
     if idx.exists():
         try:
@@ -105,21 +103,27 @@ def _weight_map(folder: Path) -> dict[str, str]:
         if not single.exists():
             raise PlanError(f"{folder} has neither {INDEX} nor model.safetensors")
         wmap = None
+    if wmap is None:
+        return {k: "model.safetensors" for k in _open_shard(single, lambda f: list(f.keys()))}
     root = folder.resolve()
-    for shard in sorted(set(wmap.values()) if wmap else {"model.safetensors"}):
+    for shard in sorted(set(wmap.values())):
         path = (folder / str(shard)).resolve()
         if not isinstance(shard, str) or root not in path.parents:
             raise PlanError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
         if not path.is_file():
             raise PlanError(f"{folder}: shard {shard} named by the index is missing")
-        try:
-            with safe_open(path, "pt") as f:
-                keys = list(f.keys())
-        except (SafetensorError, OSError) as err:
-            raise PlanError(f"{path} is damaged or incomplete (safetensors: {err}); copy the model again") from err
-        if wmap is None:
-            wmap = {k: "model.safetensors" for k in keys}
     return wmap
+
+
+def _open_shard(path: Path, fn):
+    """``fn`` of an opened shard; a damaged or truncated one is said in words."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return fn(f)
+    except (SafetensorError, OSError) as err:
+        raise PlanError(f"{path} is damaged or incomplete (safetensors: {err}); copy the model again") from err
 
 
 def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
@@ -213,16 +217,15 @@ def _disk_name(model):
     return lambda k: apply_renamings(k, ren) if ren else k
 
 
-def _router_rows(lay, prefix: str, to_disk) -> dict[str, int]:
-    """On-disk keys of the per-expert tensors outside the experts (router rows and biases), with their dim."""
+def _router_rows(lay, names: dict) -> dict[str, int]:
+    """In-memory keys of the per-expert tensors outside the experts (router rows and biases, the block's own),
+    with the dimension that runs over experts."""
     out = {}
-    E = lay.num_experts
-    for mod, rec, head in ((lay.router, True, None), (lay.block, False, prefix)):
-        items = list(mod.named_parameters(recurse=rec)) + list(mod.named_buffers(recurse=rec))
-        for name, t in items:
-            if t.dim() and E in (t.shape[0], t.shape[-1]):
-                full = f"{head}.{name}" if head else None
-                out[(name, id(mod), full)] = 0 if t.shape[0] == E else t.dim() - 1
+    for mod, rec in ((lay.router, True), (lay.block, False)):
+        for name, t in list(mod.named_parameters(recurse=rec)) + list(mod.named_buffers(recurse=rec)):
+            dim = expert_dim(t, lay.num_experts)
+            if dim is not None:
+                out[f"{names[id(mod)]}.{name}"] = dim
     return out
 
 
@@ -254,10 +257,7 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
                 g = merged[e][0] if e in merged else [e]
                 neurons[e] = top_neurons(group_energy(st, "neuron_sq", g), n_keep)
         rel = names[id(lay.experts)][len(prefix) + 1:]
-        rows = {}
-        for (name, mid, full), dim in _router_rows(lay, prefix, to_disk).items():
-            mem = full or f"{names[id(lay.router)]}.{name}"
-            rows[to_disk(mem)] = dim
+        rows = {to_disk(k): dim for k, dim in _router_rows(lay, names).items()}
         ekeys = {to_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
         ekeys = {disk + k[len(prefix):] if k.startswith(prefix + ".") else k for k in ekeys}
         out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay, experts_rel=rel, rows=rows,
@@ -348,9 +348,7 @@ def _fp8_edit(key: str, rel: str, e: int, lay: _Layer):
         return None
     g, w = lay.merged.get(e, ([e], [1.0]))
     members = [base.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g]
-    wshape = list(f.heads[base][0])
-    for m in members:
-        check_fp8_grid(m, f.heads[m][0], f.heads[m + "_scale_inv"][0], f.fp8)
+    wshape = list(f.heads[base][0])  # every member's scale grid was checked with the checkpoint (_format)
     if sel is not None:
         wshape[sel[0]] = len(sel[1])
         try:
@@ -510,15 +508,16 @@ def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, in
 
 
 def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], str]]:
-    from safetensors import safe_open
+    """key -> (shape, dtype) of every tensor, from the shards' headers (each shard opened once)."""
+    def heads_of(shard):
+        def read(f):
+            return {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys() if wmap.get(k) == shard}
+        return read
 
     heads = {}
     for shard in sorted(set(wmap.values())):
-        with safe_open(src / shard, "pt") as f:
-            for k in f.keys():
-                if wmap.get(k) == shard:
-                    sl = f.get_slice(k)
-                    heads[k] = (list(sl.get_shape()), sl.get_dtype())
+        heads.update(_open_shard(src / shard, heads_of(shard)))
     return heads
 
 
@@ -548,8 +547,6 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     transformers does not load) are left out, and ``num_nextn_predict_layers`` set to 0, since their experts would
     no longer match the config; ``keep_mtp`` keeps them as they are (uncut), renumbered after the last layer.
     """
-    from safetensors import safe_open
-
     from .apply import LAYOUT_FILE, _intermediate_attr, block_drop_config
 
     src = Path(source).expanduser()

@@ -343,14 +343,8 @@ def _widened_note(args, new) -> str | None:
         return None
     dt = next(new.parameters()).dtype
     return (f"the input is {qc.get('quant_method')}-quantised; transformers dequantised it on load, so this export "
-            f"is {str(dt).replace('torch.', '')} (about {torch_bytes(dt)}x the bytes per weight) without its "
+            f"is {str(dt).replace('torch.', '')} (about {dt.itemsize}x the bytes per weight) without its "
             "quantization_config; apply --out-of-core keeps the input's format")
-
-
-def torch_bytes(dt) -> int:
-    import torch
-
-    return torch.tensor([], dtype=dt).element_size()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,10 @@ class FamilyResult:
     max_diff: dict[str, float] = field(default_factory=dict)  # plan kind -> max |preview - apply| in logits
     out_of_core: str = ""  # "exact", or why it is refused
 
+    def wrong(self, why: str) -> "FamilyResult":
+        self.status, self.reason = "wrong", why
+        return self
+
     def row(self) -> str:
         if self.status != "supported":
             return f"| `{self.model_type}` | {self.status} | {_short(self.reason)} |"
@@ -152,24 +156,16 @@ def _walk(model_type: str, seed: int, out_of_core: bool) -> FamilyResult:
                 continue
             res.max_diff[kind] = float((_logits(new, blocks) - pv).abs().max())
             if not res.max_diff[kind] < 1e-3:
-                res.status = "wrong"
-                res.reason = f"{kind}: preview and apply differ by {res.max_diff[kind]:.3g} in logits"
-                return res
+                return res.wrong(f"{kind}: preview and apply differ by {res.max_diff[kind]:.3g} in logits")
             if (pv - base).abs().max() < 1e-6:
-                res.status = "wrong"
-                res.reason = f"{kind}: the plan changes nothing"
-                return res
+                return res.wrong(f"{kind}: the plan changes nothing")
             out = export(new, None, plan, Path(tmp) / kind, layout=layout)
             try:
                 back, _, _ = load_model(out, with_tokenizer=False, device="cpu")
             except Exception as err:  # noqa: BLE001
-                res.status = "wrong"
-                res.reason = f"{kind}: the export does not reload ({type(err).__name__}: {err})"
-                return res
+                return res.wrong(f"{kind}: the export does not reload ({type(err).__name__}: {err})")
             if not (_logits(back, blocks) - pv).abs().max() < 1e-3:
-                res.status = "wrong"
-                res.reason = f"{kind}: the reloaded export computes something else"
-                return res
+                return res.wrong(f"{kind}: the reloaded export computes something else")
         if out_of_core:
             res.out_of_core = _out_of_core(src, model, view, stats, Path(tmp))
     return res

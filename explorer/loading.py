@@ -165,7 +165,6 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     elif not hub_reachable():
         raise ModelLoadError(f"{src!r} is not a local folder, and the model hub cannot be reached (offline?). "
                              "Pass the path of a local model folder.")
-    made_offload = None
     plan = _stored_layout(local) if local.exists() else None
     if local.exists():
         from .weightformats import WeightFormatError, check_fp8_checkpoint

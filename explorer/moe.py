@@ -81,8 +81,15 @@ class UnsupportedModelError(NoMoELayersError):
     """The view does not reproduce this model's own MoE blocks: refused in words rather than shown wrong."""
 
 
-EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts",
-                      "num_routed_experts")
+EXPERT_COUNT_NAMES = COUNT_ATTRS + ("n_experts", "num_routed_experts")  # where modules cache the count too
+
+
+def expert_dim(t: torch.Tensor, n_experts: int) -> int | None:
+    """The dimension of ``t`` that runs over experts (its first, else its last), or None: the one rule by which
+    router rows, router and choice biases and ERNIE's ``moe_statics`` are found, in memory and on disk."""
+    if t is None or t.dim() == 0:
+        return None
+    return 0 if t.shape[0] == n_experts else (t.dim() - 1 if t.shape[-1] == n_experts else None)
 
 
 def slice_experts_of(module: nn.Module, kept: list[int], n_experts: int, recurse: bool = True) -> None:
@@ -93,9 +100,7 @@ def slice_experts_of(module: nn.Module, kept: list[int], n_experts: int, recurse
     idx = torch.as_tensor(kept, dtype=torch.long)
     for mod in (module.modules() if recurse else [module]):
         for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if t is None or t.dim() == 0:
-                continue
-            dim = 0 if t.shape[0] == n_experts else (t.dim() - 1 if t.shape[-1] == n_experts else None)
+            dim = expert_dim(t, n_experts)
             if dim is None:
                 continue
             new = t.detach().index_select(dim, idx.to(t.device)).clone().contiguous()
@@ -317,7 +322,7 @@ class MoELayer:
         E = self.num_experts
         for mod, rec in ((self.router, True), (self.block, False)):
             for p in mod.parameters(recurse=rec):
-                if p.dim() and E in (p.shape[0], p.shape[-1]):
+                if expert_dim(p, E) is not None:
                     yield p
 
     def router_params(self) -> int:

@@ -22,7 +22,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from .moe import MoEModel
 from .outputs import atomic_write

@@ -1,4 +1,5 @@
 """The Gradio app, launched for real on 127.0.0.1 and driven through gradio_client and a real browser."""
+import contextlib
 import json
 import os
 import socket
@@ -26,14 +27,14 @@ def app_out(tmp_path_factory):
     return tmp_path_factory.mktemp("app-out")
 
 
-@pytest.fixture(scope="module")
-def app_url(demo, tmp_path_factory, app_out):
+@contextlib.contextmanager
+def launched_app(out: Path, log: Path, *flags: str):
+    """app.py for real on a free loopback port with ``flags``; its URL while the block runs."""
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "MOE_EXPLORER_OUT": str(app_out)}
-    log = tmp_path_factory.mktemp("app") / "app.log"
+           "MOE_EXPLORER_OUT": str(out)}
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], cwd=ROOT, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     t0 = time.time()
@@ -48,9 +49,17 @@ def app_url(demo, tmp_path_factory, app_out):
     else:
         proc.kill()
         raise RuntimeError("app did not start: " + log.read_text())
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def app_url(demo, tmp_path_factory, app_out):
+    with launched_app(app_out, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
 
 
 @pytest.fixture()

@@ -1,41 +1,20 @@
 """A shared app (--share, a non-loopback bind, or --untrusted) takes every field from strangers: no server path is
 read or written outside what its owner allowed, and sessions cannot reach each other's files."""
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from test_app import ROOT, _free_port, _load
+from test_app import _load, launched_app
 
 
 @pytest.fixture(scope="module")
 def shared(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared-out")
     allowed = tmp_path_factory.mktemp("allowed")
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "MOE_EXPLORER_OUT": str(out)}
     log = tmp_path_factory.mktemp("shared-app") / "app.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--untrusted",
-                                 "--allow-paths", str(allowed)], cwd=ROOT, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(log.read_text())
-            time.sleep(0.5)
-    yield url, out, allowed
-    proc.terminate()
-    proc.wait(10)
+    with launched_app(out, log, "--untrusted", "--allow-paths", str(allowed)) as url:
+        yield url, out, allowed
 
 
 def _client(url):
