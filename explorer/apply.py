@@ -248,7 +248,7 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
     or the home folder; ``overwrite`` replaces only a previous export). Partial folders of killed runs are removed.
     """
     out = check_export_dir(out_dir, source=source, overwrite=overwrite)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite) as tmp:
         if layout is None:
             model.save_pretrained(tmp, safe_serialization=True)
         else:

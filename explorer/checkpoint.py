@@ -603,7 +603,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
             plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op, sel))
     rd = _Reader(src, wmap)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite) as tmp:
         total, new_map = 0, {}
         n = len(shard_names)
         for j, s in enumerate(shard_names):

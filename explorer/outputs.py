@@ -8,7 +8,9 @@ Rules, checked before any work is done:
 - a single output file (statistics, a plan) is never written inside the input model folder and never replaces an
   existing file without ``overwrite``.
 Exports are built in a hidden ``.NAME.explorer-partial-PID`` folder beside the target and renamed into place;
-leftovers of runs that were killed are removed by the next export to the same place.
+what is at the target is checked again at that moment (a folder that appeared meanwhile is never replaced: the
+finished export is kept beside it). Leftovers of runs that were killed are tidied by the next export to the same
+place: partial folders removed, a previous export set aside by a killed ``overwrite`` put back.
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def _check_parent_writable(out: Path) -> None:
 
 
 def check_export_dir(out_dir, source=None, overwrite: bool = False) -> Path:
-    """The resolved export folder, or OutputError naming the rule it breaks. Nothing is written."""
+    """The resolved export folder, or OutputError naming the rule it breaks. Nothing is written, except that a
+    previous export which a killed run had set aside is put back first (see ``clean_leftovers``)."""
     out = _resolve(out_dir)
     src = _existing_source(source)
     if src is not None:
@@ -79,6 +82,7 @@ def check_export_dir(out_dir, source=None, overwrite: bool = False) -> Path:
                             ("your home folder", Path.home().resolve())):
         if _inside(protected, out):
             raise OutputError(f"{out} is or contains {name} ({protected}); choose a new, dedicated folder")
+    clean_leftovers(out)
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{out} is a file, not a folder; choose a folder name")
@@ -120,11 +124,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(out: Path) -> list[Path]:
-    """Remove the partial folders that killed exports to ``out`` left beside it (their process is gone)."""
+    """Tidy what killed exports to ``out`` left beside it (their process is gone): partial folders are removed;
+    a previous export set aside by an ``overwrite`` killed between its two renames is put back where it was when
+    nothing took its place (it may be the only copy), and removed only when a newer export is in place."""
     removed = []
     if not out.parent.is_dir():
         return removed
-    for p in out.parent.glob(f".{out.name}.explorer-*"):
+    for p in sorted(out.parent.glob(f".{out.name}.explorer-*")):
         tail = p.name[len(out.name) + 1:]
         if not tail.startswith((PARTIAL, OLD)):
             continue
@@ -132,9 +138,16 @@ def clean_leftovers(out: Path) -> list[Path]:
             pid = int(tail.split("-")[2])
         except (IndexError, ValueError):
             continue
-        if not _pid_alive(pid) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if _pid_alive(pid) or not p.is_dir():
+            continue
+        if tail.startswith(OLD):
+            if not out.exists():
+                p.rename(out)  # restored: the kill came after setting it aside, before the new one moved in
+                continue
+            if not (is_export(p) and is_export(out)):
+                continue  # not ours to delete
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 
@@ -146,32 +159,55 @@ def new_partial_dir(out: Path) -> Path:
     return tmp
 
 
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished ``tmp`` into place; an existing ``out`` (already checked) is replaced as a whole."""
-    if out.exists():
+def _appeared(out: Path, tmp: Path) -> OutputError:
+    """The export is finished but ``out`` changed under it: keep both, say where the export is."""
+    keep = out.parent / f"{out.name}.explorer-export-{uuid.uuid4().hex[:6]}"
+    tmp.rename(keep)
+    return OutputError(f"{out} was created or changed by someone else while the export was being written; it was "
+                       f"left as it is, and the finished export is in {keep}")
+
+
+def commit_dir(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Move a finished ``tmp`` into place. What is at ``out`` now is checked again (another process or the user
+    may have put something there while the export ran): only an empty folder or, with ``overwrite``, a previous
+    export is replaced; the replaced export is deleted only after the new one is in place."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise _appeared(out, tmp)
+    if out.exists() and any(out.iterdir()):
+        if not (overwrite and is_export(out)):
+            raise _appeared(out, tmp)
         old = out.parent / f".{out.name}{OLD}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         out.rename(old)
+        if not is_export(old):  # swapped between the check and the rename: put it back untouched
+            old.rename(out)
+            raise _appeared(out, tmp)
         try:
             tmp.rename(out)
         except BaseException:
             old.rename(out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        return
+    try:
+        tmp.rename(out)  # replaces at most an empty folder; a folder that filled meanwhile makes rename fail
+    except OSError as err:
+        if out.exists():
+            raise _appeared(out, tmp) from err
+        raise
 
 
 @contextmanager
-def staged_dir(out: Path):
+def staged_dir(out: Path, overwrite: bool = False):
     """Build a folder all or nothing: yields a fresh partial folder beside ``out`` (leftovers of killed runs
-    removed first); on success it replaces ``out`` as a whole, on any failure it is deleted and ``out`` untouched."""
+    tidied first); on success it replaces ``out`` as a whole, on any failure it is deleted and ``out`` untouched."""
     clean_leftovers(out)
     tmp = new_partial_dir(out)
     try:
         yield tmp
-        commit_dir(tmp, out)
+        commit_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

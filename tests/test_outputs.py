@@ -150,6 +150,73 @@ def test_a_killed_export_leaves_nothing_the_next_one_keeps(small, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # the leftover of the killed run is gone
 
 
+class _UserWritesThere:
+    """A tokenizer whose save runs while the export is half written: meanwhile the user puts a file at --out."""
+
+    def __init__(self, out: Path, replace_export: bool = False):
+        self.out, self.replace_export = out, replace_export
+
+    def save_pretrained(self, folder):
+        if self.replace_export:  # the previous export is moved away and a folder of the user's takes its place
+            self.out.rename(self.out.with_name("moved-away"))
+        self.out.mkdir(exist_ok=True)
+        (self.out / "thesis.tex").write_text("six months of work")
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_folder_that_appears_during_the_export_is_never_replaced(small, tmp_path, previous):
+    out = tmp_path / "exp"
+    if previous:
+        _export(small, out)
+    model, view = small
+    plan = Plan(drop_experts={0: [2]})
+    new, _, layout = apply_plan(model, view, plan)
+    with pytest.raises(OutputError, match="while the export was being written") as err:
+        export(new, _UserWritesThere(out, replace_export=previous), plan, out, layout=layout, overwrite=previous)
+    assert (out / "thesis.tex").read_text() == "six months of work"
+    kept = Path(str(err.value).rsplit(" ", 1)[-1])
+    assert kept.parent == tmp_path and is_export(kept)  # the finished export is kept beside it, not lost
+    assert json.loads((kept / "plan.json").read_text())["drop_experts"] == {"0": [2]}
+    assert not [p for p in tmp_path.iterdir() if ".explorer-partial-" in p.name]
+
+
+KILLED_BETWEEN_RENAMES = """
+import sys, time
+from pathlib import Path
+from explorer.apply import apply_plan, export
+from explorer.moe import MoEModel
+from explorer.plan import Plan
+from explorer.tiny import tiny_model
+model = tiny_model("olmoe")
+plan = Plan(drop_experts={0: [3]})
+new, _, layout = apply_plan(model, MoEModel(model), plan)
+rename = Path.rename
+def slow_rename(self, target):
+    if ".explorer-partial-" in self.name:  # the previous export is already set aside
+        print("between", flush=True)
+        time.sleep(120)
+    return rename(self, target)
+Path.rename = slow_rename
+export(new, None, plan, sys.argv[1], layout=layout, overwrite=True)
+"""
+
+
+def test_a_kill_between_the_renames_of_an_overwrite_loses_nothing(small, tmp_path):
+    out = _export(small, tmp_path / "exp")
+    first = _files(out)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "between"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not out.exists()  # the only copy of the previous export is the set-aside folder
+    assert any(".exp.explorer-old-" in p.name for p in tmp_path.iterdir())
+    with pytest.raises(OutputError, match="exists and is not empty"):
+        _export(small, out)  # the next export puts the previous one back first, then refuses to replace it
+    assert _files(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
 # ---- the command line ------------------------------------------------------------------------------------
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
