@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-sys.exit(main())
+    sys.exit(main())
+except KeyboardInterrupt:  # before the command started (while importing): nothing was written
+    sys.stderr.write("\ninterrupted\n")
+    sys.exit(130)

@@ -11,6 +11,7 @@ MODEL is a folder (including one written by `apply` or `distill`), a hub id, or 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -347,13 +348,39 @@ def _widened_note(args, new) -> str | None:
             "quantization_config; apply --out-of-core keeps the input's format")
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "File too large", "StorageFull")
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Disk full, quota or file-size limit, whether it comes as an OSError or inside safetensors' own error."""
+    if isinstance(err, OSError) and err.errno in _NO_SPACE:
+        return True
+    return any(w in str(err) for w in _NO_SPACE_WORDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: `{args.cmd}` stopped; what it was writing was removed, nothing half-written is left",
+              file=sys.stderr)
+        return 130
     except (ModelLoadError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # the disk filled up, or an operating-system refusal: words, not a traceback
+        if _out_of_space(err):
+            print(f"error: the disk is full (or a size quota was reached) while `{args.cmd}` was writing; what it "
+                  f"was writing was removed. Free space or choose another place. ({str(err).splitlines()[0]})",
+                  file=sys.stderr)
+            return 4
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+            return 2
+        raise
 
 
 def cmd_distill(args) -> int:

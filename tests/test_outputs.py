@@ -217,6 +217,47 @@ def test_a_kill_between_the_renames_of_an_overwrite_loses_nothing(small, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+def _explorer(*args, limit_bytes=None, **kw):
+    """The CLI in its own process (a file-size limit stands in for a full disk: writes fail as they would)."""
+    import resource
+
+    def limits():
+        if limit_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.Popen([sys.executable, "-m", "explorer", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limits, **kw)
+
+
+@pytest.mark.parametrize("out_of_core", [False, True])
+def test_a_full_disk_is_said_in_words_and_leaves_nothing(saved, tmp_path, out_of_core):
+    plan = tmp_path / "p.json"
+    n = json.loads((saved / "config.json").read_text())["num_hidden_layers"]
+    plan.write_text(json.dumps({"drop_experts": {str(i): [1] for i in range(n)}}))
+    out = tmp_path / "out"
+    proc = _explorer("apply", saved, plan, "--out", out, "--no-eval", *(["--out-of-core"] if out_of_core else []),
+                     limit_bytes=64 << 10)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err
+    assert "the disk is full" in err and "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["models", "p.json"]
+
+
+def test_ctrl_c_is_said_in_words_and_leaves_nothing(saved, tmp_path):
+    out = tmp_path / "stats.json"
+    proc = _explorer("stats", saved, "--out", out, "--batch-size", "1")
+    line = ""
+    while "statistics:" not in line:  # the model is loaded and the pass has started
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "the stats run ended before it started its pass"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["models"]
+
+
 # ---- the command line ------------------------------------------------------------------------------------
 def cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
