@@ -66,13 +66,9 @@ def _load(args):
 
 
 def _data(args, tok, model=None):
-    from .data import check_block_len, load_data
+    from .data import load_data
 
-    if model is not None:
-        warn = check_block_len(args.block_len, model.config)
-        if warn:
-            print(f"warning: {warn}", file=sys.stderr)
-    return load_data(tok, args.data, block_len=args.block_len, max_tokens=args.max_tokens)
+    return load_data(tok, args.data, block_len=args.block_len, max_tokens=args.max_tokens, model=model)
 
 
 def _source(args):
@@ -227,7 +223,7 @@ def cmd_plan(args) -> int:
     if needs_model:
         from .data import load_data
 
-        score_kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len).calib)
+        score_kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len, model=model).calib)
     if recipe is not None:
         plan = planners.replay(recipe, stats, view, **score_kw)
     else:

@@ -77,8 +77,8 @@ class Dataset:
 MAX_TEXT_BYTES = 256 << 20  # far beyond what a statistics pass reads; the cap keeps a 20 GB log from being slurped
 
 
-def read_text_file(path: Path) -> str:
-    """A file's text (UTF-8, else Latin-1 / cp1252 when that is what it is), or DataError when it is not a regular
+def read_text_file(path: Path, max_bytes: int | None = None) -> str:
+    """A file's text (its first ``max_bytes`` when given) (UTF-8, else Latin-1 / cp1252 when that is what it is), or DataError when it is not a regular
     readable file of mostly printable text (a device, a pipe, a binary renamed .txt)."""
     import stat
 
@@ -90,13 +90,18 @@ def read_text_file(path: Path) -> str:
         raise DataError(f"{path} is not a regular file (a device, a pipe or a socket); give a .txt file or a folder")
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(MAX_TEXT_BYTES)
+            raw = fh.read(min(MAX_TEXT_BYTES, max_bytes or MAX_TEXT_BYTES))
     except PermissionError as err:
         raise DataError(f"no permission to read {path}") from err
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from err
     if not raw:
         raise DataError(f"{path} is empty")
+    if max_bytes and len(raw) == max_bytes:  # cut short: never end on half a UTF-8 character
+        i = len(raw)
+        while i > len(raw) - 4 and i > 0 and raw[i - 1] & 0xC0 == 0x80:
+            i -= 1
+        raw = raw[:i - 1] if i > 0 and raw[i - 1] >= 0xC0 else raw[:i]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -113,17 +118,42 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def check_block_len(block_len: int, config) -> str | None:
-    """A warning when blocks are longer than the model's positions (its perplexity there means little)."""
+def check_block_len(block_len: int, config) -> None:
+    """Refuse blocks longer than the model's positions: its perplexity there means nothing, and a huge block
+    length only costs memory."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(cfg, "max_position_embeddings", None)
     if isinstance(n, int) and block_len > n:
-        return (f"block length {block_len} exceeds the model's maximum positions ({n}); perplexity beyond them is "
-                f"not meaningful: use a block length of at most {n}")
-    return None
+        raise DataError(f"block length {block_len} exceeds the model's maximum positions ({n}); perplexity beyond "
+                        f"them is not meaningful: use a block length of at most {n}")
 
 
-def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, list[str]]]:
+def check_vocab(blocks: "TokenBlocks", model) -> None:
+    """Refuse token ids the model has no embedding for: the tokenizer does not belong to this model."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    if n is None:
+        return
+    top = int(blocks.input_ids.max()) if blocks.input_ids.numel() else -1
+    if top >= n:
+        raise DataError(f"the tokenizer gives token id {top}, but the model has only {n} token embeddings: this "
+                        "tokenizer does not fit the model (save the model's own tokenizer beside it)")
+
+
+def _read_files(files: list[Path], max_bytes: int | None) -> list[str]:
+    """Texts of ``files`` in order until the domain's byte budget is spent (all of them without one)."""
+    texts, left = [], max_bytes
+    for f in files:
+        if left is not None and left <= 0:
+            break
+        t = read_text_file(f, left)
+        texts.append(t)
+        if left is not None:
+            left -= len(t.encode("utf-8", errors="replace"))
+    return texts
+
+
+def _read_domains(source: str, max_bytes: int | None = None) -> dict[str, list[str]]:
     path = Path(source).expanduser()
     try:
         exists = path.exists()
@@ -138,12 +168,12 @@ def _read_domains(source: str) -> dict[str, list[str]] | dict[str, dict[str, lis
     if path.is_file():
         if path.suffix not in (".txt", ".md", ".rst", ".py", ""):
             raise DataError(f"{source}: expected a plain-text file (.txt)")
-        return {path.stem: [read_text_file(path)]}
+        return {path.stem: [read_text_file(path, max_bytes)]}
     out: dict[str, list[str]] = {}
     for f in sorted(path.glob("*.txt")):
-        out[f.stem] = [read_text_file(f)]
+        out[f.stem] = [read_text_file(f, max_bytes)]
     for d in sorted(p for p in path.iterdir() if p.is_dir()):
-        texts = [read_text_file(f) for f in sorted(d.glob("*.txt"))]
+        texts = _read_files(sorted(d.glob("*.txt")), max_bytes)
         if texts:
             out[d.name] = texts
     if not out:
@@ -202,17 +232,33 @@ def text_blocks(tokenizer, text: str, block_len: int = 256, domain: str = "text"
     return blocks_from_texts(tokenizer, {domain: [text]}, block_len)
 
 
+# no tokenizer spends more bytes per token than this on text: a token cap becomes a byte budget while reading
+BYTES_PER_TOKEN_BOUND = 16
+
+
 def load_data(tokenizer, source: str = "demo", block_len: int = 256, max_tokens: int | None = None,
-              eval_fraction: float = 0.5, seed: int = 0) -> Dataset:
-    """Calibration and evaluation blocks from ``source``; ``max_tokens`` caps each split per domain."""
+              eval_fraction: float = 0.5, seed: int = 0, model=None) -> Dataset:
+    """Calibration and evaluation blocks from ``source``; ``max_tokens`` caps each split per domain (and what is
+    read and tokenised: a 200 MB file with a cap of 2048 tokens is read for its first few hundred kilobytes).
+    With ``model``, a block length past its positions and token ids past its vocabulary are refused."""
     if max_tokens is not None and max_tokens < 1:
         raise DataError(f"the token cap must be a positive number of tokens, got {max_tokens}")
+    if model is not None:
+        check_block_len(block_len, model.config)
+    ds = _load_data(tokenizer, source, block_len, max_tokens, eval_fraction, seed)
+    if model is not None:
+        check_vocab(ds.calib, model)
+        check_vocab(ds.eval, model)
+    return ds
+
+
+def _load_data(tokenizer, source, block_len, max_tokens, eval_fraction, seed) -> Dataset:
     if source == "demo":
         if not CORPUS.is_dir():
             raise DataError(f"the bundled demo corpus is missing at {CORPUS}")
         doms = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
         # with a token cap, tokenise only a generous prefix (no tokenizer spends 16 characters per token)
-        cut = None if not max_tokens else (max_tokens + block_len) * 16
+        cut = None if not max_tokens else (max_tokens + block_len) * BYTES_PER_TOKEN_BOUND
 
         def read(d, split):
             return [(CORPUS / d / f"{split}.txt").read_text("utf-8")[:cut]]
@@ -222,7 +268,9 @@ def load_data(tokenizer, source: str = "demo", block_len: int = 256, max_tokens:
         return Dataset(calib.limit(max_tokens), ev.limit(max_tokens), "demo", {"domains": doms})
     if not 0.0 < eval_fraction < 1.0:
         raise DataError("eval_fraction must be between 0 and 1")
-    domains = _hf_texts(source) if source.startswith("hf:") else _read_domains(source)
+    # both splits come from what is read: twice the cap per domain, plus a block each
+    budget = None if not max_tokens else 2 * (max_tokens + block_len) * BYTES_PER_TOKEN_BOUND
+    domains = _hf_texts(source) if source.startswith("hf:") else _read_domains(source, budget)
     allb = blocks_from_texts(tokenizer, domains, block_len)
     rng = random.Random(seed)
     calib_idx, eval_idx = [], []

@@ -105,7 +105,7 @@ class Session:
         if not uploaded:
             self.check_source(source, "data")
         data = load_data(self.tok, source, block_len=block_len or self.block_len,
-                         max_tokens=max_tokens if max_tokens is not None else self.max_tokens)
+                         max_tokens=max_tokens if max_tokens is not None else self.max_tokens, model=self.model)
         self.data, self.data_source = data, source
         self.data_key = hashlib.sha1(data.eval.input_ids.numpy().tobytes()).hexdigest()[:12]
         self.stats, self._scores, self.base = None, {}, None

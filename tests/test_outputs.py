@@ -359,7 +359,45 @@ def test_binary_text_and_long_blocks(capsys, saved, tmp_path):
         load_data(tok, str(tmp_path / "blob.txt"))
     code, _, err = cli(capsys, "eval", saved, "--data", ROOT / "assets" / "corpus" / "code" / "eval.txt",
                        "--block-len", "512", "--max-tokens", "1024")
-    assert code == 0 and "exceeds the model's maximum positions (256)" in err
+    assert code == 2 and "exceeds the model's maximum positions (256)" in err  # refused, not only warned
+
+
+class _CountingTokenizer:
+    """The demo tokenizer, counting the characters it is given."""
+
+    def __init__(self, tok):
+        self.tok, self.chars = tok, 0
+
+    def __call__(self, text, **kw):
+        self.chars += len(text)
+        return self.tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_the_token_cap_applies_while_reading(tmp_path):
+    from transformers import AutoTokenizer
+
+    from explorer.data import load_data
+
+    one = (ROOT / "assets" / "corpus" / "code" / "eval.txt").read_text("utf-8")
+    big = tmp_path / "big.txt"
+    big.write_text(one * (20_000_000 // len(one) + 1), encoding="utf-8")  # 20 MB of real text
+    tok = _CountingTokenizer(AutoTokenizer.from_pretrained(DEMO_MODEL))
+    ds = load_data(tok, str(big), block_len=128, max_tokens=1024)
+    assert ds.calib.tokens > 0.9 * 1024 and ds.eval.tokens > 0.9 * 1024  # the cap is still met
+    assert tok.chars < 200_000  # a few hundred kilobytes tokenised, not 20 MB
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_said(capsys, tmp_path):
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "small-vocab"
+    tiny_model("olmoe", seed=2, vocab_size=64).save_pretrained(src)  # the demo tokenizer's ids run far past 64
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(src)
+    code, _, err = cli(capsys, "eval", src, "--max-tokens", "256")
+    assert code == 2 and "does not fit the model" in err and "64 token embeddings" in err
 
 
 @pytest.mark.slow
