@@ -61,6 +61,14 @@ class TokenBlocks:
             keep += rows[:n]
         return self.subset(sorted(keep))
 
+    def spread(self, max_tokens: int) -> "TokenBlocks":
+        """About ``max_tokens`` worth of blocks taken in turn from each domain (the first blocks of one domain
+        would judge every expert by one kind of text)."""
+        n = max(1, max_tokens // self.block_len)
+        rows = [(self.domain == d).nonzero().flatten().tolist() for d in range(len(self.domains))]
+        pick = [r[i] for i in range(max(map(len, rows), default=0)) for r in rows if i < len(r)][:n]
+        return self.subset(sorted(pick))
+
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
             yield self.subset(range(i, min(i + batch_size, len(self))))

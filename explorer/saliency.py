@@ -35,10 +35,10 @@ def expert_scores(stats: RouterStats, criterion: str, model=None, view: MoEModel
 
 
 def _layer_inputs(model, view: MoEModel, blocks, max_tokens: int) -> dict[int, torch.Tensor]:
-    """The input of every MoE block on up to ``max_tokens`` calibration tokens (real tokens only)."""
+    """The input of every MoE block on up to ``max_tokens`` calibration tokens from every domain (real tokens
+    only)."""
     caps: dict[int, list] = {lay.index: [] for lay in view}
-    n = max(1, max_tokens // blocks.block_len)
-    sub = blocks.subset(range(min(n, len(blocks))))
+    sub = blocks.spread(max_tokens)
     dev = input_device(model)
     with torch.inference_mode(), forward_hooks(*[(lay.block, "pre", lambda m, a, _i=lay.index: caps[_i].append(
             a[0].detach())) for lay in view]):
@@ -103,8 +103,7 @@ def ablation_scores(model, view: MoEModel, blocks, max_tokens: int = 4096, progr
     from .plan import Plan
     from .preview import previewing
 
-    n = max(1, max_tokens // blocks.block_len)
-    sub = blocks.subset(range(min(n, len(blocks))))
+    sub = blocks.spread(max_tokens)
     base = perplexity(model, sub).nll
     out, total, done = [], sum(view.num_experts), 0
     for lay in view:

@@ -299,6 +299,26 @@ def test_reconstruction_and_ablation_criteria(planted):
     assert abl[ZERO_LAYER] == pytest.approx(np.zeros(8), abs=1e-6)
 
 
+@pytest.mark.parametrize("criterion", ["reconstruction", "ablation"])
+def test_model_run_criteria_sample_every_domain(criterion):
+    """Blocks sorted by domain (as every loaded dataset is): the criteria must see text of each domain, not the
+    first blocks of one."""
+    model = tiny_model("mixtral", seed=4)
+    view = MoEModel(model)
+    g = torch.Generator().manual_seed(0)
+    n, L = 12, 32
+    doms = torch.arange(n) // 3  # four domains of three blocks each, in order
+    ids = torch.randint(0, 64, (n, L), generator=g) + 64 * doms[:, None]  # each domain its own id range
+    blocks = TokenBlocks(ids, torch.full((n,), L), doms, ["a", "b", "c", "d"], torch.full((n,), L - 1.0), L)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten()))
+    try:
+        expert_scores(None, criterion, model=model, view=view, blocks=blocks, max_tokens=4 * L)
+    finally:
+        hook.remove()
+    assert set((torch.cat(seen) // 64).tolist()) == {0, 1, 2, 3}
+
+
 def test_unstructured_pruning_hits_its_sparsity():
     model = tiny_model("mixtral", seed=4)
     view = MoEModel(model)
