@@ -32,7 +32,7 @@ ARRAYS = {
     "reap": "[E] Σ g_e(x)·‖f_e(x)‖₂ over routed tokens",
     "out_norm": "[E] Σ ‖f_e(x)‖₂ over routed tokens",
     "out_sum": "[E,H] Σ f_e(x) over routed tokens",
-    "dense_out_sum": "[E,H] Σ f_e(x) over a sample of every token (HC-SMoE's mean output)",
+    "dense_out_sum": "[E,H] Σ f_e(x) over an even sample of the real tokens (HC-SMoE's mean output)",
     "act_max": "[E] max |f_e(x)| entry (REAP's super-expert rule)",
     "neuron_sq": "[E,I] Σ h² of each intermediate neuron over routed tokens (slimming)",
     "neuron_sq_gated": "[E,I] Σ (g·h)² over routed tokens (MoE-Pruner on down_proj)",
@@ -255,9 +255,10 @@ class StatsObserver:
             a["domain_count"].index_add_(0, self.token_domain.to(x.device), onehot.double())
         lg = logits.float() * v[:, None]
         a["logit_gram"] += (lg.T @ lg).double()
-        if self.dense_sample:
-            n = min(self.dense_sample, x.shape[0])
-            sel = torch.linspace(0, x.shape[0] - 1, n, device=x.device).long()
+        real = valid.nonzero().flatten() if self.dense_sample else None
+        if self.dense_sample and real.numel():
+            n = min(self.dense_sample, real.numel())
+            sel = real[torch.linspace(0, real.numel() - 1, n, device=x.device).long()]  # real tokens, never padding
             xs = x[sel]
             a["dense_out_sum"] += lay.dense_experts(xs).float().sum(1)
             a["dense_tokens"] += n

@@ -82,10 +82,11 @@ def _reference(model, view, blocks):
             for a_, b_ in itertools.permutations(chosen, 2):  # every ordered pair, not only rank-adjacent
                 r["coact"][a_, b_] += 1
         r["entropy"] = ent / float(valid.sum())
-        # HC-SMoE's dense sample: every expert on evenly spaced tokens of each batch of 4 blocks (padding included)
+        # HC-SMoE's dense sample: every expert on evenly spaced real tokens of each batch of 4 blocks (never padding)
         for b0 in range(0, len(blocks), 4):
             xb = inputs[lay.index][0][b0:b0 + 4].reshape(-1, lay.hidden_size)
-            sel = torch.linspace(0, xb.shape[0] - 1, min(16, xb.shape[0])).long()
+            real = blocks.attention_mask()[b0:b0 + 4].reshape(-1).bool().nonzero().flatten()
+            sel = real[torch.linspace(0, len(real) - 1, min(16, len(real))).long()]
             for e in range(E):
                 with torch.no_grad():
                     f = lay.experts(xb[sel], torch.full((len(sel), 1), e), torch.ones(len(sel), 1, dtype=xb.dtype))
