@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
     g.add_argument("--prune", type=float, metavar="SPARSITY")
     g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
-    p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap, reconstruction, ablation, random")
+    p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax (REAP's own definition), "
+                   "reconstruction, ablation, random")
     p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
     p.add_argument("--skip-layers", default="", help="comma-separated MoE layers left untouched")
     p.add_argument("--protect-super", action="store_true", help="never drop REAP's super experts")

@@ -9,8 +9,8 @@ import torch
 from .moe import MoEModel, forward_hooks, input_device
 from .stats import RouterStats
 
-CRITERIA = ("frequency", "gate-mass", "reap", "reconstruction", "ablation", "random")
-CHEAP = ("frequency", "gate-mass", "reap", "random")
+CRITERIA = ("frequency", "gate-mass", "reap", "reap-softmax", "reconstruction", "ablation", "random")
+CHEAP = ("frequency", "gate-mass", "reap", "reap-softmax", "random")
 SIMILARITIES = ("router-logits", "mean-output", "weights")
 
 
@@ -21,8 +21,9 @@ def expert_scores(stats: RouterStats, criterion: str, model=None, view: MoEModel
         return [np.asarray(lay["count"], dtype=float) for lay in stats.layers]
     if criterion == "gate-mass":
         return [stats.gate_mass(i) for i in range(len(stats.layers))]
-    if criterion == "reap":
-        return [stats.reap(i) for i in range(len(stats.layers))]
+    if criterion in ("reap", "reap-softmax"):  # the model's gates, or REAP's own softmax definition
+        definition = "model" if criterion == "reap" else "softmax"
+        return [stats.reap(i, definition) for i in range(len(stats.layers))]
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return [rng.random(e) for e in stats.num_experts]

@@ -29,7 +29,9 @@ ARRAYS = {
     "gate_routed": "[E] Σ of g_e(x) over tokens routed to e",
     "coact": "[E,E] tokens for which both i and j are among the k chosen (all pairs, symmetric)",
     "domain_count": "[D,E] top-k selections per domain",
-    "reap": "[E] Σ g_e(x)·‖f_e(x)‖₂ over routed tokens",
+    "reap": "[E] Σ g_e(x)·‖f_e(x)‖₂ over routed tokens (the model's own gates and routing)",
+    "reap_softmax": "[E] Σ g_e(x)·‖f_e(x)‖₂ with REAP's own gates: softmax over all E, top-k, renormalised",
+    "count_softmax": "[E] tokens REAP's softmax top-k sends to each expert",
     "out_norm": "[E] Σ ‖f_e(x)‖₂ over routed tokens",
     "out_sum": "[E,H] Σ f_e(x) over routed tokens",
     "dense_out_sum": "[E,H] Σ f_e(x) over an even sample of the real tokens (HC-SMoE's mean output)",
@@ -79,9 +81,20 @@ class RouterStats:
     def gate_mass(self, layer: int) -> np.ndarray:
         return self.layers[layer]["gate_mass"] / max(self.layers[layer]["tokens"], 1)
 
-    def reap(self, layer: int) -> np.ndarray:
+    def reap(self, layer: int, definition: str = "model") -> np.ndarray:
+        """REAP's score per expert. ``model``: weighted by the model's own gates on the tokens it routes (what the
+        pruned model will compute). ``softmax``: REAP's own observer (softmax over all experts, top-k,
+        renormalised); the two are equal for softmax-top-k routers that renormalise, and differ for sigmoid,
+        grouped or biased routers (DeepSeek-V3, GLM-4.5) and for routers that do not renormalise."""
         lay = self.layers[layer]
-        return lay["reap"] / np.maximum(lay["count"], 1)
+        if definition == "model":
+            return lay["reap"] / np.maximum(lay["count"], 1)
+        if definition != "softmax":
+            raise ValueError(f"REAP definition must be 'model' or 'softmax', got {definition!r}")
+        if "reap_softmax" not in lay:
+            raise StatsFileError("these statistics were collected before REAP's softmax definition was recorded; "
+                                 "collect them again to use the reap-softmax criterion")
+        return lay["reap_softmax"] / np.maximum(lay["count_softmax"], 1)
 
     def mean_entropy(self, layer: int) -> float:
         return float(self.layers[layer]["entropy_sum"] / max(self.layers[layer]["tokens"], 1))
@@ -223,7 +236,7 @@ class StatsObserver:
             zf = lambda *s: torch.zeros(*s, dtype=torch.float32, device=dev)  # noqa: E731
             self.acc.append({
                 "count": z(E), "gate_mass": z(E), "gate_routed": z(E), "coact": z(E, E), "domain_count": z(n_domains, E),
-                "reap": z(E), "out_norm": z(E), "out_sum": zf(E, H), "dense_out_sum": zf(E, H), "act_max": zf(E),
+                "reap": z(E), "reap_softmax": z(E), "count_softmax": z(E), "out_norm": z(E), "out_sum": zf(E, H), "dense_out_sum": zf(E, H), "act_max": zf(E),
                 "neuron_sq": zf(E, I), "neuron_sq_gated": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
                 "tokens": z(()), "entropy_sum": z(()), "dense_tokens": z(()), "layer_cos_sum": z(()),
                 "layer_tokens": z(()),
@@ -231,6 +244,28 @@ class StatsObserver:
         self.token_domain: torch.Tensor | None = None  # [T] domain index of each token in the current batch
         self.valid: torch.Tensor | None = None  # [T] bool: real token (not padding)
         self.sample: dict | None = None  # when set, record routes of the first ``sample['n']`` tokens
+        self._reap_gates: torch.Tensor | None = None  # [T, E] REAP's gate where its top-k picks an expert, else 0
+
+    def _reap_softmax(self, lay: MoELayer, a: dict, x, logits, idx, v) -> None:
+        """REAP's definition (its observer): softmax over all experts, its own top-k, renormalised over it. Where
+        that top-k picks what the model routed, the expert outputs of the routed pass are reused (in ``expert`` /
+        ``experts``); pairs the model did not route (sigmoid or biased routers) run once more here."""
+        p = torch.softmax(logits.float(), dim=-1)
+        vals, ridx = p.topk(idx.shape[1], dim=-1)
+        gates = torch.zeros_like(p).scatter_(1, ridx, vals / vals.sum(-1, keepdim=True).clamp_min(1e-30))
+        self._reap_gates = gates
+        routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
+        tok, eid = ((gates > 0) & ~routed).nonzero(as_tuple=True)
+        a["count_softmax"] += ((gates > 0).float() * v[:, None]).sum(0).double()
+        if tok.numel():
+            one = torch.ones(tok.numel(), 1, dtype=x.dtype, device=x.device)
+            y = self.combine_free(lay, x[tok], one, eid[:, None])
+            a["reap_softmax"].index_add_(0, eid, (gates[tok, eid] * y.float().norm(dim=-1) * v[tok]).double())
+
+    @staticmethod
+    def combine_free(lay: MoELayer, x, w, idx):
+        """f_e(x) of the given pairs through the layer's own expert kernels, seen by no observer."""
+        return lay.combine(x, w, idx)
 
     def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
         a = self.acc[lay.index]
@@ -238,6 +273,7 @@ class StatsObserver:
                  else torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
         v = valid.to(torch.float32)  # per-token work in float32; the running sums are float64
         E = lay.num_experts
+        self._reap_softmax(lay, a, x, logits, idx, v)
         p = lay.probs(logits.float())
         a["tokens"] += v.sum().double()
         a["gate_mass"] += (v @ p).double()
@@ -276,6 +312,7 @@ class StatsObserver:
         norm = yf.norm(dim=-1)
         wg = gf * gf * v  # gate² per token (MoE-Pruner weights tokens by their gate)
         a["reap"][e] += (gf * norm) @ v
+        a["reap_softmax"][e] += (self._reap_gates[tok.to(self._reap_gates.device), e] * norm) @ v
         a["out_norm"][e] += norm @ v
         a["out_sum"][e] += v @ yf  # reductions as matrix-vector products: no temporaries of [n, H]
         a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
@@ -295,6 +332,7 @@ class StatsObserver:
         norm = yf.norm(dim=-1)
         wg = gf * gf * v
         a["reap"].index_add_(0, eid, (gf * norm * v).double())
+        a["reap_softmax"].index_add_(0, eid, (self._reap_gates[tok, eid] * norm * v).double())
         a["out_norm"].index_add_(0, eid, (norm * v).double())
         a["out_sum"].index_add_(0, eid, yf * v[:, None])
         a["act_max"].scatter_reduce_(0, eid, yf.abs().amax(-1) * v, reduce="amax")

@@ -82,6 +82,19 @@ def _reference(model, view, blocks):
             for a_, b_ in itertools.permutations(chosen, 2):  # every ordered pair, not only rank-adjacent
                 r["coact"][a_, b_] += 1
         r["entropy"] = ent / float(valid.sum())
+        # REAP's own observer: softmax over all experts, its own top-k, renormalised; f_e(x) for every pick
+        r["reap_softmax"], r["count_softmax"] = np.zeros(E), np.zeros(E)
+        k = idx.shape[1]
+        for t in range(x.shape[0]):
+            if not valid[t]:
+                continue
+            sp = torch.softmax(logits[t].double(), -1)
+            top = sp.topk(k)
+            for g, e in zip((top.values / top.values.sum()).tolist(), top.indices.tolist()):
+                with torch.no_grad():
+                    f = lay.experts(x[t:t + 1], torch.tensor([[e]]), torch.ones(1, 1, dtype=x.dtype))[0]
+                r["reap_softmax"][e] += g * float(f.norm())
+                r["count_softmax"][e] += 1
         # HC-SMoE's dense sample: every expert on evenly spaced real tokens of each batch of 4 blocks (never padding)
         for b0 in range(0, len(blocks), 4):
             xb = inputs[lay.index][0][b0:b0 + 4].reshape(-1, lay.hidden_size)
@@ -93,6 +106,49 @@ def _reference(model, view, blocks):
                 r["dense_out_sum"][e] += f.double().sum(0).numpy()
         ref.append(r)
     return ref, out
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "mixtral"])
+def test_reap_offers_reaps_own_softmax_definition(family):
+    """DeepSeek-V3 routes by grouped, biased sigmoid gates; REAP's observer by a softmax top-k. Both are
+    recorded, each equal to a per-token reference; they differ where the routers differ and agree on Mixtral."""
+    from explorer.saliency import expert_scores, spearman
+
+    model = tiny_model(family, seed=3)
+    view = MoEModel(model)
+    if family != "mixtral":
+        with torch.no_grad():  # a bias that changes the picks, as trained DeepSeek-V3 checkpoints have
+            for lay in view:
+                lay.router.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, lay.num_experts))
+    blocks = _blocks(pad_last=5)
+    stats = collect_stats(model, view, blocks, batch_size=4)
+    inputs = {}
+    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: inputs.setdefault(_i, []).append(a[0]))
+             for lay in view]
+    with torch.no_grad():
+        model(input_ids=blocks.input_ids, attention_mask=blocks.attention_mask())
+    for h in hooks:
+        h.remove()
+    valid = blocks.attention_mask().reshape(-1).bool()
+    for lay in view:
+        x = torch.cat(inputs[lay.index]).reshape(-1, lay.hidden_size)
+        with torch.no_grad():
+            logits = lay.call_router(x)[0].double()
+        want, n = np.zeros(lay.num_experts), np.zeros(lay.num_experts)
+        for t in valid.nonzero().flatten().tolist():
+            top = torch.softmax(logits[t], -1).topk(lay.top_k)
+            for g, e in zip((top.values / top.values.sum()).tolist(), top.indices.tolist()):
+                with torch.no_grad():
+                    f = lay.combine(x[t:t + 1], torch.ones(1, 1, dtype=x.dtype), torch.tensor([[e]]))
+                want[e] += g * float(f.norm())
+                n[e] += 1
+        np.testing.assert_allclose(stats.reap(lay.index, "softmax"), want / np.maximum(n, 1), rtol=1e-4, atol=1e-7)
+    soft, own = expert_scores(stats, "reap-softmax"), expert_scores(stats, "reap")
+    if family == "mixtral":
+        np.testing.assert_allclose(soft[0], own[0], rtol=1e-5)
+    else:
+        assert not np.allclose(soft[0], own[0], rtol=1e-2)
+        assert spearman(soft[0], own[0]) < 0.999
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "olmoe"])
@@ -109,6 +165,8 @@ def test_stats_match_brute_force(family):
         np.testing.assert_allclose(lay["coact"], r["coact"])
         np.testing.assert_allclose(lay["domain_count"], r["domain_count"])
         np.testing.assert_allclose(lay["reap"], r["reap"], rtol=1e-4)
+        np.testing.assert_allclose(lay["count_softmax"], r["count_softmax"])
+        np.testing.assert_allclose(lay["reap_softmax"], r["reap_softmax"], rtol=1e-4)
         np.testing.assert_allclose(lay["out_sum"], r["out_sum"], rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(lay["gate_routed"], r["gate_routed"], rtol=1e-5)
         np.testing.assert_allclose(lay["out_norm"], r["out_norm"], rtol=1e-4)
