@@ -171,16 +171,16 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
             for name in ("num_experts", "num_local_experts"):
                 if mod is not None and getattr(mod, name, None) == old:
                     setattr(mod, name, max(counts.values()))
-    if inters:
+    dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
+    if plan.drop_blocks:
+        _drop_blocks(model, view, sorted(plan.drop_blocks))
+        _check_layer_kinds(model, view, plan)
+    if inters:  # after Block Drop: the config must describe the layers that are left
         attr = _intermediate_attr(cfg)
         before = getattr(cfg, attr)
         setattr(cfg, attr, max(inters.values()))
         if not config_describes(model):  # e.g. shared experts sized by the same attribute: keep it as it was
             setattr(cfg, attr, before)
-    dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
-    if plan.drop_blocks:
-        _drop_blocks(model, view, sorted(plan.drop_blocks))
-        _check_layer_kinds(model, view, plan)
     n_dec_new = cfg.num_hidden_layers
     old_to_new = {old: new for new, old in enumerate(i for i in range(len(view.decoder_layers))
                                                    if i not in set(plan.drop_blocks))}

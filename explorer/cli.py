@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protect-super", action="store_true", help="never drop REAP's super experts")
     p.add_argument("--method", default="mc-smoe", help="merge: mc-smoe | hc-smoe; prune: moe-pruner | wanda")
     p.add_argument("--align", action="store_true", help="merge: align neurons by permutation first")
-    p.add_argument("--nm", default=None, help="prune N:M, e.g. 2:4")
+    p.add_argument("--nm", default=None, help="prune N:M: keep N of every M weights in a row, e.g. 2:4")
     p.add_argument("--consecutive", action="store_true", help="drop-blocks: the best run of L blocks in a row")
     p.add_argument("--data", default="demo", help="calibration text for reconstruction/ablation criteria")
     p.add_argument("--block-len", type=_at_least(2), default=256)

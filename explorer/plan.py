@@ -208,6 +208,21 @@ class Plan:
         return cls.loads(text)
 
     # ---- combination ----------------------------------------------------------------------------------
+    def _pruned_per_row(self, cols: int) -> int:
+        """Weights pruning zeroes in one output row of ``cols`` inputs (what ``transform._prune_mask`` does)."""
+        nm = self.prune.get("nm")
+        if nm:
+            n, m = int(nm[0]), int(nm[1])
+            return cols // m * (m - n)
+        return int(round(cols * float(self.prune["sparsity"])))
+
+    def prune_sparsity(self) -> float:
+        """The share of routed-expert weights pruning zeroes: N:M keeps N of every M whatever ``sparsity`` says."""
+        if not self.prune:
+            return 0.0
+        nm = self.prune.get("nm")
+        return 1 - int(nm[0]) / int(nm[1]) if nm else float(self.prune["sparsity"])
+
     def slim_width(self, intermediate: int) -> int:
         """Neurons an expert of width ``intermediate`` keeps under ``slim``: a multiple of 8 (rows of 16 bytes in
         bf16, what transformers' default grouped_mm kernel needs: 30 of 48 crashed it), at least 8."""
@@ -239,7 +254,9 @@ class Plan:
         if self.drop_blocks:
             parts.append("drop blocks " + ",".join(map(str, self.drop_blocks)))
         if self.prune:
-            parts.append(f"prune {float(self.prune['sparsity']):.0%} ({self.prune.get('method', 'moe-pruner')})")
+            nm = self.prune.get("nm")
+            amount = f"{int(nm[0])}:{int(nm[1])}" if nm else f"{float(self.prune['sparsity']):.0%}"
+            parts.append(f"prune {amount} ({self.prune.get('method', 'moe-pruner')})")
         return "; ".join(parts) or "empty plan"
 
     def combine(self, other: "Plan") -> "Plan":
@@ -399,11 +416,12 @@ class Plan:
             inter_after.append(I2)
         after_total = total - removed_total
         nonzero = after_total
-        if self.prune:
-            routed_after = sum(e * (lay.gate_up[0].numel() + lay.down[0].numel()) * i // lay.intermediate_size
-                               for lay, e, i in zip([x for x in view if x.index not in blocked
-                                                     and x.index not in self.drop_layers], experts_after, inter_after))
-            nonzero = after_total - int(routed_after * float(self.prune["sparsity"]))
+        if self.prune and self.prune_sparsity() > 0:
+            live = [x for x in view if x.index not in blocked and x.index not in self.drop_layers]
+            for lay, e, i2 in zip(live, experts_after, inter_after):
+                H, I = lay.hidden_size, lay.intermediate_size
+                gu_rows = (lay.gate_up[0].numel() // H) * i2 // I  # [out, in] = [2I' or I', H]; down [H, I']
+                nonzero -= e * (self._pruned_per_row(H) * gu_rows + self._pruned_per_row(i2) * H)
         uniform = len(set(experts_after)) <= 1 and len(set(inter_after)) <= 1
         shared_sized_alike = (self.slim is not None and view[0].shared
                               and getattr(view.text_config, "shared_expert_intermediate_size", None) is None)

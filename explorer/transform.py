@@ -129,7 +129,7 @@ def _prune_mask(score: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
         usable = cols - cols % m
         s = score[:, :usable].reshape(rows, -1, m)
         keep = torch.ones_like(s, dtype=torch.bool)
-        low = torch.topk(s, n, dim=-1, largest=False).indices  # prune N of every M
+        low = torch.topk(s, m - n, dim=-1, largest=False).indices  # keep N of every M (2:4 keeps 2 of 4)
         keep.scatter_(-1, low, False)
         full = torch.ones_like(score, dtype=torch.bool)
         full[:, :usable] = keep.reshape(rows, usable)
@@ -160,7 +160,7 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
     kept = plan.kept(i, E)
     merges = plan.merge.get(i, [])
     slim = plan.slim is not None and (plan.slim_layers is None or i in plan.slim_layers) and plan.slim < 1
-    prune = plan.prune is not None and float(plan.prune.get("sparsity", 0)) > 0
+    prune = plan.prune is not None and plan.prune_sparsity() > 0
     if (slim or prune) and stats is None:
         raise PlanError("slimming and weight pruning score neurons and weights from router statistics: "
                         "collect them first (collect_stats, or `python -m explorer stats`)")

@@ -329,6 +329,37 @@ def test_unstructured_pruning_hits_its_sparsity():
         assert z == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize("sparsity,nm", [(0.5, [2, 4]), (0.0, [1, 4]), (0.7, [3, 4]), (0.3, None)])
+def test_report_counts_the_weights_pruning_really_zeroes(sparsity, nm):
+    """N:M keeps N of every M whatever the sparsity field says: the report counts what apply writes."""
+    model = tiny_model("qwen3_moe", seed=4)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks())
+    plan = Plan(prune={"sparsity": sparsity, "method": "wanda", "nm": nm})
+    rep = plan.report(view)
+    new, _, _ = apply_plan(model, view, plan, stats)
+    zeros = sum(int((p == 0).sum()) - int((q == 0).sum()) for p, q in zip(new.parameters(), model.parameters()))
+    assert rep["params_nonzero_after"] == pytest.approx(rep["params_after"] - zeros, rel=1e-5)
+    if nm:
+        assert f"{nm[0]}:{nm[1]}" in plan.describe()
+
+
+@pytest.mark.parametrize("plan", [Plan(slim=0.5, drop_blocks=[1]), Plan(slim=0.5, drop_blocks=[0]),
+                                  Plan(drop_experts={0: [1], 1: [1]}, slim=0.75, drop_blocks=[2])])
+def test_what_the_report_calls_loadable_loads_with_plain_transformers(plan, tmp_path):
+    model = tiny_model("qwen3_moe", seed=4, num_hidden_layers=3)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks())
+    plan = Plan.loads(plan.to_json()).validate(view)
+    assert plan.report(view)["loadable_by_transformers"]
+    new, _, layout = apply_plan(model, view, plan, stats)
+    out = export(new, None, plan, tmp_path / "out", layout=layout)
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = _blocks(n=2).input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, new(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_recipe_replays_on_another_model():
     """A plan prototyped on one model is replayed on another (different size) from its own statistics."""
     small = tiny_model("mixtral", seed=4)
