@@ -142,6 +142,8 @@ def block_drop_config(cfg, keep: list[int], n_old: int) -> None:
 def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = False):
     """(new model, its view, layout or None). The original is untouched unless ``inplace``."""
     plan.validate(view)
+    if stats is not None:
+        stats.check_fits(view)
     if any(p.device.type == "meta" for p in model.parameters()):
         raise PlanError("this model has weights offloaded by a device map; applying a plan needs the whole model in "
                         "memory. Load it without --device-map (statistics, preview and perplexity work with one).")

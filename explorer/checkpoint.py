@@ -127,6 +127,8 @@ def _open_shard(path: Path, fn):
 
 
 def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
+    if stats is not None:
+        stats.check_fits(view)
     missing = [name for name, used in (("prune", plan.prune is not None), ("merge_align", plan.merge_align)) if used]
     if missing:
         raise PlanError(f"out-of-core apply does not do {', '.join(missing)} yet: use the in-memory apply "

@@ -186,6 +186,8 @@ def make(name: str, stats: RouterStats, view: MoEModel | None = None, **kw) -> P
         raise PlanError(f"unknown planner {name!r}: one of {', '.join(PLANNERS)}")
     import inspect
 
+    if view is not None:
+        stats.check_fits(view)
     fn = drop_experts if name == "drop_experts" else PLANNERS[name]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(kw) - set(params) - {"view"})

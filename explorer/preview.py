@@ -18,6 +18,8 @@ from .transform import layer_edit
 def previewing(model, view: MoEModel, plan: Plan, stats=None):
     """Inside the block, ``model`` computes as if ``plan`` were applied."""
     plan.validate(view)
+    if stats is not None:
+        stats.check_fits(view)
     skipped = [view.decoder_layers[i] for i in plan.drop_blocks]
     if skipped:  # a property of the family's layer loop: checked once
         _check_identity_block(skipped[0], view)

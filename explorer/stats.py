@@ -96,6 +96,33 @@ class RouterStats:
                                  "collect them again to use the reap-softmax criterion")
         return lay["reap_softmax"] / np.maximum(lay["count_softmax"], 1)
 
+    def check_fits(self, view) -> "RouterStats":
+        """Refuse statistics of another model (StatsFileError in words): their per-expert and per-neuron arrays
+        would be read with the wrong shapes, or worse, fit by chance and score the wrong experts."""
+        mt = self.info.get("model_type")
+        problem = None
+        if mt and mt != view.text_config.model_type:
+            problem = f"they were collected on a {mt} model, this is {view.text_config.model_type}"
+        elif list(self.num_experts) != list(view.num_experts):
+            problem = f"their experts per MoE layer are {list(self.num_experts)}, the model's {view.num_experts}"
+        elif self.moe_layer_indices and list(self.moe_layer_indices) != [lay.layer_idx for lay in view]:
+            problem = (f"their MoE layers sit at decoder layers {list(self.moe_layer_indices)}, the model's at "
+                       f"{[lay.layer_idx for lay in view]}")
+        else:
+            for lay, st in zip(view, self.layers):
+                for key, width, what in (("neuron_sq", lay.intermediate_size, "neurons per expert"),
+                                         ("in_sq", lay.hidden_size, "hidden size")):
+                    got = np.shape(st.get(key, np.zeros((0, width))))[-1]
+                    if got != width:
+                        problem = f"MoE layer {lay.index}: their {what} is {got}, the model's {width}"
+                        break
+                if problem:
+                    break
+        if problem:
+            raise StatsFileError(f"these statistics do not belong to this model: {problem}. Collect statistics on "
+                                 "this model (`python -m explorer stats`).")
+        return self
+
     def mean_entropy(self, layer: int) -> float:
         return float(self.layers[layer]["entropy_sum"] / max(self.layers[layer]["tokens"], 1))
 

@@ -360,6 +360,29 @@ def test_what_the_report_calls_loadable_loads_with_plain_transformers(plan, tmp_
         torch.testing.assert_close(plain(ids).logits, new(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("other", [dict(moe_intermediate_size=64), dict(num_experts=16), dict(family="olmoe")])
+@pytest.mark.parametrize("plan", [Plan(slim=0.5), Plan(prune={"sparsity": 0.5}), Plan(merge={0: [[0, 1]]})])
+def test_statistics_of_another_model_are_refused(other, plan, tmp_path):
+    from explorer.checkpoint import apply_checkpoint
+    from explorer.stats import StatsFileError
+
+    model = tiny_model("qwen3_moe", seed=4)
+    view = MoEModel(model)
+    other = dict(other)
+    theirs = tiny_model(other.pop("family", "qwen3_moe"), seed=4, **other)
+    stats = collect_stats(theirs, MoEModel(theirs), _blocks())
+    for run in (lambda: apply_plan(model, view, plan, stats),
+                lambda: preview_perplexity(model, view, plan, _blocks(), stats),
+                lambda: planners.make("slim_experts", stats, view, keep=0.5)):
+        with pytest.raises(StatsFileError, match="do not belong to this model"):
+            run()
+    model.save_pretrained(tmp_path / "m")
+    if plan.prune is None:
+        with pytest.raises(StatsFileError, match="do not belong to this model"):
+            apply_checkpoint(tmp_path / "m", plan, tmp_path / "out", stats=stats)
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_replays_on_another_model():
     """A plan prototyped on one model is replayed on another (different size) from its own statistics."""
     small = tiny_model("mixtral", seed=4)
