@@ -30,7 +30,7 @@ from .moe import BLOCK_ATTRS, MoEModel, expert_dim
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
 from .transform import group_energy, group_weights, top_neurons, up_positions
-from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, dequant_fp8, dequant_mxfp4,
+from .weightformats import (WeightFormatError, check_fp8_grid, check_int_weights, check_fp8_readable, dequant_fp8, dequant_mxfp4,
                             fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
 INDEX = "model.safetensors.index.json"
@@ -526,6 +526,10 @@ def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], s
 def _format(src: Path, heads: dict) -> _Format:
     """The checkpoint's weight format, with every FP8 weight's scale grid checked against the weight."""
     qc = quant_config(src)
+    try:
+        check_int_weights(heads, qc)
+    except WeightFormatError as err:
+        raise PlanError(str(err)) from err
     fmt = _Format(heads, fp8=fp8_block(qc), mxfp4=is_mxfp4(qc),
                   packed=bool(qc) and qc.get("quant_method") not in (None, "fp8", "mxfp4"))
     if fmt.fp8 is not None:

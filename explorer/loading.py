@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -167,10 +170,10 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                              "Pass the path of a local model folder.")
     plan = _stored_layout(local) if local.exists() else None
     if local.exists():
-        from .weightformats import WeightFormatError, check_fp8_checkpoint
+        from .weightformats import WeightFormatError, check_checkpoint
 
         try:
-            check_fp8_checkpoint(local)
+            check_checkpoint(local)
         except WeightFormatError as err:
             raise ModelLoadError(f"{src}: {err}") from err
     try:
@@ -211,8 +214,25 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
             with _LOAD_LOCK:
                 model = load_applied(local, config, **kw)  # per-layer shapes restored before the weights load
         else:
-            with _LOAD_LOCK:
-                model = AutoModelForCausalLM.from_pretrained(src, config=config, **kw)
+            with _LOAD_LOCK, _load_report() as report:
+                try:
+                    model, info = AutoModelForCausalLM.from_pretrained(src, config=config, output_loading_info=True,
+                                                                       **kw)
+                except RuntimeError as err:
+                    bad = report.rows()
+                    if not bad:
+                        raise
+                    raise ModelLoadError(f"{src}: the weights do not fit the model its config describes: "
+                                         f"{'; '.join(bad[:3])}" + (f" (and {len(bad) - 3} more)" if len(bad) > 3
+                                                                     else "")) from err
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise ModelLoadError(f"{src}: {len(missing)} weight(s) the model needs are missing from the "
+                                     f"checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                                     "transformers would fill them with random numbers. Copy or export the model "
+                                     "again")
+    except ModelLoadError:
+        raise
     except ValueError as err:
         if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
             raise ModelLoadError(f"{src} is not a causal language model ({type(config).__name__})") from err
@@ -243,17 +263,51 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     return model, tok, view
 
 
+class _Report(logging.Handler):
+    """transformers' load report (a table it logs before raising "see the report above"), kept to be said in
+    words: which tensor is missing, has the wrong shape or failed to convert."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.text = []
+
+    def emit(self, record):
+        self.text.append(record.getMessage())
+
+    def rows(self) -> list[str]:
+        out = []
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(self.text)).splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) >= 2 and cells[1] in ("MISSING", "MISMATCH", "CONVERSION", "UNEXPECTED"):
+                what = {"MISSING": "missing", "MISMATCH": "wrong shape", "CONVERSION": "cannot be converted",
+                        "UNEXPECTED": "not expected"}[cells[1]]
+                detail = " ".join(c for c in cells[2:] if c)
+                out.append(f"{cells[0]}: {what}" + (f" ({detail})" if detail else ""))
+        return [r for r in out if "not expected" not in r] or out
+
+
+@contextmanager
+def _load_report():
+    logger = logging.getLogger("transformers")
+    handler = _Report()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def restructure(model, layout: dict) -> None:
     """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
     from .apply import _drop_moe_sublayer, _resize_layer
 
     view = MoEModel(model, check=False)  # the weights are not loaded yet
     by_idx = {lay.layer_idx: lay for lay in view}
-    for li in layout.get("dropped_moe_sublayers", []):
+    dropped, shapes = _check_layout(layout, by_idx)
+    for li in dropped:
         _drop_moe_sublayer(by_idx[li], drop_norm=not layout.get("norms_kept", False))
-    for li, shape in layout.get("moe", {}).items():
-        lay = by_idx[int(li)]
-        E, I = shape["num_experts"], shape["intermediate"]
+    for li, (E, I) in shapes.items():
+        lay = by_idx[li]
         H = lay.hidden_size
         U = lay.up_rows(I)
         gu = torch.empty(E, H, U) if lay.transposed else torch.empty(E, U, H)
@@ -263,6 +317,37 @@ def restructure(model, layout: dict) -> None:
         dt = lay.gate_up.dtype
         tensors = tuple(None if t is None else t.to(dt) for t in (gu, dn, gb, db))
         _resize_layer(lay, list(range(E)), tensors, E, I)
+
+
+def _check_layout(layout, by_idx: dict) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """explorer_layout.json read strictly: every layer it names is one of the model's MoE layers, every count
+    and width a positive whole number (a hand-edited or damaged file is said in words, never a KeyError)."""
+    where = f"explorer_layout.json (the model's MoE layers are decoder layers {sorted(by_idx)})"
+
+    def layer(v) -> int:
+        if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, str) and v.lstrip("-").isdigit()):
+            raise ModelLoadError(f"{where}: {v!r} is not a layer index")
+        if int(v) not in by_idx:
+            raise ModelLoadError(f"{where} names layer {int(v)}, which is not an MoE layer of this model")
+        return int(v)
+
+    def positive(v, what: str, li: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ModelLoadError(f"{where}: layer {li} has {what} {v!r}; expected a positive whole number")
+        return v
+
+    if not isinstance(layout, dict) or not isinstance(layout.get("moe", {}), dict) \
+            or not isinstance(layout.get("dropped_moe_sublayers", []), list):
+        raise ModelLoadError(f"{where} is not a layout written by export (moe must map layers to shapes)")
+    dropped = [layer(v) for v in layout.get("dropped_moe_sublayers", [])]
+    shapes = {}
+    for k, shape in layout.get("moe", {}).items():
+        li = layer(k)
+        if not isinstance(shape, dict):
+            raise ModelLoadError(f"{where}: layer {li} has no shape (num_experts, intermediate)")
+        shapes[li] = (positive(shape.get("num_experts"), "num_experts", li),
+                      positive(shape.get("intermediate"), "intermediate", li))
+    return dropped, shapes
 
 
 def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_remote_code=False,
@@ -314,4 +399,9 @@ def _load_checkpoint_layout(folder: Path, config, layout: dict, **kw):
 def _stored_layout(folder: Path) -> dict | None:
     """The per-layer expert layout written by ``apply`` when counts differ across layers, else None."""
     f = folder / "explorer_layout.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise ModelLoadError(f"{f} cannot be read as JSON ({err}); export the model again") from err

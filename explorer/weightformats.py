@@ -70,20 +70,47 @@ def check_fp8_readable(name: str, shape, block: tuple[int, int]) -> None:
             f"from the scale grid and would read it with the wrong block or fail (\"not divisible by scale grid\")")
 
 
-def check_fp8_checkpoint(folder: Path) -> None:
-    """Every FP8 weight of a local checkpoint against its scales, from the safetensors headers alone."""
-    from safetensors import safe_open
+INT_DTYPES = ("I8", "I16", "I32", "I64", "U16", "U32", "U64")
 
-    block = fp8_block(quant_config(folder))
+
+def check_int_weights(heads: dict, qc: dict | None) -> None:
+    """Refuse weights stored as integers in a checkpoint that says it is not quantised: transformers would cast
+    them to floats silently, and every number computed after would be wrong."""
+    if qc:
+        return  # packed formats (compressed-tensors, GPTQ, AWQ) keep integer tensors on purpose
+    for k, (_, dtype) in sorted(heads.items()):
+        if dtype in INT_DTYPES and (k.endswith((".weight", "_proj", "_bias", ".bias")) or ".experts." in k):
+            raise WeightFormatError(f"tensor {k} is stored as {dtype} (integers), but the config declares no "
+                                    "quantization: its weights would be cast to floats and be wrong. The "
+                                    "checkpoint is damaged or was converted wrongly")
+
+
+def checkpoint_heads(folder: Path) -> dict:
+    """key -> (shape, dtype) of every tensor in a local folder's shards, from their headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    heads = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    heads[k] = (list(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as err:
+            raise WeightFormatError(f"{shard.name} is damaged or incomplete (safetensors: {err}); copy or export "
+                                    "the model again") from err
+    return heads
+
+
+def check_checkpoint(folder: Path) -> None:
+    """A local checkpoint's tensors against what its config says, from the safetensors headers alone: no
+    integer weights in an unquantised model; every FP8 weight's scale grid fits it."""
+    qc = quant_config(folder)
+    heads = checkpoint_heads(folder)
+    check_int_weights(heads, qc)
+    block = fp8_block(qc)
     if block is None:
         return
-    folder = Path(folder)
-    heads = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                heads[k] = (sl.get_shape(), sl.get_dtype())
     for k, (shape, dtype) in heads.items():
         if dtype.startswith("F8") and len(shape) == 2 and k + "_scale_inv" in heads:
             check_fp8_grid(k, shape, heads[k + "_scale_inv"][0], block)

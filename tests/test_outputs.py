@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from explorer.apply import apply_plan, export
 from explorer.cli import main
@@ -337,6 +338,62 @@ def test_damaged_models_are_reported_not_dumped(saved):
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="damaged or incomplete"):
         load_model(saved, device="cpu")
+
+
+def _edit_weights(folder: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    w = folder / "model.safetensors"
+    t = load_file(w)
+    fn(t)
+    save_file(t, w, metadata={"format": "pt"})
+
+
+def _first(t: dict, *parts: str) -> str:
+    return next(k for k in sorted(t) if all(p in k for p in parts))
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda t: t.pop(_first(t, "mlp.gate.weight")), r"missing from the checkpoint \(model\.layers\.0\.mlp\.gate"),
+    (lambda t: t.pop(_first(t, "experts.", "down_proj")), r"experts\.down_proj: wrong shape"),
+    (lambda t: t.__setitem__(_first(t, "experts.", "up_proj"), t[_first(t, "experts.", "up_proj")][:, :-1].clone()),
+     r"experts\.gate_up_proj: (missing|wrong shape|cannot be converted)"),
+    (lambda t: t.__setitem__(_first(t, "experts.", "up_proj"), t[_first(t, "experts.", "up_proj")].to(torch.int32)),
+     r"stored as I32 \(integers\)"),
+])
+def test_a_tensor_missing_misshapen_or_integer_is_named(saved, damage, words, tmp_path):
+    _edit_weights(saved, damage)
+    with pytest.raises(ModelLoadError, match=words):
+        load_model(saved, device="cpu")
+
+
+def test_an_integer_expert_tensor_is_refused_out_of_core(saved, tmp_path):
+    from explorer.checkpoint import apply_checkpoint
+    from explorer.plan import PlanError
+
+    _edit_weights(saved, lambda t: t.__setitem__(k := _first(t, "experts.", "up_proj"), t[k].to(torch.int32)))
+    n = json.loads((saved / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(PlanError, match="stored as I32"):
+        apply_checkpoint(saved, Plan(drop_experts={i: [1] for i in range(n)}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda L: L["moe"].__setitem__("99", L["moe"]["0"]), "names layer 99, which is not an MoE layer"),
+    (lambda L: L["moe"].__setitem__("-3", L["moe"]["0"]), "names layer -3, which is not an MoE layer"),
+    (lambda L: L["moe"]["0"].__setitem__("num_experts", -3), "num_experts -3; expected a positive whole number"),
+    (lambda L: L["moe"]["0"].__setitem__("intermediate", 2.5), "intermediate 2.5; expected a positive whole"),
+    (lambda L: L.__setitem__("dropped_moe_sublayers", [7]), "names layer 7, which is not an MoE layer"),
+    (lambda L: L.__setitem__("moe", [1, 2]), "not a layout written by export"),
+])
+def test_a_damaged_layout_file_is_said_in_words(small, tmp_path, edit, words):
+    out = _export(small, tmp_path / "exp")
+    f = out / "explorer_layout.json"
+    layout = json.loads(f.read_text())
+    edit(layout)
+    f.write_text(json.dumps(layout))
+    with pytest.raises(ModelLoadError, match=words):
+        load_model(out, device="cpu", with_tokenizer=False)
 
 
 def test_hub_id_fails_fast_when_the_hub_is_unreachable(monkeypatch):
