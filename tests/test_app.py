@@ -30,6 +30,13 @@ def app_out(tmp_path_factory):
 @contextlib.contextmanager
 def launched_app(out: Path, log: Path, *flags: str):
     """app.py for real on a free loopback port with ``flags``; its URL while the block runs."""
+    with launched_process(out, log, *flags) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def launched_process(out: Path, log: Path, *flags: str):
+    """app.py for real on a free loopback port with ``flags``; (URL, process) while the block runs."""
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "MOE_EXPLORER_OUT": str(out)}
@@ -50,7 +57,7 @@ def launched_app(out: Path, log: Path, *flags: str):
         proc.kill()
         raise RuntimeError("app did not start: " + log.read_text())
     try:
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(10)
