@@ -188,12 +188,12 @@ def plan_md(s: Session, res: dict | None) -> str:
         .replace("experts per MoE layer", f"{mark} experts per MoE layer", 1)
 
 
-COMPARE_COLUMNS = ["plan", "parameters", "active/token", "perplexity", "measured on"]
+COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexity", "measured on"]
 
 
 def tried_table(s: Session) -> pd.DataFrame:
     rows = [{"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
-             "perplexity": round(e["ppl"], 3),
+             "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
              "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
             for e in s.compared()]
     return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
@@ -201,8 +201,8 @@ def tried_table(s: Session) -> pd.DataFrame:
 
 def pareto(s: Session):
     """Only plans measured on the same tokens as the original's perplexity are compared."""
-    base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl} if s.loaded else None
-    return figures.pareto_figure(s.comparable(), base)
+    base = s.pareto_baseline() if s.loaded else None
+    return figures.pareto_figure(s.comparable() if s.loaded else [], base, getattr(s, "pareto_x", "params"))
 
 
 def plan_file(s: Session) -> str | None:
@@ -286,7 +286,7 @@ def plan_tab() -> SimpleNamespace:
         table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
         with gr.Row():
             preset = gr.Dropdown(list(PRESETS), value="drop-experts", label="preset")
-            amount = gr.Number(value=0.25, label="amount (fraction, or count for merge/layers/blocks)")
+            amount = gr.Number(value=0.25, label="amount (fraction; count for merge/layers/blocks; bits for quantise)")
             crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
             method = gr.Dropdown(list(MERGE_METHODS + PRUNE_METHODS), value=MERGE_METHODS[0],
                                  label="method (merge / prune)")
@@ -330,8 +330,11 @@ def distill_tab() -> SimpleNamespace:
 def compare_tab() -> SimpleNamespace:
     with gr.Tab("Compare & export", id="export") as tab:
         tried = gr.Dataframe(label="plans tried this session: click a row to make it the plan again", interactive=False)
-        remeasure_btn = gr.Button("Re-measure stale plans on the current text")
-        pareto = gr.Plot(label="parameters against perplexity")
+        with gr.Row():
+            remeasure_btn = gr.Button("Re-measure stale plans on the current text", scale=3)
+            pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes")], value="params", scale=1,
+                                label="Pareto chart: size as")
+        pareto = gr.Plot(label="size against perplexity")
         with gr.Row():
             out_dir = gr.Textbox(value="compressed", scale=3,
                                  label="export folder (a relative name goes under this session's own output folder)")
@@ -574,6 +577,13 @@ def on_zip(s):
 
 
 @friendly
+def on_pareto_x(s, x):
+    s = _sess(s)
+    s.pareto_x = x
+    return pareto(s)
+
+
+@friendly
 def on_remeasure(s, progress=gr.Progress()):
     s = _sess(s)
     s.require()
@@ -648,6 +658,7 @@ def wire_compare(state, c) -> None:
     c.export_btn.click(on_export, [state, c.out_dir, c.overwrite], [state, c.msg, c.file])
     c.zip_btn.click(on_zip, [state], [state, c.msg, c.file])
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
+    c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)
     c.tab.select(on_compare_tab, [state], [c.tried, c.pareto])
 
 

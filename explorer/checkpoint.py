@@ -129,6 +129,12 @@ def _open_shard(path: Path, fn):
 def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
     if stats is not None:
         stats.check_fits(view)
+    from .ops import OPS
+
+    for name, spec in plan.ops.items():
+        why = OPS[name].out_of_core(spec)
+        if why:
+            raise PlanError(f"out-of-core apply: {why}")
     missing = [name for name, used in (("prune", plan.prune is not None), ("merge_align", plan.merge_align)) if used]
     if missing:
         raise PlanError(f"out-of-core apply does not do {', '.join(missing)} yet: use the in-memory apply "

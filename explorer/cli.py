@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
     g.add_argument("--prune", type=float, metavar="SPARSITY")
     g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
+    from .ops import OPS
+
+    for op in OPS.values():  # each operation module adds its own options
+        op.add_cli(p, g)
     p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax (REAP's own definition), "
                    "reconstruction, ablation, random")
     p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
@@ -225,8 +229,13 @@ def cmd_plan(args) -> int:
         from .data import load_data
 
         score_kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len, model=model).calib)
+    from .ops import OPS
+
+    op_plans = [p for p in (op.from_cli(args, stats, view) for op in OPS.values()) if p is not None]
     if recipe is not None:
         plan = planners.replay(recipe, stats, view, **score_kw)
+    elif op_plans:
+        plan = op_plans[0]
     else:
         name, kw = _planner_args(args, skip)
         plan = planners.make(name, stats, view, **kw, **(score_kw if name == "drop_experts" else {}))

@@ -242,11 +242,19 @@ def distill_figure(history: list, teacher_ppl: float | None = None) -> go.Figure
     return f
 
 
-def pareto_figure(entries: list[dict], baseline: dict | None = None) -> go.Figure:
-    """Every plan tried: parameters against perplexity, the Pareto front (fewer parameters, lower ppl) marked."""
-    f = _fig(title="Plans tried: parameters vs perplexity (Pareto front in red)")
+PARETO_AXES = {"params": ("parameters", "%{x:,} params"), "bytes": ("bytes (quantised experts at their bits, "
+                                                                    "the rest bf16)", "%{x:,} bytes")}
+
+
+def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "params") -> go.Figure:
+    """Every plan tried: size (parameters, or bytes) against perplexity, the Pareto front (smaller, lower ppl)."""
+    if x not in PARETO_AXES:
+        raise ValueError(f"the Pareto chart's x-axis is one of {', '.join(PARETO_AXES)}, not {x!r}")
+    title, hover = PARETO_AXES[x]
+    f = _fig(title=f"Plans tried: {title.split(' (')[0]} vs perplexity (Pareto front in red)")
+    entries = [e for e in entries if e.get(x) is not None]
     if baseline:
-        f.add_trace(go.Scatter(x=[baseline["params"]], y=[baseline["ppl"]], mode="markers+text", text=["original"],
+        f.add_trace(go.Scatter(x=[baseline[x]], y=[baseline["ppl"]], mode="markers+text", text=["original"],
                                textposition="top center", marker=dict(size=12, symbol="star", color="black"),
                                name="original"))
     plain = [e for e in entries if not e.get("distilled")]
@@ -254,14 +262,14 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None) -> go.Figur
     for group, name, marker in ((plain, "plans", dict(size=10, color=PALETTE[0])),
                                 (distilled, "distilled", dict(size=13, color=PALETTE[2], symbol="diamond"))):
         if group:
-            f.add_trace(go.Scatter(x=[e["params"] for e in group], y=[e["ppl"] for e in group], mode="markers",
+            f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["ppl"] for e in group], mode="markers",
                                    name=name, text=[e["name"] for e in group], marker=marker,
-                                   hovertemplate="%{text}<br>%{x:,} params<br>ppl %{y:.3f}<extra></extra>"))
+                                   hovertemplate="%{text}<br>" + hover + "<br>ppl %{y:.3f}<extra></extra>"))
     if entries:
-        front = pareto_front(entries)
-        f.add_trace(go.Scatter(x=[e["params"] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
+        front = pareto_front(entries, x)
+        f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
                                name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))
-    f.update_xaxes(title="parameters")
+    f.update_xaxes(title=title)
     ys_all = [e["ppl"] for e in entries] + ([baseline["ppl"]] if baseline else [])
     f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys_all) else ""),
                    type="log" if spans_orders(ys_all) else "linear")
@@ -279,9 +287,9 @@ def spans_orders(values, ratio: float = 50.0) -> bool:
     return bool(pos) and max(pos) / min(pos) > ratio
 
 
-def pareto_front(entries: list[dict]) -> list[dict]:
+def pareto_front(entries: list[dict], x: str = "params") -> list[dict]:
     front, best = [], math.inf
-    for e in sorted(entries, key=lambda e: (e["params"], e["ppl"])):
+    for e in sorted(entries, key=lambda e: (e[x], e["ppl"])):
         if e["ppl"] < best:
             front.append(e)
             best = e["ppl"]

@@ -310,6 +310,10 @@ class MoELayer:
             return f"{kept // g} experts per group x topk_group={tg} cannot serve top-k = {self.top_k}"
         return None
 
+    def expert_weight_params(self) -> int:
+        """Weights (not biases) of one routed expert: what quantisation stores in fewer bits."""
+        return self.gate_up[0].numel() + self.down[0].numel()
+
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
         n = self.gate_up[0].numel() + self.down[0].numel()

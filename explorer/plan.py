@@ -87,20 +87,38 @@ class Plan:
     model: dict = field(default_factory=dict)  # what the plan was made for: model_type, num_experts, ...
     notes: str = ""
     recipe: list[dict] = field(default_factory=list)  # the planner calls that wrote it: replayable on another model
+    ops: dict = field(default_factory=dict)  # operations of the registry (explorer.ops): plan key -> parsed spec
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        from .ops import OPS
+
         d = asdict(self)
+        d.pop("ops")
         for k in ("drop_experts", "merge", "merge_weights"):
             d[k] = {str(i): v for i, v in sorted(d[k].items())}
+        for name, spec in self.ops.items():  # each operation writes its own key, as recipes have it
+            d[name] = OPS[name].dump(spec)
         return {"version": 1, **d}
+
+    def op(self, name: str):
+        """The spec of registered operation ``name`` in this plan, or None."""
+        return self.ops.get(name)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict):
             raise PlanError("a plan is a JSON/YAML mapping")
+        from .ops import OPS
+
         d = dict(d)
         d.pop("version", None)
+        d.pop("ops", None)
+        ops = {}
+        for name, op in OPS.items():
+            if d.get(name) is not None:
+                ops[name] = op.parse(d[name])
+            d.pop(name, None)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
@@ -132,7 +150,7 @@ class Plan:
                 drop_layers=_ids(d.get("drop_layers") or [], "drop_layers"),
                 drop_blocks=_ids(d.get("drop_blocks") or [], "drop_blocks"),
                 prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
-                recipe=list(d.get("recipe") or []),
+                recipe=list(d.get("recipe") or []), ops=ops,
             )
         except (TypeError, ValueError, AttributeError) as err:
             raise PlanError(f"malformed plan: {err}") from err
@@ -232,7 +250,8 @@ class Plan:
         return n
 
     def is_empty(self) -> bool:
-        return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune)
+        return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune
+                    or self.ops)
 
     def describe(self) -> str:
         """A short human name: the planner's note, or what the plan does."""
@@ -257,6 +276,9 @@ class Plan:
             nm = self.prune.get("nm")
             amount = f"{int(nm[0])}:{int(nm[1])}" if nm else f"{float(self.prune['sparsity']):.0%}"
             parts.append(f"prune {amount} ({self.prune.get('method', 'moe-pruner')})")
+        from .ops import OPS
+
+        parts += [OPS[name].describe(spec) for name, spec in self.ops.items()]
         return "; ".join(parts) or "empty plan"
 
     def combine(self, other: "Plan") -> "Plan":
@@ -275,6 +297,11 @@ class Plan:
         d["notes"] = "; ".join(x for x in (d["notes"], o["notes"]) if x)
         d["recipe"] = d["recipe"] + o["recipe"]
         d["model"] = d["model"] or o["model"]
+        from .ops import OPS
+
+        for name, spec in other.ops.items():
+            mine = self.ops.get(name)
+            d[name] = OPS[name].dump(spec if mine is None else OPS[name].combine(mine, spec))
         return Plan.from_dict(d)
 
     # ---- structure ------------------------------------------------------------------------------------
@@ -370,11 +397,16 @@ class Plan:
             nm = p.get("nm")
             if nm is not None and not (len(nm) == 2 and 0 < int(nm[0]) < int(nm[1])):
                 raise PlanError(f"prune N:M must be [N, M] with 0 < N < M, got {nm}")
+        from .ops import OPS
+
+        for name, spec in self.ops.items():
+            OPS[name].validate(spec, self, view)
         return self
 
     # ---- accounting -----------------------------------------------------------------------------------
     def report(self, view: MoEModel) -> dict:
-        """Parameters before/after (total, active per token), bytes in bf16, and loader compatibility."""
+        """Parameters before/after (total, active per token), bytes (bf16, and with quantised experts at their
+        bits: ``bytes_after``), and loader compatibility."""
         self.validate(view)
         total = sum(p.numel() for p in view.model.parameters())
         before_active = view.summary()["params_active"]
@@ -391,6 +423,9 @@ class Plan:
                     removed_active += n - lay.expert_params() * (lay.num_experts - lay.top_k)
                 else:
                     removed_active += n
+        from .ops import OPS
+
+        bytes_saved = 0.0
         for lay in view:
             i = lay.index
             if i in blocked:
@@ -410,6 +445,11 @@ class Plan:
             dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
             per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb
             row = lay.router_row_params()
+            w2 = lay.expert_weight_params() * I2 // I  # one kept expert's weights, after slimming
+            for name, spec in self.ops.items():  # operations that store expert weights in fewer bytes
+                b = OPS[name].expert_bytes(spec, lay, self.kept(i, E), w2)
+                if b is not None:
+                    bytes_saved += 2 * w2 * kept - b
             removed_total += per * E - per2 * kept + (E - kept) * row
             removed_active += (per - per2) * k
             experts_after.append(kept)
@@ -434,6 +474,7 @@ class Plan:
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
             "params_nonzero_after": nonzero, "bytes_bf16_after": 2 * after_total,
+            "bytes_before": 2 * total, "bytes_after": int(2 * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": inter_after,
             "loadable_by_transformers": loadable, "loader_note": why,
         }

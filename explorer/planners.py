@@ -182,8 +182,15 @@ PRESETS = {"drop-experts": "drop_experts", "merge": "merge_experts", "slim": "sl
 def make(name: str, stats: RouterStats, view: MoEModel | None = None, **kw) -> Plan:
     """Run planner ``name`` with arguments as a recipe step stores them (JSON keys are strings: made ints here).
     The one entry point of ``replay``, the app's presets and ``explorer plan``."""
+    from .ops import OPS
+
+    if name in OPS:  # an operation module's own planner
+        if view is None:
+            raise PlanError(f"planner {name} needs the model's view")
+        stats.check_fits(view) if stats is not None else None
+        return OPS[name].planner(stats, view, **kw)
     if name not in PLANNERS:
-        raise PlanError(f"unknown planner {name!r}: one of {', '.join(PLANNERS)}")
+        raise PlanError(f"unknown planner {name!r}: one of {', '.join(list(PLANNERS) + list(OPS))}")
     import inspect
 
     if view is not None:
@@ -222,7 +229,9 @@ def replay(recipe: list[dict], stats: RouterStats, view: MoEModel | None = None,
             raise PlanError(f"each recipe step is a planner call ({{'planner': ..., ...}}), got {step!r}")
         kw = dict(step)
         name = kw.pop("planner", None)
-        if name not in PLANNERS:
+        from .ops import OPS
+
+        if name not in PLANNERS and name not in OPS:
             raise PlanError(f"unknown planner in recipe: {name!r}")
         p = make(name, stats, view, **kw, **(score_kw if name == "drop_experts" else {}))
         out = p if out is None else out.combine(p)

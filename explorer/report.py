@@ -21,8 +21,16 @@ def size_lines(r: dict, markup: str = "text") -> list[str]:
     pruned = f", {r['params_nonzero_after']:,} non-zero after pruning ({zeroed:,} weights zeroed)" if zeroed else ""
     return [f"parameters {r['params_before']:,} → {b0}{r['params_after']:,}{b1}{pruned} "
             f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
-            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16",
+            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16" + _quantised(r, b0, b1),
             f"experts per MoE layer {r['experts_after']} · {r['loader_note']}"]
+
+
+def _quantised(r: dict, b0: str, b1: str) -> str:
+    after, bf16 = r.get("bytes_after"), r["bytes_bf16_after"]
+    if after is None or after >= bf16:
+        return ""
+    return (f", {b0}{after / 2**20:.1f} MiB{b1} with quantised experts ({after / r['bytes_before']:.1%} of the "
+            "original in bf16)")
 
 
 def preview_report(r: dict, markup: str = "text") -> str:

@@ -28,7 +28,8 @@ from .saliency import CHEAP, expert_scores, expert_similarity
 from .stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
 
 
-PRESETS = tuple(planners.PRESETS)  # what ``Session.preset`` makes
+PRESETS = tuple(planners.PRESETS) + tuple(op.preset for op in __import__("explorer.ops", fromlist=["OPS"]).OPS.values()
+                                          if op.preset)  # what ``Session.preset`` makes
 
 
 MAX_STUDENTS = 3  # distilled students kept per session (each is a copy of the cut model)
@@ -52,6 +53,7 @@ class Session:
         self.data: Dataset | None = None
         self.data_source = "demo"
         self.block_len, self.max_tokens = block_len, max_tokens
+        self.pareto_x = "params"  # the Pareto chart's size axis: params or bytes
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
         self._vocab: tuple[str, VocabRouting] | None = None
@@ -184,10 +186,16 @@ class Session:
                mode: str = "uniform", protect_super: bool = False) -> Plan:
         """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
         (count), slim (fraction kept), prune (sparsity)."""
+        from .ops import OPS
+
         self.require(stats=True)
         st = self.stats
+        by_preset = {op.preset: op for op in OPS.values() if op.preset}
+        if kind in by_preset:
+            op = by_preset[kind]
+            return self.set_plan(planners.make(op.name, st, self.view, **op.preset_args(amount, criterion, method)))
         if kind not in planners.PRESETS:
-            raise SessionError(f"unknown preset {kind!r}: one of {', '.join(planners.PRESETS)}")
+            raise SessionError(f"unknown preset {kind!r}: one of {', '.join(list(planners.PRESETS) + list(by_preset))}")
         if kind == "drop-experts":
             kw = dict(fraction=float(amount), criterion=criterion, mode=mode, protect_super=protect_super)
             if criterion not in CHEAP:
@@ -286,7 +294,7 @@ class Session:
                 self.lock.release()
             out = self._previews[key] = preview_result(res, base, plan.report(self.view), time.perf_counter() - t)
         if not plan.is_empty():
-            entry = {"name": name or plan.describe(), "params": out["params_after"],
+            entry = {"name": name or plan.describe(), "params": out["params_after"], "bytes": out["bytes_after"],
                      "active": out["active_after"], "ppl": out["ppl"], "plan": plan.to_dict(), "data": self.data_key}
             same = [i for i, e in enumerate(self.tried) if e["plan"] == entry["plan"] and not e.get("distilled")]
             if same:  # measured again: the row keeps its place in Compare
@@ -298,6 +306,11 @@ class Session:
     def compared(self) -> list[dict]:
         """The plans tried, each marked ``stale`` when measured on other evaluation text than the current one."""
         return [{**e, "stale": e.get("data") != self.data_key} for e in self.tried]
+
+    def pareto_baseline(self) -> dict:
+        """The original model as a point of the Pareto chart: parameters, bytes in bf16, perplexity."""
+        n = self.view.summary()["params_total"]
+        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl}
 
     def comparable(self) -> list[dict]:
         """The plans tried on the current evaluation text: what may stand beside the original's perplexity."""
@@ -344,7 +357,7 @@ class Session:
             return
         rep = d.plan.report(self.view)
         entry = {"name": f"{d.plan.describe()} + distilled ({d.step} steps)", "params": rep["params_after"],
-                 "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(), "data": self.data_key,
+                 "bytes": rep["bytes_after"], "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(), "data": self.data_key,
                  "distilled": True}
         self.tried = [e for e in self.tried if not (e.get("distilled") and e["plan"] == entry["plan"])] + [entry]
 

@@ -168,7 +168,10 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
     keep[kept] = True
     slot = torch.full((E,), -1, dtype=torch.long)
     slot[kept] = torch.arange(len(kept))
-    if not (merges or slim or prune or materialise):
+    from .ops import OPS
+
+    ops = [(OPS[name], spec) for name, spec in plan.ops.items() if OPS[name].touches(spec, lay)]
+    if not (merges or slim or prune or ops or materialise):
         if len(kept) == E:
             return None
         return LayerEdit(keep=keep, kept=kept, slot=slot)
@@ -204,6 +207,8 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
                 gu, dn = prune_expert(lay, per[e][0], per[e][1], in_imp[e].float().sqrt(), hid[e].float().sqrt(),
                                       float(p["sparsity"]), p.get("nm"))
                 per[e] = (gu, dn, per[e][2], per[e][3])
+        for op, spec in ops:  # registered operations run last, on the experts that remain
+            op.edit(spec, lay, per, kept)
         tensors = tuple(None if per[kept[0]][j] is None else torch.stack([per[e][j] for e in kept]).to(dev)
                         for j in range(4))
     return LayerEdit(keep=keep, kept=kept, tensors=tensors, slot=slot)

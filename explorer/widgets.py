@@ -221,12 +221,15 @@ class PlanView(W.VBox):
         self.result = W.HTML()
         self.err = _error_box()
         self.pareto = FigureView(figures.pareto_figure([]))
+        self.pareto_x = W.ToggleButtons(options=[("parameters", "params"), ("bytes", "bytes")], value="params",
+                                        description="size as")
+        self.pareto_x.observe(lambda _: self.update(), names="value")
         make.on_click(lambda _: self.make_plan())
         clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
         use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
         self.listeners: list = []
         super().__init__([W.HBox([self.preset, self.amount]), W.HBox([self.crit, self.method]), W.HBox([make, clear]),
-                          self.err, self.result, self.json, use, self.pareto])
+                          self.err, self.result, self.json, use, self.pareto_x, self.pareto])
         self.update()
 
     def make_plan(self) -> None:
@@ -251,8 +254,7 @@ class PlanView(W.VBox):
             self.result.value = f"Empty plan: perplexity {s.baseline().ppl:.3f}"
         else:
             self.result.value = preview_report(s.preview(), "html")
-        base = {"params": s.view.summary()["params_total"], "ppl": s.baseline().ppl}
-        refresh(self.pareto, figures.pareto_figure(s.comparable(), base))
+        refresh(self.pareto, figures.pareto_figure(s.comparable(), s.pareto_baseline(), self.pareto_x.value))
 
 
 class DistillView(W.VBox):

@@ -143,6 +143,26 @@ def test_presets_say_what_they_replace_and_prune_counts_zeros(client):
     assert table["data"] and json.loads(fig["plot"])["data"]
 
 
+def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
+    _load(client)
+    client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    res = client.predict("quantise", 4, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    assert "4-bit" in res[0] and "with quantised experts" in res[1]
+    table, fig = client.predict(api_name="/on_compare_tab")
+    rows = {r[0]: r for r in table["data"]}
+    cols = table["headers"]
+    q = next(r for name, r in rows.items() if "4-bit" in name)
+    d = next(r for name, r in rows.items() if "drop" in name)
+    size = cols.index("size (MiB)")
+    assert q[cols.index("parameters")] != d[cols.index("parameters")] and float(q[size]) < float(d[size])
+    by_bytes = json.loads(client.predict("bytes", api_name="/on_pareto_x")["plot"])
+    assert by_bytes["layout"]["xaxis"]["title"]["text"].startswith("bytes")
+    xs = sorted(x for t in by_bytes["data"] if t["name"] == "plans" for x in t["x"])
+    assert xs[0] < 0.5 * xs[-1]  # the quantised plan is far smaller in bytes, though it keeps every parameter
+    by_params = json.loads(client.predict("params", api_name="/on_pareto_x")["plot"])
+    assert by_params["layout"]["xaxis"]["title"]["text"] == "parameters"
+
+
 def test_download_gives_the_current_plan(client):
     _load(client)
     for plan in ('{"drop_experts": {"0": [1, 2]}}', '{"drop_experts": {"1": [3]}}'):

@@ -1,0 +1,307 @@
+"""Weight-only quantisation of routed experts: round-to-nearest, group-wise, int2/3/4/8 or FP8 (e4m3), one bit
+width for all experts or one per expert; and a planner that spends a byte budget where it matters (MC-MoE).
+
+Plan field (combinable with every other operation; it runs last, on the experts that remain)::
+
+    quantise: {bits: 4, group_size: 128, per_expert: {moe_layer: {expert: bits}}, layers: [moe_layer, ...]}
+
+``bits`` is 2, 3, 4, 8, "fp8" or 16 (left as it is); ``per_expert`` overrides it expert by expert (ids are the
+original ones); ``layers`` limits it to some MoE layers. Group-wise along each weight's input dimension: per row
+and group of ``group_size`` inputs, ``scale = max|w| / (2^(b-1) - 1)`` and ``w_q = clamp(round(w / scale))``
+(symmetric); FP8 stores ``w / scale`` in float8_e4m3fn with ``scale = max|w| / 448``. Preview and apply use the
+dequantised ``w_q · scale`` of exactly the same function, so they agree to float rounding. Bytes count the codes
+and one 16-bit scale per group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import Operation, register
+
+BITS = (2, 3, 4, 8, "fp8", 16)
+GROUP_SIZES = (16, 32, 64, 128, 256)
+FP8_MAX = 448.0
+SCALE_BYTES = 2
+
+
+def _error(msg: str):
+    from ..plan import PlanError
+
+    return PlanError(f"quantise: {msg}")
+
+
+def _bits(v, where: str = "bits"):
+    if isinstance(v, str) and v.strip().lower() in ("fp8", "e4m3", "float8"):
+        return "fp8"
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or v not in BITS:
+        raise _error(f"{where} must be one of 2, 3, 4, 8, 'fp8' or 16 (unchanged), got {v!r}")
+    return v
+
+
+def bits_per_weight(bits, group_size: int) -> float:
+    """Stored bits per weight, its group's scale included."""
+    if bits == 16:
+        return 16.0
+    return (8 if bits == "fp8" else bits) + 8 * SCALE_BYTES / group_size
+
+
+def fake_quant(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) -> torch.Tensor:
+    """``w`` rounded to ``bits`` group-wise along ``in_dim`` and dequantised, in ``w``'s dtype and layout."""
+    if bits == 16:
+        return w
+    x = w.float().movedim(in_dim, -1)
+    shape = x.shape
+    n = shape[-1]
+    pad = (-n) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    g = x.reshape(*shape[:-1], -1, group_size)
+    amax = g.abs().amax(-1, keepdim=True)
+    top = FP8_MAX if bits == "fp8" else 2 ** (bits - 1) - 1
+    # the scale as stored (16 bits): codes and preview both use exactly it
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).to(torch.bfloat16).float()
+    if bits == "fp8":
+        q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    else:
+        q = torch.clamp(torch.round(g / scale), -top - 1, top)
+    out = (q * scale).reshape(*shape[:-1], -1)[..., :n]
+    return out.movedim(-1, in_dim).to(w.dtype)
+
+
+def _in_dims(lay) -> tuple[int, int]:
+    """The input dimension of one expert's gate_up and down tensors in the layer's layout."""
+    return (0, 0) if lay.transposed else (-1, -1)
+
+
+class Quantise(Operation):
+    name = "quantise"
+    summary = "weight-only round-to-nearest quantisation of routed experts (int2/3/4/8, fp8), per expert bits"
+
+    # ---- the plan field ---------------------------------------------------------------------------------
+    def parse(self, value: Any) -> dict | None:
+        from ..plan import _id, _intkeys
+
+        if value is None:
+            return None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = {"bits": value}
+        if not isinstance(value, dict):
+            raise _error(f"expected a mapping such as {{bits: 4, group_size: 128}}, got {type(value).__name__}")
+        unknown = set(value) - {"bits", "group_size", "per_expert", "layers"}
+        if unknown:
+            raise _error(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes bits, group_size, "
+                         "per_expert and layers")
+        gs = value.get("group_size", 128)
+        if isinstance(gs, bool) or gs not in GROUP_SIZES:
+            raise _error(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {gs!r}")
+        per = value.get("per_expert") or {}
+        if not isinstance(per, dict) or not all(isinstance(v, dict) for v in per.values()):
+            raise _error("per_expert maps MoE layers to {expert: bits}, e.g. {0: {3: 2, 5: 8}}")
+        layers = value.get("layers")
+        if layers is not None and not isinstance(layers, list):
+            raise _error(f"layers must be a list of MoE layers, got {type(layers).__name__}")
+        return {"bits": _bits(value.get("bits", 4)), "group_size": int(gs),
+                "per_expert": {i: {_id(e): _bits(b, f"per_expert bits of layer {i} expert {e}")
+                                   for e, b in v.items()} for i, v in _intkeys(per).items()},
+                "layers": None if layers is None else [_id(x, "a layer number") for x in layers]}
+
+    def dump(self, spec: dict) -> dict:
+        d = {"bits": spec["bits"], "group_size": spec["group_size"]}
+        if spec["per_expert"]:
+            d["per_expert"] = {str(i): {str(e): b for e, b in sorted(v.items())}
+                               for i, v in sorted(spec["per_expert"].items())}
+        if spec["layers"] is not None:
+            d["layers"] = list(spec["layers"])
+        return d
+
+    def validate(self, spec: dict, plan, view) -> None:
+        n = len(view)
+        for i in list(spec["per_expert"]) + list(spec["layers"] or []):
+            if not 0 <= i < n:
+                raise _error(f"MoE layer {i} does not exist (the model has {n} MoE layers)")
+        for i, v in spec["per_expert"].items():
+            gone = set(plan.removed(i))
+            for e in v:
+                if not 0 <= e < view[i].num_experts:
+                    raise _error(f"MoE layer {i}: expert {e} does not exist (experts 0..{view[i].num_experts - 1})")
+                if e in gone:
+                    raise _error(f"MoE layer {i}: expert {e} is removed by this plan; it has no bits to choose")
+
+    def describe(self, spec: dict) -> str:
+        if spec["per_expert"]:
+            bits = [b for v in spec["per_expert"].values() for b in v.values()]
+            return f"quantise experts to {len(set(bits))} bit widths (g{spec['group_size']})"
+        b = spec["bits"]
+        return f"quantise experts to {'FP8' if b == 'fp8' else f'{b}-bit'} (g{spec['group_size']})"
+
+    def combine(self, mine: dict, other: dict) -> dict:
+        out = dict(other)
+        out["per_expert"] = {**mine["per_expert"], **other["per_expert"]}
+        return out
+
+    # ---- what it does ------------------------------------------------------------------------------------
+    def bits_of(self, spec: dict, layer: int, expert: int):
+        if spec["layers"] is not None and layer not in spec["layers"]:
+            return 16
+        return spec["per_expert"].get(layer, {}).get(expert, spec["bits"])
+
+    def touches(self, spec: dict, lay) -> bool:
+        return spec is not None and any(self.bits_of(spec, lay.index, e) != 16 for e in range(lay.num_experts))
+
+    def edit(self, spec: dict, lay, per: dict, kept: list[int]) -> None:
+        d_gu, d_dn = _in_dims(lay)
+        for e in kept:
+            b = self.bits_of(spec, lay.index, e)
+            if b == 16:
+                continue
+            gu, dn, gb, db = per[e]
+            per[e] = (fake_quant(gu, b, spec["group_size"], d_gu), fake_quant(dn, b, spec["group_size"], d_dn), gb, db)
+
+    def expert_bytes(self, spec: dict, lay, kept: list[int], params_per_expert: int) -> float:
+        return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), spec["group_size"]) / 8
+                   for e in kept)
+
+    # ---- command line ----------------------------------------------------------------------------------
+    def add_cli(self, parser, choice) -> None:
+        choice.add_argument("--quantise", metavar="BITS", help="quantise experts: 2, 3, 4, 8 or fp8 (with "
+                            "--budget-gb or --avg-bits: the most bits a budget planner may give an expert)")
+        parser.add_argument("--group-size", type=int, default=128, help="quantise: inputs per scale (32/64/128)")
+        parser.add_argument("--budget-gb", type=float, default=None, help="quantise: bytes of the routed experts, "
+                            "in GB; bits per expert chosen by importance and measured error (MC-MoE)")
+        parser.add_argument("--avg-bits", type=float, default=None, help="quantise: the same budget as average "
+                            "bits per expert weight (scales included)")
+
+    def from_cli(self, args, stats, view):
+        if getattr(args, "quantise", None) is None:
+            return None
+        bits = _bits(args.quantise, "--quantise")
+        budget = None
+        if args.budget_gb is not None:
+            budget = args.budget_gb * 1e9
+        elif args.avg_bits is not None:
+            budget = args.avg_bits / 8 * sum(lay.expert_weight_params() * lay.num_experts for lay in view)
+        return quantise_plan(stats, view, bits=bits, group_size=args.group_size, budget_bytes=budget,
+                             criterion=args.criterion)
+
+    preset = "quantise"
+
+    def planner(self, stats, view, **kw):
+        return quantise_plan(stats, view, **kw)
+
+    def preset_args(self, amount: float, criterion: str, method: str) -> dict:
+        b = "fp8" if str(amount).lower() == "fp8" else int(float(amount))
+        return {"bits": b, "criterion": criterion}
+
+    def out_of_core(self, spec: dict) -> str | None:
+        return ("quantise is applied in memory for now (the out-of-core editor copies or re-quantises the input's "
+                "own format, it does not write new quantised experts yet)")
+
+
+QUANTISE = register(Quantise())
+
+
+# ---- planners -------------------------------------------------------------------------------------------
+def quant_errors(view, choices, group_size: int, stats=None) -> list[np.ndarray]:
+    """[E, len(choices)] per MoE layer: each expert's relative output error at each bit width, its weights'
+    error weighted by the size of the inputs they see (‖(W − Q(W))·diag(‖x‖)‖² / ‖W·diag(‖x‖)‖², x from the
+    statistics' per-channel energies when given, else plain weight error)."""
+    out = []
+    with torch.no_grad():
+        for lay in view:
+            d_gu, d_dn = _in_dims(lay)
+            err = np.zeros((lay.num_experts, len(choices)))
+            for e in range(lay.num_experts):
+                gu, dn, _, _ = lay.expert_tensors(e)
+                ws = []
+                for w, d, key in ((gu, d_gu, "in_sq"), (dn, d_dn, "neuron_sq")):
+                    a = None
+                    if stats is not None and key in stats.layers[lay.index]:
+                        a = torch.as_tensor(np.asarray(stats.layers[lay.index][key][e]), dtype=torch.float32)
+                        a = a.clamp_min(0).sqrt()
+                    ws.append((w, d, a))
+                for j, b in enumerate(choices):
+                    num = den = 0.0
+                    for w, d, a in ws:
+                        diff = (w.float() - fake_quant(w, b, group_size, d).float()).movedim(d, -1)
+                        base = w.float().movedim(d, -1)
+                        if a is not None:
+                            diff, base = diff * a, base * a
+                        num += float((diff ** 2).sum())
+                        den += float((base ** 2).sum())
+                    err[e, j] = num / max(den, 1e-30)
+            out.append(err)
+    return out
+
+
+def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: float | None = None,
+                  choices=None, criterion: str = "reap"):
+    """A quantisation plan: every expert at ``bits``, or, with ``budget_bytes`` (bytes of all routed experts,
+    scales included), bits per expert chosen by a mixed-integer programme that minimises Σ importance × measured
+    error under the budget (MC-MoE's allocation; importance by ``criterion``, normalised per layer)."""
+    from ..plan import Plan, PlanError, fingerprint
+    from ..saliency import expert_scores
+
+    bits = _bits(bits)
+    if group_size not in GROUP_SIZES:
+        raise PlanError(f"quantise: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    recipe = [{"planner": "quantise", "bits": bits, "group_size": group_size, "budget_bytes": budget_bytes,
+               "criterion": criterion}]
+    if budget_bytes is None:
+        spec = QUANTISE.parse({"bits": bits, "group_size": group_size})
+        return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
+                    notes=QUANTISE.describe(spec))
+    if stats is None:
+        raise PlanError("quantise with a budget weighs experts by their statistics: collect them first")
+    top = 8 if bits == "fp8" else bits
+    choices = list(choices or [b for b in (2, 3, 4, 8) if b <= top])
+    sizes = [lay.expert_weight_params() for lay in view]
+    need = [bits_per_weight(min(choices), group_size) / 8 * s * lay.num_experts for s, lay in zip(sizes, view)]
+    if budget_bytes < sum(need):
+        raise PlanError(f"quantise: a budget of {budget_bytes / 1e9:.4g} GB is below what {min(choices)}-bit "
+                        f"experts take ({sum(need) / 1e9:.4g} GB); raise it or allow fewer bits")
+    errs = quant_errors(view, choices, group_size, stats)
+    scores = expert_scores(stats, criterion)
+    cost, size, owner = [], [], []
+    for li, (lay, err, sc) in enumerate(zip(view, errs, scores)):
+        imp = np.asarray(sc, dtype=float)
+        imp = imp / max(imp.mean(), 1e-30)
+        for e in range(lay.num_experts):
+            for j, b in enumerate(choices):
+                cost.append(imp[e] * err[e, j])
+                size.append(bits_per_weight(b, group_size) / 8 * sizes[li])
+                owner.append((li, e, b))
+    pick = _solve(np.array(cost), np.array(size), budget_bytes, len(choices))
+    per: dict[int, dict[int, Any]] = {}
+    for x, (li, e, b) in zip(pick, owner):
+        if x:
+            per.setdefault(li, {})[e] = b
+    spec = {"bits": bits, "group_size": group_size, "per_expert": per, "layers": None}
+    used = sum(s for x, s in zip(pick, size) if x)
+    avg = 8 * used / sum(s * lay.num_experts for s, lay in zip(sizes, view))
+    return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
+                notes=f"quantise experts by {criterion} under {budget_bytes / 1e9:.4g} GB: {avg:.2f} bits a weight "
+                      f"on average, widths {sorted({b for v in per.values() for b in v.values()}, key=str)}")
+
+
+def _solve(cost: np.ndarray, size: np.ndarray, budget: float, k: int) -> np.ndarray:
+    """One choice per expert (consecutive runs of ``k``), least total cost within ``budget`` (scipy's milp)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    n = len(cost) // k
+    rows = np.repeat(np.arange(n), k)
+    one = csr_matrix((np.ones(len(cost)), (rows, np.arange(len(cost)))), shape=(n, len(cost)))
+    res = milp(cost, integrality=np.ones(len(cost)), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size[None, :], 0, budget)],
+               options={"time_limit": 60})
+    if res.x is None:
+        from ..plan import PlanError
+
+        raise PlanError(f"quantise: no bit allocation fits the budget ({res.message})")
+    return np.round(res.x).astype(bool)
+

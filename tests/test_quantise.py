@@ -1,0 +1,151 @@
+"""Quantisation as an operation module: the rounding against a per-group reference, the plan field, preview equal
+to apply on several layouts, bytes in the report, the budget planner, and the command line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from explorer.apply import apply_plan, export
+from explorer.cli import main
+from explorer.data import TokenBlocks
+from explorer.loading import load_model
+from explorer.moe import MoEModel
+from explorer.ops import OPS
+from explorer.ops.quantise import bits_per_weight, fake_quant, quantise_plan
+from explorer.plan import Plan, PlanError
+from explorer.preview import previewing
+from explorer.stats import collect_stats
+from explorer.tiny import tiny_model
+
+
+def _blocks(n=4, L=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, L), generator=g)
+    return TokenBlocks(ids, torch.full((n,), L), torch.arange(n) % 2, ["a", "b"], torch.full((n,), L - 1.0), L)
+
+
+def _reference(w: np.ndarray, bits, g: int) -> np.ndarray:
+    """Row by row, group by group, as the formula in REFERENCES.md reads (scales kept in bfloat16)."""
+    out = np.zeros_like(w, dtype=np.float64)
+    for r in range(w.shape[0]):
+        for s in range(0, w.shape[1], g):
+            x = w[r, s:s + g].astype(np.float64)
+            top = 448.0 if bits == "fp8" else 2 ** (bits - 1) - 1
+            amax = np.abs(x).max()
+            scale = float(torch.tensor(amax / top if amax > 0 else 1.0).to(torch.bfloat16).float())
+            if bits == "fp8":
+                q = torch.tensor(np.clip(x / scale, -448, 448)).float().to(torch.float8_e4m3fn).double().numpy()
+            else:
+                q = np.clip(np.round(x / scale), -top - 1, top)
+            out[r, s:s + g] = q * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, "fp8"])
+@pytest.mark.parametrize("g", [16, 32])
+def test_rounding_matches_a_per_group_reference(bits, g):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(1)) * 0.05  # 40 inputs: a ragged last group
+    w[2, :16] = 0  # an all-zero group stays zero
+    got = fake_quant(w, bits, g).double().numpy()
+    np.testing.assert_allclose(got, _reference(w.numpy(), bits, g), rtol=1e-6, atol=1e-9)
+    assert np.all(got[2, :16] == 0)
+    if bits != "fp8":
+        levels = {len(np.unique(np.round(got[r, s:s + g] / np.abs(got[r, s:s + g]).max() * (2 ** (bits - 1) - 1))))
+                  for r in range(6) for s in range(0, 40, g) if np.abs(got[r, s:s + g]).max() > 0}
+        assert max(levels) <= 2 ** bits
+    # the input dimension is found in either layout
+    torch.testing.assert_close(fake_quant(w.T.contiguous(), bits, g, in_dim=0), fake_quant(w, bits, g).T)
+
+
+def test_the_plan_field_round_trips_and_is_checked():
+    model = tiny_model("qwen3_moe", seed=1)
+    view = MoEModel(model)
+    text = '{"quantise": {"bits": 4, "group_size": 32, "per_expert": {"0": {"3": 8, "5": "fp8"}}}}'
+    p = Plan.loads(text).validate(view)
+    again = Plan.loads(p.to_json())
+    assert again.op("quantise") == p.op("quantise") and json.loads(p.to_json())["quantise"]["per_expert"] == \
+        {"0": {"3": 8, "5": "fp8"}}
+    assert "quantise" in p.describe() and not p.is_empty()
+    for bad, words in (('{"quantise": {"bits": 5}}', "bits must be one of"),
+                       ('{"quantise": {"bits": 4, "group_size": 100}}', "group_size must be one of"),
+                       ('{"quantise": {"bits": 4, "scheme": "awq"}}', "unknown field"),
+                       ('{"quantise": {"bits": 4, "per_expert": {"0": {"1.5": 2}}}}', "whole number"),
+                       ('{"quantise": [4]}', "expected a mapping")):
+        with pytest.raises(PlanError, match=words):
+            Plan.loads(bad)
+    with pytest.raises(PlanError, match="expert 3 is removed by this plan"):
+        Plan(drop_experts={0: [3]}).combine(p).validate(view)
+    with pytest.raises(PlanError, match="MoE layer 7 does not exist"):
+        Plan.loads('{"quantise": {"bits": 4, "per_expert": {"7": {"0": 2}}}}').validate(view)
+    both = Plan(drop_experts={1: [2]}).combine(p)
+    assert both.drop_experts == {1: [2]} and both.op("quantise")["bits"] == 4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe"])
+def test_preview_equals_apply_and_bytes_add_up(family):
+    model = tiny_model(family, seed=3)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks())
+    q = Plan.loads('{"quantise": {"bits": 3, "group_size": 16, "per_expert": {"0": {"1": 8, "2": 16}}}}')
+    plan = Plan(drop_experts={0: [4, 6]}, slim=0.75).combine(q)
+    ids = _blocks(2).input_ids
+    with torch.no_grad():
+        base = model(ids).logits
+        with previewing(model, view, plan, stats):
+            prev = model(ids).logits
+        new, nv, _ = apply_plan(model, view, plan, stats)
+        applied = new(ids).logits
+    torch.testing.assert_close(prev, applied, rtol=1e-4, atol=1e-4)
+    assert (prev - base).abs().max() > 1e-3  # it did something
+    # the applied experts hold no more distinct values per group than 3 bits allow (expert 3 of layer 0 is 3-bit)
+    rep = plan.report(view)
+    expert_w = sum(lay.expert_weight_params() for lay in nv)  # one expert per layer, after slimming
+    rest = 2 * (rep["params_after"] - sum(lay.expert_weight_params() * lay.num_experts for lay in nv))
+    want = rest
+    for lay in nv:
+        bits = [OPS["quantise"].bits_of(plan.op("quantise"), lay.index, e) for e in plan.kept(lay.index, 8)]
+        want += sum(lay.expert_weight_params() * bits_per_weight(b, 16) / 8 for b in bits)
+    assert expert_w > 0 and rep["bytes_after"] == pytest.approx(want, rel=1e-6)
+    assert rep["bytes_after"] < rep["bytes_bf16_after"]
+
+
+def test_budget_planner_stays_within_its_budget_and_gives_bits_by_importance():
+    model = tiny_model("mixtral", seed=2, num_hidden_layers=2)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks(8))
+    w = sum(lay.expert_weight_params() * lay.num_experts for lay in view)
+    budget = w * bits_per_weight(3, 32) / 8
+    plan = quantise_plan(stats, view, bits=8, group_size=32, budget_bytes=budget, criterion="frequency")
+    spec = plan.op("quantise")
+    used = sum(lay.expert_weight_params() * bits_per_weight(spec["per_expert"][lay.index][e], 32) / 8
+               for lay in view for e in range(lay.num_experts))
+    assert used <= budget * (1 + 1e-9)
+    assert len({b for v in spec["per_expert"].values() for b in v.values()}) > 1  # not all the same width
+    with pytest.raises(PlanError, match="below what 2-bit experts take"):
+        quantise_plan(stats, view, bits=4, group_size=32, budget_bytes=budget / 3)
+    again = Plan.loads(plan.to_json())
+    assert again.op("quantise") == spec and again.recipe[0]["planner"] == "quantise"
+
+
+def test_cli_plan_preview_apply_and_reload(demo, tmp_path, capsys):
+    def cli(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    cli("stats", "demo", "--out", tmp_path / "s.json", "--max-tokens", "1024")
+    cli("plan", "demo", "--stats", tmp_path / "s.json", "--quantise", "4", "--group-size", "128",
+        "--out", tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["quantise"] == {"bits": 4, "group_size": 128}
+    out = cli("preview", "demo", tmp_path / "p.json", "--max-tokens", "1024")
+    assert "with quantised experts" in out
+    prev = float(out.split("preview perplexity ")[1].split()[0])
+    cli("apply", "demo", tmp_path / "p.json", "--out", tmp_path / "q4", "--max-tokens", "1024")
+    summary = json.loads((tmp_path / "q4" / "summary.json").read_text())
+    assert summary["perplexity_after"]["ppl"] == pytest.approx(prev, rel=1e-4)
+    model, _, view = load_model(tmp_path / "q4", device="cpu")
+    gu = view[0].gate_up[0]  # [2I, H]: rows of H=192 inputs, groups of 128 and 64
+    assert max(len(torch.unique(row[:128])) for row in gu[:64]) <= 16  # 4 bits: at most 16 levels per group
+    assert min(len(torch.unique(row[:128])) for row in gu[:64]) > 8
