@@ -137,6 +137,25 @@ def test_plan_view_preview_updates(session):
     assert "removes every expert" in ex.plan.err.value
 
 
+def test_plan_view_quantise_preset_and_bytes_axis(session):
+    from explorer.plan import Plan
+    from explorer.widgets import Explorer
+
+    session.set_plan(Plan())
+    session.tried = []
+    ex = Explorer(session)
+    ex.plan.preset.value = "quantise"
+    ex.plan.amount.value = 4
+    ex.plan.make_plan()
+    assert "with quantised experts" in ex.plan.result.value and '"quantise"' in ex.plan.json.value
+    assert ex.plan.pareto.layout.xaxis.title.text == "parameters"
+    ex.plan.pareto_x.value = "bytes"  # the chart redraws itself with bytes on the x-axis
+    assert ex.plan.pareto.layout.xaxis.title.text.startswith("bytes")
+    plans = next(t for t in ex.plan.pareto.data if t.name == "plans")
+    original = next(t for t in ex.plan.pareto.data if t.name == "original")
+    assert plans.x[0] < 0.5 * original.x[0]
+
+
 def test_saliency_view_criteria(session):
     from explorer.widgets import SaliencyView
 
