@@ -31,13 +31,13 @@ def _reference(w: np.ndarray, bits, g: int) -> np.ndarray:
     for r in range(w.shape[0]):
         for s in range(0, w.shape[1], g):
             x = w[r, s:s + g].astype(np.float64)
-            top = 448.0 if bits == "fp8" else 2 ** (bits - 1) - 1
+            half = 448.0 if bits == "fp8" else (2 ** bits - 1) / 2
             amax = np.abs(x).max()
-            scale = float(torch.tensor(amax / top if amax > 0 else 1.0).to(torch.bfloat16).float())
+            scale = float(torch.tensor(amax / half if amax > 0 else 1.0).to(torch.bfloat16).float())
             if bits == "fp8":
                 q = torch.tensor(np.clip(x / scale, -448, 448)).float().to(torch.float8_e4m3fn).double().numpy()
             else:
-                q = np.clip(np.round(x / scale), -top - 1, top)
+                q = np.clip(np.round(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
             out[r, s:s + g] = q * scale
     return out
 
@@ -56,6 +56,24 @@ def test_rounding_matches_a_per_group_reference(bits, g):
         assert max(levels) <= 2 ** bits
     # the input dimension is found in either layout
     torch.testing.assert_close(fake_quant(w.T.contiguous(), bits, g, in_dim=0), fake_quant(w, bits, g).T)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8, "fp8"])
+def test_rounding_is_compressed_tensors_rounding(bits):
+    """The library whose packed format vLLM and llm-compressor read: its fake_quantize with its own scales
+    (stored in bf16) gives exactly the preview's weights."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    kind = dict(type="float") if bits == "fp8" else {}
+    args = ct.QuantizationArgs(num_bits=8 if bits == "fp8" else bits, symmetric=True, group_size=64,
+                               strategy="group", **kind)
+    g = w.reshape(8, -1, 64)
+    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    ref = fake_quantize(w, scale.to(torch.bfloat16).float(), zp, args)
+    torch.testing.assert_close(fake_quant(w, bits, 64), ref, rtol=0, atol=0)
 
 
 def test_the_plan_field_round_trips_and_is_checked():

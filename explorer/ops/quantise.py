@@ -7,8 +7,9 @@ Plan field (combinable with every other operation; it runs last, on the experts 
 
 ``bits`` is 2, 3, 4, 8, "fp8" or 16 (left as it is); ``per_expert`` overrides it expert by expert (ids are the
 original ones); ``layers`` limits it to some MoE layers. Group-wise along each weight's input dimension: per row
-and group of ``group_size`` inputs, ``scale = max|w| / (2^(b-1) - 1)`` and ``w_q = clamp(round(w / scale))``
-(symmetric); FP8 stores ``w / scale`` in float8_e4m3fn with ``scale = max|w| / 448``. Preview and apply use the
+and group of ``group_size`` inputs, ``scale = max|w| / ((2^b - 1) / 2)`` and ``w_q = clamp(round(w / scale),
+-2^(b-1), 2^(b-1) - 1)`` (symmetric, the rule of compressed-tensors, whose packed format an export will use); FP8
+stores ``w / scale`` in float8_e4m3fn with ``scale = max|w| / 448``. Preview and apply use the
 dequantised ``w_q · scale`` of exactly the same function, so they agree to float rounding. Bytes count the codes
 and one 16-bit scale per group.
 """
@@ -62,13 +63,13 @@ def fake_quant(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) -> torc
         x = torch.nn.functional.pad(x, (0, pad))
     g = x.reshape(*shape[:-1], -1, group_size)
     amax = g.abs().amax(-1, keepdim=True)
-    top = FP8_MAX if bits == "fp8" else 2 ** (bits - 1) - 1
+    half = FP8_MAX if bits == "fp8" else (2 ** bits - 1) / 2  # compressed-tensors' symmetric rule
     # the scale as stored (16 bits): codes and preview both use exactly it
-    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).to(torch.bfloat16).float()
+    scale = torch.where(amax > 0, amax / half, torch.ones_like(amax)).to(torch.bfloat16).float()
     if bits == "fp8":
         q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     else:
-        q = torch.clamp(torch.round(g / scale), -top - 1, top)
+        q = torch.clamp(torch.round(g / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     out = (q * scale).reshape(*shape[:-1], -1)[..., :n]
     return out.movedim(-1, in_dim).to(w.dtype)
 
