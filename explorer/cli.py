@@ -17,7 +17,7 @@ import sys
 import time
 
 from .data import DataError
-from .distill import DistillConfig
+from .distill import KL_KINDS, TRAINABLE, DistillConfig
 from .loading import ModelLoadError
 
 
@@ -196,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_at_least(1), default=DistillConfig.steps)
     p.add_argument("--lr", type=float, default=DistillConfig.lr)
     p.add_argument("--warmup", type=_at_least(0), default=DistillConfig.warmup, help="steps of linear warm-up")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--kl", default="forward", choices=["forward", "reverse", "jsd"])
-    p.add_argument("--hidden-mse", type=float, default=0.0)
-    p.add_argument("--expert-kd", type=float, default=0.0)
-    p.add_argument("--train", default="all", choices=["all", "experts-routers", "routers"])
-    p.add_argument("--eval-every", type=_at_least(1), default=20)
+    p.add_argument("--temperature", type=float, default=DistillConfig.temperature)
+    p.add_argument("--kl", default=DistillConfig.kl, choices=list(KL_KINDS))
+    p.add_argument("--hidden-mse", type=float, default=DistillConfig.hidden_mse)
+    p.add_argument("--expert-kd", type=float, default=DistillConfig.expert_kd)
+    p.add_argument("--train", default=DistillConfig.train, choices=list(TRAINABLE))
+    p.add_argument("--eval-every", type=_at_least(1), default=DistillConfig.eval_every)
     p.add_argument("--cache-teacher-topk", type=int, default=None, metavar="K")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DistillConfig.seed)
     p.add_argument("--stats", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")

@@ -86,3 +86,15 @@ def test_hf_dataset_without_network_is_a_clear_error():
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
     with pytest.raises(DataError, match="datasets|hub"):
         load_data(tok, "hf:wikitext:wikitext-2-raw-v1")
+
+
+def test_the_cli_takes_its_defaults_and_choices_from_the_library():
+    from explorer.cli import build_parser
+    from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig
+
+    args = build_parser().parse_args(["distill", "demo", "p.json", "--out", "x"])
+    cfg = DistillConfig()
+    for name in ("steps", "lr", "warmup", "temperature", "kl", "hidden_mse", "expert_kd", "train", "eval_every", "seed"):
+        assert getattr(args, name) == getattr(cfg, name), name
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["distill"]._actions}
+    assert list(actions["kl"].choices) == list(KL_KINDS) and list(actions["train"].choices) == list(TRAINABLE)

@@ -167,3 +167,4 @@ def test_cli_plan_preview_apply_and_reload(demo, tmp_path, capsys):
     gu = view[0].gate_up[0]  # [2I, H]: rows of H=192 inputs, groups of 128 and 64
     assert max(len(torch.unique(row[:128])) for row in gu[:64]) <= 16  # 4 bits: at most 16 levels per group
     assert min(len(torch.unique(row[:128])) for row in gu[:64]) > 8
+
