@@ -290,11 +290,15 @@ class _Report(logging.Handler):
 def _load_report():
     logger = logging.getLogger("transformers")
     handler = _Report()
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:  # quieted (set_verbosity_error): the report is still needed
+        logger.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
         yield handler
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def restructure(model, layout: dict) -> None:
