@@ -202,7 +202,7 @@ def tried_table(s: Session) -> pd.DataFrame:
 def pareto(s: Session):
     """Only plans measured on the same tokens as the original's perplexity are compared."""
     base = s.pareto_baseline() if s.loaded else None
-    return figures.pareto_figure(s.comparable() if s.loaded else [], base, getattr(s, "pareto_x", "params"))
+    return figures.pareto_figure(s.comparable() if s.loaded else [], base, s.pareto_x)
 
 
 def plan_file(s: Session) -> str | None:

@@ -30,8 +30,8 @@ from .moe import BLOCK_ATTRS, MoEModel, expert_dim
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
 from .transform import group_energy, group_weights, top_neurons, up_positions
-from .weightformats import (WeightFormatError, check_fp8_grid, check_int_weights, check_fp8_readable, dequant_fp8, dequant_mxfp4,
-                            fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
+from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, check_int_weights, dequant_fp8,
+                            dequant_mxfp4, fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
 INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")

@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for op in OPS.values():  # each operation module adds its own options
         op.add_cli(p, g)
-    p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax (REAP's own definition), "
-                   "reconstruction, ablation, random")
+    p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax "
+                   "(REAP's own definition), reconstruction, ablation, random")
     p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
     p.add_argument("--skip-layers", default="", help="comma-separated MoE layers left untouched")
     p.add_argument("--protect-super", action="store_true", help="never drop REAP's super experts")

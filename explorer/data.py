@@ -86,8 +86,9 @@ MAX_TEXT_BYTES = 256 << 20  # far beyond what a statistics pass reads; the cap k
 
 
 def read_text_file(path: Path, max_bytes: int | None = None) -> str:
-    """A file's text (its first ``max_bytes`` when given) (UTF-8, else Latin-1 / cp1252 when that is what it is), or DataError when it is not a regular
-    readable file of mostly printable text (a device, a pipe, a binary renamed .txt)."""
+    """A file's text, its first ``max_bytes`` when given (UTF-8, else Latin-1 / cp1252 when that is what it is), or
+    DataError when it is not a regular readable file of mostly printable text (a device, a pipe, a binary renamed
+    .txt)."""
     import stat
 
     try:

@@ -184,17 +184,16 @@ def make(name: str, stats: RouterStats, view: MoEModel | None = None, **kw) -> P
     The one entry point of ``replay``, the app's presets and ``explorer plan``."""
     from .ops import OPS
 
+    if view is not None and stats is not None:
+        stats.check_fits(view)
     if name in OPS:  # an operation module's own planner
         if view is None:
             raise PlanError(f"planner {name} needs the model's view")
-        stats.check_fits(view) if stats is not None else None
         return OPS[name].planner(stats, view, **kw)
     if name not in PLANNERS:
         raise PlanError(f"unknown planner {name!r}: one of {', '.join(list(PLANNERS) + list(OPS))}")
     import inspect
 
-    if view is not None:
-        stats.check_fits(view)
     fn = drop_experts if name == "drop_experts" else PLANNERS[name]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(kw) - set(params) - {"view"})

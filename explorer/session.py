@@ -19,6 +19,7 @@ from .data import Dataset, load_data, text_blocks
 from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
 from .moe import input_device
+from .ops import OPS
 from .outputs import check_export_dir
 from .perplexity import fmt_ppl, perplexity
 from .plan import PRUNE_METHODS, Plan, fingerprint
@@ -28,8 +29,7 @@ from .saliency import CHEAP, expert_scores, expert_similarity
 from .stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
 
 
-PRESETS = tuple(planners.PRESETS) + tuple(op.preset for op in __import__("explorer.ops", fromlist=["OPS"]).OPS.values()
-                                          if op.preset)  # what ``Session.preset`` makes
+PRESETS = tuple(planners.PRESETS) + tuple(op.preset for op in OPS.values() if op.preset)  # what ``preset`` makes
 
 
 MAX_STUDENTS = 3  # distilled students kept per session (each is a copy of the cut model)
@@ -186,8 +186,6 @@ class Session:
                mode: str = "uniform", protect_super: bool = False) -> Plan:
         """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
         (count), slim (fraction kept), prune (sparsity)."""
-        from .ops import OPS
-
         self.require(stats=True)
         st = self.stats
         by_preset = {op.preset: op for op in OPS.values() if op.preset}
@@ -195,7 +193,7 @@ class Session:
             op = by_preset[kind]
             return self.set_plan(planners.make(op.name, st, self.view, **op.preset_args(amount, criterion, method)))
         if kind not in planners.PRESETS:
-            raise SessionError(f"unknown preset {kind!r}: one of {', '.join(list(planners.PRESETS) + list(by_preset))}")
+            raise SessionError(f"unknown preset {kind!r}: one of {', '.join(PRESETS)}")
         if kind == "drop-experts":
             kw = dict(fraction=float(amount), criterion=criterion, mode=mode, protect_super=protect_super)
             if criterion not in CHEAP:
@@ -357,8 +355,8 @@ class Session:
             return
         rep = d.plan.report(self.view)
         entry = {"name": f"{d.plan.describe()} + distilled ({d.step} steps)", "params": rep["params_after"],
-                 "bytes": rep["bytes_after"], "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(), "data": self.data_key,
-                 "distilled": True}
+                 "bytes": rep["bytes_after"], "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(),
+                 "data": self.data_key, "distilled": True}
         self.tried = [e for e in self.tried if not (e.get("distilled") and e["plan"] == entry["plan"])] + [entry]
 
     def student(self, plan: Plan | None = None) -> Distiller | None:

@@ -263,7 +263,8 @@ class StatsObserver:
             zf = lambda *s: torch.zeros(*s, dtype=torch.float32, device=dev)  # noqa: E731
             self.acc.append({
                 "count": z(E), "gate_mass": z(E), "gate_routed": z(E), "coact": z(E, E), "domain_count": z(n_domains, E),
-                "reap": z(E), "reap_softmax": z(E), "count_softmax": z(E), "out_norm": z(E), "out_sum": zf(E, H), "dense_out_sum": zf(E, H), "act_max": zf(E),
+                "reap": z(E), "reap_softmax": z(E), "count_softmax": z(E), "out_norm": z(E), "out_sum": zf(E, H),
+                "dense_out_sum": zf(E, H), "act_max": zf(E),
                 "neuron_sq": zf(E, I), "neuron_sq_gated": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
                 "tokens": z(()), "entropy_sum": z(()), "dense_tokens": z(()), "layer_cos_sum": z(()),
                 "layer_tokens": z(()),
@@ -286,13 +287,8 @@ class StatsObserver:
         a["count_softmax"] += ((gates > 0).float() * v[:, None]).sum(0).double()
         if tok.numel():
             one = torch.ones(tok.numel(), 1, dtype=x.dtype, device=x.device)
-            y = self.combine_free(lay, x[tok], one, eid[:, None])
+            y = lay.combine(x[tok], one, eid[:, None])  # f_e(x) of these pairs, seen by no observer
             a["reap_softmax"].index_add_(0, eid, (gates[tok, eid] * y.float().norm(dim=-1) * v[tok]).double())
-
-    @staticmethod
-    def combine_free(lay: MoELayer, x, w, idx):
-        """f_e(x) of the given pairs through the layer's own expert kernels, seen by no observer."""
-        return lay.combine(x, w, idx)
 
     def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
         a = self.acc[lay.index]

@@ -22,7 +22,7 @@ import plotly.io as pio
 
 from . import figures
 from .distill import DistillConfig
-from .perplexity import fmt_change, fmt_ppl
+from .perplexity import fmt_ppl
 from .report import preview_report
 from .plan import PRUNE_METHODS, Plan
 from .planners import MERGE_METHODS

@@ -15,7 +15,7 @@ from explorer.apply import apply_plan, export
 from explorer.cli import main
 from explorer.loading import DEMO_MODEL, ModelLoadError, load_model
 from explorer.moe import MoEModel
-from explorer.outputs import OutputError, check_export_dir, is_export
+from explorer.outputs import OutputError, is_export
 from explorer.plan import Plan
 from explorer.tiny import tiny_model
 

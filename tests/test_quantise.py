@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.apply import apply_plan, export
+from explorer.apply import apply_plan
 from explorer.cli import main
 from explorer.data import TokenBlocks
 from explorer.loading import load_model
