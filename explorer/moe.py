@@ -510,7 +510,7 @@ class MoELayer:
             return self.route_from_logits(self.logits(x), mask)
         r, extra = self.sliced_router(kept)
         logits_k, w, sub = self._parse(self.call_router(x, r, extra) if extra is not None else r(x))
-        ids = torch.as_tensor(kept, device=sub.device)
+        ids = on_device(self.__dict__.setdefault("_sliced_ids", {}).setdefault(tuple(kept), torch.as_tensor(kept)), sub.device)
         logits = logits_k.new_full((logits_k.shape[0], self.num_experts), float("-inf"))
         logits[:, ids] = logits_k
         return logits, w, ids[sub]
@@ -523,7 +523,7 @@ class MoELayer:
 
     def route_from_logits(self, logits: torch.Tensor, mask: torch.Tensor | None = None):
         g, k = self.family.gating, self.top_k
-        ml = logits if mask is None else logits.masked_fill(~mask.to(logits.device), float("-inf"))
+        ml = logits if mask is None else logits.masked_fill(~on_device(mask, logits.device), float("-inf"))
         if g == "softmax_topk":
             p = torch.softmax(ml, dim=-1)
             w, idx = torch.topk(p, k, dim=-1)
@@ -660,10 +660,12 @@ class MoELayer:
     def _combine_grouped(self, x, w, idx, observer, edit):
         gu_all, dn_all, gb_all, db_all, slot = self._weights(edit)
         flat = idx.reshape(-1)
-        rows = flat if slot is None else slot.to(flat.device)[flat]  # row of the weight tensors for each pair
+        rows = flat if slot is None else on_device(slot, flat.device)[flat]  # row of the weight tensors per pair
         order = torch.argsort(rows, stable=True)
         row = rows[order]
-        offs = torch.cumsum(torch.bincount(row, minlength=gu_all.shape[0]), 0)
+        # per-group counts without bincount, which waits for the device to size its output
+        counts = torch.zeros(gu_all.shape[0], dtype=torch.long, device=row.device)
+        offs = torch.cumsum(counts.index_add_(0, row, torch.ones_like(row)), 0)
         tok = order // idx.shape[1]
         g = w.reshape(-1)[order]
         gate_in = self.family.gating == "sigmoid_input"
@@ -681,10 +683,11 @@ class MoELayer:
         if observer is not None:
             observer.experts(self, flat[order], tok, g, xin, h, y)
         contrib = y if gate_in else y * g[:, None].to(y.dtype)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
-                          device=x.device)
-        out.index_add_(0, tok, contrib.to(out.dtype))
-        return out.to(x.dtype)
+        # back to (token, slot) order and a sum over the k slots: no atomic adds into the output
+        pairs = torch.empty_like(contrib)
+        pairs[order] = contrib
+        acc = torch.float32 if x.dtype != torch.float64 else x.dtype
+        return pairs.view(x.shape[0], idx.shape[1], -1).sum(1, dtype=acc).to(x.dtype)
 
 
 EXPERT_PATH = "auto"  # "auto" (grouped on CUDA, loop elsewhere), "grouped" or "loop"
@@ -707,6 +710,17 @@ class expert_path:
         global EXPERT_PATH
         EXPERT_PATH = self.before
         return False
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied once per (tensor, device) and kept on the tensor itself: a preview's masks and
+    slot maps live on the CPU, and a copy per layer and forward would stall the device queue."""
+    if t.device == device:
+        return t
+    per = t.__dict__.setdefault("_explorer_copies", {})
+    if device not in per:
+        per[device] = t.to(device)
+    return per[device]
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -249,6 +249,33 @@ class StatsFileError(ValueError):
     """A statistics file that cannot be used; the message says why."""
 
 
+def segment_sums(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weights [G, N] @ rows [N, D] in float32: per-group weighted sums of rows as one matrix product. Half-precision
+    rows stay in their dtype (tensor cores, float32 accumulation and result on CUDA); the weights are then rounded
+    to it, which is exact for 0/1 and about 3 digits for gate² (as exact as a bf16 model's own numbers)."""
+    if rows.dtype in (torch.float32, torch.float64):
+        return weights.to(rows.dtype) @ rows
+    if rows.is_cuda:
+        try:
+            return torch.mm(weights.to(rows.dtype), rows, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            return (weights.to(rows.dtype) @ rows).float()
+    return weights @ rows.float()
+
+
+def _square(t: torch.Tensor) -> torch.Tensor:
+    """t² for ``segment_sums``: bf16 stays bf16 on CUDA (its range is float32's); elsewhere float32."""
+    return t * t if t.is_cuda and t.dtype == torch.bfloat16 else t.float().square()
+
+
+def dense_positions(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Up to ``n`` evenly spread positions of real tokens (never padding) in a flattened batch mask."""
+    real = valid.reshape(-1).nonzero().flatten()
+    if not real.numel():
+        return real
+    return real[torch.linspace(0, real.numel() - 1, min(n, real.numel())).long()]
+
+
 class StatsObserver:
     """Accumulates per-layer running sums; called from inside ``MoELayer.combine``."""
 
@@ -273,12 +300,19 @@ class StatsObserver:
         self.valid: torch.Tensor | None = None  # [T] bool: real token (not padding)
         self.sample: dict | None = None  # when set, record routes of the first ``sample['n']`` tokens
         self._reap_gates: torch.Tensor | None = None  # [T, E] REAP's gate where its top-k picks an expert, else 0
+        self.dense_sel: torch.Tensor | None = None  # positions of this batch's dense sample (set per batch)
 
     def _reap_softmax(self, lay: MoELayer, a: dict, x, logits, idx, v) -> None:
         """REAP's definition (its observer): softmax over all experts, its own top-k, renormalised over it. Where
         that top-k picks what the model routed, the expert outputs of the routed pass are reused (in ``expert`` /
-        ``experts``); pairs the model did not route (sigmoid or biased routers) run once more here."""
+        ``experts``); pairs the model did not route (sigmoid or biased routers) run once more here. For softmax
+        top-k routers REAP's top-k is the routed set, so no pair is looked for (and the device never waits)."""
         p = torch.softmax(logits.float(), dim=-1)
+        if lay.family.gating in ("softmax_topk", "topk_softmax"):
+            vals = p.gather(1, idx)
+            self._reap_gates = torch.zeros_like(p).scatter_(1, idx, vals / vals.sum(-1, keepdim=True).clamp_min(1e-30))
+            a["count_softmax"] += torch.zeros_like(p).scatter_(1, idx, v[:, None].expand_as(vals)).sum(0).double()
+            return
         vals, ridx = p.topk(idx.shape[1], dim=-1)
         gates = torch.zeros_like(p).scatter_(1, ridx, vals / vals.sum(-1, keepdim=True).clamp_min(1e-30))
         self._reap_gates = gates
@@ -307,20 +341,28 @@ class StatsObserver:
         a["count"] += onehot.sum(0).double()
         gw = torch.zeros_like(onehot).scatter_(1, idx, w.float() * v[:, None])
         a["gate_routed"] += gw.sum(0).double()
+        # Σ over an expert's routed tokens of its input squared, plain and weighted by gate² (MoE-Pruner): per token,
+        # not per pair, so k times fewer rows; gate-on-input families feed the expert x·g
+        g2 = gw * gw
+        wts = torch.cat([g2, g2 * g2] if lay.family.gating == "sigmoid_input" else [onehot, g2], dim=1)
+        sq = segment_sums(wts.T, _square(x))
+        a["in_sq"] += sq[:E]
+        a["in_sq_gated"] += sq[E:]
         co = onehot.T @ onehot
         co.fill_diagonal_(0)
         a["coact"] += co.double()
         if self.token_domain is not None:
-            a["domain_count"].index_add_(0, self.token_domain.to(x.device), onehot.double())
+            dom = torch.zeros(a["domain_count"].shape[0], x.shape[0], dtype=torch.float32, device=x.device)
+            dom[self.token_domain.to(x.device), torch.arange(x.shape[0], device=x.device)] = 1.0
+            a["domain_count"] += (dom @ onehot).double()  # counts below 2**24 per batch are exact in float32
         lg = logits.float() * v[:, None]
         a["logit_gram"] += (lg.T @ lg).double()
-        real = valid.nonzero().flatten() if self.dense_sample else None
-        if self.dense_sample and real.numel():
-            n = min(self.dense_sample, real.numel())
-            sel = real[torch.linspace(0, real.numel() - 1, n, device=x.device).long()]  # real tokens, never padding
-            xs = x[sel]
-            a["dense_out_sum"] += lay.dense_experts(xs).float().sum(1)
-            a["dense_tokens"] += n
+        sel = self.dense_sel if self.dense_sample else None
+        if sel is None and self.dense_sample:
+            sel = dense_positions(valid.cpu(), self.dense_sample).to(x.device)
+        if sel is not None and sel.numel():
+            a["dense_out_sum"] += lay.dense_experts(x[sel]).float().sum(1)
+            a["dense_tokens"] += sel.numel()
         if self.sample is not None and self.sample.get("pending", {}).get(lay.index):
             n = self.sample["n"]
             self.sample["routes"][lay.index] = idx[:n].tolist()
@@ -331,7 +373,7 @@ class StatsObserver:
         a = self.acc[lay.index]
         v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
              else torch.ones_like(g, dtype=torch.float32))
-        yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
+        yf, hf, gf = y.float(), h.float(), g.float()
         norm = yf.norm(dim=-1)
         wg = gf * gf * v  # gate² per token (MoE-Pruner weights tokens by their gate)
         a["reap"][e] += (gf * norm) @ v
@@ -339,31 +381,35 @@ class StatsObserver:
         a["out_norm"][e] += norm @ v
         a["out_sum"][e] += v @ yf  # reductions as matrix-vector products: no temporaries of [n, H]
         a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
-        h2, x2 = hf * hf, xf * xf
+        h2 = hf * hf
         a["neuron_sq"][e] += v @ h2
         a["neuron_sq_gated"][e] += wg @ h2
-        a["in_sq"][e] += v @ x2
-        a["in_sq_gated"][e] += wg @ x2
 
     def experts(self, lay: MoELayer, eid, tok, g, xin, h, y) -> None:
-        """The same sums as ``expert`` for all routed pairs at once (grouped path): segment reductions by expert
-        id on the device, no host sync."""
+        """The same sums as ``expert`` for all routed pairs at once (grouped path): per-expert sums as one product
+        with an [E, pairs] weight matrix on the device (tensor cores in bf16, no atomics, no host sync)."""
         a = self.acc[lay.index]
+        E, P = lay.num_experts, eid.numel()
         v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
              else torch.ones_like(g, dtype=torch.float32))
-        yf, hf, xf, gf = y.float(), h.float(), xin.float(), g.float()
-        norm = yf.norm(dim=-1)
-        wg = gf * gf * v
-        a["reap"].index_add_(0, eid, (gf * norm * v).double())
-        a["reap_softmax"].index_add_(0, eid, (self._reap_gates[tok, eid] * norm * v).double())
-        a["out_norm"].index_add_(0, eid, (norm * v).double())
-        a["out_sum"].index_add_(0, eid, yf * v[:, None])
-        a["act_max"].scatter_reduce_(0, eid, yf.abs().amax(-1) * v, reduce="amax")
-        h2, x2 = hf * hf, xf * xf
-        a["neuron_sq"].index_add_(0, eid, h2 * v[:, None])
-        a["neuron_sq_gated"].index_add_(0, eid, h2 * wg[:, None])
-        a["in_sq"].index_add_(0, eid, x2 * v[:, None])
-        a["in_sq_gated"].index_add_(0, eid, x2 * wg[:, None])
+        gf = g.float()
+        norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+        wts = torch.zeros(3 * E, P, dtype=torch.float32, device=y.device)
+        pair = torch.arange(P, device=y.device)
+        wts[eid, pair] = v
+        wts[E + eid, pair] = v
+        wts[2 * E + eid, pair] = gf * gf * v  # gate² per pair (MoE-Pruner weights tokens by their gate)
+        per_pair = torch.stack([gf * norm, self._reap_gates[tok, eid] * norm, norm], dim=1)
+        sums = (wts[:E] @ per_pair).double()
+        a["reap"] += sums[:, 0]
+        a["reap_softmax"] += sums[:, 1]
+        a["out_norm"] += sums[:, 2]
+        peak = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1, dtype=torch.float32)
+        a["act_max"] = torch.maximum(a["act_max"], (wts[:E] * peak[None, :]).amax(1))
+        a["out_sum"] += segment_sums(wts[:E], y)
+        sq = segment_sums(wts[E:], _square(h))
+        a["neuron_sq"] += sq[:E]
+        a["neuron_sq_gated"] += sq[E:]
 
     def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
         a = self.acc[lay.index]
@@ -434,6 +480,7 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
         for bi, b in enumerate(blocks.batches(batch_size)):
             am = b.attention_mask()
             obs.valid = am.reshape(-1).bool().to(device)
+            obs.dense_sel = dense_positions(am.bool(), dense_sample).to(device) if dense_sample else None
             obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
             if first and sample_tokens:
                 obs.sample = {"n": min(sample_tokens, int(b.lengths[0])), "routes": [None] * len(view),

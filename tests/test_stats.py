@@ -364,3 +364,14 @@ def test_specialisation_lift_and_vocabulary_against_brute_force():
     assert 1 / 8 <= chance <= 1 and 1 / 8 <= conc <= 1
     with pytest.raises(ValueError, match="occurs 1000 times"):
         vr.concentration(i, 1000)
+
+
+def test_a_preview_mask_is_copied_to_a_device_once():
+    """Masks and slot maps live on the CPU; a copy per layer and forward would stall the device queue."""
+    from explorer.moe import on_device
+
+    mask, meta = torch.tensor([True, False, True]), torch.device("meta")
+    first = on_device(mask, meta)
+    assert first.device == meta and on_device(mask, meta) is first
+    assert on_device(mask, mask.device) is mask
+    assert on_device(torch.tensor([True, False, True]), meta) is not first  # equal values, another tensor
