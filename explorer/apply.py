@@ -164,6 +164,9 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
             inter = e.tensors[1].shape[1 if lay.transposed else 2]
             _resize_layer(lay, e.kept, e.tensors, len(e.kept), inter)
             counts[lay.layer_idx], inters[lay.layer_idx] = len(e.kept), inter
+            if e.notes:  # by new expert slot, for the export (e.g. quantisation scales: explorer.ops.quantise)
+                lay.experts._explorer_notes = {name: {int(e.slot[x]): v for x, v in note.items()}
+                                               for name, note in e.notes.items()}
     cfg = view.text_config
     count_attr = view.count_attr
     if counts and count_attr:
@@ -253,6 +256,12 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
     with staged_dir(out, overwrite) as tmp:
         if layout is None:
             model.save_pretrained(tmp, safe_serialization=True)
+            from .ops import OPS
+
+            for name, spec in plan.ops.items():  # operations with a stored format of their own (packed experts)
+                note = OPS[name].write_export(spec, model, tmp)
+                if note:
+                    summary = {**(summary or {}), "weight_format": note}
         else:
             from safetensors.torch import save_model
 

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("plan", help="write a compression plan from statistics")
     _model_args(p)
-    p.add_argument("--stats", required=True, help="stats.json/.npz from `stats`")
+    p.add_argument("--stats", default=None, help="stats.json/.npz from `stats` (every planner but uniform "
+                   "--quantise needs them)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--drop-experts", type=float, metavar="FRACTION")
     g.add_argument("--merge-to", type=int, metavar="M")
@@ -218,7 +219,14 @@ def cmd_plan(args) -> int:
     from .stats import RouterStats
 
     check_output_file(args.out, _source(args), args.overwrite)
-    stats = RouterStats.load_file(args.stats)
+    stats = RouterStats.load_file(args.stats) if args.stats else None
+    uniform_quant = args.quantise is not None and args.budget_gb is None and args.avg_bits is None
+    if stats is None and not uniform_quant:
+        from .plan import PlanError
+
+        raise PlanError("plan: --stats is needed to choose what to drop, merge, slim or prune and to weigh bits by "
+                        "importance (collect them with `python -m explorer stats`); only a uniform --quantise "
+                        "plans without them")
     recipe = Plan.load(args.recipe).recipe if args.recipe is not None else None
     skip = [int(x) for x in args.skip_layers.split(",") if x.strip()]
     model, tok, view = _load(args)
@@ -333,6 +341,9 @@ def cmd_apply(args) -> int:
         print(f"perplexity {summary['perplexity_before']['ppl']:.3f} -> {summary['perplexity_after']['ppl']:.3f}")
     out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=_source(args),
                  overwrite=args.overwrite)
+    stored = json.loads((out / "summary.json").read_text()).get("weight_format")
+    if stored and stored != widened:
+        print(f"note: {stored}")
     _print_report(rep)
     print(f"written to {out}" + ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
     return 0

@@ -6,7 +6,7 @@ unmodified model with these edits; apply writes the same tensors into a new mode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,7 @@ class LayerEdit:
     tensors: tuple | None = None  # (gate_up, down, gate_up_bias, down_bias) of the kept experts, in order
     slot: torch.Tensor | None = None  # long [E]: original expert -> row of ``tensors`` (-1: removed)
     skip: bool = False  # Layer Drop
+    notes: dict = field(default_factory=dict)  # operation name -> what its edit returned (e.g. quantisation scales)
 
 
 # ---- neuron bookkeeping across layouts --------------------------------------------------------------------
@@ -207,8 +208,11 @@ def layer_edit(lay: MoELayer, plan: Plan, stats=None, materialise: bool = False)
                 gu, dn = prune_expert(lay, per[e][0], per[e][1], in_imp[e].float().sqrt(), hid[e].float().sqrt(),
                                       float(p["sparsity"]), p.get("nm"))
                 per[e] = (gu, dn, per[e][2], per[e][3])
+        notes = {}
         for op, spec in ops:  # registered operations run last, on the experts that remain
-            op.edit(spec, lay, per, kept)
+            note = op.edit(spec, lay, per, kept)
+            if note is not None:
+                notes[op.name] = note
         tensors = tuple(None if per[kept[0]][j] is None else torch.stack([per[e][j] for e in kept]).to(dev)
                         for j in range(4))
-    return LayerEdit(keep=keep, kept=kept, tensors=tensors, slot=slot)
+    return LayerEdit(keep=keep, kept=kept, tensors=tensors, slot=slot, notes=notes)

@@ -147,6 +147,15 @@ def test_budget_planner_stays_within_its_budget_and_gives_bits_by_importance():
 
 
 def test_cli_plan_preview_apply_and_reload(demo, tmp_path, capsys):
+    """The issue's commands: plan, preview, apply; the export stores the experts packed (compressed-tensors),
+    takes at most 0.4x their bf16 bytes, reloads with plain transformers and with the explorer, and its perplexity
+    is the preview's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from explorer.data import load_data
+    from explorer.perplexity import perplexity
+
     def cli(*args):
         code = main([str(a) for a in args])
         out = capsys.readouterr()
@@ -154,17 +163,91 @@ def test_cli_plan_preview_apply_and_reload(demo, tmp_path, capsys):
         return out.out
 
     cli("stats", "demo", "--out", tmp_path / "s.json", "--max-tokens", "1024")
-    cli("plan", "demo", "--stats", tmp_path / "s.json", "--quantise", "4", "--group-size", "128",
+    # the demo's hidden size (192) is a multiple of 64, not of 128: groups of 64 pack
+    cli("plan", "demo", "--stats", tmp_path / "s.json", "--quantise", "4", "--group-size", "64",
         "--out", tmp_path / "p.json")
-    assert json.loads((tmp_path / "p.json").read_text())["quantise"] == {"bits": 4, "group_size": 128}
+    assert json.loads((tmp_path / "p.json").read_text())["quantise"] == {"bits": 4, "group_size": 64}
     out = cli("preview", "demo", tmp_path / "p.json", "--max-tokens", "1024")
     assert "with quantised experts" in out
     prev = float(out.split("preview perplexity ")[1].split()[0])
-    cli("apply", "demo", tmp_path / "p.json", "--out", tmp_path / "q4", "--max-tokens", "1024")
+    out = cli("apply", "demo", tmp_path / "p.json", "--out", tmp_path / "q4", "--max-tokens", "1024")
+    assert "stored packed" in out
     summary = json.loads((tmp_path / "q4" / "summary.json").read_text())
     assert summary["perplexity_after"]["ppl"] == pytest.approx(prev, rel=1e-4)
-    model, _, view = load_model(tmp_path / "q4", device="cpu")
-    gu = view[0].gate_up[0]  # [2I, H]: rows of H=192 inputs, groups of 128 and 64
-    assert max(len(torch.unique(row[:128])) for row in gu[:64]) <= 16  # 4 bits: at most 16 levels per group
-    assert min(len(torch.unique(row[:128])) for row in gu[:64]) > 8
+    assert "pack-quantized" in summary["weight_format"]
 
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    packed = dense = 0
+    with safe_open(str(tmp_path / "q4" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert not [k for k in keys if ".experts." in k and k.endswith(".weight")]  # no float expert left
+        for k in keys:
+            if ".experts." in k:
+                t = f.get_tensor(k)
+                packed += t.numel() * t.element_size()
+    base, _, base_view = load_model(device="cpu")
+    dense = sum(lay.expert_weight_params() * lay.num_experts for lay in base_view) * 2  # bf16 bytes
+    assert packed <= 0.4 * dense, (packed, dense)
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q4")  # stock transformers, no explorer code
+    model, tok, view = load_model(tmp_path / "q4", device="cpu")
+    ev = load_data(tok, "demo", max_tokens=1024).eval
+    assert perplexity(plain, ev).ppl == pytest.approx(prev, rel=1e-4)
+    assert perplexity(model, ev).ppl == pytest.approx(prev, rel=1e-4)
+    gu = view[0].gate_up[0]  # [2I, H]: rows of H=192 inputs in groups of 64
+    assert max(len(torch.unique(row[:64])) for row in gu[:64]) <= 16  # 4 bits: at most 16 levels per group
+    assert min(len(torch.unique(row[:64])) for row in gu[:64]) > 8
+
+
+def test_an_export_that_cannot_pack_says_why_and_stays_exact(demo, tmp_path, capsys):
+    """Groups of 128 do not divide the demo's 192 inputs; compressed-tensors cannot store a partial group, so the
+    export is dequantised, says so and names the group size that would pack; it still equals the preview."""
+    from explorer.data import load_data
+    from explorer.perplexity import perplexity
+
+    model, tok, view = load_model(device="cpu")
+    plan = quantise_plan(None, view, bits=4, group_size=128)
+    ev = load_data(tok, "demo", max_tokens=1024).eval
+    with previewing(model, view, plan):
+        prev = perplexity(model, ev).ppl
+    assert main(["plan", "demo", "--quantise", "4", "--group-size", "128", "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["apply", "demo", str(tmp_path / "p.json"), "--out", str(tmp_path / "q"), "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "dequantised" in out and "192" in out and "group size of 64 would pack" in out
+    assert "quantization_config" not in json.loads((tmp_path / "q" / "config.json").read_text())
+    again, _, _ = load_model(tmp_path / "q", device="cpu")
+    assert perplexity(again, ev).ppl == pytest.approx(prev, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "qwen2_moe"])
+def test_an_export_packs_where_the_family_saves_experts_one_by_one(family, tmp_path):
+    """Each family's export reloads with plain transformers to the applied model's logits: packed where the family
+    saves one 2-D tensor per expert and projection, otherwise dequantised with a sentence that says why."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.apply import export
+
+    model = tiny_model(family, seed=5)
+    view = MoEModel(model)
+    plan = Plan(drop_experts={i: [1, 2] for i in range(len(view))}).combine(
+        Plan.loads('{"quantise": {"bits": 4, "group_size": 16}}'))
+    ids = _blocks(2).input_ids
+    with torch.no_grad():
+        with previewing(model, view, plan):
+            prev = model(ids).logits
+        new, _, layout = apply_plan(model, view, plan)
+        if layout is not None:
+            pytest.skip(f"{family}: per-layer shapes are written in the explorer's own layout")
+        out = export(new, None, plan, tmp_path / "q")
+        note = json.loads((out / "summary.json").read_text())["weight_format"]
+        cfg = json.loads((out / "config.json").read_text())
+        again = AutoModelForCausalLM.from_pretrained(out).eval()
+        got = again(ids).logits
+    torch.testing.assert_close(got, prev, rtol=1e-4, atol=1e-4)
+    if "quantization_config" in cfg:
+        assert "stored packed" in note
+    else:
+        assert "dequantised" in note and "layout" in note
+    if family in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"):  # per-expert 2-D tensors in their checkpoints
+        assert "stored packed" in note, note

@@ -42,12 +42,18 @@ class Operation:
         """Whether the operation changes the tensors of MoE layer ``lay`` (then they are materialised)."""
         return False
 
-    def edit(self, spec: Any, lay, per: dict, kept: list[int]) -> None:
+    def edit(self, spec: Any, lay, per: dict, kept: list[int]) -> Any:
         """Change the kept experts' tensors in ``per`` (expert id -> (gate_up, down, gate_up_bias, down_bias), in
-        the layer's own layout) in place; runs after merging, slimming and pruning."""
+        the layer's own layout) in place; runs after merging, slimming and pruning. What it returns is kept in
+        ``LayerEdit.notes[name]`` (and by apply on the new experts module) for the export to read."""
 
     def expert_bytes(self, spec: Any, lay, kept: list[int], params_per_expert: int) -> float | None:
         """Bytes of the layer's kept routed experts after the operation (None: two bytes a weight, as bf16)."""
+        return None
+
+    def write_export(self, spec: Any, model, folder) -> str | None:
+        """Rewrite the tensors ``save_pretrained`` put in ``folder`` (a staging folder, before it is committed) in
+        the operation's own stored format; returns a sentence for the export's summary, or None."""
         return None
 
     def out_of_core(self, spec: Any) -> str | None:

@@ -15,6 +15,7 @@ and one 16-bit scale per group.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,16 @@ def bits_per_weight(bits, group_size: int) -> float:
 
 def fake_quant(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) -> torch.Tensor:
     """``w`` rounded to ``bits`` group-wise along ``in_dim`` and dequantised, in ``w``'s dtype and layout."""
+    return quantise_tensor(w, bits, group_size, in_dim)[0]
+
+
+def quantise_tensor(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dequantised ``w`` in its dtype and layout, scales [rows, groups] with ``in_dim`` moved last, or None for 16).
+
+    The scales are what a compact export stores: the export's codes are ``round(w_dq / scale)``, exactly the
+    codes used here, so the reloaded model holds the preview's weights."""
     if bits == 16:
-        return w
+        return w, None
     x = w.float().movedim(in_dim, -1)
     shape = x.shape
     n = shape[-1]
@@ -71,7 +80,7 @@ def fake_quant(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) -> torc
     else:
         q = torch.clamp(torch.round(g / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     out = (q * scale).reshape(*shape[:-1], -1)[..., :n]
-    return out.movedim(-1, in_dim).to(w.dtype)
+    return out.movedim(-1, in_dim).to(w.dtype), scale[..., 0]
 
 
 def _in_dims(lay) -> tuple[int, int]:
@@ -154,14 +163,21 @@ class Quantise(Operation):
     def touches(self, spec: dict, lay) -> bool:
         return spec is not None and any(self.bits_of(spec, lay.index, e) != 16 for e in range(lay.num_experts))
 
-    def edit(self, spec: dict, lay, per: dict, kept: list[int]) -> None:
+    def edit(self, spec: dict, lay, per: dict, kept: list[int]) -> dict:
+        """Rounds the kept experts in ``per``; returns {expert: (bits, gate_up scales, down scales)}, which apply
+        keeps on the new model so that an export can store the codes (``write_compact``)."""
         d_gu, d_dn = _in_dims(lay)
+        scales = {}
         for e in kept:
             b = self.bits_of(spec, lay.index, e)
             if b == 16:
                 continue
             gu, dn, gb, db = per[e]
-            per[e] = (fake_quant(gu, b, spec["group_size"], d_gu), fake_quant(dn, b, spec["group_size"], d_dn), gb, db)
+            gu, s_gu = quantise_tensor(gu, b, spec["group_size"], d_gu)
+            dn, s_dn = quantise_tensor(dn, b, spec["group_size"], d_dn)
+            per[e] = (gu, dn, gb, db)
+            scales[e] = (b, s_gu, s_dn)
+        return scales
 
     def expert_bytes(self, spec: dict, lay, kept: list[int], params_per_expert: int) -> float:
         return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), spec["group_size"]) / 8
@@ -197,6 +213,9 @@ class Quantise(Operation):
     def preset_args(self, amount: float, criterion: str, method: str) -> dict:
         b = "fp8" if str(amount).lower() == "fp8" else int(float(amount))
         return {"bits": b, "criterion": criterion}
+
+    def write_export(self, spec: dict, model, folder) -> str | None:
+        return write_compact(spec, model, folder)
 
     def out_of_core(self, spec: dict) -> str | None:
         return ("quantise is applied in memory for now (the out-of-core editor copies or re-quantises the input's "
@@ -306,3 +325,141 @@ def _solve(cost: np.ndarray, size: np.ndarray, budget: float, k: int) -> np.ndar
         raise PlanError(f"quantise: no bit allocation fits the budget ({res.message})")
     return np.round(res.x).astype(bool)
 
+
+
+# ---- compact export (compressed-tensors pack-quantized) ----------------------------------------------------
+EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.(\w+)\.weight$")
+
+
+def compact_refusal(spec: dict) -> str | None:
+    """Why the export cannot be written packed (it is then written dequantised, in the model's dtype)."""
+    if spec["bits"] == "fp8" or any(b == "fp8" for v in spec["per_expert"].values() for b in v.values()):
+        return ("FP8 experts are written dequantised: transformers folds FP8 expert scales per channel only, and "
+                "these are per group")
+    widths = {spec["bits"]} | {b for v in spec["per_expert"].values() for b in v.values()}
+    if len(widths - {16}) > 1 or spec["layers"] is not None or 16 in widths:
+        return ("experts of several bit widths (or some left at 16 bits) are written dequantised: transformers reads "
+                "one quantisation scheme for all experts of a checkpoint")
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return ("the experts are written dequantised: the packed format needs compressed-tensors "
+                "(pip install -e \".[quant]\")")
+    return None
+
+
+def write_compact(spec: dict, model, folder) -> str | None:
+    """Store the quantised experts in ``folder``'s shards as compressed-tensors ``pack-quantized`` (int codes packed
+    in int32 plus one scale per group, the format vLLM and llm-compressor read); plain
+    ``transformers.from_pretrained`` dequantises them while loading, to exactly the weights the preview used.
+
+    Codes come from the dequantised weights and the scales the quantise edit kept (``round(w / scale)`` is exact),
+    so nothing is rounded twice. Scales are stored in the model's dtype (bf16-representable values). Where a family
+    saves its experts fused rather than one 2-D tensor per expert and projection, the export stays dequantised."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    why = compact_refusal(spec)
+    if why is not None:
+        return why
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..moe import _decoder_layers
+
+    bits, gs = spec["bits"], spec["group_size"]
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs)
+    scheme = QuantizationScheme(targets=["re:.*(?<!shared_)experts.*"], weights=args)
+    layers = _decoder_layers(model)
+    owners = {}  # decoder layer -> (experts module, {slot: (bits, s_gu, s_dn)})
+    for li, dl in enumerate(layers):
+        for mod in dl.modules():
+            note = getattr(mod, "_explorer_notes", {}).get("quantise")
+            if note:
+                owners[li] = (mod, note)
+    if not owners:
+        return None
+    wanted = {(li, slot) for li, (_, note) in owners.items() for slot in note}
+    shards = sorted(folder.glob("*.safetensors"))
+    new_shards, done = {}, {}
+    for shard in shards:
+        out, changed = {}, False
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                m = EXPERT_KEY.search(k)
+                if m and t.dim() == 2 and (int(m[1]), int(m[2])) in wanted:
+                    li, slot = int(m[1]), int(m[2])
+                    if t.shape[-1] % gs:
+                        return (f"the experts are written dequantised: the packed format needs each expert's input "
+                                f"size to be a multiple of the group size, and {k.split('.')[-2]} takes {t.shape[-1]} "
+                                f"inputs against groups of {gs}; a group size of "
+                                f"{max(g for g in GROUP_SIZES if t.shape[-1] % g == 0)} would pack")
+                    scale = _scale_rows(owners[li][0], owners[li][1][slot], slot, t)
+                    if scale is not None:
+                        packed = PackedQuantizationCompressor.compress({"weight": t, "weight_scale": scale.to(t.dtype)},
+                                                                      scheme)
+                        base = k[: -len("weight")]
+                        for name, v in packed.items():
+                            out[base + name] = v.contiguous()
+                        done[(li, slot)] = done.get((li, slot), 0) + 1
+                        changed = True
+                        continue
+                out[k] = t
+        new_shards[shard] = (out, changed)
+    proj = {li: _projections(mod) for li, (mod, _) in owners.items()}
+    missing = [x for x in wanted if done.get(x, 0) != proj[x[0]]]
+    if missing:
+        return ("the experts are written dequantised: this family saves them in a layout the packed format does "
+                f"not cover (decoder layer {missing[0][0]}, expert {missing[0][1]})")
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    for shard, (out, changed) in new_shards.items():
+        if changed:
+            save_file(out, str(shard), metadata={"format": "pt"})
+            if weight_map is not None:
+                for k in [k for k, v in weight_map.items() if v == shard.name and k not in out]:
+                    del weight_map[k]
+                weight_map.update({k: shard.name for k in out})
+    if weight_map is not None:
+        data = json.loads(index.read_text())
+        data["weight_map"] = weight_map
+        data.get("metadata", {}).pop("total_size", None)
+        index.write_text(json.dumps(data, indent=2))
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}},
+        "ignore": ["lm_head"]}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return (f"experts stored packed ({bits}-bit codes, one scale per {gs} inputs; compressed-tensors pack-quantized): "
+            "transformers dequantises them while loading")
+
+
+def _projections(experts) -> int:
+    """How many 2-D tensors a saved expert has: gate, up and down, or up and down."""
+    gu = experts.gate_up_proj if hasattr(experts, "gate_up_proj") else None
+    return 3 if gu is not None else 2
+
+
+def _scale_rows(experts, note, slot: int, saved: torch.Tensor) -> torch.Tensor | None:
+    """The scales [out, groups] of one saved [out, in] expert tensor: the rows of the fused tensor it was cut from,
+    found by exact equality (gate and up halves, or interleaved rows, depending on the family)."""
+    _, s_gu, s_dn = note
+    for name, s in (("gate_up_proj", s_gu), ("up_proj", s_gu), ("down_proj", s_dn)):
+        w = getattr(experts, name, None)
+        if not isinstance(w, torch.Tensor) or s is None:
+            continue
+        for rows_in in (w[slot], w[slot].T):  # [out, in] in either stored layout
+            n = rows_in.shape[0]
+            if n != s.shape[0]:
+                continue
+            for sel in (slice(None), slice(0, n // 2), slice(n // 2, None), slice(0, None, 2), slice(1, None, 2)):
+                part = rows_in[sel]
+                if part.shape == saved.shape and torch.equal(part, saved):
+                    return s[sel]
+    return None
