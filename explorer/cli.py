@@ -115,19 +115,57 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _tasks_first(args):
+    """The tasks of --tasks, built before any model loads (a missing extra or unreachable data is said first)."""
+    if not getattr(args, "tasks", None):
+        return None
+    from .tasks import check, resolve
+
+    tasks = resolve(args.tasks)
+    check(tasks)
+    return tasks
+
+
+def _task_scores(model, tok, tasks, args) -> dict:
+    from .tasks import evaluate_tasks
+
+    return evaluate_tasks(model, tok, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                          batch_size=args.task_batch_size)
+
+
 def cmd_eval(args) -> int:
     from .perplexity import perplexity
+    from .tasks import format_scores
 
+    tasks = _tasks_first(args)
     model, tok, view = _load(args)
-    ds = _data(args, tok, model)
-    res = perplexity(model, ds.eval, batch_size=args.batch_size)
+    out = {}
+    if not args.no_perplexity:
+        ds = _data(args, tok, model)
+        res = perplexity(model, ds.eval, batch_size=args.batch_size)
+        out["perplexity"] = res.to_dict()
+    if tasks is not None:
+        out["tasks"] = _task_scores(model, tok, tasks, args)
     if args.json:
-        print(json.dumps(res.to_dict()))
+        print(json.dumps(out if tasks is not None else out.get("perplexity"), default=float))
         return 0
-    print(res)
-    for name, d in res.per_domain.items():
-        print(f"  {name:<14} ppl {d['ppl']:9.3f}  bpb {d['bpb']:.4f}  tokens {d['tokens']:,}")
+    if "perplexity" in out:
+        print(res)
+        for name, d in res.per_domain.items():
+            print(f"  {name:<14} ppl {d['ppl']:9.3f}  bpb {d['bpb']:.4f}  tokens {d['tokens']:,}")
+    if tasks is not None:
+        sc = out["tasks"]
+        print(f"tasks ({sc['seconds']:.1f}s):")
+        print(format_scores(sc))
     return 0
+
+
+def _task_args(p) -> None:
+    p.add_argument("--tasks", default=None, help="lm-eval task accuracy: lm-eval task names (arc_easy,...), `demo` "
+                   "(the demo's offline tasks) or a folder of task YAMLs; needs the eval extra")
+    p.add_argument("--limit", type=float, default=None, help="tasks: the first N items of each (below 1: a share)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="tasks: examples in the prompt (task default)")
+    p.add_argument("--task-batch-size", type=int, default=32, help="tasks: requests per forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="stats.json or stats.npz")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_stats)
-    p = sub.add_parser("eval", help="perplexity on the evaluation split")
-    _model_args(p); _data_args(p)  # noqa: E702
+    p = sub.add_parser("eval", help="perplexity on the evaluation split, and task accuracy with --tasks")
+    _model_args(p); _data_args(p); _task_args(p)  # noqa: E702
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-perplexity", action="store_true", help="task accuracy only")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("plan", help="write a compression plan from statistics")
     _model_args(p)
@@ -177,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("plan")
     p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
+    _task_args(p)
+    p.add_argument("--generate", action="append", default=None, metavar="PROMPT",
+                   help="the original's and the preview's greedy continuations of PROMPT, side by side (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(fn=cmd_preview)
     p = sub.add_parser("apply", help="materialise a plan into a new model folder")
     _model_args(p); _data_args(p)  # noqa: E702
@@ -287,6 +330,7 @@ def cmd_preview(args) -> int:
 
     plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
     stats = RouterStats.load_file(args.stats) if args.stats else None
+    tasks = _tasks_first(args)
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
@@ -295,6 +339,20 @@ def cmd_preview(args) -> int:
     print(f"before: {base}")
     print(f"plan:   {res}  ({fmt_change(res.ppl / base.ppl - 1, 2)})")
     print(preview_report(preview_result(res, base, plan.report(view), time.perf_counter() - t)))
+    if tasks is not None:
+        from .preview import previewing
+        from .tasks import compare_scores
+
+        before = _task_scores(model, tok, tasks, args)
+        with previewing(model, view, plan, stats):
+            after = _task_scores(model, tok, tasks, args)
+        print(f"tasks, original -> preview ({before['seconds'] + after['seconds']:.1f}s):")
+        print(compare_scores(before, after))
+    if args.generate:
+        from .tasks import side_by_side
+
+        for row in side_by_side(model, view, plan, tok, args.generate, stats, args.max_new_tokens):
+            print(f"--- prompt: {row['prompt']!r}\n  original: {row['original']!r}\n  preview:  {row['preview']!r}")
     return 0
 
 

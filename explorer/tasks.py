@@ -1,0 +1,227 @@
+"""Downstream task accuracy with lm-evaluation-harness, on the original, a preview, an export or a student.
+
+The harness does the evaluating (its request batching, its metrics and standard errors); this module only says
+which tasks (lm-eval names, the demo's offline tasks, or a folder of task YAMLs), checks them before a model loads,
+and reads the numbers back. A preview is scored by running the harness inside ``explorer.preview.previewing``:
+the masks and edits act on the unmodified model, nothing is copied.
+
+lm-eval is an optional extra (``pip install -e ".[eval]"``); without it every entry point says so in words.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .loading import ASSETS
+
+DEMO_TASKS = ASSETS / "tasks"
+HEADLINE = ("acc", "exact_match", "acc_norm", "f1", "bleu")  # the metric shown first, in this order of preference
+
+
+class TaskError(ValueError):
+    """Tasks that cannot be run; the message says why (missing extra, unknown task, unreachable dataset)."""
+
+
+def require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as err:
+        raise TaskError("task accuracy needs lm-evaluation-harness, an optional extra: pip install -e \".[eval]\" "
+                        f"(or pip install 'lm-eval>=0.4.13,<0.5'); {err}") from None
+
+
+def _yaml_task(path: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text("utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise TaskError(f"task file {path} cannot be read: {str(err).splitlines()[0]}") from None
+    if not isinstance(cfg, dict) or "task" not in cfg:
+        raise TaskError(f"{path} is not an lm-eval task YAML (it has no `task:` name)")
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):  # local data files are read relative to the YAML, wherever the command runs
+        fixed = {}
+        for split, f in files.items():
+            p = Path(f) if Path(f).is_absolute() else path.parent / f
+            if not p.exists():
+                raise TaskError(f"task {cfg['task']!r} ({path}): its data file {f} is not there")
+            fixed[split] = str(p)
+        cfg = copy.deepcopy(cfg)
+        cfg["dataset_kwargs"]["data_files"] = fixed
+    return cfg
+
+
+def resolve(spec: str | list) -> list[dict | str]:
+    """Task configs or lm-eval names from ``spec``: comma-separated lm-eval task names, ``demo`` (the demo's
+    offline tasks), a demo task's name, a folder of task YAMLs or one YAML file."""
+    parts = [p.strip() if isinstance(p, str) else p for p in (spec.split(",") if isinstance(spec, str) else spec)
+             if not isinstance(p, str) or p.strip()]
+    if not parts:
+        raise TaskError("no tasks given: name lm-eval tasks (arc_easy,hellaswag...), `demo`, or a folder of task "
+                        "YAMLs")
+    out: list[dict | str] = []
+    for p in parts:
+        if isinstance(p, dict):  # already a task config
+            out.append(p)
+            continue
+        path = Path(p).expanduser()
+        if p == "demo":
+            out += [_yaml_task(y) for y in sorted(DEMO_TASKS.glob("*.yaml"))]
+        elif (DEMO_TASKS / f"{p}.yaml").exists():
+            out.append(_yaml_task(DEMO_TASKS / f"{p}.yaml"))
+        elif path.is_dir():
+            ys = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+            if not ys:
+                raise TaskError(f"the folder {path} holds no task YAML")
+            out += [_yaml_task(y) for y in ys]
+        elif path.suffix in (".yaml", ".yml"):
+            if not path.exists():
+                raise TaskError(f"task file not found: {path}")
+            out.append(_yaml_task(path))
+        else:
+            out.append(p)
+    return out
+
+
+def check(tasks: list[dict | str]) -> dict:
+    """Build every task (reads its dataset) before any model loads: an unknown name or a dataset that cannot be
+    reached (offline, no cache) is a TaskError in words. Returns lm-eval's task objects, to be reused."""
+    require_lm_eval()
+    import logging
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    names = [t for t in tasks if isinstance(t, str)]
+    tm = TaskManager()
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        raise TaskError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`; or give a folder "
+                        "of task YAMLs, or `demo`)")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return get_task_dict(list(tasks), tm)
+    except Exception as err:  # datasets raise many kinds: connection, file not found, missing config
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TaskError(f"the tasks' data cannot be read ({type(err).__name__}: {first}); tasks from the hub need "
+                        "a network or a datasets cache; the demo's tasks (`demo`) and task folders work offline") \
+            from None
+
+
+def evaluate_tasks(model, tokenizer, tasks: str | list, limit: int | float | None = None,
+                   num_fewshot: int | None = None, batch_size: int = 32,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """{task: {metric, value, stderr, n, metrics}} of ``model`` as it is now (inside ``previewing`` that is the
+    preview). ``limit``: the first N items of each task (a float below 1: that share)."""
+    require_lm_eval()
+    task_dict = check(resolve(tasks))
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    import logging
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              max_length=getattr(model.config, "max_position_embeddings", None))
+    t0 = time.perf_counter()
+    if progress:
+        progress(f"scoring {len(task_dict)} task(s)")
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(task_dict.values()), limit=limit, num_fewshot=num_fewshot,
+                                  bootstrap_iters=100, log_samples=False, verbosity="ERROR")
+    seconds = time.perf_counter() - t0
+    out = {}
+    for task, row in res["results"].items():
+        metrics = {}
+        for key, v in row.items():
+            if "," not in key or "_stderr" in key or not isinstance(v, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            se = row.get(f"{metric}_stderr,{filt}")
+            metrics[metric] = {"value": float(v), "stderr": float(se) if isinstance(se, (int, float)) else math.nan,
+                               "filter": filt}
+        if not metrics:
+            continue
+        head = next((m for m in HEADLINE if m in metrics), next(iter(metrics)))
+        n = (res.get("n-samples") or {}).get(task, {}).get("effective")
+        out[task] = {"metric": head, "value": metrics[head]["value"], "stderr": metrics[head]["stderr"], "n": n,
+                     "metrics": metrics}
+    out_meta = {"seconds": seconds, "requests": _requests(res)}
+    return {"tasks": out, **out_meta}
+
+
+def _requests(res: dict) -> int | None:
+    """How many requests the harness answered (for requests per second), where its results say."""
+    n = 0
+    for task, cfg in (res.get("configs") or {}).items():
+        k = len(cfg.get("doc_to_choice") or []) if isinstance(cfg.get("doc_to_choice"), list) else None
+        items = (res.get("n-samples") or {}).get(task, {}).get("effective") or 0
+        n += items * (k or (4 if cfg.get("output_type") == "multiple_choice" else 1))
+    return n or None
+
+
+def format_scores(scores: dict) -> str:
+    lines = []
+    for task, s in scores["tasks"].items():
+        se = "" if math.isnan(s["stderr"]) else f" ± {100 * s['stderr']:.1f}"
+        lines.append(f"  {task:<28} {s['metric']:<12} {100 * s['value']:6.1f}{se}  (n={s['n']})")
+    return "\n".join(lines)
+
+
+def compare_scores(before: dict, after: dict) -> str:
+    """Two score sets task by task: before, after, the change and whether it is beyond twice the standard error."""
+    lines = []
+    for task, a in before["tasks"].items():
+        b = after["tasks"].get(task)
+        if b is None:
+            continue
+        d = b["value"] - a["value"]
+        se = math.sqrt(a["stderr"] ** 2 + b["stderr"] ** 2) if not (math.isnan(a["stderr"]) or
+                                                                     math.isnan(b["stderr"])) else math.nan
+        flag = "" if math.isnan(se) else ("  (within noise)" if abs(d) <= 2 * se else "  (beyond 2 s.e.)")
+        lines.append(f"  {task:<28} {a['metric']:<12} {100 * a['value']:6.1f} -> {100 * b['value']:6.1f} "
+                     f"({100 * d:+.1f}){flag}")
+    return "\n".join(lines)
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` (what the model as it is now says: inside ``previewing``, the preview)."""
+    import torch
+
+    outs = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt")["input_ids"].to(dev)
+            if not ids.numel():
+                raise TaskError("an empty prompt has nothing to continue")
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            outs.append(tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+def side_by_side(model, view, plan, tokenizer, prompts: list[str], stats=None, max_new_tokens: int = 32) -> list[dict]:
+    """[{prompt, original, preview}]: the original's and the preview's greedy continuations, same prompts."""
+    from .preview import previewing
+
+    orig = generate(model, tokenizer, prompts, max_new_tokens)
+    with previewing(model, view, plan, stats):
+        prev = generate(model, tokenizer, prompts, max_new_tokens)
+    return [{"prompt": p, "original": a, "preview": b} for p, a, b in zip(prompts, orig, prev)]
+
+
+DEMO_PROMPTS = ["def fibonacci(n):\n", "ROMEO.\nBut soft, what light", "In the beginning God created",
+                "The :mod:`json` module"]
+
+
+def summary_row(scores: dict) -> dict[str, Any]:
+    """{task: value} for tables (the Compare tab, RESULTS)."""
+    return {t: s["value"] for t, s in scores["tasks"].items()}
