@@ -25,6 +25,7 @@ import torch
 
 from explorer import figures
 from explorer.data import DataError
+from explorer.tasks import DEMO_PROMPTS
 from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError, recovered
 from explorer.loading import ModelLoadError
 from explorer.perplexity import fmt_ppl
@@ -192,17 +193,32 @@ COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexi
 
 
 def tried_table(s: Session) -> pd.DataFrame:
-    rows = [{"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
-             "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
-             "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
-            for e in s.compared()]
-    return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
+    """One row per plan tried; one column per scored task (accuracy in %, the original's in the header)."""
+    tasks = s.task_names() if s.loaded else []
+    cols = COMPARE_COLUMNS[:-1] + [f"{t} (orig {100 * s.base_tasks[t]:.1f})" for t in tasks] + COMPARE_COLUMNS[-1:]
+    rows = []
+    for e in s.compared():
+        row = {"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
+               "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
+               "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
+        for t, c in zip(tasks, cols[len(COMPARE_COLUMNS) - 1:]):
+            v = (e.get("tasks") or {}).get(t)
+            row[c] = None if v is None else round(100 * v, 1)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols)
 
 
 def pareto(s: Session):
     """Only plans measured on the same tokens as the original's perplexity are compared."""
     base = s.pareto_baseline() if s.loaded else None
-    return figures.pareto_figure(s.comparable() if s.loaded else [], base, s.pareto_x)
+    y = s.pareto_y if s.loaded and (s.pareto_y == "ppl" or s.pareto_y[5:] in s.task_names()) else "ppl"
+    return figures.pareto_figure(s.comparable() if s.loaded else [], base, s.pareto_x, y)
+
+
+def pareto_y_choices(s: Session):
+    choices = [("perplexity", "ppl")] + [(f"{t} accuracy", f"task:{t}") for t in (s.task_names() if s.loaded else [])]
+    value = s.pareto_y if s.loaded and s.pareto_y in [c[1] for c in choices] else "ppl"
+    return gr.update(choices=choices, value=value)
 
 
 def plan_file(s: Session) -> str | None:
@@ -307,6 +323,13 @@ def plan_tab() -> SimpleNamespace:
             json_btn = gr.Button("Use edited JSON")
             download = gr.DownloadButton("Download plan.json")
             upload = gr.UploadButton("Upload a plan", file_types=[".json", ".yaml", ".yml"])
+        with gr.Accordion("What does the cut model say? Greedy continuations, original beside preview", open=False):
+            with gr.Row():
+                gen_prompts = gr.Textbox("\n".join(x.replace("\n", "\\n") for x in DEMO_PROMPTS), lines=4, scale=3,
+                                         label="prompts, one per line (write \\n for a line break inside one)")
+                gen_tokens = gr.Slider(4, 128, value=32, step=4, scale=1, label="new tokens")
+                gen_btn = gr.Button("Generate both", scale=1)
+            gen_out = gr.HTML()
     return SimpleNamespace(**locals())
 
 
@@ -334,6 +357,14 @@ def compare_tab() -> SimpleNamespace:
             remeasure_btn = gr.Button("Re-measure stale plans on the current text", scale=3)
             pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes")], value="params", scale=1,
                                 label="Pareto chart: size as")
+            pareto_y = gr.Dropdown([("perplexity", "ppl")], value="ppl", scale=1, label="Pareto chart: quality as")
+        with gr.Accordion("Task accuracy (lm-evaluation-harness; minutes, so off until asked)", open=False):
+            with gr.Row():
+                tasks = gr.Textbox(value="demo", scale=3, label="tasks: `demo` (offline), lm-eval names "
+                                   "(arc_easy,hellaswag: need the hub), or a folder of task YAMLs")
+                task_limit = gr.Number(value=200, precision=0, minimum=0, scale=1,
+                                       label="items per task (0: all)")
+                tasks_btn = gr.Button("Score tasks: original and every plan", scale=1)
         pareto = gr.Plot(label="size against perplexity")
         with gr.Row():
             out_dir = gr.Textbox(value="compressed", scale=3,
@@ -584,6 +615,33 @@ def on_pareto_x(s, x):
 
 
 @friendly
+def on_generate(s, prompts, tokens):
+    s = _sess(s)
+    return figures.side_by_side_html(s.side_by_side(prompts or "", int(tokens)))
+
+
+@friendly
+def on_pareto_y(s, y):
+    s = _sess(s)
+    s.pareto_y = y or "ppl"
+    return pareto(s)
+
+
+@friendly
+def on_score_tasks(s, tasks, limit, progress=gr.Progress()):
+    s = _sess(s)
+    s.require()
+    t0 = time.perf_counter()
+
+    def step(frac, what):
+        left = "" if frac <= 0 else f", about {(time.perf_counter() - t0) * (1 - frac) / frac:.0f}s left"
+        progress(frac, desc=f"{what}{left}")
+
+    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=step)
+    return tried_table(s), pareto_y_choices(s), pareto(s)
+
+
+@friendly
 def on_remeasure(s, progress=gr.Progress()):
     s = _sess(s)
     s.require()
@@ -641,6 +699,7 @@ def wire_plan(state, p, r, c) -> None:
     p.preset_btn.click(on_preset, [state, p.preset, p.amount, p.crit, p.method, p.mode, p.protect], outs)
     p.clear_btn.click(on_clear, [state], outs)
     p.json_btn.click(on_json, [state, p.plan_json], outs)
+    p.gen_btn.click(on_generate, [state, p.gen_prompts, p.gen_tokens], p.gen_out)
     p.upload.upload(on_upload, [state, p.upload], outs)
 
 
@@ -659,6 +718,8 @@ def wire_compare(state, c) -> None:
     c.zip_btn.click(on_zip, [state], [state, c.msg, c.file])
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
     c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)
+    c.pareto_y.change(on_pareto_y, [state, c.pareto_y], c.pareto)
+    c.tasks_btn.click(on_score_tasks, [state, c.tasks, c.task_limit], [c.tried, c.pareto_y, c.pareto])
     c.tab.select(on_compare_tab, [state], [c.tried, c.pareto])
 
 

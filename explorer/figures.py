@@ -246,33 +246,48 @@ PARETO_AXES = {"params": ("parameters", "%{x:,} params"), "bytes": ("bytes (quan
                                                                     "the rest bf16)", "%{x:,} bytes")}
 
 
-def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "params") -> go.Figure:
-    """Every plan tried: size (parameters, or bytes) against perplexity, the Pareto front (smaller, lower ppl)."""
+def _quality(e: dict, y: str):
+    """An entry's value on the chart's quality axis: perplexity, or accuracy of task NAME for ``task:NAME``."""
+    if y == "ppl":
+        return e.get("ppl")
+    return (e.get("tasks") or {}).get(y.split(":", 1)[1])
+
+
+def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "params", y: str = "ppl") -> go.Figure:
+    """Every plan tried: size (parameters, or bytes) against perplexity (lower is better) or a task's accuracy
+    (``task:NAME``, higher is better), and the Pareto front in red."""
     if x not in PARETO_AXES:
         raise ValueError(f"the Pareto chart's x-axis is one of {', '.join(PARETO_AXES)}, not {x!r}")
+    if y != "ppl" and not y.startswith("task:"):
+        raise ValueError(f"the Pareto chart's y-axis is ppl or task:NAME, not {y!r}")
     title, hover = PARETO_AXES[x]
-    f = _fig(title=f"Plans tried: {title.split(' (')[0]} vs perplexity (Pareto front in red)")
-    entries = [e for e in entries if e.get(x) is not None]
-    if baseline:
-        f.add_trace(go.Scatter(x=[baseline[x]], y=[baseline["ppl"]], mode="markers+text", text=["original"],
+    what = "perplexity" if y == "ppl" else f"{y[5:]} accuracy"
+    f = _fig(title=f"Plans tried: {title.split(' (')[0]} vs {what} (Pareto front in red)")
+    entries = [{**e, "_y": _quality(e, y)} for e in entries if e.get(x) is not None and _quality(e, y) is not None]
+    if baseline and _quality(baseline, y) is not None:
+        f.add_trace(go.Scatter(x=[baseline[x]], y=[_quality(baseline, y)], mode="markers+text", text=["original"],
                                textposition="top center", marker=dict(size=12, symbol="star", color="black"),
                                name="original"))
     plain = [e for e in entries if not e.get("distilled")]
     distilled = [e for e in entries if e.get("distilled")]
+    fmt = "ppl %{y:.3f}" if y == "ppl" else "accuracy %{y:.3f}"
     for group, name, marker in ((plain, "plans", dict(size=10, color=PALETTE[0])),
                                 (distilled, "distilled", dict(size=13, color=PALETTE[2], symbol="diamond"))):
         if group:
-            f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["ppl"] for e in group], mode="markers",
+            f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["_y"] for e in group], mode="markers",
                                    name=name, text=[e["name"] for e in group], marker=marker,
-                                   hovertemplate="%{text}<br>" + hover + "<br>ppl %{y:.3f}<extra></extra>"))
+                                   hovertemplate="%{text}<br>" + hover + "<br>" + fmt + "<extra></extra>"))
     if entries:
-        front = pareto_front(entries, x)
-        f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["ppl"] for e in front], mode="lines+markers",
+        front = pareto_front(entries, x, key="_y", higher=y != "ppl")
+        f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["_y"] for e in front], mode="lines+markers",
                                name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))
     f.update_xaxes(title=title)
-    ys_all = [e["ppl"] for e in entries] + ([baseline["ppl"]] if baseline else [])
-    f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys_all) else ""),
-                   type="log" if spans_orders(ys_all) else "linear")
+    if y == "ppl":
+        ys_all = [e["_y"] for e in entries] + ([baseline["ppl"]] if baseline else [])
+        f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys_all) else ""),
+                       type="log" if spans_orders(ys_all) else "linear")
+    else:
+        f.update_yaxes(title=f"{y[5:]} accuracy (lm-eval)")
     return f
 
 
@@ -287,10 +302,23 @@ def spans_orders(values, ratio: float = 50.0) -> bool:
     return bool(pos) and max(pos) / min(pos) > ratio
 
 
-def pareto_front(entries: list[dict], x: str = "params") -> list[dict]:
+def pareto_front(entries: list[dict], x: str = "params", key: str = "ppl", higher: bool = False) -> list[dict]:
+    """The entries no other beats on both size and quality (``key``; ``higher``: larger is better)."""
+    sign = -1.0 if higher else 1.0
     front, best = [], math.inf
-    for e in sorted(entries, key=lambda e: (e[x], e["ppl"])):
-        if e["ppl"] < best:
+    for e in sorted(entries, key=lambda e: (e[x], sign * e[key])):
+        if sign * e[key] < best:
             front.append(e)
-            best = e["ppl"]
+            best = sign * e[key]
     return front
+
+
+def side_by_side_html(rows: list[dict]) -> str:
+    """The original's and the preview's continuations of each prompt, in two columns (app and widgets)."""
+    import html as _h
+
+    cells = "".join(
+        f"<tr><td><pre>{_h.escape(r['prompt'])}</pre></td><td><pre>{_h.escape(r['original'])}</pre></td>"
+        f"<td><pre>{_h.escape(r['preview'])}</pre></td></tr>" for r in rows)
+    return ("<table class='side-by-side'><tr><th>prompt</th><th>original</th><th>preview (the plan)</th></tr>"
+            f"{cells}</table>")

@@ -54,6 +54,9 @@ class Session:
         self.data_source = "demo"
         self.block_len, self.max_tokens = block_len, max_tokens
         self.pareto_x = "params"  # the Pareto chart's size axis: params or bytes
+        self.pareto_y = "ppl"  # the Pareto chart's quality axis: ppl, or "task:NAME" once tasks are scored
+        self.task_key: tuple | None = None  # (tasks, limit) the Compare table's task columns were scored with
+        self.base_tasks: dict | None = None  # the original's task scores under task_key
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
         self._vocab: tuple[str, VocabRouting] | None = None
@@ -308,7 +311,78 @@ class Session:
     def pareto_baseline(self) -> dict:
         """The original model as a point of the Pareto chart: parameters, bytes in bf16, perplexity."""
         n = self.view.summary()["params_total"]
-        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl}
+        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl, "tasks": self.base_tasks or {}}
+
+    def score_tasks(self, tasks: str, limit: int | None = 200, progress=None) -> list[dict]:
+        """Task accuracy (lm-eval) of the original and of every comparable plan tried, previews scored through
+        their masks and edits and distilled students as they are; one column per task in Compare. Minutes on the
+        demo: off until asked. ``limit``: items per task (None: all)."""
+        from .preview import previewing
+        from .tasks import check, evaluate_tasks, resolve, summary_row
+
+        self.require()
+        cfgs = resolve(tasks)
+        check(cfgs)  # unknown tasks or unreachable data: said before any scoring
+        key = (tasks, limit)
+        if not self.lock.acquire(blocking=False):
+            raise SessionError("a distillation or another long job is running in this session: task scoring "
+                               "waits until it ends")
+        try:
+            if self.task_key != key:
+                self.base_tasks = None
+                for e in self.tried:
+                    e.pop("tasks", None)
+            self.task_key = key
+            todo = [e for e in self.comparable() if "tasks" not in e]
+            n = len(todo) + (self.base_tasks is None)
+            done = 0
+
+            def step(what):
+                nonlocal done
+                if progress:
+                    progress(done / max(n, 1), f"tasks: {what} ({done + 1} of {n})")
+                done += 1
+
+            if self.base_tasks is None:
+                step("the original")
+                self.base_tasks = summary_row(evaluate_tasks(self.model, self.tok, cfgs, limit=limit))
+            for e in todo:
+                step(e["name"])
+                if e.get("distilled"):
+                    d = self.students.get(_key(Plan.from_dict(e["plan"])))
+                    if d is None:
+                        continue
+                    row = summary_row(evaluate_tasks(d.student, self.tok, cfgs, limit=limit))
+                else:
+                    with previewing(self.model, self.view, Plan.from_dict(e["plan"]), self.stats):
+                        row = summary_row(evaluate_tasks(self.model, self.tok, cfgs, limit=limit))
+                for t in self.tried:  # the entry as stored (compared() hands out copies)
+                    if t["plan"] == e["plan"] and bool(t.get("distilled")) == bool(e.get("distilled")):
+                        t["tasks"] = row
+        finally:
+            self.lock.release()
+        return self.compared()
+
+    def side_by_side(self, prompts: str | list[str], max_new_tokens: int = 32) -> list[dict]:
+        """The original's and the current plan's greedy continuations of each prompt (one per line when a string)."""
+        from .tasks import DEMO_PROMPTS, side_by_side
+
+        self.require()
+        if isinstance(prompts, str):
+            prompts = [p.replace("\\n", "\n") for p in prompts.splitlines() if p.strip()]
+        prompts = prompts or DEMO_PROMPTS
+        if not 1 <= int(max_new_tokens) <= 256:
+            raise SessionError("continuations are 1 to 256 tokens long")
+        if not self.lock.acquire(blocking=False):
+            raise SessionError("a distillation or another long job is running in this session: generation waits "
+                               "until it ends")
+        try:
+            return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats, int(max_new_tokens))
+        finally:
+            self.lock.release()
+
+    def task_names(self) -> list[str]:
+        return list(self.base_tasks or {})
 
     def comparable(self) -> list[dict]:
         """The plans tried on the current evaluation text: what may stand beside the original's perplexity."""

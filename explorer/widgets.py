@@ -300,6 +300,30 @@ class DistillView(W.VBox):
         return self.thread
 
 
+class GenerateView(W.VBox):
+    """What the cut model says: greedy continuations of the original and of the current plan, side by side."""
+
+    def __init__(self, session: Session):
+        from .tasks import DEMO_PROMPTS
+
+        self.s = session
+        self.prompts = W.Textarea("\n".join(x.replace("\n", "\\n") for x in DEMO_PROMPTS),
+                                  description="prompts", layout=W.Layout(width="100%", height="90px"))
+        self.tokens = W.IntSlider(32, min=4, max=128, step=4, description="new tokens")
+        go_btn = W.Button(description="Generate both", button_style="primary")
+        self.out = W.HTML()
+        self.err = _error_box()
+        go_btn.on_click(lambda _: self.run())
+        super().__init__([self.prompts, W.HBox([self.tokens, go_btn]), self.err, self.out])
+
+    def run(self) -> None:
+        try:
+            self.out.value = figures.side_by_side_html(self.s.side_by_side(self.prompts.value, self.tokens.value))
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+
+
 class Explorer(W.Tab):
     """Every view in tabs, sharing one session."""
 
@@ -310,9 +334,10 @@ class Explorer(W.Tab):
         self.tokens = TokenView(session)
         self.saliency = SaliencyView(session)
         self.distill = DistillView(session)
+        self.generate = GenerateView(session)
         self.plan.listeners.append(self.routing.redraw)
-        super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill])
-        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill"]):
+        super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill, self.generate])
+        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill", "Generate"]):
             self.set_title(i, t)
 
 

@@ -163,6 +163,34 @@ def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     assert by_params["layout"]["xaxis"]["title"]["text"] == "parameters"
 
 
+def test_task_accuracy_columns_and_pareto_axis(client):
+    """Scoring tasks from the Compare tab: a column per task (the original's accuracy in its header), the Pareto
+    chart's quality axis offers each task, and an unknown task is a message, not a traceback."""
+    pytest.importorskip("lm_eval")
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2], "1": [3, 4]}}', api_name="/on_json")
+    table, ychoices, fig = client.predict("demo_next_line_code,demo_next_word", 30, api_name="/on_score_tasks")
+    cols = table["headers"]
+    code = next(c for c in cols if c.startswith("demo_next_line_code (orig "))
+    assert any(c.startswith("demo_next_word (orig ") for c in cols)
+    row = next(r for r in table["data"] if "drop" in r[0])
+    assert 0 <= float(row[cols.index(code)]) <= 100
+    assert "task:demo_next_line_code" in [c[1] for c in ychoices["choices"]]
+    by_task = json.loads(client.predict("task:demo_next_line_code", api_name="/on_pareto_y")["plot"])
+    assert by_task["layout"]["yaxis"]["title"]["text"].startswith("demo_next_line_code accuracy")
+    ys = [y for t in by_task["data"] if t["name"] in ("plans", "original") for y in t["y"]]
+    assert ys and all(0 <= y <= 1 for y in ys)
+    with pytest.raises(Exception, match="unknown lm-eval task"):
+        client.predict("no_such_task_here", 10, api_name="/on_score_tasks")
+
+
+def test_generation_side_by_side(client):
+    _load(client)
+    client.predict('{"drop_layers": [0, 1, 2]}', api_name="/on_json")
+    html = client.predict("In the beginning\ndef f(x):\\n", 8, api_name="/on_generate")
+    assert "preview (the plan)" in html and "In the beginning" in html and "def f(x):\n" in html
+
+
 def test_download_gives_the_current_plan(client):
     _load(client)
     for plan in ('{"drop_experts": {"0": [1, 2]}}', '{"drop_experts": {"1": [3]}}'):

@@ -283,3 +283,29 @@ def test_every_chart_names_its_axes_and_colour_scales(session):
         for t in f.data:
             if t.type == "heatmap":
                 assert t.colorbar.title.text, name
+
+
+def test_generate_view_shows_original_and_preview_side_by_side(session):
+    from explorer.plan import Plan
+    from explorer.widgets import Explorer
+
+    session.set_plan(Plan(drop_layers=[0, 1, 2]))
+    ex = Explorer(session)
+    ex.generate.prompts.value = "def fibonacci(n):\\n\nIn the beginning"
+    ex.generate.tokens.value = 12
+    ex.generate.run()
+    html = ex.generate.out.value
+    assert "def fibonacci(n):\n" in html and "In the beginning" in html and "preview (the plan)" in html
+    rows = session.side_by_side("In the beginning", 12)
+    assert rows[0]["original"] != rows[0]["preview"]  # three MoE sub-layers gone: the text changes
+    assert rows[0]["original"] in html
+    ex.generate.tokens.value = 4
+    session.lock.acquire()  # a long job runs: said in the view, not raised
+    try:
+        ex.generate.run()
+    finally:
+        session.lock.release()
+    assert "long job" in ex.generate.err.value
+    with pytest.raises(ValueError, match="1 to 256 tokens"):
+        session.side_by_side("hello", 0)
+    session.set_plan(Plan())
