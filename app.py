@@ -24,18 +24,17 @@ import pandas as pd
 import torch
 
 from explorer import figures
-from explorer.data import DataError
-from explorer.tasks import DEMO_PROMPTS
-from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, DistillError, recovered
-from explorer.loading import ModelLoadError
+from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, recovered
+from explorer.errors import ExplorerError
 from explorer.perplexity import fmt_ppl
-from explorer.plan import PRUNE_METHODS, Plan, PlanError
-from explorer.report import preview_report
+from explorer.plan import PRUNE_METHODS, Plan
 from explorer.planners import MERGE_METHODS
+from explorer.report import preview_report
 from explorer.saliency import CRITERIA, SIMILARITIES
 from explorer.session import PRESETS, Session, SessionError
+from explorer.tasks import DEMO_PROMPTS
 
-USER_ERRORS = (SessionError, PlanError, ModelLoadError, DataError, DistillError, ValueError, FileNotFoundError,
+USER_ERRORS = (ExplorerError, ValueError, FileNotFoundError,
                KeyError, FloatingPointError)
 DEFAULT_MODEL = "demo"
 DEFAULTS = DistillConfig()  # the Distill tab's defaults are the library's

@@ -93,10 +93,10 @@ def _drop_moe_sublayer(lay: MoELayer, drop_norm: bool = False) -> None:
         dl.post_attention_layernorm = nn.Identity()
 
 
-def _drop_blocks(model: nn.Module, view: MoEModel, drop: list[int]) -> None:
+def _drop_blocks(model: nn.Module, view: MoEModel, plan: Plan) -> None:
     layers = view.decoder_layers
     n_old = len(layers)
-    keep = [i for i in range(n_old) if i not in set(drop)]
+    keep = plan.kept_blocks(n_old)
     new = nn.ModuleList([layers[i] for i in keep])
     for new_i, dl in enumerate(new):  # KV-cache indices follow the new numbering
         old_i = keep[new_i]
@@ -178,7 +178,7 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
                     setattr(mod, name, max(counts.values()))
     dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
     if plan.drop_blocks:
-        _drop_blocks(model, view, sorted(plan.drop_blocks))
+        _drop_blocks(model, view, plan)
         _check_layer_kinds(model, view, plan)
     if inters:  # after Block Drop: the config must describe the layers that are left
         attr = _intermediate_attr(cfg)
@@ -187,8 +187,7 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
         if not config_describes(model):  # e.g. shared experts sized by the same attribute: keep it as it was
             setattr(cfg, attr, before)
     n_dec_new = cfg.num_hidden_layers
-    old_to_new = {old: new for new, old in enumerate(i for i in range(len(view.decoder_layers))
-                                                   if i not in set(plan.drop_blocks))}
+    old_to_new = plan.block_map(len(view.decoder_layers))
     layout = {
         "fingerprint_before": fingerprint(view),
         "num_hidden_layers": n_dec_new,

@@ -508,11 +508,7 @@ def _write_shard(path: Path, outs: list[_Out], rd: _Reader) -> int:
 
 def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, int | None]]:
     names = {id(m): n for n, m in model.named_modules()}
-    n_old = len(view.decoder_layers)
-    keep = [i for i in range(n_old) if i not in set(plan.drop_blocks)]
-    remap: dict[int, int | None] = {i: None for i in range(n_old)}
-    remap.update({old: new for new, old in enumerate(keep)})
-    return names[id(view.decoder_layers)], remap
+    return names[id(view.decoder_layers)], plan.block_map(len(view.decoder_layers))
 
 
 def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], str]]:

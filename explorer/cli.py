@@ -16,9 +16,8 @@ import json
 import sys
 import time
 
-from .data import DataError
 from .distill import KL_KINDS, TRAINABLE, DistillConfig
-from .loading import ModelLoadError
+from .errors import ExplorerError
 
 
 def _at_least(n: int):
@@ -442,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: `{args.cmd}` stopped; what it was writing was removed, nothing half-written is left",
               file=sys.stderr)
         return 130
-    except (ModelLoadError, DataError, FileNotFoundError, ValueError, FloatingPointError) as err:
+    except (ExplorerError, FileNotFoundError, ValueError, FloatingPointError) as err:  # ValueError: torch's and
+        # transformers' own refusals of bad input (the explorer's are ExplorerError)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the disk filled up, or an operating-system refusal: words, not a traceback

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import ExplorerError
 from .loading import ASSETS
 
 CORPUS = ASSETS / "corpus"
 
 
-class DataError(ValueError):
+class DataError(ExplorerError):
     """Text could not be loaded or is unusable; the message says why."""
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .errors import ExplorerError
 from .apply import apply_plan
 from .data import TokenBlocks
 from .moe import MoEModel, forward_hooks
@@ -34,7 +35,7 @@ def recovered(teacher_ppl: float, cut_ppl: float, student_ppl: float) -> float |
     return None if gap <= 0 else (cut_ppl - student_ppl) / gap
 
 
-class DistillError(ValueError):
+class DistillError(ExplorerError):
     """Refused before anything runs (bad settings), or a run that went non-finite."""
 
 
@@ -322,7 +323,7 @@ class Distiller:
         parts = {"kl": kl}
         total = kl
         if need_hidden:
-            keep = [i for i in range(len(self.tview.decoder_layers)) if i not in set(self.plan.drop_blocks)]
+            keep = self.plan.kept_blocks(len(self.tview.decoder_layers))
             m = am.bool()
             hs = [F.mse_loss(sout.hidden_states[j + 1][m].float(), t_hidden[t + 1][m].float())
                   for j, t in enumerate(keep[:-1])]

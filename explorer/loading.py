@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .errors import ExplorerError
 from .moe import MoEModel, NoMoELayersError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -23,7 +24,7 @@ DEMO_MODEL = ASSETS / "demo-moe"
 _LOAD_LOCK = threading.Lock()
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ExplorerError):
     """A model could not be loaded; the message says why and what to do."""
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ExplorerError
+
 # --------------------------------------------------------------------------------------------------------
 # Family differences, in one place.
 #   gating:  how router logits become the k gates
@@ -73,7 +75,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class NoMoELayersError(ValueError):
+class NoMoELayersError(ExplorerError):
     pass
 
 

@@ -20,12 +20,14 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import ExplorerError
+
 EXPORT_MARKERS = ("plan.json", "summary.json")
 PARTIAL = ".explorer-partial-"
 OLD = ".explorer-old-"
 
 
-class OutputError(ValueError):
+class OutputError(ExplorerError):
     """An output path is refused; the message says why in words and what to do."""
 
 

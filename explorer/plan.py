@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from .errors import ExplorerError
 from .moe import MoEModel
 from .outputs import atomic_write
 
 PRUNE_METHODS = ("moe-pruner", "wanda")
 
 
-class PlanError(ValueError):
+class PlanError(ExplorerError):
     """A plan cannot be applied to this model; the message names the layer and the problem."""
 
 
@@ -315,6 +316,18 @@ class Plan:
     def kept(self, layer: int, num_experts: int) -> list[int]:
         gone = set(self.removed(layer))
         return [e for e in range(num_experts) if e not in gone]
+
+    def kept_blocks(self, n_blocks: int) -> list[int]:
+        """The decoder layers Block Drop leaves, in order (their new index is their place in this list)."""
+        gone = set(self.drop_blocks)
+        return [i for i in range(n_blocks) if i not in gone]
+
+    def block_map(self, n_blocks: int) -> dict[int, int | None]:
+        """Old decoder-layer index -> new one after Block Drop (None: dropped). The one owner of this renumbering:
+        apply, the checkpoint editor, distillation and the layout file all read it."""
+        remap: dict[int, int | None] = {i: None for i in range(n_blocks)}
+        remap.update({old: new for new, old in enumerate(self.kept_blocks(n_blocks))})
+        return remap
 
     def blocked_moe_layers(self, view: MoEModel) -> set[int]:
         blocks = set(self.drop_blocks)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ExplorerError
 from . import planners
 from .apply import apply_plan, export
 from .data import Dataset, load_data, text_blocks
@@ -41,7 +42,7 @@ def _key(plan: Plan) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-class SessionError(ValueError):
+class SessionError(ExplorerError):
     """A user-facing problem: the message is shown as it is."""
 
 

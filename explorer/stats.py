@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ExplorerError
 from .data import TokenBlocks
 from .moe import MoELayer, MoEModel, forward_hooks, input_device
 from .outputs import atomic_write
@@ -245,7 +246,7 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-class StatsFileError(ValueError):
+class StatsFileError(ExplorerError):
     """A statistics file that cannot be used; the message says why."""
 
 

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ExplorerError
 from .loading import ASSETS
 
 DEMO_TASKS = ASSETS / "tasks"
 HEADLINE = ("acc", "exact_match", "acc_norm", "f1", "bleu")  # the metric shown first, in this order of preference
 
 
-class TaskError(ValueError):
+class TaskError(ExplorerError):
     """Tasks that cannot be run; the message says why (missing extra, unknown task, unreachable dataset)."""
 
 

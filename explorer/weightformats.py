@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import ExplorerError
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
-class WeightFormatError(ValueError):
+class WeightFormatError(ExplorerError):
     """A quantised checkpoint is not what its config says (a scale grid that does not fit its weight, ...)."""
 
 

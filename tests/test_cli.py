@@ -98,3 +98,25 @@ def test_the_cli_takes_its_defaults_and_choices_from_the_library():
         assert getattr(args, name) == getattr(cfg, name), name
     actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["distill"]._actions}
     assert list(actions["kl"].choices) == list(KL_KINDS) and list(actions["train"].choices) == list(TRAINABLE)
+
+
+def test_every_refusal_shares_one_base():
+    """The app and the CLI catch one class for every problem the explorer says in words."""
+    from explorer.data import DataError
+    from explorer.distill import DistillError
+    from explorer.errors import ExplorerError
+    from explorer.loading import ModelLoadError
+    from explorer.moe import NoMoELayersError, UnsupportedModelError
+    from explorer.outputs import OutputError
+    from explorer.plan import PlanError
+    from explorer.session import SessionError
+    from explorer.stats import StatsFileError
+    from explorer.tasks import TaskError
+    from explorer.weightformats import WeightFormatError
+
+    for cls in (DataError, DistillError, ModelLoadError, NoMoELayersError, UnsupportedModelError, OutputError,
+                PlanError, SessionError, StatsFileError, TaskError, WeightFormatError):
+        assert issubclass(cls, ExplorerError) and issubclass(cls, ValueError), cls
+    import app
+
+    assert ExplorerError in app.USER_ERRORS
