@@ -322,6 +322,12 @@ def plan_tab() -> SimpleNamespace:
             json_btn = gr.Button("Use edited JSON")
             download = gr.DownloadButton("Download plan.json")
             upload = gr.UploadButton("Upload a plan", file_types=[".json", ".yaml", ".yml"])
+        with gr.Accordion("Task accuracy of this plan (lm-evaluation-harness; minutes)", open=False):
+            with gr.Row():
+                plan_tasks = gr.Textbox(value="demo", scale=3, label="tasks: `demo`, lm-eval names, or a folder")
+                plan_task_limit = gr.Number(value=200, precision=0, minimum=0, scale=1, label="items per task (0: all)")
+                plan_tasks_btn = gr.Button("Score the original and this plan", scale=1)
+            plan_tasks_out = gr.Markdown()
         with gr.Accordion("What does the cut model say? Greedy continuations, original beside preview", open=False):
             with gr.Row():
                 gen_prompts = gr.Textbox("\n".join(x.replace("\n", "\\n") for x in DEMO_PROMPTS), lines=4, scale=3,
@@ -620,6 +626,23 @@ def on_generate(s, prompts, tokens):
 
 
 @friendly
+def on_score_plan_tasks(s, tasks, limit, progress=gr.Progress()):
+    s = _sess(s)
+    s.require()
+    if s.plan.is_empty():
+        raise SessionError("the plan is empty: make or click a plan first, then score it")
+    s.preview()  # the plan has its row in Compare
+    t0 = time.perf_counter()
+
+    def step(frac, what):
+        left = "" if frac <= 0 else f", about {(time.perf_counter() - t0) * (1 - frac) / frac:.0f}s left"
+        progress(frac, desc=f"{what}{left}")
+
+    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=step, only_current=True)
+    return s.plan_task_markdown()
+
+
+@friendly
 def on_pareto_y(s, y):
     s = _sess(s)
     s.pareto_y = y or "ppl"
@@ -699,6 +722,7 @@ def wire_plan(state, p, r, c) -> None:
     p.clear_btn.click(on_clear, [state], outs)
     p.json_btn.click(on_json, [state, p.plan_json], outs)
     p.gen_btn.click(on_generate, [state, p.gen_prompts, p.gen_tokens], p.gen_out)
+    p.plan_tasks_btn.click(on_score_plan_tasks, [state, p.plan_tasks, p.plan_task_limit], p.plan_tasks_out)
     p.upload.upload(on_upload, [state, p.upload], outs)
 
 

@@ -58,6 +58,7 @@ class Session:
         self.pareto_y = "ppl"  # the Pareto chart's quality axis: ppl, or "task:NAME" once tasks are scored
         self.task_key: tuple | None = None  # (tasks, limit) the Compare table's task columns were scored with
         self.base_tasks: dict | None = None  # the original's task scores under task_key
+        self.base_task_stderr: dict | None = None
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
         self._vocab: tuple[str, VocabRouting] | None = None
@@ -314,10 +315,11 @@ class Session:
         n = self.view.summary()["params_total"]
         return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl, "tasks": self.base_tasks or {}}
 
-    def score_tasks(self, tasks: str, limit: int | None = 200, progress=None) -> list[dict]:
+    def score_tasks(self, tasks: str, limit: int | None = 200, progress=None, only_current: bool = False) -> list[dict]:
         """Task accuracy (lm-eval) of the original and of every comparable plan tried, previews scored through
         their masks and edits and distilled students as they are; one column per task in Compare. Minutes on the
-        demo: off until asked. ``limit``: items per task (None: all)."""
+        demo: off until asked. ``limit``: items per task (None: all). ``only_current``: the plan in force only (it
+        is previewed first, so it has a row); the Plan tab's button."""
         from .preview import previewing
         from .tasks import check, evaluate_tasks, resolve, summary_row
 
@@ -335,6 +337,8 @@ class Session:
                     e.pop("tasks", None)
             self.task_key = key
             todo = [e for e in self.comparable() if "tasks" not in e]
+            if only_current:
+                todo = [e for e in todo if e["plan"] == self.plan.to_dict()]
             n = len(todo) + (self.base_tasks is None)
             done = 0
 
@@ -346,7 +350,9 @@ class Session:
 
             if self.base_tasks is None:
                 step("the original")
-                self.base_tasks = summary_row(evaluate_tasks(self.model, self.tok, cfgs, limit=limit))
+                base = evaluate_tasks(self.model, self.tok, cfgs, limit=limit)
+                self.base_tasks = summary_row(base)
+                self.base_task_stderr = {t: v["stderr"] for t, v in base["tasks"].items()}
             for e in todo:
                 step(e["name"])
                 if e.get("distilled"):
@@ -381,6 +387,16 @@ class Session:
             return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats, int(max_new_tokens))
         finally:
             self.lock.release()
+
+    def plan_task_markdown(self) -> str:
+        """The plan in force against the original, task by task, with the noise flag (after ``score_tasks``)."""
+        from .tasks import compare_rows
+
+        row = next((e.get("tasks") for e in self.comparable()
+                    if e["plan"] == self.plan.to_dict() and not e.get("distilled")), None)
+        if not self.base_tasks or not row:
+            return ""
+        return compare_rows(self.base_tasks, row, self.base_task_stderr or {})
 
     def task_names(self) -> list[str]:
         return list(self.base_tasks or {})

@@ -192,6 +192,20 @@ def compare_scores(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_rows(base: dict, cut: dict, stderr: dict) -> str:
+    """Markdown: each task's accuracy, original against the plan, and whether the change is beyond twice the
+    standard error (the original's, times sqrt 2 for two equally sized measurements)."""
+    lines = ["| task | original | plan | change |", "|---|---|---|---|"]
+    for t, a in base.items():
+        b = cut.get(t)
+        if b is None:
+            continue
+        se = stderr.get(t, math.nan) * math.sqrt(2)
+        note = "" if math.isnan(se) else (" (noise)" if abs(b - a) <= 2 * se else " (beyond 2 s.e.)")
+        lines.append(f"| {t} | {100 * a:.1f} | {100 * b:.1f} | {100 * (b - a):+.1f}{note} |")
+    return "\n".join(lines)
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy continuations of ``prompts`` (what the model as it is now says: inside ``previewing``, the preview)."""
     import torch

@@ -182,6 +182,8 @@ def test_task_accuracy_columns_and_pareto_axis(client):
     assert ys and all(0 <= y <= 1 for y in ys)
     with pytest.raises(Exception, match="unknown lm-eval task"):
         client.predict("no_such_task_here", 10, api_name="/on_score_tasks")
+    md = client.predict("demo_next_word", 20, api_name="/on_score_plan_tasks")
+    assert md.startswith("| task | original | plan | change |") and "demo_next_word" in md
 
 
 def test_generation_side_by_side(client):

@@ -309,3 +309,30 @@ def test_generate_view_shows_original_and_preview_side_by_side(session):
     with pytest.raises(ValueError, match="1 to 256 tokens"):
         session.side_by_side("hello", 0)
     session.set_plan(Plan())
+
+
+def test_session_scores_tasks_of_plans_and_distilled_students(session):
+    """Compare's task columns: the original, a preview and a distilled student each scored; the Plan tab's table
+    for the plan in force; the chart's quality axis by task."""
+    pytest.importorskip("lm_eval")
+    from explorer import figures
+    from explorer.distill import DistillConfig
+    from explorer.plan import Plan
+
+    session.tried = []
+    plan = Plan(drop_experts={0: [1, 2], 1: [3, 4]})
+    session.set_plan(plan)
+    session.preview()
+    list(session.distill(DistillConfig(steps=4, eval_every=2, seed=0)))
+    rows = session.score_tasks("demo_next_line_code", limit=20)
+    cut = next(e for e in rows if not e.get("distilled") and e["plan"] == plan.to_dict())
+    student = next(e for e in rows if e.get("distilled"))
+    assert set(session.base_tasks) == {"demo_next_line_code"}
+    for e in (cut, student):
+        assert 0 <= e["tasks"]["demo_next_line_code"] <= 1
+    md = session.plan_task_markdown()
+    assert md.startswith("| task | original | plan | change |") and "demo_next_line_code" in md
+    fig = figures.pareto_figure(session.comparable(), session.pareto_baseline(), "params", "task:demo_next_line_code")
+    assert fig.layout.yaxis.title.text.startswith("demo_next_line_code accuracy")
+    assert len([t for t in fig.data if t.name in ("plans", "distilled", "original")]) == 3
+    session.set_plan(Plan())
