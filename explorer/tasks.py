@@ -88,16 +88,29 @@ def resolve(spec: str | list) -> list[dict | str]:
     return out
 
 
+_TASK_MANAGER = None
+
+
+def task_manager():
+    """lm-eval's index of its task YAMLs, built once per process (it reads thousands of files: about 9 s)."""
+    global _TASK_MANAGER
+    if _TASK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _TASK_MANAGER = TaskManager()
+    return _TASK_MANAGER
+
+
 def check(tasks: list[dict | str]) -> dict:
     """Build every task (reads its dataset) before any model loads: an unknown name or a dataset that cannot be
     reached (offline, no cache) is a TaskError in words. Returns lm-eval's task objects, to be reused."""
     require_lm_eval()
     import logging
 
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
     names = [t for t in tasks if isinstance(t, str)]
-    tm = TaskManager()
+    tm = task_manager()
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise TaskError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`; or give a folder "
@@ -136,7 +149,8 @@ def evaluate_tasks(model, tokenizer, tasks: str | list, limit: int | float | Non
     if progress:
         progress(f"scoring {len(task_dict)} task(s)")
     res = lm_eval.simple_evaluate(model=lm, tasks=list(task_dict.values()), limit=limit, num_fewshot=num_fewshot,
-                                  bootstrap_iters=100, log_samples=False, verbosity="ERROR")
+                                  bootstrap_iters=100, log_samples=False, verbosity="ERROR",
+                                  task_manager=task_manager())
     seconds = time.perf_counter() - t0
     out = {}
     for task, row in res["results"].items():

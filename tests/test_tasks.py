@@ -123,3 +123,16 @@ def test_the_shipped_tasks_come_from_the_held_out_split_only():
         assert all(len(x["choices"]) == 4 and x["choices"][x["label"]] for x in items)
         labels = torch.tensor([x["label"] for x in items])
         assert torch.bincount(labels, minlength=4).min() > len(items) / 8  # the answer is not always in one place
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A task whose data lives on the hub, offline and not cached: words, before any model loads."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    (tmp_path / "hub.yaml").write_text(
+        "task: needs_the_hub\ndataset_path: explorer-test/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: label\n")
+    code, out, err = _cli(capsys, "eval", tmp_path / "no-such-model", "--tasks", tmp_path / "hub.yaml")
+    assert code != 0 and "cannot be read" in err and "work offline" in err and "not found" not in err
