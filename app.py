@@ -631,7 +631,6 @@ def on_score_plan_tasks(s, tasks, limit, progress=gr.Progress()):
     s.require()
     if s.plan.is_empty():
         raise SessionError("the plan is empty: make or click a plan first, then score it")
-    s.preview()  # the plan has its row in Compare
     t0 = time.perf_counter()
 
     def step(frac, what):

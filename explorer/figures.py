@@ -317,8 +317,10 @@ def side_by_side_html(rows: list[dict]) -> str:
     """The original's and the preview's continuations of each prompt, in two columns (app and widgets)."""
     import html as _h
 
+    pre = "<pre style='white-space: pre-wrap; word-break: break-word; margin: 0'>"
     cells = "".join(
-        f"<tr><td><pre>{_h.escape(r['prompt'])}</pre></td><td><pre>{_h.escape(r['original'])}</pre></td>"
-        f"<td><pre>{_h.escape(r['preview'])}</pre></td></tr>" for r in rows)
-    return ("<table class='side-by-side'><tr><th>prompt</th><th>original</th><th>preview (the plan)</th></tr>"
+        f"<tr><td>{pre}{_h.escape(r['prompt'])}</pre></td><td>{pre}{_h.escape(r['original'])}</pre></td>"
+        f"<td>{pre}{_h.escape(r['preview'])}</pre></td></tr>" for r in rows)
+    return ("<table class='side-by-side' style='table-layout: fixed; width: 100%'><tr><th style='width: 20%'>prompt"
+            "</th><th>original</th><th>preview (the plan)</th></tr>"
             f"{cells}</table>")

@@ -59,6 +59,7 @@ class Session:
         self.task_key: tuple | None = None  # (tasks, limit) the Compare table's task columns were scored with
         self.base_tasks: dict | None = None  # the original's task scores under task_key
         self.base_task_stderr: dict | None = None
+        self.plan_tasks: dict[str, dict] = {}  # plan JSON -> its task scores under task_key
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
         self._vocab: tuple[str, VocabRouting] | None = None
@@ -327,18 +328,22 @@ class Session:
         cfgs = resolve(tasks)
         check(cfgs)  # unknown tasks or unreachable data: said before any scoring
         key = (tasks, limit)
-        if not self.lock.acquire(blocking=False):
+        if not self.lock.acquire(timeout=30):  # a preview of a click ends within seconds; a distillation does not
             raise SessionError("a distillation or another long job is running in this session: task scoring "
                                "waits until it ends")
         try:
             if self.task_key != key:
                 self.base_tasks = None
+                self.plan_tasks = {}
                 for e in self.tried:
                     e.pop("tasks", None)
             self.task_key = key
             todo = [e for e in self.comparable() if "tasks" not in e]
+            cur = self.plan.to_dict()
             if only_current:
-                todo = [e for e in todo if e["plan"] == self.plan.to_dict()]
+                todo = [e for e in todo if e["plan"] == cur]
+                if not todo and (self.plan_tasks or {}).get(self.plan.to_json()) is None:
+                    todo = [{"name": self.plan.describe(), "plan": cur}]  # not in Compare yet: scored all the same
             n = len(todo) + (self.base_tasks is None)
             done = 0
 
@@ -366,6 +371,8 @@ class Session:
                 for t in self.tried:  # the entry as stored (compared() hands out copies)
                     if t["plan"] == e["plan"] and bool(t.get("distilled")) == bool(e.get("distilled")):
                         t["tasks"] = row
+                if not e.get("distilled"):
+                    self.plan_tasks[Plan.from_dict(e["plan"]).to_json()] = row
         finally:
             self.lock.release()
         return self.compared()
@@ -392,8 +399,7 @@ class Session:
         """The plan in force against the original, task by task, with the noise flag (after ``score_tasks``)."""
         from .tasks import compare_rows
 
-        row = next((e.get("tasks") for e in self.comparable()
-                    if e["plan"] == self.plan.to_dict() and not e.get("distilled")), None)
+        row = (self.plan_tasks or {}).get(self.plan.to_json())
         if not self.base_tasks or not row:
             return ""
         return compare_rows(self.base_tasks, row, self.base_task_stderr or {})
