@@ -625,19 +625,24 @@ def on_generate(s, prompts, tokens):
     return figures.side_by_side_html(s.side_by_side(prompts or "", int(tokens)))
 
 
+def _with_eta(progress):
+    """Gradio's progress bar for a job that reports (fraction done, what): the time left is extrapolated."""
+    t0 = time.perf_counter()
+
+    def step(frac, what):
+        left = "" if frac <= 0 else f", about {(time.perf_counter() - t0) * (1 - frac) / frac:.0f}s left"
+        progress(frac, desc=f"{what}{left}")
+    return step
+
+
 @friendly
 def on_score_plan_tasks(s, tasks, limit, progress=gr.Progress()):
     s = _sess(s)
     s.require()
     if s.plan.is_empty():
         raise SessionError("the plan is empty: make or click a plan first, then score it")
-    t0 = time.perf_counter()
-
-    def step(frac, what):
-        left = "" if frac <= 0 else f", about {(time.perf_counter() - t0) * (1 - frac) / frac:.0f}s left"
-        progress(frac, desc=f"{what}{left}")
-
-    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=step, only_current=True)
+    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=_with_eta(progress),
+                  only_current=True)
     return s.plan_task_markdown()
 
 
@@ -652,13 +657,7 @@ def on_pareto_y(s, y):
 def on_score_tasks(s, tasks, limit, progress=gr.Progress()):
     s = _sess(s)
     s.require()
-    t0 = time.perf_counter()
-
-    def step(frac, what):
-        left = "" if frac <= 0 else f", about {(time.perf_counter() - t0) * (1 - frac) / frac:.0f}s left"
-        progress(frac, desc=f"{what}{left}")
-
-    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=step)
+    s.score_tasks(str(tasks or "").strip(), int(limit) if limit else None, progress=_with_eta(progress))
     return tried_table(s), pareto_y_choices(s), pareto(s)
 
 

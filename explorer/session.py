@@ -57,8 +57,7 @@ class Session:
         self.pareto_x = "params"  # the Pareto chart's size axis: params or bytes
         self.pareto_y = "ppl"  # the Pareto chart's quality axis: ppl, or "task:NAME" once tasks are scored
         self.task_key: tuple | None = None  # (tasks, limit) the Compare table's task columns were scored with
-        self.base_tasks: dict | None = None  # the original's task scores under task_key
-        self.base_task_stderr: dict | None = None
+        self.base_scores: dict | None = None  # the original's task scores under task_key (evaluate_tasks' "tasks")
         self.plan_tasks: dict[str, dict] = {}  # plan JSON -> its task scores under task_key
         self.stats: RouterStats | None = None
         self._scores: dict[str, list[np.ndarray]] = {}
@@ -314,13 +313,13 @@ class Session:
     def pareto_baseline(self) -> dict:
         """The original model as a point of the Pareto chart: parameters, bytes in bf16, perplexity."""
         n = self.view.summary()["params_total"]
-        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl, "tasks": self.base_tasks or {}}
+        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl, "tasks": self.base_tasks}
 
     def score_tasks(self, tasks: str, limit: int | None = 200, progress=None, only_current: bool = False) -> list[dict]:
         """Task accuracy (lm-eval) of the original and of every comparable plan tried, previews scored through
         their masks and edits and distilled students as they are; one column per task in Compare. Minutes on the
-        demo: off until asked. ``limit``: items per task (None: all). ``only_current``: the plan in force only (it
-        is previewed first, so it has a row); the Plan tab's button."""
+        demo: off until asked. ``limit``: items per task (None: all). ``only_current``: the plan in force only,
+        with or without a Compare row (the Plan tab's button)."""
         from .preview import previewing
         from .tasks import check, evaluate_tasks, resolve, summary_row
 
@@ -333,7 +332,7 @@ class Session:
                                "waits until it ends")
         try:
             if self.task_key != key:
-                self.base_tasks = None
+                self.base_scores = None
                 self.plan_tasks = {}
                 for e in self.tried:
                     e.pop("tasks", None)
@@ -342,9 +341,9 @@ class Session:
             cur = self.plan.to_dict()
             if only_current:
                 todo = [e for e in todo if e["plan"] == cur]
-                if not todo and (self.plan_tasks or {}).get(self.plan.to_json()) is None:
+                if not todo and self.plan.to_json() not in self.plan_tasks:
                     todo = [{"name": self.plan.describe(), "plan": cur}]  # not in Compare yet: scored all the same
-            n = len(todo) + (self.base_tasks is None)
+            n = len(todo) + (self.base_scores is None)
             done = 0
 
             def step(what):
@@ -353,11 +352,9 @@ class Session:
                     progress(done / max(n, 1), f"tasks: {what} ({done + 1} of {n})")
                 done += 1
 
-            if self.base_tasks is None:
+            if self.base_scores is None:
                 step("the original")
-                base = evaluate_tasks(self.model, self.tok, cfgs, limit=limit)
-                self.base_tasks = summary_row(base)
-                self.base_task_stderr = {t: v["stderr"] for t, v in base["tasks"].items()}
+                self.base_scores = evaluate_tasks(self.model, self.tok, cfgs, limit=limit)["tasks"]
             for e in todo:
                 step(e["name"])
                 if e.get("distilled"):
@@ -399,13 +396,18 @@ class Session:
         """The plan in force against the original, task by task, with the noise flag (after ``score_tasks``)."""
         from .tasks import compare_rows
 
-        row = (self.plan_tasks or {}).get(self.plan.to_json())
-        if not self.base_tasks or not row:
+        row = self.plan_tasks.get(self.plan.to_json())
+        if not self.base_scores or not row:
             return ""
-        return compare_rows(self.base_tasks, row, self.base_task_stderr or {})
+        return compare_rows(self.base_tasks, row, {t: v["stderr"] for t, v in self.base_scores.items()})
+
+    @property
+    def base_tasks(self) -> dict[str, float]:
+        """The original's accuracy per task, as the Compare columns show it ({} before any scoring)."""
+        return {t: v["value"] for t, v in (self.base_scores or {}).items()}
 
     def task_names(self) -> list[str]:
-        return list(self.base_tasks or {})
+        return list(self.base_tasks)
 
     def comparable(self) -> list[dict]:
         """The plans tried on the current evaluation text: what may stand beside the original's perplexity."""

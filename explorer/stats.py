@@ -395,11 +395,10 @@ class StatsObserver:
              else torch.ones_like(g, dtype=torch.float32))
         gf = g.float()
         norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-        wts = torch.zeros(3 * E, P, dtype=torch.float32, device=y.device)
+        wts = torch.zeros(2 * E, P, dtype=torch.float32, device=y.device)  # rows: [plain; gate²-weighted]
         pair = torch.arange(P, device=y.device)
         wts[eid, pair] = v
-        wts[E + eid, pair] = v
-        wts[2 * E + eid, pair] = gf * gf * v  # gate² per pair (MoE-Pruner weights tokens by their gate)
+        wts[E + eid, pair] = gf * gf * v  # gate² per pair (MoE-Pruner weights tokens by their gate)
         per_pair = torch.stack([gf * norm, self._reap_gates[tok, eid] * norm, norm], dim=1)
         sums = (wts[:E] @ per_pair).double()
         a["reap"] += sums[:, 0]
@@ -408,7 +407,7 @@ class StatsObserver:
         peak = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1, dtype=torch.float32)
         a["act_max"] = torch.maximum(a["act_max"], (wts[:E] * peak[None, :]).amax(1))
         a["out_sum"] += segment_sums(wts[:E], y)
-        sq = segment_sums(wts[E:], _square(h))
+        sq = segment_sums(wts, _square(h))
         a["neuron_sq"] += sq[:E]
         a["neuron_sq_gated"] += sq[E:]
 

@@ -101,21 +101,27 @@ def task_manager():
     return _TASK_MANAGER
 
 
+def _quiet() -> None:
+    """lm-eval logs every task it builds and every batch; the explorer reports the outcome itself."""
+    import logging
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def check(tasks: list[dict | str]) -> dict:
     """Build every task (reads its dataset) before any model loads: an unknown name or a dataset that cannot be
     reached (offline, no cache) is a TaskError in words. Returns lm-eval's task objects, to be reused."""
     require_lm_eval()
-    import logging
-
     from lm_eval.tasks import get_task_dict
 
+    _quiet()
     names = [t for t in tasks if isinstance(t, str)]
     tm = task_manager()
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         raise TaskError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`; or give a folder "
                         "of task YAMLs, or `demo`)")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         import warnings
 
@@ -134,15 +140,10 @@ def evaluate_tasks(model, tokenizer, tasks: str | list, limit: int | float | Non
                    progress: Callable[[str], None] | None = None) -> dict:
     """{task: {metric, value, stderr, n, metrics}} of ``model`` as it is now (inside ``previewing`` that is the
     preview). ``limit``: the first N items of each task (a float below 1: that share)."""
-    require_lm_eval()
-    task_dict = check(resolve(tasks))
+    task_dict = check(resolve(tasks))  # says first when lm-eval is missing
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    import logging
-
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
               max_length=getattr(model.config, "max_position_embeddings", None))
     t0 = time.perf_counter()
@@ -168,18 +169,12 @@ def evaluate_tasks(model, tokenizer, tasks: str | list, limit: int | float | Non
         n = (res.get("n-samples") or {}).get(task, {}).get("effective")
         out[task] = {"metric": head, "value": metrics[head]["value"], "stderr": metrics[head]["stderr"], "n": n,
                      "metrics": metrics}
-    out_meta = {"seconds": seconds, "requests": _requests(res)}
-    return {"tasks": out, **out_meta}
+    return {"tasks": out, "seconds": seconds, "requests": _requests(task_dict)}
 
 
-def _requests(res: dict) -> int | None:
-    """How many requests the harness answered (for requests per second), where its results say."""
-    n = 0
-    for task, cfg in (res.get("configs") or {}).items():
-        k = len(cfg.get("doc_to_choice") or []) if isinstance(cfg.get("doc_to_choice"), list) else None
-        items = (res.get("n-samples") or {}).get(task, {}).get("effective") or 0
-        n += items * (k or (4 if cfg.get("output_type") == "multiple_choice" else 1))
-    return n or None
+def _requests(task_dict: dict) -> int:
+    """How many requests the harness answered (for requests per second): the instances each task built."""
+    return sum(_requests(t) if isinstance(t, dict) else len(t.instances) for t in task_dict.values())
 
 
 def format_scores(scores: dict) -> str:
@@ -198,26 +193,33 @@ def compare_scores(before: dict, after: dict) -> str:
         if b is None:
             continue
         d = b["value"] - a["value"]
-        se = math.sqrt(a["stderr"] ** 2 + b["stderr"] ** 2) if not (math.isnan(a["stderr"]) or
-                                                                     math.isnan(b["stderr"])) else math.nan
-        flag = "" if math.isnan(se) else ("  (within noise)" if abs(d) <= 2 * se else "  (beyond 2 s.e.)")
+        flag = _noise(d, a["stderr"], b["stderr"])
         lines.append(f"  {task:<28} {a['metric']:<12} {100 * a['value']:6.1f} -> {100 * b['value']:6.1f} "
-                     f"({100 * d:+.1f}){flag}")
+                     f"({100 * d:+.1f}){flag and '  ' + flag}")
     return "\n".join(lines)
 
 
 def compare_rows(base: dict, cut: dict, stderr: dict) -> str:
     """Markdown: each task's accuracy, original against the plan, and whether the change is beyond twice the
-    standard error (the original's, times sqrt 2 for two equally sized measurements)."""
+    standard error (the original's stands for both: two measurements of equal size)."""
     lines = ["| task | original | plan | change |", "|---|---|---|---|"]
     for t, a in base.items():
         b = cut.get(t)
         if b is None:
             continue
-        se = stderr.get(t, math.nan) * math.sqrt(2)
-        note = "" if math.isnan(se) else (" (noise)" if abs(b - a) <= 2 * se else " (beyond 2 s.e.)")
-        lines.append(f"| {t} | {100 * a:.1f} | {100 * b:.1f} | {100 * (b - a):+.1f}{note} |")
+        se = stderr.get(t, math.nan)
+        note = _noise(b - a, se, se, "noise")
+        lines.append(f"| {t} | {100 * a:.1f} | {100 * b:.1f} | {100 * (b - a):+.1f}{note and ' ' + note} |")
     return "\n".join(lines)
+
+
+def _noise(change: float, se_a: float, se_b: float, within: str = "within noise") -> str:
+    """"(within noise)" or "(beyond 2 s.e.)" for a change between two scores, by their combined standard error;
+    "" when a standard error is unknown."""
+    se = math.hypot(se_a, se_b)
+    if math.isnan(se):
+        return ""
+    return f"({within})" if abs(change) <= 2 * se else "(beyond 2 s.e.)"
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:

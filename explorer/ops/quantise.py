@@ -442,8 +442,7 @@ def write_compact(spec: dict, model, folder) -> str | None:
 
 def _projections(experts) -> int:
     """How many 2-D tensors a saved expert has: gate, up and down, or up and down."""
-    gu = experts.gate_up_proj if hasattr(experts, "gate_up_proj") else None
-    return 3 if gu is not None else 2
+    return 3 if hasattr(experts, "gate_up_proj") else 2
 
 
 def _scale_rows(experts, note, slot: int, saved: torch.Tensor) -> torch.Tensor | None:
