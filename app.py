@@ -27,11 +27,10 @@ from explorer import figures
 from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, recovered
 from explorer.errors import ExplorerError
 from explorer.perplexity import fmt_ppl
-from explorer.plan import PRUNE_METHODS, Plan
-from explorer.planners import MERGE_METHODS
+from explorer.plan import Plan
 from explorer.report import preview_report
 from explorer.saliency import CRITERIA, SIMILARITIES
-from explorer.session import PRESETS, Session, SessionError
+from explorer.session import METHODS, PRESETS, Session, SessionError
 from explorer.tasks import DEMO_PROMPTS
 
 USER_ERRORS = (ExplorerError, ValueError, FileNotFoundError,
@@ -303,7 +302,7 @@ def plan_tab() -> SimpleNamespace:
             preset = gr.Dropdown(list(PRESETS), value="drop-experts", label="preset")
             amount = gr.Number(value=0.25, label="amount (fraction; count for merge/layers/blocks; bits for quantise)")
             crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
-            method = gr.Dropdown(list(MERGE_METHODS + PRUNE_METHODS), value=MERGE_METHODS[0],
+            method = gr.Dropdown(list(METHODS), value=METHODS[0],
                                  label="method (merge / prune)")
             mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
             protect = gr.Checkbox(label="protect super experts")

@@ -176,10 +176,11 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
             for name in ("num_experts", "num_local_experts"):
                 if mod is not None and getattr(mod, name, None) == old:
                     setattr(mod, name, max(counts.values()))
-    dropped_sub = [view[i].layer_idx for i in plan.drop_layers]
-    if plan.drop_blocks:
-        _drop_blocks(model, view, plan)
-        _check_layer_kinds(model, view, plan)
+    dropped_sub = [view[i].layer_idx for i in plan.dropped_layers()]
+    from .ops import OPS
+
+    for name, spec in plan.ops.items():  # structural changes (Block Drop removes decoder layers)
+        OPS[name].apply_model(spec, model, view, plan)
     if inters:  # after Block Drop: the config must describe the layers that are left
         attr = _intermediate_attr(cfg)
         before = getattr(cfg, attr)
@@ -221,7 +222,7 @@ def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:
     have = _kinds(_stack(model))
     bad = [i for i, (a, b) in enumerate(zip(want, have)) if a != b and not any("DroppedMoE" in x for x in b)]
     if bad or len(want) != len(have):
-        raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {sorted(plan.drop_blocks)} the config's "
+        raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {plan.dropped_blocks()} the config's "
                         f"layer pattern no longer matches the layers kept (first at new layer {bad[0] if bad else '?'}"
                         "): this family sets layer kinds by a period; drop other blocks (at the end), or use Layer "
                         "Drop")

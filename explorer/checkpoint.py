@@ -29,7 +29,7 @@ import torch
 from .moe import BLOCK_ATTRS, MoEModel, expert_dim
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
-from .transform import group_energy, group_weights, top_neurons, up_positions
+from .transform import up_positions
 from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, check_int_weights, dequant_fp8,
                             dequant_mxfp4, fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
@@ -131,31 +131,19 @@ def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
         stats.check_fits(view)
     from .ops import OPS
 
-    for name, spec in plan.ops.items():
-        why = OPS[name].out_of_core(spec)
+    for name, spec in plan.ops.items():  # each operation says whether it can be done shard by shard
+        why = OPS[name].out_of_core(spec, plan, view, stats, config, model)
         if why:
             raise PlanError(f"out-of-core apply: {why}")
-    missing = [name for name, used in (("prune", plan.prune is not None), ("merge_align", plan.merge_align)) if used]
-    if missing:
-        raise PlanError(f"out-of-core apply does not do {', '.join(missing)} yet: use the in-memory apply "
-                        "(without --out-of-core) for these")
-    blocked = plan.blocked_moe_layers(view) | set(plan.drop_layers)
-    counts = {len(plan.kept(lay.index, lay.num_experts)) for lay in view if lay.index not in blocked}
+    counts = {len(plan.kept(i, view[i].num_experts)) for i in plan.surviving_layers(view)}
     if len(counts) > 1:
         raise PlanError(f"out-of-core apply needs the same expert count in every MoE layer (a stock config "
                         f"describes it); this plan keeps {sorted(counts)}")
-    if plan.slim is not None and plan.slim < 1:
-        if stats is None:
-            raise PlanError("slimming scores neurons from router statistics: pass them (--stats)")
-        left = [lay.index for lay in view if lay.index not in blocked]
-        if plan.slim_layers is not None and set(left) - set(plan.slim_layers):
-            raise PlanError("out-of-core apply needs the same width in every MoE layer: slim all of them "
-                            "(no slim_layers), or use the in-memory apply")
-        _check_slim_config(config, model, view, _slim_width(plan, view))
 
 
 def _slim_width(plan: Plan, view: MoEModel) -> int:
-    return plan.slim_width(view[0].intermediate_size)
+    """The one width of every surviving MoE layer's experts (the out-of-core apply refuses unequal widths)."""
+    return plan.width(view[plan.surviving_layers(view)[0]])
 
 
 def _check_slim_config(config, model, view: MoEModel, width: int) -> None:
@@ -240,8 +228,9 @@ def _router_rows(lay, names: dict) -> dict[str, int]:
 def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
     names = {id(m): n for n, m in model.named_modules()}
     to_disk = _disk_name(model)
+    from .ops import OPS, EditContext
+
     blocked = plan.blocked_moe_layers(view)
-    slim = plan.slim is not None and plan.slim < 1
     out = []
     for lay in view:
         if lay.index in blocked:
@@ -249,21 +238,19 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
         i, E = lay.index, lay.num_experts
         prefix = names[id(lay.block)]
         disk = _disk_prefix(prefix, keys)
-        if i in plan.drop_layers:
+        if i in plan.dropped_layers():
             out.append(_Layer(disk, [], E, [], skip=True, view_layer=lay))
             continue
-        groups = plan.merge.get(i, [])
-        merged = {g[0]: (g, w) for g, w in zip(groups, group_weights(plan, i, stats))}
+        merged = plan.sources(i, stats)
         shared = [names[id(m)] for m in lay.shared] + ([names[id(lay.shared_gate)]] if lay.shared_gate else [])
         shared = [disk + p[len(prefix):] for p in shared]
         kept = plan.kept(i, E)
-        neurons = None
-        if slim:  # the neurons layer_edit keeps: by energy, a merged expert by its members' summed energy
-            st, n_keep = stats.layers[i], _slim_width(plan, view)
-            neurons = {}
-            for e in kept:
-                g = merged[e][0] if e in merged else [e]
-                neurons[e] = top_neurons(group_energy(st, "neuron_sq", g), n_keep)
+        neurons = None  # the neurons layer_edit keeps (slimming), asked of the operations that choose them
+        ctx = EditContext(lay, stats, kept, {})
+        ctx.members = {e: (g, None) for e, (g, _) in merged.items()}
+        for name, spec in plan.ops.items():
+            if OPS[name].touches(spec, lay):
+                neurons = OPS[name].neurons(spec, ctx) or neurons
         rel = names[id(lay.experts)][len(prefix) + 1:]
         rows = {to_disk(k): dim for k, dim in _router_rows(lay, names).items()}
         ekeys = {to_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
@@ -628,7 +615,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             setattr(cfg, view.count_attr, kept.pop())
         if any(lay.neurons is not None for lay in layers):
             setattr(cfg, _intermediate_attr(cfg), _slim_width(plan, view))
-        if plan.drop_blocks:
+        if plan.dropped_blocks():
             block_drop_config(cfg, [i for i in range(n_old) if remap[i] is not None], n_old)
         notes = {}
         if mtp:
@@ -643,10 +630,10 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                                       "slimmed experts were dequantised, edited and quantised back"
                                       if (fmt.fp8 or fmt.mxfp4) else "kept as the input's (packed; drops only)")
         config.save_pretrained(tmp)
-        if plan.drop_layers:  # a stock config cannot say "no MoE here": load_model reads this
+        if plan.dropped_layers():  # a stock config cannot say "no MoE here": load_model reads this
             (tmp / LAYOUT_FILE).write_text(json.dumps({
                 "format": "checkpoint", "num_hidden_layers": cfg.num_hidden_layers,
-                "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.drop_layers),
+                "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.dropped_layers()),
                 "norms_kept": True,
                 "plan": plan.to_dict()}, indent=1))
         for f in src.iterdir():  # tokenizer and the rest, as they are

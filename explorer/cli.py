@@ -186,26 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="stats.json/.npz from `stats` (every planner but uniform "
                    "--quantise needs them)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--drop-experts", type=float, metavar="FRACTION")
-    g.add_argument("--merge-to", type=int, metavar="M")
-    g.add_argument("--drop-layers", type=int, metavar="L")
-    g.add_argument("--drop-blocks", type=int, metavar="L")
-    g.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
-    g.add_argument("--prune", type=float, metavar="SPARSITY")
-    g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
-    from .ops import OPS
+    from .ops import OPS, preset_methods
 
     for op in OPS.values():  # each operation module adds its own options
         op.add_cli(p, g)
+    g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
     p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax "
                    "(REAP's own definition), reconstruction, ablation, random")
     p.add_argument("--mode", default="uniform", choices=["uniform", "global"])
     p.add_argument("--skip-layers", default="", help="comma-separated MoE layers left untouched")
     p.add_argument("--protect-super", action="store_true", help="never drop REAP's super experts")
-    p.add_argument("--method", default="mc-smoe", help="merge: mc-smoe | hc-smoe; prune: moe-pruner | wanda")
-    p.add_argument("--align", action="store_true", help="merge: align neurons by permutation first")
-    p.add_argument("--nm", default=None, help="prune N:M: keep N of every M weights in a row, e.g. 2:4")
-    p.add_argument("--consecutive", action="store_true", help="drop-blocks: the best run of L blocks in a row")
+    p.add_argument("--method", default=preset_methods()[0], help="merge or prune method: "
+                   f"{' | '.join(preset_methods())}")
     p.add_argument("--data", default="demo", help="calibration text for reconstruction/ablation criteria")
     p.add_argument("--block-len", type=_at_least(2), default=256)
     p.add_argument("--out", required=True)
@@ -262,8 +254,10 @@ def cmd_plan(args) -> int:
 
     check_output_file(args.out, _source(args), args.overwrite)
     stats = RouterStats.load_file(args.stats) if args.stats else None
-    uniform_quant = args.quantise is not None and args.budget_gb is None and args.avg_bits is None
-    if stats is None and not uniform_quant:
+    from .ops import OPS
+
+    chosen = [op for op in OPS.values() if getattr(args, op.cli_flag, None) is not None]
+    if stats is None and (not chosen or chosen[0].cli_needs_stats(args)):
         from .plan import PlanError
 
         raise PlanError("plan: --stats is needed to choose what to drop, merge, slim or prune and to weigh bits by "
@@ -272,46 +266,23 @@ def cmd_plan(args) -> int:
     recipe = Plan.load(args.recipe).recipe if args.recipe is not None else None
     skip = [int(x) for x in args.skip_layers.split(",") if x.strip()]
     model, tok, view = _load(args)
+    name, kw = chosen[0].from_cli(args, skip, view) if chosen else (None, {})
     score_kw = {}
-    needs_model = (args.drop_experts is not None and args.criterion in ("reconstruction", "ablation")) or any(
+    needs_model = (kw.get("criterion") in ("reconstruction", "ablation") and planners.takes_scores(name)) or any(
         r.get("criterion") in ("reconstruction", "ablation") for r in recipe or [])
     if needs_model:
         from .data import load_data
 
         score_kw = dict(model=model, blocks=load_data(tok, args.data, block_len=args.block_len, model=model).calib)
-    from .ops import OPS
-
-    op_plans = [p for p in (op.from_cli(args, stats, view) for op in OPS.values()) if p is not None]
     if recipe is not None:
         plan = planners.replay(recipe, stats, view, **score_kw)
-    elif op_plans:
-        plan = op_plans[0]
     else:
-        name, kw = _planner_args(args, skip)
-        plan = planners.make(name, stats, view, **kw, **(score_kw if name == "drop_experts" else {}))
+        plan = planners.make(name, stats, view, **kw, **(score_kw if planners.takes_scores(name) else {}))
     rep = plan.report(view)
     plan.to_json(args.out) if not str(args.out).endswith((".yaml", ".yml")) else plan.to_yaml(args.out)
     print(f"{plan.notes} -> {args.out}")
     _print_report(rep)
     return 0
-
-
-def _planner_args(args, skip: list[int]) -> tuple[str, dict]:
-    """The planner and its arguments that ``explorer plan``'s options ask for."""
-    if args.drop_experts is not None:
-        return "drop_experts", dict(fraction=args.drop_experts, criterion=args.criterion, mode=args.mode,
-                                    skip_layers=skip, protect_super=args.protect_super)
-    if args.merge_to is not None:
-        return "merge_experts", dict(to=args.merge_to, method=args.method, align=args.align, skip_layers=skip)
-    if args.drop_layers is not None:
-        return "drop_layers", dict(n=args.drop_layers)
-    if args.drop_blocks is not None:
-        return "drop_blocks", dict(n=args.drop_blocks, consecutive=args.consecutive)
-    if args.slim is not None:
-        return "slim_experts", dict(keep=args.slim)
-    nm = [int(x) for x in args.nm.split(":")] if args.nm else None
-    return "prune_weights", dict(sparsity=args.prune, method=args.method if args.method in ("moe-pruner", "wanda")
-                                 else "moe-pruner", nm=nm)
 
 
 def _print_report(rep: dict) -> None:

@@ -208,12 +208,10 @@ class Distiller:
         """(student MoE layer, teacher MoE layer, kept teacher experts in student order, groups)."""
         if self.sview is None:
             return []
-        survivors = [lay.index for lay in self.tview if lay.index not in self.plan.drop_layers
-                     and lay.index not in self.plan.blocked_moe_layers(self.tview)]
         out = []
-        for s_lay, t_i in zip(self.sview, survivors):
+        for s_lay, t_i in zip(self.sview, self.plan.surviving_layers(self.tview)):
             kept = self.plan.kept(t_i, self.tview[t_i].num_experts)
-            groups = {g[0]: g for g in self.plan.merge.get(t_i, [])}
+            groups = {e: g for e, (g, _) in self.plan.sources(t_i).items()}
             out.append((s_lay.index, t_i, kept, [groups.get(e, [e]) for e in kept]))
         return out
 

@@ -1,7 +1,11 @@
 """A compression plan: a small declarative recipe, validated before use, JSON/YAML round-trip.
 
+A plan holds one spec per compression operation of the registry (``explorer.ops``: each operation module reads,
+writes, checks and accounts for its own plan keys) plus what the plan was made for (``model``), a note and the
+planner calls that wrote it (``recipe``). This module knows no operation by name: it asks each what it keeps.
+
 Indices: expert operations and ``drop_layers`` name MoE layers by their position among the MoE layers
-(0..n_moe-1, as in the plots); ``drop_blocks`` names decoder layers (0..num_hidden_layers-1).
+(0..n_moe-1, as in the plots); ``drop_blocks`` names decoder layers (0..num_hidden_layers-1). The keys:
 
     drop_experts  {moe_layer: [expert, ...]}            remove experts (router rows and biases with them)
     merge         {moe_layer: [[expert, ...], ...]}     each group becomes one expert: the frequency-weighted
@@ -19,16 +23,13 @@ Indices: expert operations and ``drop_layers`` name MoE layers by their position
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import copy
 from pathlib import Path
 
 
 from .errors import ExplorerError
 from .moe import MoEModel
 from .outputs import atomic_write
-
-PRUNE_METHODS = ("moe-pruner", "wanda")
-
 
 class PlanError(ExplorerError):
     """A plan cannot be applied to this model; the message names the layer and the problem."""
@@ -74,33 +75,76 @@ def _depth(x, limit: int = MAX_PLAN_DEPTH) -> None:
             stack.extend((w, d + 1) for w in v)
 
 
-@dataclass
 class Plan:
-    drop_experts: dict[int, list[int]] = field(default_factory=dict)
-    merge: dict[int, list[list[int]]] = field(default_factory=dict)
-    merge_weights: dict[int, list[list[float]]] = field(default_factory=dict)
-    merge_align: bool = False
-    slim: float | None = None
-    slim_layers: list[int] | None = None
-    drop_layers: list[int] = field(default_factory=list)
-    drop_blocks: list[int] = field(default_factory=list)
-    prune: dict | None = None
-    model: dict = field(default_factory=dict)  # what the plan was made for: model_type, num_experts, ...
-    notes: str = ""
-    recipe: list[dict] = field(default_factory=list)  # the planner calls that wrote it: replayable on another model
-    ops: dict = field(default_factory=dict)  # operations of the registry (explorer.ops): plan key -> parsed spec
+    """A plan: ``Plan(drop_experts={0: [1]}, slim=0.5, notes=...)``, or ``Plan.from_dict`` / ``Plan.load``.
+
+    Each operation's keys read as attributes (``plan.drop_experts``, ``plan.merge_weights``; their default when the
+    operation is absent) and can be set (``plan.merge_align = True``); ``plan.ops`` maps operation names to specs.
+    """
+
+    def __init__(self, model: dict | None = None, notes: str = "", recipe: list | None = None,
+                 ops: dict | None = None, **fields):
+        from .ops import OPS, owner
+
+        self.__dict__.update(model=dict(model or {}), notes=notes or "", recipe=list(recipe or []))
+        specs = dict(ops or {})
+        grouped: dict[str, dict] = {}
+        for k, v in fields.items():
+            op = owner(k)
+            if op is None:
+                raise TypeError(f"Plan has no field {k!r}: one of model, notes, recipe, ops, "
+                                f"{', '.join(k for o in OPS.values() for k in o.keys)}")
+            grouped.setdefault(op.name, {})[k] = v
+        for name, f in grouped.items():
+            current = {k: OPS[name].value(specs[name], k) for k in OPS[name].keys} if name in specs else {}
+            spec = OPS[name].read({**current, **f})
+            if spec is None:
+                specs.pop(name, None)
+            else:
+                specs[name] = spec
+        self.__dict__["ops"] = {name: specs[name] for name in OPS if name in specs}  # registry order
+
+    def __getattr__(self, key: str):
+        if key.startswith("_") or "ops" not in self.__dict__:
+            raise AttributeError(key)
+        from .ops import owner
+
+        op = owner(key)
+        if op is None:
+            raise AttributeError(f"'Plan' has no attribute {key!r}")
+        spec = self.__dict__["ops"].get(op.name)
+        return copy.deepcopy(op.defaults.get(key)) if spec is None else op.value(spec, key)
+
+    def __setattr__(self, key: str, value) -> None:
+        from .ops import OPS, owner
+
+        op = owner(key)
+        if op is None:
+            self.__dict__[key] = value
+            return
+        spec = self.ops.get(op.name)
+        current = {k: op.value(spec, k) for k in op.keys} if spec is not None else {}
+        new = op.read({**current, key: value})
+        ops = {n: s for n, s in self.ops.items() if n != op.name}
+        if new is not None:
+            ops[op.name] = new
+        self.__dict__["ops"] = {n: ops[n] for n in OPS if n in ops}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Plan({self.describe()!r})"
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         from .ops import OPS
 
-        d = asdict(self)
-        d.pop("ops")
-        for k in ("drop_experts", "merge", "merge_weights"):
-            d[k] = {str(i): v for i, v in sorted(d[k].items())}
-        for name, spec in self.ops.items():  # each operation writes its own key, as recipes have it
-            d[name] = OPS[name].dump(spec)
-        return {"version": 1, **d}
+        d: dict = {"version": 1}
+        for name, op in OPS.items():  # each operation writes its own keys, as recipes have them
+            d.update(copy.deepcopy(op.write(self.ops.get(name))))
+        d.update(model=copy.deepcopy(self.model), notes=self.notes, recipe=copy.deepcopy(self.recipe))
+        return d
 
     def op(self, name: str):
         """The spec of registered operation ``name`` in this plan, or None."""
@@ -115,44 +159,22 @@ class Plan:
         d = dict(d)
         d.pop("version", None)
         d.pop("ops", None)
-        ops = {}
-        for name, op in OPS.items():
-            if d.get(name) is not None:
-                ops[name] = op.parse(d[name])
-            d.pop(name, None)
-        unknown = set(d) - set(cls.__dataclass_fields__)
+        known = {"model", "notes", "recipe"} | {k for op in OPS.values() for k in op.keys}
+        unknown = set(d) - known
         if unknown:
-            raise PlanError(f"unknown plan field(s): {', '.join(sorted(unknown))}")
-        examples = {"drop_experts": '{"0": [1, 2]}', "merge": '{"0": [[1, 2]]}', "merge_weights": '{"0": [[3.0, 1.0]]}'}
-        for k, ex in examples.items():
-            if d.get(k) is not None and not isinstance(d[k], dict):
-                raise PlanError(f"{k} must map MoE layers to lists, e.g. {ex}; got {type(d[k]).__name__}")
-        for k in ("drop_layers", "drop_blocks", "slim_layers"):
-            if d.get(k) is not None and not isinstance(d[k], list):
-                raise PlanError(f"{k} must be a list of layer numbers, e.g. [1, 3]; got {type(d[k]).__name__}")
+            raise PlanError(f"unknown plan field(s): {', '.join(sorted(map(str, unknown)))}")
+        if not isinstance(d.get("notes") or "", str):
+            raise PlanError(f"notes must be text, got {type(d['notes']).__name__}")
+        if d.get("recipe") is not None and not (isinstance(d["recipe"], list)
+                                                and all(isinstance(r, dict) for r in d["recipe"])):
+            raise PlanError("recipe must be a list of planner calls ({'planner': ..., ...})")
         try:
-            for k in ("merge", "merge_weights"):
-                for i, v in (d.get(k) or {}).items():
-                    if not isinstance(v, list) or not all(isinstance(g, list) for g in v):
-                        raise PlanError(f"{k} of layer {i} must be a list of groups, e.g. [[1, 2]]; got {v!r}")
-            if not isinstance(d.get("notes") or "", str):
-                raise PlanError(f"notes must be text, got {type(d['notes']).__name__}")
-            if d.get("recipe") is not None and not (isinstance(d["recipe"], list)
-                                                    and all(isinstance(r, dict) for r in d["recipe"])):
-                raise PlanError("recipe must be a list of planner calls ({'planner': ..., ...})")
-            return cls(
-                drop_experts={k: _ids(v, "drop_experts ids") for k, v in _intkeys(d.get("drop_experts")).items()},
-                merge={k: [_ids(g, "merge group ids") for g in v] for k, v in _intkeys(d.get("merge")).items()},
-                merge_weights={k: [[_weight(w) for w in g] for g in v]
-                               for k, v in _intkeys(d.get("merge_weights")).items()},
-                merge_align=bool(d.get("merge_align", False)),
-                slim=None if d.get("slim") is None else float(d["slim"]),
-                slim_layers=None if d.get("slim_layers") is None else _ids(d["slim_layers"], "slim_layers"),
-                drop_layers=_ids(d.get("drop_layers") or [], "drop_layers"),
-                drop_blocks=_ids(d.get("drop_blocks") or [], "drop_blocks"),
-                prune=d.get("prune"), model=d.get("model") or {}, notes=d.get("notes") or "",
-                recipe=list(d.get("recipe") or []), ops=ops,
-            )
+            ops = {}
+            for name, op in OPS.items():
+                spec = op.read({k: d[k] for k in op.keys if k in d})
+                if spec is not None:
+                    ops[name] = spec
+            return cls(model=d.get("model") or {}, notes=d.get("notes") or "", recipe=d.get("recipe") or [], ops=ops)
         except (TypeError, ValueError, AttributeError) as err:
             raise PlanError(f"malformed plan: {err}") from err
 
@@ -227,99 +249,55 @@ class Plan:
         return cls.loads(text)
 
     # ---- combination ----------------------------------------------------------------------------------
-    def _pruned_per_row(self, cols: int) -> int:
-        """Weights pruning zeroes in one output row of ``cols`` inputs (what ``transform._prune_mask`` does)."""
-        nm = self.prune.get("nm")
-        if nm:
-            n, m = int(nm[0]), int(nm[1])
-            return cols // m * (m - n)
-        return int(round(cols * float(self.prune["sparsity"])))
-
-    def prune_sparsity(self) -> float:
-        """The share of routed-expert weights pruning zeroes: N:M keeps N of every M whatever ``sparsity`` says."""
-        if not self.prune:
-            return 0.0
-        nm = self.prune.get("nm")
-        return 1 - int(nm[0]) / int(nm[1]) if nm else float(self.prune["sparsity"])
-
-    def slim_width(self, intermediate: int) -> int:
-        """Neurons an expert of width ``intermediate`` keeps under ``slim``: a multiple of 8 (rows of 16 bytes in
-        bf16, what transformers' default grouped_mm kernel needs: 30 of 48 crashed it), at least 8."""
-        n = max(1, round(self.slim * intermediate))
-        if intermediate >= 16 and n % 8:
-            n = max(8, min(intermediate - intermediate % 8, int(n / 8 + 0.5) * 8))
-        return n
-
     def is_empty(self) -> bool:
-        return not (self.drop_experts or self.merge or self.slim or self.drop_layers or self.drop_blocks or self.prune
-                    or self.ops)
+        return not self.ops
 
     def describe(self) -> str:
         """A short human name: the planner's note, or what the plan does."""
         if self.notes:
             return self.notes
-        parts = []
-        n = sum(len(v) for v in self.drop_experts.values())
-        if n:
-            parts.append("drop " + ", ".join(f"L{i}:" + "/".join(f"e{e}" for e in v)
-                                             for i, v in sorted(self.drop_experts.items())) if n <= 4
-                         else f"drop {n} experts")
-        if self.merge:
-            parts.append(f"merge {sum(len(g) for v in self.merge.values() for g in v)} experts into "
-                         f"{sum(len(v) for v in self.merge.values())}")
-        if self.slim is not None:
-            parts.append(f"slim to {self.slim:.0%}")
-        if self.drop_layers:
-            parts.append("drop MoE layers " + ",".join(map(str, self.drop_layers)))
-        if self.drop_blocks:
-            parts.append("drop blocks " + ",".join(map(str, self.drop_blocks)))
-        if self.prune:
-            nm = self.prune.get("nm")
-            amount = f"{int(nm[0])}:{int(nm[1])}" if nm else f"{float(self.prune['sparsity']):.0%}"
-            parts.append(f"prune {amount} ({self.prune.get('method', 'moe-pruner')})")
         from .ops import OPS
 
-        parts += [OPS[name].describe(spec) for name, spec in self.ops.items()]
-        return "; ".join(parts) or "empty plan"
+        return "; ".join(OPS[name].describe(spec) for name, spec in self.ops.items()) or "empty plan"
 
     def combine(self, other: "Plan") -> "Plan":
-        """Both plans' operations (other's win where they set the same scalar)."""
-        d = self.to_dict()
-        o = other.to_dict()
-        for k in ("drop_experts", "merge", "merge_weights"):
-            for i, v in o[k].items():
-                d[k][i] = (d[k].get(i, []) + v) if k == "drop_experts" else (d[k].get(i, []) + v)
-        for k in ("drop_layers", "drop_blocks"):
-            d[k] = sorted(set(d[k]) | set(o[k]))
-        for k in ("slim", "slim_layers", "prune"):
-            if o[k] is not None:
-                d[k] = o[k]
-        d["merge_align"] = d["merge_align"] or o["merge_align"]
-        d["notes"] = "; ".join(x for x in (d["notes"], o["notes"]) if x)
-        d["recipe"] = d["recipe"] + o["recipe"]
-        d["model"] = d["model"] or o["model"]
+        """Both plans' operations (each operation says how two of its specs combine; by default other's wins)."""
         from .ops import OPS
 
+        ops = dict(self.ops)
         for name, spec in other.ops.items():
-            mine = self.ops.get(name)
-            d[name] = OPS[name].dump(spec if mine is None else OPS[name].combine(mine, spec))
-        return Plan.from_dict(d)
+            ops[name] = spec if name not in ops else OPS[name].combine(ops[name], spec)
+        d = {"model": self.model or other.model, "notes": "; ".join(x for x in (self.notes, other.notes) if x),
+             "recipe": self.recipe + other.recipe}
+        for name, op in OPS.items():
+            d.update(op.write(ops.get(name)))
+        return Plan.from_dict(copy.deepcopy(d))
 
-    # ---- structure ------------------------------------------------------------------------------------
+    # ---- structure: what the plan keeps (asked of every operation) -----------------------------------
+    def _ask(self, hook: str, *args) -> list:
+        from .ops import OPS
+
+        return [getattr(OPS[name], hook)(spec, *args) for name, spec in self.ops.items()]
+
     def removed(self, layer: int) -> list[int]:
         """Experts whose router row disappears in MoE layer ``layer`` (dropped, and merged non-first members)."""
-        out = list(self.drop_experts.get(layer, []))
-        for g in self.merge.get(layer, []):
-            out += g[1:]
-        return sorted(out)
+        return sorted(e for x in self._ask("removed_experts", layer) for e in x)
 
     def kept(self, layer: int, num_experts: int) -> list[int]:
         gone = set(self.removed(layer))
         return [e for e in range(num_experts) if e not in gone]
 
+    def dropped_layers(self) -> list[int]:
+        """MoE layers whose MoE sub-layer the plan removes (Layer Drop)."""
+        return sorted({i for x in self._ask("dropped_layers") for i in x})
+
+    def dropped_blocks(self) -> list[int]:
+        """Decoder layers the plan removes whole (Block Drop)."""
+        return sorted({i for x in self._ask("dropped_blocks") for i in x})
+
     def kept_blocks(self, n_blocks: int) -> list[int]:
         """The decoder layers Block Drop leaves, in order (their new index is their place in this list)."""
-        gone = set(self.drop_blocks)
+        gone = set(self.dropped_blocks())
         return [i for i in range(n_blocks) if i not in gone]
 
     def block_map(self, n_blocks: int) -> dict[int, int | None]:
@@ -330,90 +308,74 @@ class Plan:
         return remap
 
     def blocked_moe_layers(self, view: MoEModel) -> set[int]:
-        blocks = set(self.drop_blocks)
+        """MoE layers inside decoder layers the plan removes."""
+        blocks = set(self.dropped_blocks())
         return {lay.index for lay in view if lay.layer_idx in blocks}
+
+    def surviving_layers(self, view: MoEModel) -> list[int]:
+        """MoE layers the compressed model still has (the one owner of this rule)."""
+        gone = self.blocked_moe_layers(view) | set(self.dropped_layers())
+        return [lay.index for lay in view if lay.index not in gone]
+
+    def width(self, lay) -> int:
+        """Intermediate neurons each kept expert of MoE layer ``lay`` has under the plan."""
+        widths = [w for w in self._ask("width", lay) if w is not None]
+        return min(widths) if widths else lay.intermediate_size
+
+    def sources(self, layer: int, stats=None) -> dict[int, tuple[list[int], list[float]]]:
+        """Kept experts built from several originals (merged): expert -> (members, weights)."""
+        out: dict = {}
+        for x in self._ask("sources", layer, stats):
+            out.update(x)
+        return out
 
     def validate(self, view: MoEModel) -> "Plan":
         """Raise PlanError naming the first problem; returns self so calls chain."""
+        from .ops import OPS
+
         n, E = len(view), view.num_experts
         if self.model.get("num_experts") and list(self.model["num_experts"]) != list(E):
             raise PlanError(f"this plan was made for a model with experts per layer {self.model['num_experts']}, "
                             f"not {E} ({view.text_config.model_type})")
-        n_dec = len(view.decoder_layers)
-        for i in self.drop_blocks:
-            if not 0 <= i < n_dec:
-                raise PlanError(f"drop_blocks: decoder layer {i} does not exist (the model has {n_dec})")
-        if len(set(self.drop_blocks)) != len(self.drop_blocks):
-            raise PlanError("drop_blocks names a layer twice")
-        if len(set(self.drop_blocks)) >= n_dec:
-            raise PlanError("drop_blocks removes every decoder layer")
-        for i in self.drop_layers:
-            if not 0 <= i < n:
-                raise PlanError(f"drop_layers: MoE layer {i} does not exist (the model has {n} MoE layers)")
-        if len(set(self.drop_layers)) != len(self.drop_layers):
-            raise PlanError("drop_layers names a layer twice")
-        blocked = self.blocked_moe_layers(view)
-        if len(blocked | set(self.drop_layers)) >= n:
-            raise PlanError(f"the plan removes every MoE layer ({n} of {n}, by drop_layers and drop_blocks): the "
-                            "result would not be a mixture of experts")
-        both = blocked & set(self.drop_layers)
-        if both:
-            raise PlanError(f"MoE layer(s) {sorted(both)} are dropped twice: by drop_layers and drop_blocks")
-        for name, table in (("drop_experts", self.drop_experts), ("merge", self.merge)):
-            for i in table:
+        for name, spec in self.ops.items():  # each operation's own form and ranges first
+            OPS[name].validate(spec, self, view)
+        removers: dict[int, list[str]] = {}  # MoE layer -> operations that remove it
+        blocks = set(self.dropped_blocks())
+        for name, spec in self.ops.items():
+            for i in OPS[name].dropped_layers(spec):
+                removers.setdefault(i, []).append(name)
+            for lay in view:
+                if lay.layer_idx in blocks and lay.layer_idx in OPS[name].dropped_blocks(spec):
+                    removers.setdefault(lay.index, []).append(name)
+        if len(removers) >= n:
+            by = " and ".join(sorted({x for v in removers.values() for x in v}))
+            raise PlanError(f"the plan removes every MoE layer ({n} of {n}, by {by}): the result would not be a "
+                            "mixture of experts")
+        twice = sorted(i for i, v in removers.items() if len(v) > 1)
+        if twice:
+            raise PlanError(f"MoE layer(s) {twice} are dropped twice: by {' and '.join(removers[twice[0]])}")
+        named: dict[int, list[tuple[int, str]]] = {}
+        for name, spec in self.ops.items():
+            for i, experts in OPS[name].named_experts(spec).items():
                 if not 0 <= i < n:
                     raise PlanError(f"{name}: MoE layer {i} does not exist (the model has {n} MoE layers)")
-                if i in blocked or i in self.drop_layers:
+                if i in removers:
                     raise PlanError(f"{name}: MoE layer {i} is itself dropped by this plan; remove one of the two")
-        for i in range(n):
-            lay = view[i]
-            drops = self.drop_experts.get(i, [])
-            if len(set(drops)) != len(drops):
-                raise PlanError(f"MoE layer {i}: drop_experts names an expert twice")
-            seen = set(drops)
-            for g in self.merge.get(i, []):
-                if len(g) < 2:
-                    raise PlanError(f"MoE layer {i}: merge group {g} needs at least two experts")
-                for e in g:
-                    if e in seen:
-                        raise PlanError(f"MoE layer {i}: expert {e} is named twice (in merge group {g} and "
-                                        "another group or the drop list)")
-                    seen.add(e)
-            for e in seen:
+                named.setdefault(i, []).extend((e, name) for e in experts)
+        for i, pairs in sorted(named.items()):
+            seen: dict[int, str] = {}
+            for e, name in pairs:
+                if e in seen:
+                    how = f"by {name}" if seen[e] == name else f"by {seen[e]} and {name}"
+                    raise PlanError(f"MoE layer {i}: expert {e} is named twice ({how}); an expert can be dropped or "
+                                    "merged once")
+                seen[e] = name
                 if not 0 <= e < E[i]:
                     raise PlanError(f"MoE layer {i}: expert {e} does not exist (experts 0..{E[i] - 1})")
-            if i in self.merge_weights:
-                ws = self.merge_weights[i]
-                if len(ws) != len(self.merge.get(i, [])) or any(len(w) != len(g) for w, g in zip(ws, self.merge[i])):
-                    raise PlanError(f"MoE layer {i}: merge_weights do not match the merge groups")
-                if any(x < 0 for w in ws for x in w) or any(sum(w) <= 0 for w in ws):
-                    raise PlanError(f"MoE layer {i}: merge_weights must be non-negative with a positive sum")
-            problem = lay.check_kept(E[i] - len(self.removed(i)))
+        for lay in view:
+            problem = lay.check_kept(E[lay.index] - len(self.removed(lay.index)))
             if problem:
-                raise PlanError(f"MoE layer {i}: {problem}")
-        if self.slim is not None:
-            if not 0 < self.slim <= 1:
-                raise PlanError(f"slim keeps a fraction of neurons in (0, 1], got {self.slim}")
-            if round(self.slim * view[0].intermediate_size) < 1:
-                raise PlanError(f"slim={self.slim} keeps no neuron of {view[0].intermediate_size}")
-            for i in self.slim_layers or []:
-                if not 0 <= i < n:
-                    raise PlanError(f"slim_layers: MoE layer {i} does not exist")
-        if self.prune is not None:
-            p = self.prune
-            if not isinstance(p, dict) or "sparsity" not in p:
-                raise PlanError("prune needs {'sparsity': s, 'method': 'moe-pruner' | 'wanda'}")
-            if not 0 <= float(p["sparsity"]) < 1:
-                raise PlanError(f"prune sparsity must be in [0, 1), got {p['sparsity']}")
-            if p.get("method", "moe-pruner") not in PRUNE_METHODS:
-                raise PlanError(f"prune method must be one of {PRUNE_METHODS}, got {p.get('method')!r}")
-            nm = p.get("nm")
-            if nm is not None and not (len(nm) == 2 and 0 < int(nm[0]) < int(nm[1])):
-                raise PlanError(f"prune N:M must be [N, M] with 0 < N < M, got {nm}")
-        from .ops import OPS
-
-        for name, spec in self.ops.items():
-            OPS[name].validate(spec, self, view)
+                raise PlanError(f"MoE layer {lay.index}: {problem}")
         return self
 
     # ---- accounting -----------------------------------------------------------------------------------
@@ -425,9 +387,9 @@ class Plan:
         before_active = view.summary()["params_active"]
         removed_total = removed_active = 0
         experts_after, inter_after = [], []
-        blocked = self.blocked_moe_layers(view)
+        blocks = set(self.dropped_blocks())
         for dl_i, dl in enumerate(view.decoder_layers):
-            if dl_i in self.drop_blocks:
+            if dl_i in blocks:
                 n = sum(p.numel() for p in dl.parameters())
                 removed_total += n
                 moe = [lay for lay in view if lay.layer_idx == dl_i]
@@ -436,57 +398,51 @@ class Plan:
                     removed_active += n - lay.expert_params() * (lay.num_experts - lay.top_k)
                 else:
                     removed_active += n
-        from .ops import OPS
-
         bytes_saved = 0.0
+        nonzero_removed = 0
+        sub = set(self.dropped_layers())
+        survivors = set(self.surviving_layers(view))
         for lay in view:
             i = lay.index
-            if i in blocked:
-                continue
             E, k, I = lay.num_experts, lay.top_k, lay.intermediate_size
             per = lay.expert_params()
-            if i in self.drop_layers:
+            if i in sub:
                 n = per * E + lay.router_params() + lay.shared_params()  # the norm before it stays
                 removed_total += n
                 removed_active += n - per * (E - k)
                 continue
-            kept = len(self.kept(i, E))
-            I2 = I
-            if self.slim is not None and (self.slim_layers is None or i in self.slim_layers):
-                I2 = self.slim_width(I)
+            if i not in survivors:
+                continue
+            kept_ids = self.kept(i, E)
+            kept = len(kept_ids)
+            I2 = self.width(lay)
             gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
             dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
             per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb
             row = lay.router_row_params()
             w2 = lay.expert_weight_params() * I2 // I  # one kept expert's weights, after slimming
-            for name, spec in self.ops.items():  # operations that store expert weights in fewer bytes
-                b = OPS[name].expert_bytes(spec, lay, self.kept(i, E), w2)
+            for b in self._ask("expert_bytes", lay, kept_ids, w2):  # operations that store weights in fewer bytes
                 if b is not None:
                     bytes_saved += 2 * w2 * kept - b
+            nonzero_removed += sum(self._ask("zeroed", lay, kept, I2))
             removed_total += per * E - per2 * kept + (E - kept) * row
             removed_active += (per - per2) * k
             experts_after.append(kept)
             inter_after.append(I2)
         after_total = total - removed_total
-        nonzero = after_total
-        if self.prune and self.prune_sparsity() > 0:
-            live = [x for x in view if x.index not in blocked and x.index not in self.drop_layers]
-            for lay, e, i2 in zip(live, experts_after, inter_after):
-                H, I = lay.hidden_size, lay.intermediate_size
-                gu_rows = (lay.gate_up[0].numel() // H) * i2 // I  # [out, in] = [2I' or I', H]; down [H, I']
-                nonzero -= e * (self._pruned_per_row(H) * gu_rows + self._pruned_per_row(i2) * H)
         uniform = len(set(experts_after)) <= 1 and len(set(inter_after)) <= 1
-        shared_sized_alike = (self.slim is not None and view[0].shared
-                              and getattr(view.text_config, "shared_expert_intermediate_size", None) is None)
-        loadable = uniform and not self.drop_layers and not shared_sized_alike
+        reasons = [r for r in self._ask("not_stock", view) if r]
+        if not uniform:
+            reasons.insert(0, "expert counts or widths differ per layer")
+        loadable = not reasons
         why = ("every MoE layer keeps the same shape: plain AutoModelForCausalLM.from_pretrained loads it"
                if loadable else
-               "expert counts or widths differ per layer, or MoE sub-layers are dropped: a stock config cannot say "
-               "so; explorer.load_model restores it from explorer_layout.json")
+               "; ".join(reasons) + ": a stock config cannot say so; explorer.load_model restores it from "
+               "explorer_layout.json")
         return {
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
-            "params_nonzero_after": nonzero, "bytes_bf16_after": 2 * after_total,
+            "params_nonzero_after": after_total - nonzero_removed, "bytes_bf16_after": 2 * after_total,
             "bytes_before": 2 * total, "bytes_after": int(2 * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": inter_after,
             "loadable_by_transformers": loadable, "loader_note": why,

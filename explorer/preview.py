@@ -20,7 +20,7 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
     plan.validate(view)
     if stats is not None:
         stats.check_fits(view)
-    skipped = [view.decoder_layers[i] for i in plan.drop_blocks]
+    skipped = [view.decoder_layers[i] for i in plan.dropped_blocks()]
     if skipped:  # a property of the family's layer loop: checked once
         _check_identity_block(skipped[0], view)
     edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}

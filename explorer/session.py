@@ -20,17 +20,18 @@ from .data import Dataset, load_data, text_blocks
 from .distill import DistillConfig, Distiller
 from .loading import DEMO_MODEL, load_model
 from .moe import input_device
-from .ops import OPS
+from .ops import preset_methods, presets
 from .outputs import check_export_dir
 from .perplexity import fmt_ppl, perplexity
-from .plan import PRUNE_METHODS, Plan, fingerprint
+from .plan import Plan, PlanError, fingerprint
 from .preview import preview_perplexity
 from .report import preview_result
 from .saliency import CHEAP, expert_scores, expert_similarity
 from .stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
 
 
-PRESETS = tuple(planners.PRESETS) + tuple(op.preset for op in OPS.values() if op.preset)  # what ``preset`` makes
+PRESETS = tuple(planners.PRESETS)  # what ``preset`` makes: each operation module's preset
+METHODS = preset_methods()  # the presets' method choices (merge and prune methods)
 
 
 MAX_STUDENTS = 3  # distilled students kept per session (each is a copy of the cut model)
@@ -192,32 +193,15 @@ class Session:
         """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
         (count), slim (fraction kept), prune (sparsity)."""
         self.require(stats=True)
-        st = self.stats
-        by_preset = {op.preset: op for op in OPS.values() if op.preset}
-        if kind in by_preset:
-            op = by_preset[kind]
-            return self.set_plan(planners.make(op.name, st, self.view, **op.preset_args(amount, criterion, method)))
-        if kind not in planners.PRESETS:
+        op = presets().get(kind)
+        if op is None:
             raise SessionError(f"unknown preset {kind!r}: one of {', '.join(PRESETS)}")
-        if kind == "drop-experts":
-            kw = dict(fraction=float(amount), criterion=criterion, mode=mode, protect_super=protect_super)
-            if criterion not in CHEAP:
-                kw["scores"] = self.scores(criterion)
-        elif kind == "merge":
-            if int(amount) >= min(st.num_experts):
-                raise SessionError(f"merging down to {int(amount)} experts per layer changes nothing: the layers have "
-                                   f"{min(st.num_experts)}; choose fewer (the amount is the experts each layer keeps)")
-            if method not in planners.MERGE_METHODS:
-                raise SessionError(f"merge with {' or '.join(planners.MERGE_METHODS)}, not {method!r}")
-            kw = dict(to=int(amount), method=method)
-        elif kind in ("drop-layers", "drop-blocks"):
-            kw = dict(n=int(amount))
-        elif kind == "slim":
-            kw = dict(keep=float(amount))
-        else:
-            kw = dict(sparsity=float(amount), method=method if method in PRUNE_METHODS else PRUNE_METHODS[0])
-        p = planners.make(planners.PRESETS[kind], st, self.view, **kw)
-        return self.set_plan(p)
+        opts = dict(criterion=criterion, method=method, mode=mode, protect_super=protect_super)
+        try:
+            kw = op.preset_args(amount, opts, self)
+        except PlanError as err:
+            raise SessionError(str(err)) from err
+        return self.set_plan(planners.make(planners.PRESETS[kind], self.stats, self.view, **kw))
 
     def set_depth(self, drop_layers: list[int], drop_blocks: list[int], slim_keep: float | None) -> Plan:
         """The Plan tab's depth and width controls: MoE sub-layers and decoder blocks to drop, and the fraction of
@@ -265,9 +249,9 @@ class Session:
         d["merge"] = {**d["merge"], str(layer): d["merge"].get(str(layer), []) + [list(members)]}
         d["merge_weights"] = {k: v for k, v in d["merge_weights"].items() if k != str(layer)}
         if self.stats is not None:  # the weights the preview uses, stored: a replay without statistics is the same
-            from .transform import group_weights
+            from .ops.merge import group_weights
 
-            d["merge_weights"][str(layer)] = group_weights(Plan.from_dict(d), layer, self.stats)
+            d["merge_weights"][str(layer)] = group_weights(Plan.from_dict(d).op("merge"), layer, self.stats)
         plan = self.set_plan(d)
         self.pending = None
         return plan

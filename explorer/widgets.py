@@ -24,10 +24,9 @@ from . import figures
 from .distill import DistillConfig
 from .perplexity import fmt_ppl
 from .report import preview_report
-from .plan import PRUNE_METHODS, Plan
-from .planners import MERGE_METHODS
+from .plan import Plan
 from .saliency import CRITERIA, SIMILARITIES
-from .session import PRESETS, Session
+from .session import METHODS, PRESETS, Session
 
 
 class FigureView(W.Output):
@@ -213,7 +212,7 @@ class PlanView(W.VBox):
                                  value="drop-experts", description="preset")
         self.amount = W.FloatText(0.25, description="amount")
         self.crit = W.Dropdown(options=list(CRITERIA), value="reap", description="criterion")
-        self.method = W.Dropdown(options=list(MERGE_METHODS + PRUNE_METHODS), description="method")
+        self.method = W.Dropdown(options=list(METHODS), description="method")
         make = W.Button(description="Make plan", button_style="primary")
         clear = W.Button(description="Clear")
         self.json = W.Textarea(layout=W.Layout(width="100%", height="160px"))

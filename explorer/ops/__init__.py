@@ -1,32 +1,57 @@
 """Compression operations as modules: one module per operation, one registry that lists them.
 
-An operation owns its plan field (read, written and checked here, so recipes keep their keys), its description,
-its byte accounting, what it does to the tensors of one MoE layer (the one edit preview and apply share), what it
-does out of core (or its refusal in words), and its planner and command-line options. ``Plan``, ``layer_edit``,
-``Plan.report``, the checkpoint editor, ``planners``, the CLI and the app loop over ``OPS`` instead of naming it.
+An operation owns its plan fields (read, written and checked here, so recipes keep their keys), its description,
+its parameter and byte accounting, what it does to the tensors of one MoE layer (the one edit preview and apply
+share), what it does to the model's structure and out of core (or its refusal in words), its planner(s) and its
+command-line and preset options. ``Plan``, ``layer_edit``, ``apply_plan``, the checkpoint editor, ``planners``,
+``Session.preset`` and the CLI loop over ``OPS`` instead of naming operations.
 
-Adding an operation is one new module that subclasses ``Operation`` and calls ``register``, plus its test.
-The six operations that came first (drop, merge, slim, prune, layer and block drop) still live in ``plan`` and
-``transform``; they move here one by one.
+Adding an operation is one new module that subclasses ``Operation`` and calls ``register``, plus its test; the
+import at the bottom of this file sets the order in which operations edit a layer (merging before slimming before
+pruning before quantisation).
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Callable
 
 
 class Operation:
-    """What every operation module provides. ``spec`` is the operation's parsed plan field."""
+    """What every operation module provides. ``spec`` is the operation's parsed plan fields (None: not in the plan);
+    hooks whose operation has nothing to say keep these defaults."""
 
-    name: str = ""  # the plan key
+    name: str = ""  # the registry name (the plan key of one-key operations)
+    keys: tuple[str, ...] = ()  # the plan keys it owns (default: (name,))
+    defaults: dict[str, Any] = {}  # a plan key's value when the operation is absent (``plan.<key>``)
+    always_written: bool = False  # write the keys (with defaults) even when absent, as recipes have always had them
     summary: str = ""  # one line, for help texts and the README
 
+    def __init__(self) -> None:
+        if not self.keys:
+            self.keys = (self.name,)
+
+    # ---- the plan fields ----------------------------------------------------------------------------------
+    def read(self, fields: dict) -> Any:
+        """The spec from this operation's plan keys as read from JSON/YAML (None: the operation is absent);
+        PlanError in words when their form is wrong."""
+        value = fields.get(self.name)
+        return None if value is None else self.parse(value)
+
     def parse(self, value: Any) -> Any:
-        """The plan field as read from JSON/YAML, checked for form (PlanError in words)."""
         raise NotImplementedError
 
+    def write(self, spec: Any) -> dict:
+        """The operation's plan keys as JSON (empty or defaults when absent)."""
+        if spec is None:
+            return {k: copy.deepcopy(self.defaults.get(k)) for k in self.keys} if self.always_written else {}
+        return {self.name: self.dump(spec)}
+
     def dump(self, spec: Any) -> Any:
-        """The plan field as JSON."""
         raise NotImplementedError
+
+    def value(self, spec: Any, key: str) -> Any:
+        """``plan.<key>`` for one of this operation's keys."""
+        return spec
 
     def validate(self, spec: Any, plan, view) -> None:
         """Raise PlanError naming the first problem of ``spec`` on this model."""
@@ -38,44 +63,125 @@ class Operation:
         """Both plans set this operation: the other plan's wins unless an operation knows better."""
         return other
 
-    def touches(self, spec: Any, lay) -> bool:
-        """Whether the operation changes the tensors of MoE layer ``lay`` (then they are materialised)."""
-        return False
+    # ---- structure: what the plan keeps -----------------------------------------------------------------
+    def removed_experts(self, spec: Any, layer: int) -> list[int]:
+        """Experts whose router row disappears in MoE layer ``layer``."""
+        return []
 
-    def edit(self, spec: Any, lay, per: dict, kept: list[int]) -> Any:
-        """Change the kept experts' tensors in ``per`` (expert id -> (gate_up, down, gate_up_bias, down_bias), in
-        the layer's own layout) in place; runs after merging, slimming and pruning. What it returns is kept in
-        ``LayerEdit.notes[name]`` (and by apply on the new experts module) for the export to read."""
+    def named_experts(self, spec: Any) -> dict[int, list[int]]:
+        """Experts this operation names by id, per MoE layer: an expert named by two operations (or twice), or in
+        a layer another operation removes, is refused by ``Plan.validate``."""
+        return {}
+
+    def dropped_layers(self, spec: Any) -> list[int]:
+        """MoE layers whose MoE sub-layer is removed (its attention stays)."""
+        return []
+
+    def dropped_blocks(self, spec: Any) -> list[int]:
+        """Decoder layers removed whole."""
+        return []
+
+    def width(self, spec: Any, lay) -> int | None:
+        """Intermediate neurons each kept expert of ``lay`` has after the operation (None: unchanged)."""
+        return None
+
+    def sources(self, spec: Any, layer: int, stats) -> dict[int, tuple[list[int], list[float]]]:
+        """Kept experts built from several originals: expert -> (members, weights), first member = the expert."""
+        return {}
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    def zeroed(self, spec: Any, lay, n_experts: int, width: int) -> int:
+        """Weights of the layer's ``n_experts`` kept experts (of ``width`` neurons) the operation sets to zero."""
+        return 0
 
     def expert_bytes(self, spec: Any, lay, kept: list[int], params_per_expert: int) -> float | None:
         """Bytes of the layer's kept routed experts after the operation (None: two bytes a weight, as bf16)."""
         return None
+
+    def not_stock(self, spec: Any, view) -> str | None:
+        """Why a stock config cannot describe the result of this operation (None: it can, if the shapes agree)."""
+        return None
+
+    # ---- what it does -----------------------------------------------------------------------------------
+    def needs_stats(self, spec: Any, lay) -> str | None:
+        """Why editing ``lay`` needs router statistics (None: it does not)."""
+        return None
+
+    def touches(self, spec: Any, lay) -> bool:
+        """Whether the operation changes the tensors of MoE layer ``lay`` (then they are materialised)."""
+        return False
+
+    def neurons(self, spec: Any, ctx: "EditContext") -> dict | None:
+        """The intermediate neurons each kept expert keeps (None: all); the out-of-core editor reads it."""
+        return None
+
+    def edit(self, spec: Any, ctx: "EditContext") -> Any:
+        """Change the kept experts' tensors in ``ctx.per`` in place, in registry order. What it returns is kept in
+        ``LayerEdit.notes[name]`` (and by apply on the new experts module) for the export to read."""
+
+    def apply_model(self, spec: Any, model, view, plan) -> None:
+        """Structural changes apply makes after the layers' tensors are written (e.g. removing decoder layers)."""
 
     def write_export(self, spec: Any, model, folder) -> str | None:
         """Rewrite the tensors ``save_pretrained`` put in ``folder`` (a staging folder, before it is committed) in
         the operation's own stored format; returns a sentence for the export's summary, or None."""
         return None
 
-    def out_of_core(self, spec: Any) -> str | None:
-        """Why the out-of-core apply cannot do this yet (None: it can)."""
+    def out_of_core(self, spec: Any, plan, view, stats, config, model) -> str | None:
+        """Why the out-of-core apply cannot do this (None: it can). May raise PlanError for a missing input."""
         return f"{self.name} is not done out of core yet: load the model and apply it in memory"
 
-    preset: str | None = None  # the app's and widgets' preset name; its "amount" is ``preset_args``'s first input
+    # ---- planners, presets and the command line ---------------------------------------------------------
+    planners: dict[str, Callable] = {}  # recipe name -> planner(stats, ..., view=...) -> Plan
+    needs_view: tuple[str, ...] = ()  # planners that need the model's view
+    preset: str | None = None  # the app's and widgets' preset name
+    methods: tuple[str, ...] = ()  # the preset's "method" choices (merge: mc-smoe, ...)
 
-    def planner(self, stats, view, **kw):
-        """The operation's planner, as a recipe step calls it (``planners.make``)."""
-        raise NotImplementedError
-
-    def preset_args(self, amount: float, criterion: str, method: str) -> dict:
-        """The planner's arguments for the app's preset controls."""
+    def preset_args(self, amount: float, opts: dict, session) -> dict:
+        """The planner's arguments for the app's preset controls: ``amount`` and ``opts`` (criterion, method, mode,
+        protect_super); a choice that makes no sense is a PlanError in words."""
         return {}
+
+    cli_flag: str = ""  # the dest of the operation's option in the mutually exclusive group
 
     def add_cli(self, parser, choice) -> None:
         """Options of ``explorer plan``: ``choice`` is the group of mutually exclusive operations."""
 
-    def from_cli(self, args, stats, view):
-        """The plan ``explorer plan`` writes when this operation's option was given, else None."""
+    def cli_needs_stats(self, args) -> bool:
+        """Whether the planner ``explorer plan`` runs for this option needs router statistics."""
+        return True
+
+    def from_cli(self, args, skip: list[int], view) -> tuple[str, dict] | None:
+        """(planner, arguments) ``explorer plan`` runs when this operation's option was given, else None."""
         return None
+
+
+class EditContext:
+    """One MoE layer being edited: the kept experts' tensors and what the statistics say about their neurons and
+    inputs, tracked through merging (members, neuron alignment) and slimming (neurons kept)."""
+
+    def __init__(self, lay, stats, kept: list[int], per: dict):
+        self.lay, self.stats, self.kept, self.per = lay, stats, kept, per
+        self.st = stats.layers[lay.index] if stats is not None else None  # this layer's sums
+        self.members: dict[int, tuple[list[int], list]] = {}  # merged expert -> (originals, their neuron orders)
+        self.neurons: dict[int, Any] = {}  # expert -> neuron indices kept (into its aligned order)
+
+    def neuron_energy(self, e: int, key: str = "neuron_sq"):
+        """Expert ``e``'s per-neuron energy (``neuron_sq`` or ``neuron_sq_gated``): a merged expert's members'
+        sums in the aligned order, restricted to the neurons still kept."""
+        from ..transform import group_energy
+
+        group, perms = self.members.get(e, ([e], None))
+        x = group_energy(self.st, key, group, perms)
+        idx = self.neurons.get(e)
+        return x if idx is None else x[idx]
+
+    def input_energy(self, e: int, key: str = "in_sq"):
+        """Expert ``e``'s per-input-channel energy (``in_sq`` or ``in_sq_gated``), members' sums when merged."""
+        import torch
+
+        group = self.members.get(e, ([e], None))[0]
+        return sum(torch.as_tensor(self.st[key][m]) for m in group)
 
 
 OPS: dict[str, Operation] = {}
@@ -84,8 +190,51 @@ OPS: dict[str, Operation] = {}
 def register(op: Operation) -> Operation:
     if not op.name or op.name in OPS:
         raise ValueError(f"an operation needs a new name, got {op.name!r}")
+    taken = {k for o in OPS.values() for k in o.keys}
+    if taken & set(op.keys):
+        raise ValueError(f"plan key(s) {sorted(taken & set(op.keys))} already belong to another operation")
     OPS[op.name] = op
     return op
 
 
-from . import quantise  # noqa: E402,F401  (registers itself)
+def owner(key: str) -> Operation | None:
+    """The operation that owns plan key ``key``."""
+    for op in OPS.values():
+        if key in op.keys:
+            return op
+    return None
+
+
+def planner_owner(name: str) -> Operation | None:
+    for op in OPS.values():
+        if name in op.planners:
+            return op
+    return None
+
+
+def all_planners() -> dict[str, Callable]:
+    return {n: f for op in OPS.values() for n, f in op.planners.items()}
+
+
+def presets() -> dict[str, Operation]:
+    return {op.preset: op for op in OPS.values() if op.preset}
+
+
+def preset_methods() -> tuple[str, ...]:
+    """Every preset's method choices, for the app's and widgets' method menu."""
+    return tuple(m for op in OPS.values() for m in op.methods)
+
+
+def stats_meta(stats) -> dict:
+    """What a plan made from ``stats`` was made for (``Plan.model``)."""
+    return {"num_experts": list(stats.num_experts), "top_k": stats.top_k,
+            "model_type": stats.info.get("model_type"), "moe_layer_indices": stats.moe_layer_indices}
+
+
+def min_keep(stats, view, layer: int) -> tuple[int, int]:
+    """(least experts a layer may keep, granularity of the kept count)."""
+    return view[layer].keep_rule() if view is not None else (stats.top_k, 1)
+
+
+# the order of these imports is the order in which operations edit a layer
+from . import drop_experts, merge, slim, prune, drop_layers, drop_blocks, quantise  # noqa: E402,F401,I001

@@ -163,12 +163,13 @@ class Quantise(Operation):
     def touches(self, spec: dict, lay) -> bool:
         return spec is not None and any(self.bits_of(spec, lay.index, e) != 16 for e in range(lay.num_experts))
 
-    def edit(self, spec: dict, lay, per: dict, kept: list[int]) -> dict:
-        """Rounds the kept experts in ``per``; returns {expert: (bits, gate_up scales, down scales)}, which apply
-        keeps on the new model so that an export can store the codes (``write_compact``)."""
+    def edit(self, spec: dict, ctx) -> dict:
+        """Rounds the kept experts in ``ctx.per``; returns {expert: (bits, gate_up scales, down scales)}, which
+        apply keeps on the new model so that an export can store the codes (``write_compact``)."""
+        lay, per = ctx.lay, ctx.per
         d_gu, d_dn = _in_dims(lay)
         scales = {}
-        for e in kept:
+        for e in ctx.kept:
             b = self.bits_of(spec, lay.index, e)
             if b == 16:
                 continue
@@ -184,6 +185,8 @@ class Quantise(Operation):
                    for e in kept)
 
     # ---- command line ----------------------------------------------------------------------------------
+    cli_flag = "quantise"
+
     def add_cli(self, parser, choice) -> None:
         choice.add_argument("--quantise", metavar="BITS", help="quantise experts: 2, 3, 4, 8 or fp8 (with "
                             "--budget-gb or --avg-bits: the most bits a budget planner may give an expert)")
@@ -193,7 +196,10 @@ class Quantise(Operation):
         parser.add_argument("--avg-bits", type=float, default=None, help="quantise: the same budget as average "
                             "bits per expert weight (scales included)")
 
-    def from_cli(self, args, stats, view):
+    def cli_needs_stats(self, args) -> bool:
+        return args.budget_gb is not None or args.avg_bits is not None
+
+    def from_cli(self, args, skip, view):
         if getattr(args, "quantise", None) is None:
             return None
         bits = _bits(args.quantise, "--quantise")
@@ -202,27 +208,24 @@ class Quantise(Operation):
             budget = args.budget_gb * 1e9
         elif args.avg_bits is not None:
             budget = args.avg_bits / 8 * sum(lay.expert_weight_params() * lay.num_experts for lay in view)
-        return quantise_plan(stats, view, bits=bits, group_size=args.group_size, budget_bytes=budget,
-                             criterion=args.criterion)
+        return "quantise", dict(bits=bits, group_size=args.group_size, budget_bytes=budget, criterion=args.criterion)
 
     preset = "quantise"
+    needs_view = ("quantise",)
 
-    def planner(self, stats, view, **kw):
-        return quantise_plan(stats, view, **kw)
-
-    def preset_args(self, amount: float, criterion: str, method: str) -> dict:
+    def preset_args(self, amount, opts: dict, session) -> dict:
         b = "fp8" if str(amount).lower() == "fp8" else int(float(amount))
-        return {"bits": b, "criterion": criterion}
+        return {"bits": b, "criterion": opts["criterion"]}
 
     def write_export(self, spec: dict, model, folder) -> str | None:
         return write_compact(spec, model, folder)
 
-    def out_of_core(self, spec: dict) -> str | None:
+    def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
         return ("quantise is applied in memory for now (the out-of-core editor copies or re-quantises the input's "
                 "own format, it does not write new quantised experts yet)")
 
 
-QUANTISE = register(Quantise())
+QUANTISE = Quantise()
 
 
 # ---- planners -------------------------------------------------------------------------------------------
@@ -462,3 +465,7 @@ def _scale_rows(experts, note, slot: int, saved: torch.Tensor) -> torch.Tensor |
                 if part.shape == saved.shape and torch.equal(part, saved):
                     return s[sel]
     return None
+
+
+Quantise.planners = {"quantise": quantise_plan}
+register(QUANTISE)
