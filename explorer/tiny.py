@@ -177,3 +177,16 @@ def upcycled(model: PreTrainedModel, factor: int = 2, noise: float = 0.0, seed: 
                 rep = rep + noise * old.std() * torch.randn(rep.shape, generator=g).to(rep.dtype)
             t.copy_(rep)
     return big.eval()
+
+
+def random_blocks(n: int = 8, L: int = 32, seed: int = 0, vocab: int = 256, low: int = 0,
+                  last_len: int | None = None):
+    """Seeded random token blocks over two domains ("a", "b"): statistics and perplexity inputs for tiny models."""
+    from .data import TokenBlocks
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (n, L), generator=g)
+    lengths = torch.full((n,), L)
+    if last_len is not None:
+        lengths[-1] = last_len
+    return TokenBlocks(ids, lengths, torch.arange(n) % 2, ["a", "b"], (lengths - 1).double(), L)

@@ -6,14 +6,11 @@ from explorer.data import TokenBlocks
 from explorer.distill import DistillConfig, DistillError, Distiller, drop_schedule, kd_loss, progressive
 from explorer.moe import MoEModel
 from explorer.plan import Plan
-from explorer.tiny import tiny_model
+from explorer.tiny import tiny_model, random_blocks
 
 
 def _blocks(n=16, L=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (n, L), generator=g)
-    lengths = torch.full((n,), L)
-    return TokenBlocks(ids, lengths, torch.arange(n) % 2, ["a", "b"], (lengths - 1).double(), L)
+    return random_blocks(n, L, seed)
 
 
 def _distiller(steps=6, **kw):

@@ -11,17 +11,13 @@ from explorer.moe import MoEModel, expert_path
 from explorer.plan import Plan, PlanError
 from explorer.preview import preview_perplexity
 from explorer.stats import ARRAYS
-from explorer.tiny import tiny_model
+from explorer.tiny import tiny_model, random_blocks
 
 pytest.importorskip("accelerate")
 
 
 def _blocks(n=6, L=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 256, (n, L), generator=g)
-    lengths = torch.full((n,), L)
-    lengths[-1] = L - 5
-    return TokenBlocks(ids, lengths, torch.arange(n) % 2, ["a", "b"], (lengths - 1).double(), L)
+    return random_blocks(n, L, seed, low=1, last_len=L - 5)
 
 
 @pytest.fixture(scope="module", params=["mixtral", "deepseek_v3", "gpt_oss"])

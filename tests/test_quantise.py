@@ -16,13 +16,11 @@ from explorer.ops.quantise import bits_per_weight, fake_quant, quantise_plan
 from explorer.plan import Plan, PlanError
 from explorer.preview import previewing
 from explorer.stats import collect_stats
-from explorer.tiny import tiny_model
+from explorer.tiny import tiny_model, random_blocks
 
 
 def _blocks(n=4, L=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (n, L), generator=g)
-    return TokenBlocks(ids, torch.full((n,), L), torch.arange(n) % 2, ["a", "b"], torch.full((n,), L - 1.0), L)
+    return random_blocks(n, L, seed, vocab=64)
 
 
 def _reference(w: np.ndarray, bits, g: int) -> np.ndarray:
