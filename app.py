@@ -116,20 +116,25 @@ def user_message(err: Exception) -> str:
     return f"⚠️ {html.escape(text)}"
 
 
-def plan_guard(n_outputs: int):
-    """Plan-tab handlers: a problem becomes one message (second output); every other component keeps its value,
-    the user's JSON text included, and stays usable."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - reported in the page
-                out = [gr.update()] * n_outputs
-                out[1] = user_message(err)
-                return tuple(out)
-        return wrapper
-    return deco
+def plan_guard(fn):
+    """Plan-tab handlers (they return {view name: value}): a problem becomes the message; every other component
+    keeps its value, the user's JSON text included, and stays usable."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - reported in the page
+            return {"msg": user_message(err)}
+    return wrapper
+
+
+def bind(fn, views: dict):
+    """(handler, outputs) for Gradio: ``fn`` returns {view name: value}, Gradio gets {component: value} for the
+    views this wiring shows (a component the handler does not name keeps its value). No tuple is counted by hand."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        return {views[k]: v for k, v in fn(*args, **kwargs).items() if k in views}
+    return run, list(views.values())
 
 
 # ---- views of the session (pure: session -> component values) ----------------------------------------------
@@ -383,25 +388,23 @@ def compare_tab() -> SimpleNamespace:
 
 
 # ---- handlers (module level: session in, component values out) -----------------------------------------------
-N_PLAN_OUTPUTS = 12  # state, message, preview, JSON, table, heatmap, tried, Pareto, layers, blocks, slim, download
-
-
-def plan_outputs(s: Session, measure: bool = True) -> tuple:
-    """Every Plan-tab view of the session, in the order of ``plan_views``. ``measure=False`` is what a click shows
-    at once (table, heatmap, JSON): the preview and what depends on it are left for ``on_refresh``."""
+def plan_outputs(s: Session, measure: bool = True) -> dict:
+    """Every Plan-tab view of the session by name (``plan_views`` says which component shows each). ``measure=False``
+    is what a click shows at once (table, heatmap, JSON): the preview and what depends on it are left for
+    ``on_refresh``."""
     p = s.plan
-    if measure:
-        preview = plan_md(s, None if p.is_empty() else s.preview())
-        rest = (tried_table(s), pareto(s),
-                gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
-                gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
-                          value=list(p.drop_blocks)),
-                gr.update(value=1.0 if p.slim is None else p.slim))
-    else:
-        preview = gr.update() if p.is_empty() else "⏳ measuring the preview…"
-        rest = (gr.update(),) * 5
-    heat = figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None
-    return (s, s.kept_note(), preview, p.to_json(), load_table(s), heat, *rest, plan_file(s))
+    out = {"state": s, "msg": s.kept_note(), "plan_json": p.to_json(), "table": load_table(s),
+           "heat": figures.load_heatmap(s.stats, p.drop_experts) if s.stats else None, "download": plan_file(s)}
+    if not measure:
+        if not p.is_empty():
+            out["preview"] = "⏳ measuring the preview…"
+        return out
+    out.update(preview=plan_md(s, None if p.is_empty() else s.preview()), tried=tried_table(s), pareto=pareto(s),
+               depth_layers=gr.update(choices=[(f"L{i}", i) for i in range(len(s.view))], value=list(p.drop_layers)),
+               depth_blocks=gr.update(choices=[(f"B{i}", i) for i in range(len(s.view.decoder_layers))],
+                                      value=list(p.drop_blocks)),
+               slim_keep=gr.update(value=1.0 if p.slim is None else p.slim))
+    return out
 
 
 def picked_text(s: Session) -> str:
@@ -443,10 +446,11 @@ def on_stats(s, progress=gr.Progress()):
     s.require()
     s.collect(progress=lambda d, t: progress(d / t, desc="collecting router statistics"))
     st = s.stats
-    sliders = [gr.update(maximum=max(0, len(s.view) - 1), value=0) for _ in range(3)]
-    return (s, summary_md(s), figures.coactivation_heatmap(st, 0), figures.domain_heatmap(st, 0),
-            figures.balance_chart(st), figures.vocab_figure(s.vocab(), s.tok, 0), *sliders, figures.importance_chart(st),
-            *plan_outputs(s)[1:])
+    slider = gr.update(maximum=max(0, len(s.view) - 1), value=0)
+    return {**plan_outputs(s), "summary": summary_md(s), "coact": figures.coactivation_heatmap(st, 0),
+            "domain": figures.domain_heatmap(st, 0), "balance": figures.balance_chart(st),
+            "vocab": figures.vocab_figure(s.vocab(), s.tok, 0), "layer": slider, "sa_layer": slider,
+            "strip_layer": slider, "importance": figures.importance_chart(st)}
 
 
 @friendly
@@ -477,72 +481,71 @@ def on_saliency(s, criteria, layer, kind, progress=gr.Progress()):
             figures.importance_chart(s.stats))
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_depth(s, layers, blocks, keep):
     s = _sess(s)
     s.set_depth(layers or [], blocks or [], keep)
     return plan_outputs(s)
 
 
-@plan_guard(N_PLAN_OUTPUTS + 1)
+@plan_guard
 def on_cell(s, click_mode, evt: gr.SelectData):
     s = _sess(s)
     s.require(stats=True)
     row, col = evt.index
     if col == 0:
-        return (*plan_outputs(s), picked_text(s))
+        return {**plan_outputs(s), "picked": picked_text(s)}
     if click_mode == "pick for a merge group":
         s.pick_for_merge(int(row), int(col) - 1)
-        unchanged = [gr.update()] * (N_PLAN_OUTPUTS - 5)
-        return (s, "", gr.update(), gr.update(), load_table(s), *unchanged, picked_text(s))
+        return {"state": s, "msg": "", "table": load_table(s), "picked": picked_text(s)}
     s.toggle_expert(int(row), int(col) - 1)
-    return (*plan_outputs(s, measure=False), picked_text(s))  # red now; on_refresh measures the preview
+    return {**plan_outputs(s, measure=False), "picked": picked_text(s)}  # red now; on_refresh measures the preview
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_refresh(s):
     """After a click: the preview, the Compare rows and the chart; the click's own message stays."""
     s = _sess(s)
     s.require()
-    out = list(plan_outputs(s))
-    out[1] = gr.update()
-    return tuple(out)
+    out = plan_outputs(s)
+    del out["msg"]
+    return out
 
 
-@plan_guard(N_PLAN_OUTPUTS + 1)
+@plan_guard
 def on_merge(s):
     s = _sess(s)
     s.merge_pending()
-    return (*plan_outputs(s), picked_text(s))
+    return {**plan_outputs(s), "picked": picked_text(s)}
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Progress()):
     s = _sess(s)
     progress(0.2, desc="writing the plan")
     before = s.plan
     s.preset(kind, amount, criterion, method, mode, protect)
-    out = list(plan_outputs(s))
+    out = plan_outputs(s)
     if not before.is_empty():
-        out[1] = (f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still in "
-                  "Compare: pick its row there to bring it back. " + out[1])
-    return tuple(out)
+        out["msg"] = (f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still in "
+                      "Compare: pick its row there to bring it back. " + out["msg"])
+    return out
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_pick_tried(s, evt: gr.SelectData):
     """A click on a Compare row makes that plan the current one again (with its distilled student, if any)."""
     s = _sess(s)
     plan = s.use_tried(int(evt.index[0]))
-    out = list(plan_outputs(s))
+    out = plan_outputs(s)
     d = s.student()
-    out[1] = (f"ℹ️ '{html.escape(plan.describe())}' is the plan again" +
-              (f"; its distilled student (perplexity {fmt_ppl(d.best_ppl)}) is what an export writes." if d else ".")
-              + (" " + out[1] if out[1] else ""))
-    return tuple(out)
+    out["msg"] = (f"ℹ️ '{html.escape(plan.describe())}' is the plan again" +
+                  (f"; its distilled student (perplexity {fmt_ppl(d.best_ppl)}) is what an export writes." if d
+                   else ".") + (" " + out["msg"] if out["msg"] else ""))
+    return out
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_clear(s):
     s = _sess(s)
     s.require()
@@ -550,14 +553,14 @@ def on_clear(s):
     return plan_outputs(s)
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_json(s, text):
     s = _sess(s)
     s.set_plan(text)
     return plan_outputs(s)
 
 
-@plan_guard(N_PLAN_OUTPUTS)
+@plan_guard
 def on_upload(s, file):
     s = _sess(s)
     s.set_plan(Path(getattr(file, "name", file)).read_text())
@@ -684,18 +687,24 @@ def on_compare_tab(s):
 
 # ---- wiring ----------------------------------------------------------------------------------------------------
 def wire_loading(demo: gr.Blocks, state, m, r, sa, p, c) -> None:
-    stat_outputs = [state, m.summary, r.coact, r.domain, r.balance, r.vocab, r.layer, sa.layer, r.strip_layer,
-                    sa.importance, *plan_views(p, r, c)[1:]]
+    stats_fn, stat_outputs = bind(on_stats, {
+        "state": state, "summary": m.summary, "coact": r.coact, "domain": r.domain, "balance": r.balance,
+        "vocab": r.vocab, "layer": r.layer, "sa_layer": sa.layer, "strip_layer": r.strip_layer,
+        "importance": sa.importance, **plan_views(p, r, c)})
     # the summary shows as soon as the model is in; the plots follow when the statistics are collected
     gr.on([m.load_btn.click, demo.load], on_load, [state, m.src, m.device, m.dtype, m.data_src, m.upload, m.max_tok],
-          [state, m.summary]).success(on_stats, [state], stat_outputs)
+          [state, m.summary]).success(stats_fn, [state], stat_outputs)
     m.stats_btn.click(on_data, [state, m.data_src, m.upload, m.max_tok], [state, m.summary]).success(
-        on_stats, [state], stat_outputs)
+        stats_fn, [state], stat_outputs)
 
 
-def plan_views(p, r, c) -> list:
-    return [None, p.msg, p.preview, p.plan_json, p.table, r.heat, c.tried, c.pareto, p.depth_layers, p.depth_blocks,
-            p.slim_keep, p.download]
+def plan_views(p, r, c, state=None) -> dict:
+    """The component that shows each Plan-tab view (``plan_outputs``'s names)."""
+    views = {} if state is None else {"state": state}
+    views.update(msg=p.msg, preview=p.preview, plan_json=p.plan_json, table=p.table, heat=r.heat, tried=c.tried,
+                 pareto=c.pareto, depth_layers=p.depth_layers, depth_blocks=p.depth_blocks, slim_keep=p.slim_keep,
+                 download=p.download)
+    return views
 
 
 def wire_routing(state, r) -> None:
@@ -710,21 +719,31 @@ def wire_saliency(state, sa) -> None:
 
 
 def wire_plan(state, p, r, c) -> None:
-    outs = [state, *plan_views(p, r, c)[1:]]
-    gr.on([p.depth_layers.input, p.depth_blocks.input, p.slim_keep.release], on_depth,
-          [state, p.depth_layers, p.depth_blocks, p.slim_keep], outs)
-    p.table.select(on_cell, [state, p.click_mode], outs + [p.picked]).then(on_refresh, [state], outs)
-    p.merge_btn.click(on_merge, [state], outs + [p.picked])
-    p.preset_btn.click(on_preset, [state, p.preset, p.amount, p.crit, p.method, p.mode, p.protect], outs)
-    p.clear_btn.click(on_clear, [state], outs)
-    p.json_btn.click(on_json, [state, p.plan_json], outs)
+    views = plan_views(p, r, c, state)
+    with_picked = {**views, "picked": p.picked}
+    depth, depth_out = bind(on_depth, views)
+    gr.on([p.depth_layers.input, p.depth_blocks.input, p.slim_keep.release], depth,
+          [state, p.depth_layers, p.depth_blocks, p.slim_keep], depth_out)
+    cell, cell_out = bind(on_cell, with_picked)
+    refresh, refresh_out = bind(on_refresh, views)
+    p.table.select(cell, [state, p.click_mode], cell_out).then(refresh, [state], refresh_out)
+    merge, merge_out = bind(on_merge, with_picked)
+    p.merge_btn.click(merge, [state], merge_out)
+    preset, preset_out = bind(on_preset, views)
+    p.preset_btn.click(preset, [state, p.preset, p.amount, p.crit, p.method, p.mode, p.protect], preset_out)
+    clear, clear_out = bind(on_clear, views)
+    p.clear_btn.click(clear, [state], clear_out)
+    json_fn, json_out = bind(on_json, views)
+    p.json_btn.click(json_fn, [state, p.plan_json], json_out)
     p.gen_btn.click(on_generate, [state, p.gen_prompts, p.gen_tokens], p.gen_out)
     p.plan_tasks_btn.click(on_score_plan_tasks, [state, p.plan_tasks, p.plan_task_limit], p.plan_tasks_out)
-    p.upload.upload(on_upload, [state, p.upload], outs)
+    upload, upload_out = bind(on_upload, views)
+    p.upload.upload(upload, [state, p.upload], upload_out)
 
 
 def wire_compare_rows(state, p, r, c) -> None:
-    c.tried.select(on_pick_tried, [state], [state, *plan_views(p, r, c)[1:]])
+    pick, pick_out = bind(on_pick_tried, plan_views(p, r, c, state))
+    c.tried.select(pick, [state], pick_out)
 
 
 def wire_distill(state, d, c) -> None:
