@@ -1,8 +1,10 @@
 """A uniform view of the MoE layers inside any transformers causal LM.
 
 Every family stores its experts fused (``gate_up_proj`` / ``down_proj``), but routers, gate normalisation,
-shared experts, biases and block return values differ. Those differences live in ``FAMILIES`` and in
-``MoELayer``; nothing else in the package knows a family's name.
+shared experts, biases and block return values differ. Those differences live in the family table
+(``layout.FAMILIES``) and in ``MoELayer``; nothing else in the package knows a family's name. The expert kernels
+(``kernels``), accelerate's hooks (``devices``) and the self-check against each family's own block (``selfcheck``)
+are modules of their own.
 
 ``MoELayer.forward`` recomputes a block's output from the view's tensors. The statistics pass, the what-if
 preview (routing masks, merges, skips) and the correctness tests all run through it, so one tested code path
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -20,166 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExplorerError
-
-# --------------------------------------------------------------------------------------------------------
-# Family differences, in one place.
-#   gating:  how router logits become the k gates
-#     softmax_topk   softmax over all E, top-k, renormalised when ``renorm`` (Mixtral, Qwen, OLMoE)
-#     topk_softmax   top-k of logits, softmax over the k (GPT-OSS, GraniteMoE): same as softmax_topk+renorm
-#     sigmoid_group  DeepSeek-V3: sigmoid scores + correction bias for the choice, group-limited, scaled
-#     sparsemixer    PhiMoE's sparsemixer (eval mode)
-#     sigmoid_input  Llama-4: top-k of logits, sigmoid gate multiplied into the expert's *input*
-#   count_attr: the config attribute that counts routed experts
-# --------------------------------------------------------------------------------------------------------
-COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-TOPK_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k", "moe_topk", "moe_top_k")
-BLOCK_ATTRS = ("mlp", "block_sparse_moe", "feed_forward", "moe", "mixer")
-ROUTER_ATTRS = ("gate", "router")
-SHARED_ATTRS = ("shared_expert", "shared_experts", "shared_mlp")
-
-
-@dataclass(frozen=True)
-class Family:
-    gating: str
-    renorm_attr: str | None = None  # config attribute saying whether top-k gates are renormalised
-    renorm_default: bool = True
-    returns_tuple: bool = False  # the block returns (hidden, router_something)
-    transposed: bool = False  # experts stored [E, H, 2I] / [E, I, H]
-    flat_output: bool = False  # the block returns [tokens, H] rather than the input's shape
-    block_scale: bool = False  # the block multiplies the routed sum by its ``routed_scaling_factor`` (Beam, M3)
-    post_norm: str | None = None  # a norm the block applies to routed + shared (AXK1's ``post_mlp_layernorm``)
-    latent: tuple[str, str] | None = None  # projections around the routed experts (Nemotron-H's fc1/fc2_latent_proj)
-
-
-FAMILIES: dict[str, Family] = {
-    "mixtral": Family("softmax_topk"),
-    "minimax": Family("softmax_topk"),
-    "qwen2_moe": Family("softmax_topk", "norm_topk_prob", False),
-    "qwen3_moe": Family("softmax_topk", "norm_topk_prob", True),
-    "olmoe": Family("softmax_topk", "norm_topk_prob", False),
-    "phimoe": Family("sparsemixer"),
-    "deepseek_v3": Family("sigmoid_group"),
-    "glm4_moe": Family("sigmoid_group"),
-    "dots1": Family("sigmoid_group"),
-    "gpt_oss": Family("topk_softmax", returns_tuple=True, transposed=True),
-    "granitemoe": Family("topk_softmax"),
-    "llama4_text": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
-    "llama4": Family("sigmoid_input", returns_tuple=True, transposed=True, flat_output=True),
-    # families whose routers return (logits, weights, indices) and whose blocks add one step of their own
-    "beam": Family("softmax_topk", block_scale=True),
-    "minimax_m3_vl": Family("softmax_topk", block_scale=True),
-    "minimax_m3_vl_text": Family("softmax_topk", block_scale=True),
-    "axk1": Family("sigmoid_group", post_norm="post_mlp_layernorm"),
-    "nemotron_h": Family("sigmoid_group", latent=("fc1_latent_proj", "fc2_latent_proj")),
-}
-
-
-class NoMoELayersError(ExplorerError):
-    pass
-
-
-class UnsupportedModelError(NoMoELayersError):
-    """The view does not reproduce this model's own MoE blocks: refused in words rather than shown wrong."""
-
-
-EXPERT_COUNT_NAMES = COUNT_ATTRS + ("n_experts", "num_routed_experts")  # where modules cache the count too
-
-
-def expert_dim(t: torch.Tensor, n_experts: int) -> int | None:
-    """The dimension of ``t`` that runs over experts (its first, else its last), or None: the one rule by which
-    router rows, router and choice biases and ERNIE's ``moe_statics`` are found, in memory and on disk."""
-    if t is None or t.dim() == 0:
-        return None
-    return 0 if t.shape[0] == n_experts else (t.dim() - 1 if t.shape[-1] == n_experts else None)
-
-
-def slice_experts_of(module: nn.Module, kept: list[int], n_experts: int, recurse: bool = True) -> None:
-    """Keep rows ``kept`` of every per-expert tensor held by ``module`` (router rows, router and choice biases,
-    ERNIE's ``moe_statics``...) and every cached expert count, in place: what a router of the smaller model holds.
-    A tensor is per-expert when its first (else last) dimension is the expert count. ``recurse=False``: the
-    module's own tensors only (a block's, whose children are sliced each by their own rule)."""
-    idx = torch.as_tensor(kept, dtype=torch.long)
-    for mod in (module.modules() if recurse else [module]):
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            dim = expert_dim(t, n_experts)
-            if dim is None:
-                continue
-            new = t.detach().index_select(dim, idx.to(t.device)).clone().contiguous()
-            if isinstance(t, nn.Parameter):
-                setattr(mod, name, nn.Parameter(new, requires_grad=t.requires_grad))
-            else:
-                mod._buffers[name] = new
-        for name in EXPERT_COUNT_NAMES:
-            if getattr(mod, name, None) == n_experts and isinstance(getattr(mod, name), int):
-                setattr(mod, name, len(kept))
-        if isinstance(mod, nn.Linear) and mod.out_features == n_experts:
-            mod.out_features = len(kept)
-
-
-# ---- accelerate's big-model hooks ---------------------------------------------------------------------------
-# With ``device_map`` (weights spread over GPUs, CPU and disk), accelerate moves a module's weights in just before
-# its own forward and back out after. The view reads expert and router tensors directly, so it opens the same
-# hooks around its own computation: offloaded weights are then real tensors, and gone again afterwards.
-@contextmanager
-def materialized(*modules: nn.Module | None):
-    """Inside the block, the weights of ``modules`` are on their execution device even when offloaded."""
-    hooked = [m for m in modules if m is not None and getattr(m, "_hf_hook", None) is not None]
-    for m in hooked:
-        m._hf_hook.pre_forward(m)
-    try:
-        yield
-    finally:
-        for m in hooked:
-            m._hf_hook.post_forward(m, None)
-
-
-@contextmanager
-def forward_hooks(*specs):
-    """Hooks that exist only inside the block. Each spec is (module, "pre" | "post", fn) or (..., with_kwargs);
-    whatever happens inside, every hook is removed on exit."""
-    handles = []
-    try:
-        for mod, when, fn, *kw in specs:
-            register = mod.register_forward_pre_hook if when == "pre" else mod.register_forward_hook
-            handles.append(register(fn, with_kwargs=bool(kw and kw[0])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """Where ``module`` computes: accelerate's execution device when it is dispatched, else its weights' device."""
-    for m in module.modules():
-        hook = getattr(m, "_hf_hook", None)
-        dev = getattr(hook, "execution_device", None)
-        if dev is not None:
-            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-        for p in m.parameters(recurse=False):
-            if p.device.type != "meta":
-                return p.device
-    return torch.device("cpu")
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """The device token ids go to: the input embedding's."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return module_device(emb) if emb is not None else module_device(model)
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def family_of(config) -> Family:
-    """The family row of ``config``'s model type; unknown types get the common layout, which ``MoEModel.check``
-    then holds against the model's own blocks (a type it does not reproduce is refused)."""
-    mt = getattr(_text_config(config), "model_type", None)
-    if mt in FAMILIES:
-        return FAMILIES[mt]
-    return Family("softmax_topk", "norm_topk_prob", True)
-
+# the view's parts, re-exported: the family table, devices, expert kernels and the self-check
+from .devices import forward_hooks, input_device, materialized, module_device  # noqa: F401
+from .kernels import KERNELS, Observer, expert_path, grouped_mm, kernel_for, on_device  # noqa: F401
+from .layout import (BLOCK_ATTRS, COUNT_ATTRS, EXPERT_COUNT_NAMES, FAMILIES, ROUTER_ATTRS, SHARED_ATTRS,  # noqa: F401
+                     TOPK_ATTRS, Family, NoMoELayersError, UnsupportedModelError, _text_config, expert_dim,
+                     family_of, slice_experts_of)
+from .selfcheck import check_kept_ids, check_layer, sliced_block  # noqa: F401
 
 @dataclass
 class MoELayer:
@@ -620,251 +468,13 @@ class MoELayer:
         """
         if observer is not None:
             observer.begin(self, x, logits, w, idx)
-        path = EXPERT_PATH if EXPERT_PATH != "auto" else ("grouped" if x.is_cuda else "loop")
-        fn = self._combine_grouped if path == "grouped" else self._combine_loop
-        return fn(x, w, idx, observer, edit)
+        return kernel_for(x)(self, x, w, idx, observer, edit)
 
     def _weights(self, edit: Any):
         """(gate_up, down, gate_up_bias, down_bias, slot): the expert tensors in use and expert -> row (None: id)."""
         if edit is None or edit.tensors is None:
             return self.gate_up, self.down, self.gate_up_bias, self.down_bias, None
         return (*edit.tensors, edit.slot)
-
-    def _combine_loop(self, x, w, idx, observer, edit):
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
-                          device=x.device)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tok_all = order // idx.shape[1]
-        gates_all = w.reshape(-1)[order]
-        gate_in = self.family.gating == "sigmoid_input"
-        gu_all, dn_all, gb_all, db_all, slot = self._weights(edit)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok = tok_all[start:start + n]
-            g = gates_all[start:start + n]
-            start += n
-            xin = x[tok] * g[:, None].to(x.dtype) if gate_in else x[tok]
-            r = e if slot is None else int(slot[e])
-            gb = None if gb_all is None else gb_all[r]
-            db = None if db_all is None else db_all[r]
-            h = self.ffn_hidden(xin, gu_all[r], gb)
-            y = self.ffn_out(h, dn_all[r], db)
-            if observer is not None:
-                observer.expert(self, e, tok, g, xin, h, y)
-            contrib = y if gate_in else y * g[:, None].to(y.dtype)
-            out.index_add_(0, tok, contrib.to(out.dtype))
-        return out.to(x.dtype)
-
-    def _combine_grouped(self, x, w, idx, observer, edit):
-        gu_all, dn_all, gb_all, db_all, slot = self._weights(edit)
-        flat = idx.reshape(-1)
-        rows = flat if slot is None else on_device(slot, flat.device)[flat]  # row of the weight tensors per pair
-        order = torch.argsort(rows, stable=True)
-        row = rows[order]
-        # per-group counts without bincount, which waits for the device to size its output
-        counts = torch.zeros(gu_all.shape[0], dtype=torch.long, device=row.device)
-        offs = torch.cumsum(counts.index_add_(0, row, torch.ones_like(row)), 0)
-        tok = order // idx.shape[1]
-        g = w.reshape(-1)[order]
-        gate_in = self.family.gating == "sigmoid_input"
-        xin = x[tok] * g[:, None].to(x.dtype) if gate_in else x[tok]
-        # every layout as [rows, in, out] for the grouped product
-        w_up = gu_all if self.transposed else gu_all.transpose(1, 2)
-        w_dn = dn_all if self.transposed else dn_all.transpose(1, 2)
-        gu = grouped_mm(xin, w_up, offs)
-        if gb_all is not None:
-            gu = gu + gb_all[row]
-        h = self._apply_gate(gu)
-        y = grouped_mm(h, w_dn, offs)
-        if db_all is not None:
-            y = y + db_all[row]
-        if observer is not None:
-            observer.experts(self, flat[order], tok, g, xin, h, y)
-        contrib = y if gate_in else y * g[:, None].to(y.dtype)
-        # back to (token, slot) order and a sum over the k slots: no atomic adds into the output
-        pairs = torch.empty_like(contrib)
-        pairs[order] = contrib
-        acc = torch.float32 if x.dtype != torch.float64 else x.dtype
-        return pairs.view(x.shape[0], idx.shape[1], -1).sum(1, dtype=acc).to(x.dtype)
-
-
-EXPERT_PATH = "auto"  # "auto" (grouped on CUDA, loop elsewhere), "grouped" or "loop"
-
-
-class expert_path:
-    """Context manager forcing how ``MoELayer.combine`` runs the experts (tests compare the two paths)."""
-
-    def __init__(self, path: str):
-        if path not in ("auto", "grouped", "loop"):
-            raise ValueError(f"expert path must be auto, grouped or loop, got {path!r}")
-        self.path = path
-
-    def __enter__(self):
-        global EXPERT_PATH
-        self.before, EXPERT_PATH = EXPERT_PATH, self.path
-        return self
-
-    def __exit__(self, *exc):
-        global EXPERT_PATH
-        EXPERT_PATH = self.before
-        return False
-
-
-def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``, copied once per (tensor, device) and kept on the tensor itself: a preview's masks and
-    slot maps live on the CPU, and a copy per layer and forward would stall the device queue."""
-    if t.device == device:
-        return t
-    per = t.__dict__.setdefault("_explorer_copies", {})
-    if device not in per:
-        per[device] = t.to(device)
-    return per[device]
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` sorted by group times that group's matrix: x [S, in], w [G, in, out], offs [G] cumulative ends.
-
-    torch's grouped kernel on CUDA (``F.grouped_mm``, else ``torch._grouped_mm``, as transformers' grouped_mm
-    experts do); elsewhere, or for shapes the kernel refuses, one product per group with a single host sync."""
-    if x.is_cuda:
-        fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-        if fn is not None:
-            try:
-                return fn(x.to(w.dtype), w, offs=offs.to(torch.int32))
-            except (RuntimeError, NotImplementedError):  # e.g. alignment or an older GPU: the loop is exact
-                pass
-    out = x.new_empty(x.shape[0], w.shape[2])
-    start = 0
-    for i, end in enumerate(offs.tolist()):
-        if end > start:
-            torch.mm(x[start:end], w[i], out=out[start:end])
-        start = end
-    return out
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-
-
-def _main(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().reshape(-1), b.float().reshape(-1)
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-class _Mask:
-    """The smallest edit ``MoELayer.forward`` takes: a routing mask (see transform.LayerEdit)."""
-
-    def __init__(self, keep: torch.Tensor):
-        self.keep, self.tensors, self.slot, self.skip = keep, None, None, False
-
-
-def check_kept_ids(lay: "MoELayer") -> list[int]:
-    """A small set of experts the layer may keep (one step above its least allowed count, spread over the groups):
-    what the self-check routes among. Small, since the check copies these experts of one layer (16 + 8 of
-    DeepSeek-V3's 256, about 1 GB in bf16; 9 of OLMoE's 64)."""
-    E = lay.num_experts
-    least, step = lay.keep_rule()
-    g, _ = lay.groups
-    n = max(least, min(E - step, least + step))
-    if n >= E:
-        return list(range(E))
-    per = n // g
-    size = E // g
-    return [grp * size + j for grp in range(g) for j in range(size - per, size)]  # the last ``per`` of each group
-
-
-def sliced_block(lay: "MoELayer", kept: list[int]) -> nn.Module:
-    """A shallow copy of ``lay``'s block as the smaller model holds it: the kept experts' rows (copied), the
-    sliced router, block-level per-expert tensors sliced. What ``apply`` writes, built for one layer."""
-    b = copy.copy(lay.block)
-    b._modules, b._parameters, b._buffers = dict(b._modules), dict(b._parameters), dict(b._buffers)
-    ex = copy.copy(lay.experts)
-    ex._parameters, ex._buffers = dict(ex._parameters), dict(ex._buffers)
-    for m in (b, ex):  # accelerate's hooks and forward wrappers belong to the originals
-        for name in ("forward", "_hf_hook", "_old_forward"):
-            m.__dict__.pop(name, None)
-    idx = torch.as_tensor(kept, dtype=torch.long)
-    with materialized(lay.experts):
-        for name, t in list(ex._parameters.items()):
-            if t is not None and t.dim() and t.shape[0] == lay.num_experts:
-                ex._parameters[name] = nn.Parameter(t.detach().index_select(0, idx.to(t.device)), requires_grad=False)
-    for name in EXPERT_COUNT_NAMES:
-        if getattr(ex, name, None) == lay.num_experts:
-            setattr(ex, name, len(kept))
-    attr_ex = next(n for n, m in lay.block.named_children() if m is lay.experts)
-    attr_r = next(n for n, m in lay.block.named_children() if m is lay.router)
-    b._modules[attr_ex] = ex
-    router, _ = lay.sliced_router(kept)
-    b._modules[attr_r] = router
-    slice_experts_of(b, kept, lay.num_experts, recurse=False)
-    return b
-
-
-def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 0, masked: bool = True) -> None:
-    """Refuse (UnsupportedModelError) what the view of this layer does not reproduce."""
-    where = f"{model_type}: MoE layer {lay.index} (decoder layer {lay.layer_idx}, {type(lay.block).__name__})"
-    n_held = lay.gate_up.shape[0]
-    if n_held != lay.num_experts:
-        raise UnsupportedModelError(
-            f"{where}: its router scores {lay.num_experts} experts but the block holds {n_held}; routed slots "
-            "without weights (zero-computation or null experts, as LongCat-Flash's) are not supported")
-    dev = lay.device
-    dtype = next((p.dtype for p in lay.router.parameters() if p.is_floating_point()), torch.float32)
-    g = torch.Generator().manual_seed(seed + lay.index)
-    x = torch.randn(1, tokens, lay.hidden_size, generator=g).to(dev, dtype)
-    tol = _tolerance(dtype)
-    with torch.no_grad():
-        try:
-            ref = _main(lay.block(x))
-        except Exception as err:  # noqa: BLE001 - any failure of the family's own block is the answer
-            raise UnsupportedModelError(
-                f"{where} cannot be run on hidden states alone ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                "the explorer cannot observe or edit it") from err
-        try:
-            got = _main(lay.forward(x))
-        except UnsupportedModelError as err:
-            raise UnsupportedModelError(f"{where}: {err}") from err
-        except Exception as err:  # noqa: BLE001
-            raise UnsupportedModelError(
-                f"{where}: the explorer's view of the block fails ({type(err).__name__}: "
-                f"{str(err).splitlines()[0]}); it does not know this family's layout") from err
-        if got.numel() != ref.numel():
-            raise UnsupportedModelError(f"{where}: the view's output has shape {tuple(got.shape)}, the block's "
-                                        f"{tuple(ref.shape)}")
-        err = _rel(got, ref)
-        if not err <= tol:
-            raise UnsupportedModelError(
-                f"{where}: the view does not reproduce the block's own output (relative difference {err:.2g}, "
-                f"tolerance {tol:g}); the block computes more than router + experts + shared experts as the "
-                "explorer knows them, so its statistics and previews would be wrong. Refused.")
-        if not masked:
-            return
-        kept = check_kept_ids(lay)
-        if len(kept) == lay.num_experts:
-            return
-        keep = torch.zeros(lay.num_experts, dtype=torch.bool)
-        keep[kept] = True
-        try:
-            small = _main(sliced_block(lay, kept)(x))
-        except Exception as err:  # noqa: BLE001
-            raise UnsupportedModelError(
-                f"{where}: the block with {len(kept)} of {lay.num_experts} experts kept fails "
-                f"({type(err).__name__}: {str(err).splitlines()[0]}); expert removal cannot be applied") from err
-        got = _main(lay.forward(x, edit=_Mask(keep)))
-        err = _rel(got, small)
-        if not err <= tol:
-            raise UnsupportedModelError(
-                f"{where}: routing among {len(kept)} kept experts differs from the smaller model's own block "
-                f"(relative difference {err:.2g}); previews of dropped or merged experts would be wrong. Refused.")
-
 
 class MoEModel:
     """The MoE layers of a causal LM, found once, with uniform handles.
