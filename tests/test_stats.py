@@ -375,3 +375,31 @@ def test_a_preview_mask_is_copied_to_a_device_once():
     assert first.device == meta and on_device(mask, meta) is first
     assert on_device(mask, mask.device) is mask
     assert on_device(torch.tensor([True, False, True]), meta) is not first  # equal values, another tensor
+
+
+def test_a_forced_expert_kernel_stays_in_its_own_thread():
+    """The app serves several users from threads: one forcing a kernel (a benchmark, a test) must not change
+    which kernel another thread's forward runs."""
+    import threading
+
+    from explorer.kernels import KERNELS, expert_path, kernel_for
+
+    inside, release = threading.Event(), threading.Event()
+
+    def forcing():
+        with expert_path("grouped"):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=forcing)
+    t.start()
+    try:
+        assert inside.wait(10)
+        assert kernel_for(torch.zeros(1)) is KERNELS["loop"]  # this thread: CPU tensors take the loop
+    finally:
+        release.set()
+        t.join()
+    with expert_path("grouped"):
+        assert kernel_for(torch.zeros(1)) is KERNELS["grouped"]
+    with pytest.raises(ValueError, match="expert path must be"):
+        expert_path("dense")
