@@ -630,6 +630,12 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                                       "slimmed experts were dequantised, edited and quantised back"
                                       if (fmt.fp8 or fmt.mxfp4) else "kept as the input's (packed; drops only)")
         config.save_pretrained(tmp)
+        from .ops import OPS
+
+        for name, spec in plan.ops.items():  # operations with a stored format of their own (packed experts)
+            note = OPS[name].write_checkpoint(spec, plan, view, tmp, remap)
+            if note:
+                notes["weight_format"] = note
         if plan.dropped_layers():  # a stock config cannot say "no MoE here": load_model reads this
             (tmp / LAYOUT_FILE).write_text(json.dumps({
                 "format": "checkpoint", "num_hidden_layers": cfg.num_hidden_layers,

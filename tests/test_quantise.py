@@ -249,3 +249,42 @@ def test_an_export_packs_where_the_family_saves_experts_one_by_one(family, tmp_p
         assert "dequantised" in note and "layout" in note
     if family in ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe"):  # per-expert 2-D tensors in their checkpoints
         assert "stored packed" in note, note
+
+
+@pytest.mark.parametrize("family,cut", [("qwen3_moe", {"drop_experts": [1, 2]}), ("mixtral", {"drop_blocks": [1]}),
+                                        ("gpt_oss", {})])
+def test_out_of_core_quantise_writes_what_the_preview_shows(family, cut, tmp_path):
+    """The shard-by-shard apply quantises the experts it writes: the folder reloads with plain transformers to the
+    preview's logits, packed and smaller; a family that saves experts fused, or an already quantised checkpoint, is
+    refused in words with nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.checkpoint import apply_checkpoint
+
+    model = tiny_model(family, seed=5)
+    view = MoEModel(model)
+    model.save_pretrained(tmp_path / "src")
+    d = {"quantise": {"bits": 4, "group_size": 16}}
+    if "drop_experts" in cut:
+        d["drop_experts"] = {str(i): cut["drop_experts"] for i in range(len(view))}
+    d.update({k: v for k, v in cut.items() if k != "drop_experts"})
+    plan = Plan.from_dict(d)
+    ids = _blocks(2).input_ids
+    with torch.no_grad(), previewing(model, view, plan):
+        prev = model(ids).logits
+    if family == "gpt_oss":
+        with pytest.raises(PlanError, match="one 2-D tensor per projection"):
+            apply_checkpoint(tmp_path / "src", plan, tmp_path / "q")
+        assert not (tmp_path / "q").exists()
+        return
+    out = apply_checkpoint(tmp_path / "src", plan, tmp_path / "q")
+    assert "stored packed" in json.loads((out / "summary.json").read_text())["weight_format"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    torch.testing.assert_close(got, prev, rtol=1e-4, atol=1e-4)
+    size = lambda f: sum(p.stat().st_size for p in f.glob("*.safetensors"))  # noqa: E731
+    assert size(out) < 0.8 * size(tmp_path / "src")
+    with pytest.raises(PlanError, match="already quantised"):
+        apply_checkpoint(out, Plan.from_dict({"quantise": {"bits": 4, "group_size": 16}}), tmp_path / "qq")
+    assert not (tmp_path / "qq").exists()

@@ -127,6 +127,11 @@ class Operation:
         the operation's own stored format; returns a sentence for the export's summary, or None."""
         return None
 
+    def write_checkpoint(self, spec: Any, plan, view, folder, block_map: dict) -> str | None:
+        """Out of core: rewrite the shards the checkpoint editor wrote in ``folder`` (staged; old decoder layer ->
+        new in ``block_map``), one shard at a time; returns a sentence for the summary, or None."""
+        return None
+
     def out_of_core(self, spec: Any, plan, view, stats, config, model) -> str | None:
         """Why the out-of-core apply cannot do this (None: it can). May raise PlanError for a missing input."""
         return f"{self.name} is not done out of core yet: load the model and apply it in memory"

@@ -221,8 +221,15 @@ class Quantise(Operation):
         return write_compact(spec, model, folder)
 
     def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
-        return ("quantise is applied in memory for now (the out-of-core editor copies or re-quantises the input's "
-                "own format, it does not write new quantised experts yet)")
+        qc = getattr(config, "quantization_config", None)
+        if qc:
+            method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+            return (f"quantise: the checkpoint is already quantised ({method}); quantise the bf16 original, or "
+                    "dequantise it first")
+        return None
+
+    def write_checkpoint(self, spec: dict, plan, view, folder, block_map: dict) -> str | None:
+        return write_checkpoint(spec, plan, view, folder, block_map)
 
 
 QUANTISE = Quantise()
@@ -366,16 +373,12 @@ def write_compact(spec: dict, model, folder) -> str | None:
     why = compact_refusal(spec)
     if why is not None:
         return why
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from ..moe import _decoder_layers
 
     bits, gs = spec["bits"], spec["group_size"]
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs)
-    scheme = QuantizationScheme(targets=["re:.*(?<!shared_)experts.*"], weights=args)
+    args, scheme = _scheme(bits, gs)
     layers = _decoder_layers(model)
     owners = {}  # decoder layer -> (experts module, {slot: (bits, s_gu, s_dn)})
     for li, dl in enumerate(layers):
@@ -403,11 +406,7 @@ def write_compact(spec: dict, model, folder) -> str | None:
                                 f"{max(g for g in GROUP_SIZES if t.shape[-1] % g == 0)} would pack")
                     scale = _scale_rows(owners[li][0], owners[li][1][slot], slot, t)
                     if scale is not None:
-                        packed = PackedQuantizationCompressor.compress({"weight": t, "weight_scale": scale.to(t.dtype)},
-                                                                      scheme)
-                        base = k[: -len("weight")]
-                        for name, v in packed.items():
-                            out[base + name] = v.contiguous()
+                        out.update(_packed(k, t, scale, scheme))
                         done[(li, slot)] = done.get((li, slot), 0) + 1
                         changed = True
                         continue
@@ -418,20 +417,50 @@ def write_compact(spec: dict, model, folder) -> str | None:
     if missing:
         return ("the experts are written dequantised: this family saves them in a layout the packed format does "
                 f"not cover (decoder layer {missing[0][0]}, expert {missing[0][1]})")
-    index = folder / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
     for shard, (out, changed) in new_shards.items():
         if changed:
-            save_file(out, str(shard), metadata={"format": "pt"})
-            if weight_map is not None:
-                for k in [k for k, v in weight_map.items() if v == shard.name and k not in out]:
-                    del weight_map[k]
-                weight_map.update({k: shard.name for k in out})
-    if weight_map is not None:
+            _rewrite_shard(folder, shard, out)
+    _declare(folder, args)
+    return _packed_note(bits, gs)
+
+
+def _scheme(bits: int, gs: int):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs)
+    return args, QuantizationScheme(targets=["re:.*(?<!shared_)experts.*"], weights=args)
+
+
+def _packed(key: str, w_dq: torch.Tensor, scale: torch.Tensor, scheme) -> dict:
+    """``key``'s dequantised [out, in] weight as compressed-tensors' packed tensors (codes = round(w / scale))."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    packed = PackedQuantizationCompressor.compress({"weight": w_dq, "weight_scale": scale.to(w_dq.dtype)}, scheme)
+    base = key[: -len("weight")]
+    return {base + name: v.contiguous() for name, v in packed.items()}
+
+
+def _rewrite_shard(folder, shard, tensors: dict) -> None:
+    """Write ``shard`` anew with ``tensors`` and point the folder's index at their names."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
         data = json.loads(index.read_text())
-        data["weight_map"] = weight_map
+        wm = {k: v for k, v in data["weight_map"].items() if v != shard.name}
+        wm.update({k: shard.name for k in tensors})
+        data["weight_map"] = dict(sorted(wm.items()))
         data.get("metadata", {}).pop("total_size", None)
         index.write_text(json.dumps(data, indent=2))
+
+
+def _declare(folder, args) -> None:
+    """config.json says the experts are compressed-tensors pack-quantized (transformers dequantises on load)."""
+    import json
+
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = {
@@ -439,8 +468,84 @@ def write_compact(spec: dict, model, folder) -> str | None:
         "config_groups": {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}},
         "ignore": ["lm_head"]}
     cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _packed_note(bits, gs) -> str:
     return (f"experts stored packed ({bits}-bit codes, one scale per {gs} inputs; compressed-tensors pack-quantized): "
             "transformers dequantises them while loading")
+
+
+def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
+    """The out-of-core quantisation: shard by shard (one in memory at a time), each kept expert's 2-D weights as the
+    checkpoint editor wrote them are rounded exactly as the preview rounds them, and stored packed (or, where the
+    packed format cannot say it, dequantised, as the in-memory export does). Refuses in words, before rewriting
+    anything, a checkpoint that stores experts fused rather than one tensor per expert and projection."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from ..plan import PlanError
+
+    folder = Path(folder)
+    new_to_old = {new: old for old, new in block_map.items() if new is not None}
+    by_dec = {lay.layer_idx: lay for lay in view}
+    kept = {lay.layer_idx: plan.kept(lay.index, lay.num_experts) for lay in view}
+
+    def bits_for(li: int, slot: int):
+        lay = by_dec.get(new_to_old.get(li))
+        if lay is None or slot >= len(kept[lay.layer_idx]) or lay.index not in survivors:
+            return None  # a dense layer, a multi-token-prediction layer kept uncut, or a dropped MoE sub-layer
+        b = QUANTISE.bits_of(spec, lay.index, kept[lay.layer_idx][slot])
+        return None if b == 16 else b
+
+    survivors = set(plan.surviving_layers(view))
+    shards = sorted(folder.glob("*.safetensors"))
+    shapes = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                m = EXPERT_KEY.search(k)
+                if m:
+                    shapes[k] = (int(m[1]), int(m[2]), f.get_slice(k).get_shape())
+    found = {(li, slot) for li, slot, shape in shapes.values() if len(shape) == 2}
+    wanted = {(block_map[lay.layer_idx], s) for lay in view if lay.index in survivors
+              for s in range(len(kept[lay.layer_idx])) if bits_for(block_map[lay.layer_idx], s) is not None}
+    missing = sorted(wanted - found)
+    if missing:
+        raise PlanError(f"out-of-core apply: this checkpoint does not store expert {missing[0][1]} of decoder layer "
+                        f"{missing[0][0]} as one 2-D tensor per projection (the family saves its experts fused), so "
+                        "the shard-by-shard quantiser cannot find it: quantise with the in-memory apply")
+    gs = spec["group_size"]
+    why = compact_refusal(spec)
+    if why is None:
+        odd = next((k for k, (li, slot, shape) in shapes.items()
+                    if bits_for(li, slot) is not None and shape[-1] % gs), None)
+        if odd is not None:
+            n = shapes[odd][2][-1]
+            why = (f"the experts are written dequantised: the packed format needs each expert's input size to be a "
+                   f"multiple of the group size, and {odd.split('.')[-2]} takes {n} inputs against groups of {gs}; a "
+                   f"group size of {max(g for g in GROUP_SIZES if n % g == 0)} would pack")
+    args, scheme = _scheme(spec["bits"], gs) if why is None else (None, None)
+    for shard in shards:
+        out, changed = {}, False
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                li, slot, shape = shapes.get(k, (None, None, None))
+                b = bits_for(li, slot) if li is not None and len(shape) == 2 else None
+                if b is None:
+                    out[k] = t
+                    continue
+                dq, scale = quantise_tensor(t, b, gs, -1)
+                out.update(_packed(k, dq, scale, scheme) if scheme is not None else {k: dq})
+                changed = True
+        if changed:
+            _rewrite_shard(folder, shard, out)
+        del out
+    if scheme is None:
+        return why
+    _declare(folder, args)
+    return _packed_note(spec["bits"], gs)
 
 
 def _projections(experts) -> int:
