@@ -1,0 +1,141 @@
+"""What a session works on: the model, its evaluation and calibration text, router statistics and the scores and
+routing views derived from them; one lock for the session's long jobs."""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+
+from ..data import Dataset, load_data, text_blocks
+from ..loading import DEMO_MODEL, load_model
+from ..moe import input_device
+from ..perplexity import perplexity
+from ..saliency import CHEAP, expert_scores, expert_similarity
+from ..stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
+from .common import SessionError
+
+
+class Workspace:
+    def _init_workspace(self, block_len: int, max_tokens: int) -> None:
+        self.model = self.tok = self.view = None
+        self.source: str | None = None
+        self.data: Dataset | None = None
+        self.data_source = "demo"
+        self.block_len, self.max_tokens = block_len, max_tokens
+        self.data_key: str | None = None  # which evaluation tokens the perplexities were measured on
+        self.stats: RouterStats | None = None
+        self._scores: dict[str, list[np.ndarray]] = {}
+        self._vocab: tuple[str, VocabRouting] | None = None
+        self.base = None  # Perplexity of the unmodified model on the evaluation blocks
+        self.lock = threading.Lock()  # one long job per session
+
+    def _forget_plans(self) -> None:
+        """A new model: the session's other parts start again (``Session`` says which)."""
+
+    def _forget_measurements(self) -> None:
+        """New statistics: cached previews are measured again (``Session`` says which)."""
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def require(self, stats: bool = False) -> None:
+        if self.model is None:
+            raise SessionError("load a model first (Model tab)")
+        if stats and self.stats is None:
+            raise SessionError("collect statistics first (Model tab)")
+
+    def load(self, source: str | None = None, device: str | None = None, dtype: str | None = None,
+             trust_remote_code: bool = False, device_map: str | None = None, max_memory: str | None = None) -> dict:
+        """device_map ('auto') spreads a model larger than one device over GPUs, CPU and disk."""
+        src = None if source in (None, "", "demo", str(DEMO_MODEL)) else source.strip()
+        self.check_source(src, "model")
+        model, tok, view = load_model(src, device=device or None, dtype=dtype or None,
+                                      trust_remote_code=trust_remote_code, device_map=device_map or None,
+                                      max_memory=max_memory or None)
+        self.model, self.tok, self.view = model, tok, view
+        self.source = src or str(DEMO_MODEL)
+        self.stats, self._scores, self.base, self._vocab = None, {}, None, None
+        self._forget_plans()  # a new model: the plans, previews and students of the old one mean nothing
+        self.set_data(self.data_source)
+        return self.summary()
+
+    def set_data(self, source: str = "demo", block_len: int | None = None, max_tokens: int | None = None,
+                 uploaded: bool = False) -> dict:
+        """``uploaded``: ``source`` is the session's own copy of uploaded files, not a path a user typed."""
+        self.require()
+        if not uploaded:
+            self.check_source(source, "data")
+        data = load_data(self.tok, source, block_len=block_len or self.block_len,
+                         max_tokens=max_tokens if max_tokens is not None else self.max_tokens, model=self.model)
+        self.data, self.data_source = data, source
+        self.data_key = hashlib.sha1(data.eval.input_ids.numpy().tobytes()).hexdigest()[:12]
+        self.stats, self._scores, self.base = None, {}, None
+        return {"source": source, "domains": data.eval.domains, "calib_tokens": data.calib.tokens,
+                "eval_tokens": data.eval.tokens, "block_len": data.eval.block_len}
+
+    def summary(self) -> dict:
+        self.require()
+        s = self.view.summary()
+        s["source"] = self.source
+        s["device"] = str(input_device(self.model))
+        s["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return s
+
+    def collect(self, progress=None) -> RouterStats:
+        self.require()
+        with self.lock:
+            self.stats = collect_stats(self.model, self.view, self.data.calib, progress=progress)
+            self._scores = {}
+            self._forget_measurements()
+            self.base = perplexity(self.model, self.data.eval)
+        return self.stats
+
+    def scores(self, criterion: str, progress=None) -> list[np.ndarray]:
+        self.require(stats=True)
+        if criterion not in self._scores:
+            kw = {}
+            if criterion not in CHEAP:
+                kw = dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024,
+                          progress=progress)
+            self._scores[criterion] = expert_scores(self.stats, criterion, **kw)
+        return self._scores[criterion]
+
+    def similarity(self, layer: int, kind: str) -> np.ndarray:
+        self.require(stats=True)
+        return expert_similarity(self.stats, layer, kind, self.view)
+
+    def vocab(self) -> VocabRouting:
+        """Which experts each token id goes to, on (up to 8K tokens of) the calibration text; computed once."""
+        self.require(stats=True)
+        if self._vocab is None or self._vocab[0] != self.data_key:
+            self._vocab = (self.data_key, vocab_routing(self.model, self.view, self.data.calib, max_tokens=8192))
+        return self._vocab[1]
+
+    def routes(self, text: str) -> dict:
+        self.require()
+        if not text or not text.strip():
+            raise SessionError("type some text to see how it is routed")
+        return token_routes(self.model, self.view, self.tok, text, max_tokens=400)
+
+    def baseline(self):
+        self.require()
+        if self.base is None:
+            self.base = perplexity(self.model, self.data.eval)
+        return self.base
+
+    @property
+    def busy(self) -> bool:
+        """A long job (distillation, statistics) holds this session."""
+        return self.lock.locked()
+
+    def require_idle(self) -> None:
+        if self.busy:
+            raise SessionError("a distillation or another long job is running in this session: stop it (Distill "
+                               "tab) or wait for it to finish, then change the plan")
+
+    def eval_text(self, text: str) -> dict:
+        self.require()
+        res = perplexity(self.model, text_blocks(self.tok, text, self.block_len))
+        return res.to_dict()

@@ -1,0 +1,60 @@
+"""The session's parts: what each holds, and what a new model or new statistics make it forget."""
+import pytest
+
+from explorer.plan import Plan
+from explorer.session import Session, SessionError
+
+
+@pytest.fixture(scope="module")
+def session():
+    s = Session(max_tokens=512)
+    s.load("demo")
+    s.collect()
+    return s
+
+
+def test_a_new_model_forgets_the_old_ones_plans_scores_and_students(session):
+    """Plans, previews, task scores and students belong to the model they were made on; the chart's size axis is
+    the user's choice and stays. (The task scores of the previous model used to survive a new load and stand
+    beside the new model's plans.)"""
+    s = session
+    s.set_plan(Plan(drop_experts={0: [1]}))
+    s.preview()
+    s.base_scores = {"demo_next_word": {"value": 0.5, "stderr": 0.02}}
+    s.task_key = ("demo_next_word", 20)
+    s.pareto_x, s.pareto_y = "bytes", "task:demo_next_word"
+    s.pick_for_merge(1, 2)
+    assert s.tried and s.base_tasks
+    s.load("demo")
+    assert s.plan.is_empty() and s.pending is None and s.tried == [] and s.students == {}
+    assert s.base_scores is None and s.base_tasks == {} and s.task_key is None and s.pareto_y == "ppl"
+    assert s.pareto_x == "bytes" and s.stats is None
+    with pytest.raises(SessionError, match="collect statistics first"):
+        s.preset("drop-experts", 0.25)
+
+
+def test_new_statistics_measure_previews_again(session):
+    s = session
+    if s.stats is None:
+        s.collect()
+    s.set_plan(Plan(drop_experts={0: [1]}))
+    first = s.preview()
+    assert s._previews
+    s.collect()
+    assert not s._previews  # measured again on the new statistics, not served from the cache
+    assert s.preview()["ppl"] == pytest.approx(first["ppl"])
+
+
+def test_each_part_owns_its_state():
+    s = Session()
+    parts = {"workspace": {"model", "data", "stats", "base", "lock"}, "editor": {"plan", "pending"},
+             "trials": {"tried", "students", "distiller", "base_scores", "pareto_x"},
+             "access": {"out_root", "untrusted", "allow_paths"}}
+    import explorer.session as pkg
+
+    for part, attrs in parts.items():
+        src = open(getattr(pkg, part).__file__).read()
+        init = src[src.index("def _init_"):].split("\n\n")[0]
+        for a in attrs:
+            assert f"self.{a}" in init, (part, a)
+    assert all(hasattr(s, a) for v in parts.values() for a in v)
