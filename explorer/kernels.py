@@ -9,6 +9,7 @@ An observer (the statistics pass) sees what the kernels compute: ``Observer`` sa
 from __future__ import annotations
 
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
@@ -16,6 +17,18 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .moe import MoELayer
+
+
+@dataclass
+class LayerEdit:
+    """What a plan does to one MoE layer, as the kernels read it (``transform.layer_edit`` makes it)."""
+
+    keep: torch.Tensor | None = None  # bool [E]: experts that may still be routed to
+    kept: list[int] | None = None  # original ids of the kept experts, in order
+    tensors: tuple | None = None  # (gate_up, down, gate_up_bias, down_bias) of the kept experts, in order
+    slot: torch.Tensor | None = None  # long [E]: original expert -> row of ``tensors`` (-1: removed)
+    skip: bool = False  # Layer Drop
+    notes: dict = field(default_factory=dict)  # operation name -> what its edit returned (e.g. quantisation scales)
 
 
 class Observer(Protocol):
@@ -31,7 +44,7 @@ class Observer(Protocol):
                 h: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
-def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit):
+def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit | None):
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
                       device=x.device)
     flat = idx.reshape(-1)
@@ -61,7 +74,7 @@ def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit):
     return out.to(x.dtype)
 
 
-def grouped(lay: "MoELayer", x, w, idx, observer: Observer | None, edit):
+def grouped(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit | None):
     gu_all, dn_all, gb_all, db_all, slot = lay._weights(edit)
     flat = idx.reshape(-1)
     rows = flat if slot is None else on_device(slot, flat.device)[flat]  # row of the weight tensors per pair

@@ -23,7 +23,7 @@ from torch import nn
 
 # the view's parts, re-exported: the family table, devices, expert kernels and the self-check
 from .devices import forward_hooks, input_device, materialized, module_device  # noqa: F401
-from .kernels import KERNELS, Observer, expert_path, grouped_mm, kernel_for, on_device  # noqa: F401
+from .kernels import KERNELS, LayerEdit, Observer, expert_path, grouped_mm, kernel_for, on_device  # noqa: F401
 from .layout import (BLOCK_ATTRS, COUNT_ATTRS, EXPERT_COUNT_NAMES, FAMILIES, ROUTER_ATTRS, SHARED_ATTRS,  # noqa: F401
                      TOPK_ATTRS, Family, NoMoELayersError, UnsupportedModelError, _text_config, expert_dim,
                      family_of, slice_experts_of)
@@ -418,7 +418,7 @@ class MoELayer:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * r.routed_scaling_factor, idx
 
-    def forward(self, hidden: torch.Tensor, observer: Any = None, edit: Any = None):
+    def forward(self, hidden: torch.Tensor, observer: Observer | None = None, edit: LayerEdit | None = None):
         """The block's output recomputed from the view, optionally observed or edited.
 
         edit (see ``explorer.transform.LayerEdit``): ``keep`` bool [E] of experts that may be routed to;
@@ -433,7 +433,7 @@ class MoELayer:
         """Where this layer computes (its execution device when accelerate dispatched the model)."""
         return module_device(self.experts)
 
-    def _forward(self, hidden: torch.Tensor, observer: Any, edit: Any):
+    def _forward(self, hidden: torch.Tensor, observer: Observer | None, edit: LayerEdit | None):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         logits, w, idx = self.route(x, None if edit is None else edit.keep)
@@ -458,8 +458,8 @@ class MoELayer:
             return out, logits
         return out
 
-    def combine(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, observer: Any = None,
-                logits: torch.Tensor | None = None, edit: Any = None) -> torch.Tensor:
+    def combine(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, observer: Observer | None = None,
+                logits: torch.Tensor | None = None, edit: LayerEdit | None = None) -> torch.Tensor:
         """Σ_k g_k · f_{e_k}(x) over the routed (token, expert) pairs only (never dense).
 
         Two equal paths (tested to 1e-5): on CUDA the pairs are sorted by expert and run through a grouped matmul
@@ -470,7 +470,7 @@ class MoELayer:
             observer.begin(self, x, logits, w, idx)
         return kernel_for(x)(self, x, w, idx, observer, edit)
 
-    def _weights(self, edit: Any):
+    def _weights(self, edit: LayerEdit | None):
         """(gate_up, down, gate_up_bias, down_bias, slot): the expert tensors in use and expert -> row (None: id)."""
         if edit is None or edit.tensors is None:
             return self.gate_up, self.down, self.gate_up_bias, self.down_bias, None

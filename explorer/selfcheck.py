@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .devices import materialized
+from .kernels import LayerEdit
 from .layout import EXPERT_COUNT_NAMES, UnsupportedModelError, slice_experts_of
 
 if TYPE_CHECKING:
@@ -27,13 +28,6 @@ def _main(out) -> torch.Tensor:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().reshape(-1), b.float().reshape(-1)
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-class _Mask:
-    """The smallest edit ``MoELayer.forward`` takes: a routing mask (see transform.LayerEdit)."""
-
-    def __init__(self, keep: torch.Tensor):
-        self.keep, self.tensors, self.slot, self.skip = keep, None, None, False
 
 
 def check_kept_ids(lay: "MoELayer") -> list[int]:
@@ -128,7 +122,7 @@ def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 
             raise UnsupportedModelError(
                 f"{where}: the block with {len(kept)} of {lay.num_experts} experts kept fails "
                 f"({type(err).__name__}: {str(err).splitlines()[0]}); expert removal cannot be applied") from err
-        got = _main(lay.forward(x, edit=_Mask(keep)))
+        got = _main(lay.forward(x, edit=LayerEdit(keep=keep)))
         err = _rel(got, small)
         if not err <= tol:
             raise UnsupportedModelError(

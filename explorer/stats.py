@@ -371,45 +371,45 @@ class StatsObserver:
             self.sample["pending"][lay.index] = False
 
     def expert(self, lay: MoELayer, e: int, tok, g, xin, h, y) -> None:
-        a = self.acc[lay.index]
-        v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
-             else torch.ones_like(g, dtype=torch.float32))
-        yf, hf, gf = y.float(), h.float(), g.float()
-        norm = yf.norm(dim=-1)
-        wg = gf * gf * v  # gate² per token (MoE-Pruner weights tokens by their gate)
-        a["reap"][e] += (gf * norm) @ v
-        a["reap_softmax"][e] += (self._reap_gates[tok.to(self._reap_gates.device), e] * norm) @ v
-        a["out_norm"][e] += norm @ v
-        a["out_sum"][e] += v @ yf  # reductions as matrix-vector products: no temporaries of [n, H]
-        a["act_max"][e] = torch.maximum(a["act_max"][e], (yf.abs().amax(-1) * v).max())
-        h2 = hf * hf
-        a["neuron_sq"][e] += v @ h2
-        a["neuron_sq_gated"][e] += wg @ h2
+        """One expert's routed pairs (the loop kernel)."""
+        v = self._valid_of(tok, g)
+        eid = torch.full_like(tok, e)
+        self._add(lay, slice(e, e + 1), v[None, :], (g.float() ** 2 * v)[None, :], tok, eid, g, h, y)
 
     def experts(self, lay: MoELayer, eid, tok, g, xin, h, y) -> None:
-        """The same sums as ``expert`` for all routed pairs at once (grouped path): per-expert sums as one product
-        with an [E, pairs] weight matrix on the device (tensor cores in bf16, no atomics, no host sync)."""
-        a = self.acc[lay.index]
+        """All routed pairs at once (the grouped kernel): per-expert sums as one product with an [E, pairs] weight
+        matrix on the device (tensor cores in bf16, no atomics, no host sync)."""
         E, P = lay.num_experts, eid.numel()
-        v = (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
-             else torch.ones_like(g, dtype=torch.float32))
-        gf = g.float()
-        norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-        wts = torch.zeros(2 * E, P, dtype=torch.float32, device=y.device)  # rows: [plain; gate²-weighted]
+        v = self._valid_of(tok, g)
+        plain = torch.zeros(E, P, dtype=torch.float32, device=y.device)
+        gated = torch.zeros(E, P, dtype=torch.float32, device=y.device)
         pair = torch.arange(P, device=y.device)
-        wts[eid, pair] = v
-        wts[E + eid, pair] = gf * gf * v  # gate² per pair (MoE-Pruner weights tokens by their gate)
-        per_pair = torch.stack([gf * norm, self._reap_gates[tok, eid] * norm, norm], dim=1)
-        sums = (wts[:E] @ per_pair).double()
-        a["reap"] += sums[:, 0]
-        a["reap_softmax"] += sums[:, 1]
-        a["out_norm"] += sums[:, 2]
+        plain[eid, pair] = v
+        gated[eid, pair] = g.float() ** 2 * v
+        self._add(lay, slice(None), plain, gated, tok, eid, g, h, y)
+
+    def _valid_of(self, tok, g) -> torch.Tensor:
+        return (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
+                else torch.ones_like(g, dtype=torch.float32))
+
+    def _add(self, lay: MoELayer, rows: slice, plain, gated, tok, eid, g, h, y) -> None:
+        """The one rule for the per-expert sums both kernels feed: ``plain`` [R, pairs] puts each real pair in its
+        expert's row, ``gated`` the same weighted by gate² (MoE-Pruner weights tokens by their gate); ``rows`` are
+        the experts the R rows stand for."""
+        a = self.acc[lay.index]
+        norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+        per_pair = torch.stack([g.float() * norm, self._reap_gates[tok, eid] * norm, norm], dim=1)
+        sums = (plain @ per_pair).double()
+        a["reap"][rows] += sums[:, 0]
+        a["reap_softmax"][rows] += sums[:, 1]
+        a["out_norm"][rows] += sums[:, 2]
         peak = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1, dtype=torch.float32)
-        a["act_max"] = torch.maximum(a["act_max"], (wts[:E] * peak[None, :]).amax(1))
-        a["out_sum"] += segment_sums(wts[:E], y)
-        sq = segment_sums(wts, _square(h))
-        a["neuron_sq"] += sq[:E]
-        a["neuron_sq_gated"] += sq[E:]
+        a["act_max"][rows] = torch.maximum(a["act_max"][rows], (plain * peak[None, :]).amax(1))
+        a["out_sum"][rows] += segment_sums(plain, y)
+        sq = segment_sums(torch.cat([plain, gated]), _square(h))
+        n = plain.shape[0]
+        a["neuron_sq"][rows] += sq[:n]
+        a["neuron_sq_gated"][rows] += sq[n:]
 
     def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
         a = self.acc[lay.index]

@@ -7,22 +7,11 @@ unmodified model with these edits; apply writes the same tensors into a new mode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from .kernels import LayerEdit  # noqa: F401  (what layer_edit returns; defined beside the kernels that read it)
 from .moe import MoELayer, materialized
 from .plan import Plan, PlanError
-
-
-@dataclass
-class LayerEdit:
-    keep: torch.Tensor | None = None  # bool [E]: experts that may still be routed to
-    kept: list[int] | None = None  # original ids of the kept experts, in order
-    tensors: tuple | None = None  # (gate_up, down, gate_up_bias, down_bias) of the kept experts, in order
-    slot: torch.Tensor | None = None  # long [E]: original expert -> row of ``tensors`` (-1: removed)
-    skip: bool = False  # Layer Drop
-    notes: dict = field(default_factory=dict)  # operation name -> what its edit returned (e.g. quantisation scales)
 
 
 # ---- neuron bookkeeping across layouts --------------------------------------------------------------------
