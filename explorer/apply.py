@@ -148,9 +148,16 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
         raise PlanError("this model has weights offloaded by a device map; applying a plan needs the whole model in "
                         "memory. Load it without --device-map (statistics, preview and perplexity work with one).")
     edits = {lay.index: layer_edit(lay, plan, stats, materialise=True) for lay in view}  # before any change
+    params = plan.param_edits(view)
     if not inplace:
         model = copy.deepcopy(model)
         view = MoEModel(model)
+    with torch.no_grad():
+        for qn, (value, notes) in params.items():  # weights outside the experts (quantised attention, ...)
+            model.get_parameter(qn).copy_(value)
+            if notes:
+                mod = model.get_submodule(qn.rsplit(".", 1)[0])
+                mod._explorer_notes = {**getattr(mod, "_explorer_notes", {}), **notes}
     blocked = plan.blocked_moe_layers(view)
     counts, inters = {}, {}
     with torch.no_grad():

@@ -322,6 +322,17 @@ class Plan:
         widths = [w for w in self._ask("width", lay) if w is not None]
         return min(widths) if widths else lay.intermediate_size
 
+    def param_edits(self, view: MoEModel) -> dict:
+        """Weights outside the routed experts the plan changes: {qualified parameter name: (value, {operation:
+        note})}; apply keeps the notes on the module for the export."""
+        from .ops import OPS
+
+        out: dict = {}
+        for name, spec in self.ops.items():
+            for qn, (value, note) in OPS[name].param_edits(spec, self, view).items():
+                out[qn] = (value, {name: note} if note is not None else {})
+        return out
+
     def sources(self, layer: int, stats=None) -> dict[int, tuple[list[int], list[float]]]:
         """Kept experts built from several originals (merged): expert -> (members, weights)."""
         out: dict = {}
@@ -398,7 +409,7 @@ class Plan:
                     removed_active += n - lay.expert_params() * (lay.num_experts - lay.top_k)
                 else:
                     removed_active += n
-        bytes_saved = 0.0
+        bytes_saved = float(sum(self._ask("bytes_saved", self, view)))  # outside the routed experts
         nonzero_removed = 0
         sub = set(self.dropped_layers())
         survivors = set(self.surviving_layers(view))

@@ -24,9 +24,18 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
     if skipped:  # a property of the family's layer loop: checked once
         _check_identity_block(skipped[0], view)
     edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
+    swapped = []  # (module, name, original parameter): weights outside the experts, swapped in, never written
     for dl in skipped:
         dl.forward = _identity_block
     try:
+        import torch
+
+        for qn, (value, _) in plan.param_edits(view).items():
+            mod_name, pname = qn.rsplit(".", 1)
+            mod = model.get_submodule(mod_name)
+            swapped.append((mod, pname, mod._parameters[pname]))
+            mod._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+
         def fwd(lay, hs):
             e = edits.get(lay.index)
             if e is None:
@@ -36,6 +45,8 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
         with view.patched(fwd):
             yield model
     finally:
+        for mod, pname, orig in reversed(swapped):
+            mod._parameters[pname] = orig
         for dl in skipped:
             if "forward" in dl.__dict__:
                 del dl.forward

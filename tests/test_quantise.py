@@ -288,3 +288,55 @@ def test_out_of_core_quantise_writes_what_the_preview_shows(family, cut, tmp_pat
     with pytest.raises(PlanError, match="already quantised"):
         apply_checkpoint(out, Plan.from_dict({"quantise": {"bits": 4, "group_size": 16}}), tmp_path / "qq")
     assert not (tmp_path / "qq").exists()
+
+
+def test_attention_and_shared_experts_quantise_beside_the_experts(tmp_path):
+    """``attention`` and ``shared`` bits round those projections too: preview (weights swapped in for its duration,
+    the originals untouched) equals apply, the report counts their bytes, and the export packs them and reloads
+    with plain transformers to the preview's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.apply import export
+
+    model = tiny_model("qwen2_moe", seed=5)
+    view = MoEModel(model)
+    ids = _blocks(2).input_ids
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    experts_only = Plan.loads('{"quantise": {"bits": 4, "group_size": 16}}')
+    plan = Plan.loads('{"quantise": {"bits": 4, "group_size": 16, "attention": 8, "shared": 4}}')
+    assert "attention to 8-bit, shared to 4-bit" in plan.describe()
+    with torch.no_grad():
+        with previewing(model, view, experts_only):
+            only = model(ids).logits
+        with previewing(model, view, plan):
+            prev = model(ids).logits
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not torch.allclose(prev, only, atol=1e-5)  # the attention and shared rounding shows
+        new, _, layout = apply_plan(model, view, plan)
+        torch.testing.assert_close(new(ids).logits, prev, rtol=1e-5, atol=1e-5)
+        assert plan.report(view)["bytes_after"] < experts_only.report(view)["bytes_after"]
+        out = export(new, None, plan, tmp_path / "q")
+        note = json.loads((out / "summary.json").read_text())["weight_format"]
+        groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+        again = AutoModelForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(again(ids).logits, prev, rtol=1e-4, atol=1e-4)
+    assert "attention and shared-expert projections stored packed" in note and "experts stored packed" in note
+    assert {"group_0", "group_linear_4", "group_linear_8"} <= set(groups)
+    assert any("self_attn.q_proj" in t for t in groups["group_linear_8"]["targets"])
+    assert any("shared_expert" in t for t in groups["group_linear_4"]["targets"])
+    with pytest.raises(PlanError, match="has no shared experts"):
+        Plan.loads('{"quantise": {"bits": 4, "shared": 8}}').validate(MoEModel(tiny_model("mixtral", seed=1)))
+    with pytest.raises(PlanError, match="attention must be one of"):
+        Plan.loads('{"quantise": {"bits": 4, "attention": 5}}')
+
+
+def test_the_command_line_asks_for_attention_and_shared_bits():
+    from explorer.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "--quantise", "4", "--quantise-attention", "8", "--quantise-shared",
+                                      "fp8", "--out", "p.json"])
+    name, kw = OPS["quantise"].from_cli(args, [], None)
+    view = MoEModel(tiny_model("qwen2_moe", seed=1))
+    plan = quantise_plan(None, view, **{**kw, "group_size": 16})
+    assert plan.op("quantise")["attention"] == 8 and plan.op("quantise")["shared"] == "fp8"
+    assert Plan.from_dict(plan.to_dict()) == plan

@@ -98,6 +98,10 @@ class Operation:
         """Bytes of the layer's kept routed experts after the operation (None: two bytes a weight, as bf16)."""
         return None
 
+    def bytes_saved(self, spec: Any, plan, view) -> float:
+        """Bytes saved outside the routed experts (quantised attention, shared experts), against bf16."""
+        return 0.0
+
     def not_stock(self, spec: Any, view) -> str | None:
         """Why a stock config cannot describe the result of this operation (None: it can, if the shapes agree)."""
         return None
@@ -118,6 +122,12 @@ class Operation:
     def edit(self, spec: Any, ctx: "EditContext") -> Any:
         """Change the kept experts' tensors in ``ctx.per`` in place, in registry order. What it returns is kept in
         ``LayerEdit.notes[name]`` (and by apply on the new experts module) for the export to read."""
+
+    def param_edits(self, spec: Any, plan, view) -> dict:
+        """Weights outside the routed experts the operation changes: {qualified parameter name: (new value, note)}.
+        Preview swaps them in for its duration (the originals are never written); apply copies them into the new
+        model and keeps ``note`` on the module (``_explorer_notes[name]``) for the export."""
+        return {}
 
     def apply_model(self, spec: Any, model, view, plan) -> None:
         """Structural changes apply makes after the layers' tensors are written (e.g. removing decoder layers)."""

@@ -102,10 +102,10 @@ class Quantise(Operation):
             value = {"bits": value}
         if not isinstance(value, dict):
             raise _error(f"expected a mapping such as {{bits: 4, group_size: 128}}, got {type(value).__name__}")
-        unknown = set(value) - {"bits", "group_size", "per_expert", "layers"}
+        unknown = set(value) - {"bits", "group_size", "per_expert", "layers", "attention", "shared"}
         if unknown:
             raise _error(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes bits, group_size, "
-                         "per_expert and layers")
+                         "per_expert, layers, attention and shared")
         gs = value.get("group_size", 128)
         if isinstance(gs, bool) or gs not in GROUP_SIZES:
             raise _error(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {gs!r}")
@@ -118,10 +118,14 @@ class Quantise(Operation):
         return {"bits": _bits(value.get("bits", 4)), "group_size": int(gs),
                 "per_expert": {i: {_id(e): _bits(b, f"per_expert bits of layer {i} expert {e}")
                                    for e, b in v.items()} for i, v in _intkeys(per).items()},
-                "layers": None if layers is None else [_id(x, "a layer number") for x in layers]}
+                "layers": None if layers is None else [_id(x, "a layer number") for x in layers],
+                **{k: None if value.get(k) is None else _bits(value[k], k) for k in ("attention", "shared")}}
 
     def dump(self, spec: dict) -> dict:
         d = {"bits": spec["bits"], "group_size": spec["group_size"]}
+        for k in ("attention", "shared"):
+            if spec.get(k) is not None:
+                d[k] = spec[k]
         if spec["per_expert"]:
             d["per_expert"] = {str(i): {str(e): b for e, b in sorted(v.items())}
                                for i, v in sorted(spec["per_expert"].items())}
@@ -131,6 +135,8 @@ class Quantise(Operation):
 
     def validate(self, spec: dict, plan, view) -> None:
         n = len(view)
+        if spec.get("shared") not in (None, 16) and not any(lay.shared for lay in view):
+            raise _error(f"shared: {view.model_type} has no shared experts to quantise")
         for i in list(spec["per_expert"]) + list(spec["layers"] or []):
             if not 0 <= i < n:
                 raise _error(f"MoE layer {i} does not exist (the model has {n} MoE layers)")
@@ -143,11 +149,14 @@ class Quantise(Operation):
                     raise _error(f"MoE layer {i}: expert {e} is removed by this plan; it has no bits to choose")
 
     def describe(self, spec: dict) -> str:
+        name = lambda b: "FP8" if b == "fp8" else f"{b}-bit"  # noqa: E731
         if spec["per_expert"]:
             bits = [b for v in spec["per_expert"].values() for b in v.values()]
-            return f"quantise experts to {len(set(bits))} bit widths (g{spec['group_size']})"
-        b = spec["bits"]
-        return f"quantise experts to {'FP8' if b == 'fp8' else f'{b}-bit'} (g{spec['group_size']})"
+            out = f"quantise experts to {len(set(bits))} bit widths (g{spec['group_size']})"
+        else:
+            out = f"quantise experts to {name(spec['bits'])} (g{spec['group_size']})"
+        more = [f"{k} to {name(spec[k])}" for k in ("attention", "shared") if spec.get(k) not in (None, 16)]
+        return out + (", " + ", ".join(more) if more else "")
 
     def combine(self, mine: dict, other: dict) -> dict:
         out = dict(other)
@@ -180,6 +189,24 @@ class Quantise(Operation):
             scales[e] = (b, s_gu, s_dn)
         return scales
 
+    def param_edits(self, spec: dict, plan, view) -> dict:
+        """Attention and shared-expert weights, rounded group-wise along their inputs: {parameter: (value, (bits,
+        scales))}; preview swaps them in for its duration, apply writes them, the export packs them."""
+        out = {}
+        for qn, (bits, mod) in linear_targets(spec, plan, view).items():
+            w = mod.weight
+            if w.device.type == "meta":
+                raise _error(f"{qn} is offloaded (device map): quantising attention or shared experts needs their "
+                             "weights in memory")
+            with torch.no_grad():
+                dq, scale = quantise_tensor(w.detach(), bits, spec["group_size"], -1)
+            out[qn + ".weight"] = (dq, (bits, scale))
+        return out
+
+    def bytes_saved(self, spec: dict, plan, view) -> float:
+        return sum(m.weight.numel() * (2 - bits_per_weight(b, spec["group_size"]) / 8)
+                   for b, m in linear_targets(spec, plan, view).values())
+
     def expert_bytes(self, spec: dict, lay, kept: list[int], params_per_expert: int) -> float:
         return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), spec["group_size"]) / 8
                    for e in kept)
@@ -195,6 +222,10 @@ class Quantise(Operation):
                             "in GB; bits per expert chosen by importance and measured error (MC-MoE)")
         parser.add_argument("--avg-bits", type=float, default=None, help="quantise: the same budget as average "
                             "bits per expert weight (scales included)")
+        parser.add_argument("--quantise-attention", default=None, metavar="BITS", help="quantise: attention "
+                            "projections too, at BITS (2, 3, 4, 8 or fp8)")
+        parser.add_argument("--quantise-shared", default=None, metavar="BITS", help="quantise: shared experts "
+                            "too, at BITS")
 
     def cli_needs_stats(self, args) -> bool:
         return args.budget_gb is not None or args.avg_bits is not None
@@ -208,7 +239,8 @@ class Quantise(Operation):
             budget = args.budget_gb * 1e9
         elif args.avg_bits is not None:
             budget = args.avg_bits / 8 * sum(lay.expert_weight_params() * lay.num_experts for lay in view)
-        return "quantise", dict(bits=bits, group_size=args.group_size, budget_bytes=budget, criterion=args.criterion)
+        return "quantise", dict(bits=bits, group_size=args.group_size, budget_bytes=budget, criterion=args.criterion,
+                                attention=args.quantise_attention, shared=args.quantise_shared)
 
     preset = "quantise"
     needs_view = ("quantise",)
@@ -221,6 +253,9 @@ class Quantise(Operation):
         return write_compact(spec, model, folder)
 
     def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
+        if spec.get("attention") not in (None, 16) or spec.get("shared") not in (None, 16):
+            return ("quantising attention or shared experts is done in memory only for now: use the in-memory "
+                    "apply, or quantise the routed experts alone out of core")
         qc = getattr(config, "quantization_config", None)
         if qc:
             method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
@@ -233,6 +268,32 @@ class Quantise(Operation):
 
 
 QUANTISE = Quantise()
+
+
+def linear_targets(spec: dict, plan, view) -> dict:
+    """In-memory module name -> (bits, nn.Linear) of the attention projections (``attention``) and shared-expert
+    projections (``shared``) the spec quantises, in the decoder layers and MoE layers the plan keeps."""
+    out = {}
+    names = {id(m): n for n, m in view.model.named_modules()}
+    b_att, b_sh = spec.get("attention"), spec.get("shared")
+    if b_att not in (None, 16):
+        dropped = set(plan.dropped_blocks())
+        for li, dl in enumerate(view.decoder_layers):
+            if li in dropped:
+                continue
+            moe = {id(m) for lay in view if lay.layer_idx == li for m in lay.block.modules()}
+            for rel, m in dl.named_modules():
+                if isinstance(m, torch.nn.Linear) and id(m) not in moe and re.search(r"attn|attention", rel):
+                    out[names[id(m)]] = (b_att, m)
+    if b_sh not in (None, 16):
+        keep = set(plan.surviving_layers(view))
+        for lay in view:
+            if lay.index in keep:
+                for sh in lay.shared:
+                    for m in sh.modules():
+                        if isinstance(m, torch.nn.Linear):
+                            out[names[id(m)]] = (b_sh, m)
+    return out
 
 
 # ---- planners -------------------------------------------------------------------------------------------
@@ -269,7 +330,7 @@ def quant_errors(view, choices, group_size: int, stats=None) -> list[np.ndarray]
 
 
 def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: float | None = None,
-                  choices=None, criterion: str = "reap"):
+                  choices=None, criterion: str = "reap", attention=None, shared=None):
     """A quantisation plan: every expert at ``bits``, or, with ``budget_bytes`` (bytes of all routed experts,
     scales included), bits per expert chosen by a mixed-integer programme that minimises Σ importance × measured
     error under the budget (MC-MoE's allocation; importance by ``criterion``, normalised per layer)."""
@@ -280,9 +341,10 @@ def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: floa
     if group_size not in GROUP_SIZES:
         raise PlanError(f"quantise: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     recipe = [{"planner": "quantise", "bits": bits, "group_size": group_size, "budget_bytes": budget_bytes,
-               "criterion": criterion}]
+               "criterion": criterion, "attention": attention, "shared": shared}]
+    more = {k: v for k, v in (("attention", attention), ("shared", shared)) if v is not None}
     if budget_bytes is None:
-        spec = QUANTISE.parse({"bits": bits, "group_size": group_size})
+        spec = QUANTISE.parse({"bits": bits, "group_size": group_size, **more})
         return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
                     notes=QUANTISE.describe(spec))
     if stats is None:
@@ -310,7 +372,8 @@ def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: floa
     for x, (li, e, b) in zip(pick, owner):
         if x:
             per.setdefault(li, {})[e] = b
-    spec = {"bits": bits, "group_size": group_size, "per_expert": per, "layers": None}
+    spec = QUANTISE.parse({"bits": bits, "group_size": group_size, **more})
+    spec["per_expert"] = per
     used = sum(s for x, s in zip(pick, size) if x)
     avg = 8 * used / sum(s * lay.num_experts for s, lay in zip(sizes, view))
     return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
@@ -370,6 +433,14 @@ def write_compact(spec: dict, model, folder) -> str | None:
     from pathlib import Path
 
     folder = Path(folder)
+    notes = [n for n in (_pack_experts(spec, model, folder), _pack_linears(spec, model, folder)) if n]
+    return "; ".join(notes) or None
+
+
+def _pack_experts(spec: dict, model, folder) -> str | None:
+    if not any(getattr(m, "_explorer_notes", {}).get("quantise") for m in model.modules()
+               if not isinstance(m, torch.nn.Linear)):
+        return None
     why = compact_refusal(spec)
     if why is not None:
         return why
@@ -383,6 +454,8 @@ def write_compact(spec: dict, model, folder) -> str | None:
     owners = {}  # decoder layer -> (experts module, {slot: (bits, s_gu, s_dn)})
     for li, dl in enumerate(layers):
         for mod in dl.modules():
+            if isinstance(mod, torch.nn.Linear):
+                continue  # attention and shared-expert projections: _pack_linears
             note = getattr(mod, "_explorer_notes", {}).get("quantise")
             if note:
                 owners[li] = (mod, note)
@@ -420,8 +493,62 @@ def write_compact(spec: dict, model, folder) -> str | None:
     for shard, (out, changed) in new_shards.items():
         if changed:
             _rewrite_shard(folder, shard, out)
-    _declare(folder, args)
+    _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
     return _packed_note(bits, gs)
+
+
+def _pack_linears(spec: dict, model, folder) -> str | None:
+    """Quantised attention and shared-expert projections (``nn.Linear``, one 2-D weight each) stored packed, one
+    config group per bit width naming its modules; dequantised, with the reason, where packing cannot say it."""
+    from safetensors import safe_open
+
+    from ..checkpoint import _disk_name
+
+    lin = {n: m._explorer_notes["quantise"] for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and "quantise" in getattr(m, "_explorer_notes", {})}
+    if not lin:
+        return None
+    if any(b == "fp8" for b, _ in lin.values()):
+        return "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return "attention and shared-expert weights are written dequantised (no compressed-tensors)"
+    to_disk = _disk_name(model)
+    want = {to_disk(n + ".weight"): n for n in lin}
+    gs = spec["group_size"]
+    shards = sorted(folder.glob("*.safetensors"))
+    where = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                if k in want:
+                    where[k] = (shard, f.get_slice(k).get_shape())
+    if set(want) - set(where):
+        return ("attention and shared-expert weights are written dequantised: the checkpoint names "
+                f"{sorted(set(want) - set(where))[0]} otherwise")
+    odd = next((k for k, (_, shape) in where.items() if shape[-1] % gs), None)
+    if odd is not None:
+        return (f"attention and shared-expert weights are written dequantised: {odd} takes {where[odd][1][-1]} "
+                f"inputs, not a multiple of the group size {gs}")
+    schemes = {b: _scheme(b, gs) for b, _ in lin.values()}
+    for shard in shards:
+        if not any(sh == shard for sh, _ in where.values()):
+            continue
+        out = {}
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if k in want:
+                    b, scale = lin[want[k]]
+                    out.update(_packed(k, t, scale, schemes[b][1]))
+                else:
+                    out[k] = t
+        _rewrite_shard(folder, shard, out)
+    _declare(folder, {f"group_linear_{b}": {"targets": sorted(n for n, (bb, _) in lin.items() if bb == b),
+                                            "weights": schemes[b][0].model_dump()} for b in schemes})
+    widths = ", ".join(f"{b}-bit" for b in sorted(schemes))
+    return f"attention and shared-expert projections stored packed ({widths}, one scale per {gs} inputs)"
 
 
 def _scheme(bits: int, gs: int):
@@ -457,16 +584,18 @@ def _rewrite_shard(folder, shard, tensors: dict) -> None:
         index.write_text(json.dumps(data, indent=2))
 
 
-def _declare(folder, args) -> None:
-    """config.json says the experts are compressed-tensors pack-quantized (transformers dequantises on load)."""
+def _declare(folder, groups: dict) -> None:
+    """config.json says which modules are compressed-tensors pack-quantized (transformers dequantises on load);
+    groups add to those an earlier pass declared."""
     import json
 
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = {
+    qc = cfg.get("quantization_config") or {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}},
-        "ignore": ["lm_head"]}
+        "config_groups": {}, "ignore": ["lm_head"]}
+    qc["config_groups"] = {**qc["config_groups"], **groups}
+    cfg["quantization_config"] = qc
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
@@ -544,7 +673,7 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
         del out
     if scheme is None:
         return why
-    _declare(folder, args)
+    _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
     return _packed_note(spec["bits"], gs)
 
 
