@@ -62,7 +62,8 @@ class DropBlocks(Operation):
     cli_flag = "drop_blocks"
 
     def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--drop-blocks", type=int, metavar="L")
+        choice.add_argument("--drop-blocks", type=int, metavar="L", help="drop the L least important decoder "
+                            "layers")
         parser.add_argument("--consecutive", action="store_true", help="drop-blocks: the best run of L blocks in a row")
 
     def from_cli(self, args, skip, view):

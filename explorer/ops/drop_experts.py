@@ -66,7 +66,8 @@ class DropExperts(Operation):
     cli_flag = "drop_experts"
 
     def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--drop-experts", type=float, metavar="FRACTION")
+        choice.add_argument("--drop-experts", type=float, metavar="FRACTION", help="drop this share of experts by "
+                            "--criterion (REAP, frequency, ...)")
 
     def from_cli(self, args, skip, view):
         if args.drop_experts is None:

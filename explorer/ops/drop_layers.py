@@ -56,7 +56,8 @@ class DropLayers(Operation):
     cli_flag = "drop_layers"
 
     def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--drop-layers", type=int, metavar="L")
+        choice.add_argument("--drop-layers", type=int, metavar="L", help="drop the L least important MoE "
+                            "sub-layers (attention stays)")
 
     def from_cli(self, args, skip, view):
         return None if args.drop_layers is None else ("drop_layers", dict(n=args.drop_layers))

@@ -116,7 +116,8 @@ class Merge(Operation):
     cli_flag = "merge_to"
 
     def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--merge-to", type=int, metavar="M")
+        choice.add_argument("--merge-to", type=int, metavar="M", help="merge each layer down to M experts by "
+                            "--method (mc-smoe, hc-smoe)")
         parser.add_argument("--align", action="store_true", help="merge: align neurons by permutation first")
 
     def from_cli(self, args, skip, view):
