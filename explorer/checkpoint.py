@@ -146,30 +146,6 @@ def _slim_width(plan: Plan, view: MoEModel) -> int:
     return plan.width(view[plan.surviving_layers(view)[0]])
 
 
-def _check_slim_config(config, model, view: MoEModel, width: int) -> None:
-    """A narrower config must change the routed experts' shapes and nothing else (a shared expert or dense MLP
-    sized by the same field would shrink too, and the checkpoint would no longer load)."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from .apply import _intermediate_attr
-
-    cfg = copy.deepcopy(config)
-    attr = _intermediate_attr(view.text_config)
-    setattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, attr, width)
-    with torch.device("meta"):
-        narrow = AutoModelForCausalLM.from_config(cfg)
-    names = {id(m): n for n, m in model.named_modules()}
-    experts = tuple(names[id(lay.experts)] + "." for lay in view)
-    before = {k: v.shape for k, v in model.state_dict().items()}
-    changed = [k for k, v in narrow.state_dict().items() if before.get(k) != v.shape]
-    other = [k for k in changed if not k.startswith(experts)]
-    if other:
-        raise PlanError(f"the config field {attr} also sizes {other[0]}, so a stock config cannot describe slimmed "
-                        "experts of this family: use the in-memory apply (without --out-of-core)")
-
-
 def _disk_path(path: str, keys, keep: int = 3) -> str | None:
     """``path`` as the checkpoint spells it: the in-memory path, or the same last ``keep`` components (layer
     number included) under another head (Nemotron-H stores ``backbone.layers...`` for ``model.layers...``)."""

@@ -90,3 +90,19 @@ def test_what_the_report_calls_loadable_loads_with_plain_transformers(plan, tmp_
     ids = _blocks(n=2).input_ids
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, new(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["jamba", "granitemoeshared", "deepseek_v3", "qwen2_moe"])
+def test_the_report_knows_which_slimmed_families_a_stock_config_describes(family):
+    """One rule (a narrower config built on the meta device) says whether slimmed experts can be described by a
+    stock config: Jamba's dense MLPs share the experts' width field (not describable, though it has no shared
+    expert); GraniteMoE-Shared sizes its shared expert by a field of its own (describable, though it has one)."""
+    model = tiny_model(family, seed=1)
+    view = MoEModel(model)
+    stats = collect_stats(model, view, _blocks(4, 16))
+    plan = Plan(slim=0.5)
+    rep = plan.report(view)
+    _, _, layout = apply_plan(model, view, plan, stats=stats)
+    assert rep["loadable_by_transformers"] == (layout is None)
+    if not rep["loadable_by_transformers"]:
+        assert "also sizes" in rep["loader_note"]

@@ -20,6 +20,41 @@ def slim_width(keep: float, intermediate: int) -> int:
     return n
 
 
+def width_problem(view, width: int, config=None) -> str | None:
+    """Why a stock config cannot say experts of ``width`` neurons: the config field that sets the experts' width
+    also sizes something else (a shared expert, a dense MLP). The one rule the report and the out-of-core apply
+    ask; a narrower config is built on the meta device and compared, once per view and width."""
+    cache = view.__dict__.setdefault("_explorer_width_problem", {})
+    if width not in cache:
+        cache[width] = _width_problem(view, width, config if config is not None else view.model.config)
+    return cache[width]
+
+
+def _width_problem(view, width: int, config) -> str | None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..apply import _intermediate_attr
+
+    attr = _intermediate_attr(view.text_config)
+    cfg = copy.deepcopy(config)
+    setattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, attr, width)
+    try:
+        with torch.device("meta"):
+            narrow = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 - a family transformers cannot build from its config alone: the field's rule
+        if view[0].shared and getattr(view.text_config, "shared_expert_intermediate_size", None) is None:
+            return f"the config field {attr} also sizes the shared expert"
+        return None
+    names = {id(m): n for n, m in view.model.named_modules()}
+    experts = tuple(names[id(lay.experts)] + "." for lay in view)
+    before = {k: v.shape for k, v in view.model.state_dict().items()}
+    other = [k for k, v in narrow.state_dict().items() if before.get(k) != v.shape and not k.startswith(experts)]
+    return f"the config field {attr} also sizes {other[0]}" if other else None
+
+
 class Slim(Operation):
     name = "slim"
     keys = ("slim", "slim_layers")
@@ -61,9 +96,8 @@ class Slim(Operation):
         return slim_width(spec["slim"], lay.intermediate_size) if self._applies(spec, lay) else None
 
     def not_stock(self, spec, view) -> str | None:
-        if view[0].shared and getattr(view.text_config, "shared_expert_intermediate_size", None) is None:
-            return "the shared expert is sized by the same config field as the slimmed experts"
-        return None
+        widths = {self.width(spec, lay) for lay in view} - {None}
+        return next((p for p in (width_problem(view, w) for w in sorted(widths)) if p), None)
 
     def needs_stats(self, spec, lay) -> str | None:
         return NEEDS_STATS if self._applies(spec, lay) else None
@@ -96,9 +130,10 @@ class Slim(Operation):
         if spec["slim_layers"] is not None and set(left) - set(spec["slim_layers"]):
             return ("out-of-core apply needs the same width in every MoE layer: slim all of them (no slim_layers), "
                     "or use the in-memory apply")
-        from ..checkpoint import _check_slim_config
-
-        _check_slim_config(config, model, view, slim_width(spec["slim"], view[0].intermediate_size))
+        problem = width_problem(view, slim_width(spec["slim"], view[0].intermediate_size), config)
+        if problem:
+            raise PlanError(f"{problem}, so a stock config cannot describe slimmed experts of this family: use the "
+                            "in-memory apply (without --out-of-core)")
         return None
 
     # ---- planner ----------------------------------------------------------------------------------------
