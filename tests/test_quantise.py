@@ -252,6 +252,7 @@ def test_an_export_packs_where_the_family_saves_experts_one_by_one(family, tmp_p
 
 
 @pytest.mark.parametrize("family,cut", [("qwen3_moe", {"drop_experts": [1, 2]}), ("mixtral", {"drop_blocks": [1]}),
+                                        ("qwen2_moe", {"drop_blocks": [0], "attention": 8, "shared": 4}),
                                         ("gpt_oss", {})])
 def test_out_of_core_quantise_writes_what_the_preview_shows(family, cut, tmp_path):
     """The shard-by-shard apply quantises the experts it writes: the folder reloads with plain transformers to the
@@ -267,7 +268,8 @@ def test_out_of_core_quantise_writes_what_the_preview_shows(family, cut, tmp_pat
     d = {"quantise": {"bits": 4, "group_size": 16}}
     if "drop_experts" in cut:
         d["drop_experts"] = {str(i): cut["drop_experts"] for i in range(len(view))}
-    d.update({k: v for k, v in cut.items() if k != "drop_experts"})
+    d["quantise"].update({k: v for k, v in cut.items() if k in ("attention", "shared")})
+    d.update({k: v for k, v in cut.items() if k not in ("drop_experts", "attention", "shared")})
     plan = Plan.from_dict(d)
     ids = _blocks(2).input_ids
     with torch.no_grad(), previewing(model, view, plan):
@@ -278,7 +280,10 @@ def test_out_of_core_quantise_writes_what_the_preview_shows(family, cut, tmp_pat
         assert not (tmp_path / "q").exists()
         return
     out = apply_checkpoint(tmp_path / "src", plan, tmp_path / "q")
-    assert "stored packed" in json.loads((out / "summary.json").read_text())["weight_format"]
+    note = json.loads((out / "summary.json").read_text())["weight_format"]
+    assert "experts stored packed" in note
+    if "attention" in cut:
+        assert "attention and shared-expert projections stored packed (4-bit, 8-bit" in note
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits

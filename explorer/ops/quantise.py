@@ -253,9 +253,6 @@ class Quantise(Operation):
         return write_compact(spec, model, folder)
 
     def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
-        if spec.get("attention") not in (None, 16) or spec.get("shared") not in (None, 16):
-            return ("quantising attention or shared experts is done in memory only for now: use the in-memory "
-                    "apply, or quantise the routed experts alone out of core")
         qc = getattr(config, "quantization_config", None)
         if qc:
             method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
@@ -498,40 +495,57 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
 
 
 def _pack_linears(spec: dict, model, folder) -> str | None:
-    """Quantised attention and shared-expert projections (``nn.Linear``, one 2-D weight each) stored packed, one
-    config group per bit width naming its modules; dequantised, with the reason, where packing cannot say it."""
-    from safetensors import safe_open
-
+    """The in-memory export's quantised attention and shared-expert projections (their scales kept by apply)."""
     from ..checkpoint import _disk_name
 
     lin = {n: m._explorer_notes["quantise"] for n, m in model.named_modules()
            if isinstance(m, torch.nn.Linear) and "quantise" in getattr(m, "_explorer_notes", {})}
     if not lin:
         return None
-    if any(b == "fp8" for b, _ in lin.values()):
-        return "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        return "attention and shared-expert weights are written dequantised (no compressed-tensors)"
     to_disk = _disk_name(model)
-    want = {to_disk(n + ".weight"): n for n in lin}
+    return _write_linears(spec, folder, {to_disk(n + ".weight"): (n, b, scale) for n, (b, scale) in lin.items()})
+
+
+def _write_linears(spec: dict, folder, targets: dict, raw: bool = False) -> str:
+    """Attention and shared-expert projections (``nn.Linear``, one 2-D weight each) stored packed, one config group
+    per bit width naming its modules; dequantised, with the reason, where packing cannot say it. ``targets``: disk
+    key -> (module name in the loaded model, bits, scales or None); ``raw``: the shards hold the unrounded weights
+    (out of core), which are then rounded here, as the preview rounds them."""
+    from safetensors import safe_open
+
+    from ..plan import PlanError
+
     gs = spec["group_size"]
     shards = sorted(folder.glob("*.safetensors"))
     where = {}
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             for k in f.keys():
-                if k in want:
+                if k in targets:
                     where[k] = (shard, f.get_slice(k).get_shape())
-    if set(want) - set(where):
-        return ("attention and shared-expert weights are written dequantised: the checkpoint names "
-                f"{sorted(set(want) - set(where))[0]} otherwise")
-    odd = next((k for k, (_, shape) in where.items() if shape[-1] % gs), None)
-    if odd is not None:
-        return (f"attention and shared-expert weights are written dequantised: {odd} takes {where[odd][1][-1]} "
-                f"inputs, not a multiple of the group size {gs}")
-    schemes = {b: _scheme(b, gs) for b, _ in lin.values()}
+    missing = sorted(set(targets) - set(where))
+    why = None
+    if missing:
+        if raw:
+            raise PlanError(f"out-of-core apply: the checkpoint does not name {missing[0]} as the model does, so its "
+                            "attention or shared-expert weights cannot be quantised shard by shard; use the in-memory "
+                            "apply")
+        why = f"attention and shared-expert weights are written dequantised: the checkpoint names {missing[0]} otherwise"
+    elif any(b == "fp8" for _, b, _ in targets.values()):
+        why = "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
+    else:
+        odd = next((k for k, (_, shape) in where.items() if shape[-1] % gs), None)
+        if odd is not None:
+            why = (f"attention and shared-expert weights are written dequantised: {odd} takes {where[odd][1][-1]} "
+                   f"inputs, not a multiple of the group size {gs}")
+        else:
+            try:
+                import compressed_tensors  # noqa: F401
+            except ImportError:
+                why = "attention and shared-expert weights are written dequantised (no compressed-tensors)"
+    if why is not None and not raw:
+        return why  # the model's weights are the preview's already
+    schemes = {} if why is not None else {b: _scheme(b, gs) for _, b, _ in targets.values()}
     for shard in shards:
         if not any(sh == shard for sh, _ in where.values()):
             continue
@@ -539,13 +553,17 @@ def _pack_linears(spec: dict, model, folder) -> str | None:
         with safe_open(str(shard), "pt") as f:
             for k in f.keys():
                 t = f.get_tensor(k)
-                if k in want:
-                    b, scale = lin[want[k]]
-                    out.update(_packed(k, t, scale, schemes[b][1]))
-                else:
+                if k not in targets:
                     out[k] = t
+                    continue
+                _, b, scale = targets[k]
+                if scale is None:
+                    t, scale = quantise_tensor(t, b, gs, -1)
+                out.update({k: t} if why is not None else _packed(k, t, scale, schemes[b][1]))
         _rewrite_shard(folder, shard, out)
-    _declare(folder, {f"group_linear_{b}": {"targets": sorted(n for n, (bb, _) in lin.items() if bb == b),
+    if why is not None:
+        return why
+    _declare(folder, {f"group_linear_{b}": {"targets": sorted(n for n, bb, _ in targets.values() if bb == b),
                                             "weights": schemes[b][0].model_dump()} for b in schemes})
     widths = ", ".join(f"{b}-bit" for b in sorted(schemes))
     return f"attention and shared-expert projections stored packed ({widths}, one scale per {gs} inputs)"
@@ -671,10 +689,33 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
         if changed:
             _rewrite_shard(folder, shard, out)
         del out
-    if scheme is None:
-        return why
-    _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
-    return _packed_note(spec["bits"], gs)
+    notes = []
+    if wanted:
+        if scheme is None:
+            notes.append(why)
+        else:
+            _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
+            notes.append(_packed_note(spec["bits"], gs))
+    lin = linear_targets(spec, plan, view)
+    if lin:
+        from ..checkpoint import _disk_name
+
+        to_disk = _disk_name(view.model)
+        stack = {id(m): n for n, m in view.model.named_modules()}[id(view.decoder_layers)]
+        renumber = re.compile(re.escape(stack) + r"\.(\d+)\.")
+
+        def new_name(n: str) -> str:  # decoder layers renumbered by Block Drop
+            return renumber.sub(lambda m: f"{stack}.{block_map[int(m.group(1))]}.", n, count=1)
+
+        targets = {}
+        for n, (b, _) in lin.items():
+            disk = to_disk(n + ".weight")
+            m = re.search(r"layers\.(\d+)\.", disk)
+            if m:
+                disk = disk[:m.start(1)] + str(block_map[int(m.group(1))]) + disk[m.end(1):]
+            targets[disk] = (new_name(n), b, None)
+        notes.append(_write_linears(spec, folder, targets, raw=True))
+    return "; ".join(notes) or None
 
 
 def _projections(experts) -> int:
