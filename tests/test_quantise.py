@@ -345,3 +345,29 @@ def test_the_command_line_asks_for_attention_and_shared_bits():
     plan = quantise_plan(None, view, **{**kw, "group_size": 16})
     assert plan.op("quantise")["attention"] == 8 and plan.op("quantise")["shared"] == "fp8"
     assert Plan.from_dict(plan.to_dict()) == plan
+
+
+@pytest.mark.parametrize("experts_bits", [4, 16])
+@pytest.mark.parametrize("family", sorted(__import__("explorer.tiny", fromlist=["TINY_CONFIGS"]).TINY_CONFIGS))
+def test_attention_quantisation_reloads_to_the_preview_on_every_family(family, experts_bits, tmp_path):
+    """Packed where the routed experts are packed too, dequantised otherwise (a quantization_config over unpacked
+    experts stops transformers loading DeepSeek-V3 and Llama-4): the export always reloads to the preview."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.apply import export
+
+    model = tiny_model(family, seed=5)
+    view = MoEModel(model)
+    shared = {"shared": 4} if any(lay.shared for lay in view) else {}
+    plan = Plan.from_dict({"quantise": {"bits": experts_bits, "group_size": 16, "attention": 8, **shared}})
+    ids = _blocks(2).input_ids
+    with torch.no_grad():
+        with previewing(model, view, plan):
+            prev = model(ids).logits
+        new, _, layout = apply_plan(model, view, plan)
+        out = export(new, None, plan, tmp_path / "q", layout=layout)
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    torch.testing.assert_close(got, prev, rtol=1e-4, atol=1e-4)
+    note = json.loads((out / "summary.json").read_text())["weight_format"]
+    packed = "experts stored packed" in note
+    assert ("attention and shared-expert projections stored packed" in note) == packed

@@ -430,8 +430,14 @@ def write_compact(spec: dict, model, folder) -> str | None:
     from pathlib import Path
 
     folder = Path(folder)
-    notes = [n for n in (_pack_experts(spec, model, folder), _pack_linears(spec, model, folder)) if n]
-    return "; ".join(notes) or None
+    ex = _pack_experts(spec, model, folder)
+    lin = _pack_linears(spec, model, folder, alone=not (ex or "").startswith("experts stored packed"))
+    return "; ".join(n for n in (ex, lin) if n) or None
+
+
+ALONE_NOTE = ("attention and shared-expert weights are written dequantised: they are packed only beside packed "
+              "routed experts (a quantization_config over unpacked experts stops transformers loading DeepSeek-V3 "
+              "and Llama-4 checkpoints)")
 
 
 def _pack_experts(spec: dict, model, folder) -> str | None:
@@ -494,7 +500,7 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
     return _packed_note(bits, gs)
 
 
-def _pack_linears(spec: dict, model, folder) -> str | None:
+def _pack_linears(spec: dict, model, folder, alone: bool = False) -> str | None:
     """The in-memory export's quantised attention and shared-expert projections (their scales kept by apply)."""
     from ..checkpoint import _disk_name
 
@@ -502,11 +508,13 @@ def _pack_linears(spec: dict, model, folder) -> str | None:
            if isinstance(m, torch.nn.Linear) and "quantise" in getattr(m, "_explorer_notes", {})}
     if not lin:
         return None
+    if alone:
+        return ALONE_NOTE
     to_disk = _disk_name(model)
     return _write_linears(spec, folder, {to_disk(n + ".weight"): (n, b, scale) for n, (b, scale) in lin.items()})
 
 
-def _write_linears(spec: dict, folder, targets: dict, raw: bool = False) -> str:
+def _write_linears(spec: dict, folder, targets: dict, raw: bool = False, alone: bool = False) -> str:
     """Attention and shared-expert projections (``nn.Linear``, one 2-D weight each) stored packed, one config group
     per bit width naming its modules; dequantised, with the reason, where packing cannot say it. ``targets``: disk
     key -> (module name in the loaded model, bits, scales or None); ``raw``: the shards hold the unrounded weights
@@ -524,12 +532,14 @@ def _write_linears(spec: dict, folder, targets: dict, raw: bool = False) -> str:
                 if k in targets:
                     where[k] = (shard, f.get_slice(k).get_shape())
     missing = sorted(set(targets) - set(where))
-    why = None
-    if missing:
-        if raw:
-            raise PlanError(f"out-of-core apply: the checkpoint does not name {missing[0]} as the model does, so its "
-                            "attention or shared-expert weights cannot be quantised shard by shard; use the in-memory "
-                            "apply")
+    if missing and raw:
+        raise PlanError(f"out-of-core apply: the checkpoint does not name {missing[0]} as the model does, so its "
+                        "attention or shared-expert weights cannot be quantised shard by shard; use the in-memory "
+                        "apply")
+    why = ALONE_NOTE if alone else None
+    if why is not None:
+        pass
+    elif missing:
         why = f"attention and shared-expert weights are written dequantised: the checkpoint names {missing[0]} otherwise"
     elif any(b == "fp8" for _, b, _ in targets.values()):
         why = "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
@@ -714,7 +724,7 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
             if m:
                 disk = disk[:m.start(1)] + str(block_map[int(m.group(1))]) + disk[m.end(1):]
             targets[disk] = (new_name(n), b, None)
-        notes.append(_write_linears(spec, folder, targets, raw=True))
+        notes.append(_write_linears(spec, folder, targets, raw=True, alone=not (wanted and scheme is not None)))
     return "; ".join(notes) or None
 
 
