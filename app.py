@@ -308,7 +308,7 @@ def plan_tab() -> SimpleNamespace:
             amount = gr.Number(value=0.25, label="amount (fraction; count for merge/layers/blocks; bits for quantise)")
             crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
             method = gr.Dropdown(list(METHODS), value=METHODS[0],
-                                 label="method (merge / prune)")
+                                 label="method (merge / prune / quantise)")
             mode = gr.Dropdown(["uniform", "global"], value="uniform", label="per layer")
             protect = gr.Checkbox(label="protect super experts")
         with gr.Row():

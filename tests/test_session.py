@@ -58,3 +58,21 @@ def test_each_part_owns_its_state():
         for a in attrs:
             assert f"self.{a}" in init, (part, a)
     assert all(hasattr(s, a) for v in parts.values() for a in v)
+
+
+def test_the_quantise_preset_offers_attention_through_its_methods(session):
+    """The preset's method menu comes from the operations: quantise adds attention (and shared experts where the
+    model has them) at 8 bits; a method the model cannot do is refused in words."""
+    from explorer.session import METHODS
+
+    s = session
+    if s.stats is None:
+        s.collect()
+    assert {"experts only", "+ attention 8-bit", "+ attention & shared 8-bit"} <= set(METHODS)
+    plain = s.preset("quantise", 4, method="experts only")
+    assert plain.op("quantise").get("attention") is None
+    both = s.preset("quantise", 4, method="+ attention 8-bit")
+    assert both.op("quantise")["attention"] == 8 and "attention to 8-bit" in both.describe()
+    assert s.preview()["bytes_after"] < s.preview(plain)["bytes_after"]
+    with pytest.raises(SessionError, match="no shared experts"):
+        s.preset("quantise", 4, method="+ attention & shared 8-bit")

@@ -245,9 +245,20 @@ class Quantise(Operation):
     preset = "quantise"
     needs_view = ("quantise",)
 
+    methods = ("experts only", "+ attention 8-bit", "+ attention & shared 8-bit")
+
     def preset_args(self, amount, opts: dict, session) -> dict:
         b = "fp8" if str(amount).lower() == "fp8" else int(float(amount))
-        return {"bits": b, "criterion": opts["criterion"]}
+        kw = {"bits": b, "criterion": opts["criterion"]}
+        m = opts.get("method")
+        if m in self.methods[1:]:
+            kw["attention"] = 8
+        if m == self.methods[2]:
+            if not any(lay.shared for lay in session.view):
+                raise _error(f"shared: {session.view.model_type} has no shared experts; choose "
+                             f"'{self.methods[1]}'")
+            kw["shared"] = 8
+        return kw
 
     def write_export(self, spec: dict, model, folder) -> str | None:
         return write_compact(spec, model, folder)
