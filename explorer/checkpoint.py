@@ -543,6 +543,12 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     mtp = sorted({int(m.group(1)) for k in all_heads if (m := block_re.match(k)) and int(m.group(1)) >= n_old})
     for i in mtp:  # stored past the decoder: kept after the last kept layer, or left out
         remap[i] = (len([v for v in remap.values() if v is not None]) + mtp.index(i)) if keep_mtp else None
+
+    def renumbered(key: str) -> str:
+        """A stored key under the decoder layers, with its layer's new number (Block Drop, kept MTP layers)."""
+        m = block_re.match(key)
+        return f"{dl_path}.{remap[int(m.group(1))]}." + key[m.end():] if m else key
+
     for shard in shard_names:
         heads = {k: v for k, v in all_heads.items() if wmap.get(k) == shard}
         for key, (shape, dtype) in heads.items():
@@ -558,10 +564,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                     continue
                 dim = owner.rows[key]
                 new_shape = [len(owner.kept) if d == dim else n for d, n in enumerate(shape)]
-                new, op, sel = key, ("rows", dim, owner.kept), None
-                if m:
-                    new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
-                plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op, sel))
+                plan_per_shard[shard].append(_Out(renumbered(key), dtype, new_shape, key, ("rows", dim, owner.kept)))
                 continue
             if lay is None:
                 new, new_shape, op, sel = key, shape, ("copy",), None
@@ -570,9 +573,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 if edit is None:
                     continue  # a removed expert's own key, or a dropped MoE sub-layer
                 new, new_shape, op, sel = edit
-            if m:
-                new = f"{dl_path}.{remap[int(m.group(1))]}." + new[m.end():]
-            plan_per_shard[shard].append(_Out(new, dtype, new_shape, key, op, sel))
+            plan_per_shard[shard].append(_Out(renumbered(new), dtype, new_shape, key, op, sel))
     rd = _Reader(src, wmap)
     with staged_dir(out, overwrite) as tmp:
         total, new_map = 0, {}
@@ -609,7 +610,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
         from .ops import OPS
 
         for name, spec in plan.ops.items():  # operations with a stored format of their own (packed experts)
-            note = OPS[name].write_checkpoint(spec, plan, view, tmp, remap)
+            note = OPS[name].write_checkpoint(spec, plan, view, tmp, remap, renumbered)
             if note:
                 notes["weight_format"] = note
         if plan.dropped_layers():  # a stock config cannot say "no MoE here": load_model reads this

@@ -351,13 +351,11 @@ class Plan:
         for name, spec in self.ops.items():  # each operation's own form and ranges first
             OPS[name].validate(spec, self, view)
         removers: dict[int, list[str]] = {}  # MoE layer -> operations that remove it
-        blocks = set(self.dropped_blocks())
         for name, spec in self.ops.items():
-            for i in OPS[name].dropped_layers(spec):
+            blocks = set(OPS[name].dropped_blocks(spec))
+            gone = set(OPS[name].dropped_layers(spec)) | {lay.index for lay in view if lay.layer_idx in blocks}
+            for i in gone:
                 removers.setdefault(i, []).append(name)
-            for lay in view:
-                if lay.layer_idx in blocks and lay.layer_idx in OPS[name].dropped_blocks(spec):
-                    removers.setdefault(lay.index, []).append(name)
         if len(removers) >= n:
             by = " and ".join(sorted({x for v in removers.values() for x in v}))
             raise PlanError(f"the plan removes every MoE layer ({n} of {n}, by {by}): the result would not be a "

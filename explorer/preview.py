@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 from .moe import MoEModel
 from .perplexity import Perplexity, perplexity
 from .plan import Plan, PlanError
@@ -28,8 +30,6 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
     for dl in skipped:
         dl.forward = _identity_block
     try:
-        import torch
-
         for qn, (value, _) in plan.param_edits(view).items():
             mod_name, pname = qn.rsplit(".", 1)
             mod = model.get_submodule(mod_name)

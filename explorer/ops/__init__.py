@@ -137,9 +137,10 @@ class Operation:
         the operation's own stored format; returns a sentence for the export's summary, or None."""
         return None
 
-    def write_checkpoint(self, spec: Any, plan, view, folder, block_map: dict) -> str | None:
+    def write_checkpoint(self, spec: Any, plan, view, folder, block_map: dict, renumbered) -> str | None:
         """Out of core: rewrite the shards the checkpoint editor wrote in ``folder`` (staged; old decoder layer ->
-        new in ``block_map``), one shard at a time; returns a sentence for the summary, or None."""
+        new in ``block_map``, and ``renumbered(stored key)`` -> its key in the output), one shard at a time;
+        returns a sentence for the summary, or None."""
         return None
 
     def out_of_core(self, spec: Any, plan, view, stats, config, model) -> str | None:
@@ -169,6 +170,52 @@ class Operation:
     def from_cli(self, args, skip: list[int], view) -> tuple[str, dict] | None:
         """(planner, arguments) ``explorer plan`` runs when this operation's option was given, else None."""
         return None
+
+
+class LayerListOperation(Operation):
+    """An operation whose plan field is a list of layer numbers that it removes (Layer Drop, Block Drop): read,
+    written, combined (union) and checked alike; ``unit`` and ``count_of`` word its range check."""
+
+    always_written = True
+    unit = "layer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.defaults = {self.name: []}
+
+    def count_of(self, view) -> tuple[int, str]:
+        """(how many layers the numbers range over, how the message says it)."""
+        raise NotImplementedError
+
+    def read(self, fields: dict):
+        from ..plan import PlanError, _ids
+
+        v = fields.get(self.name)
+        if v is not None and not isinstance(v, list):
+            raise PlanError(f"{self.name} must be a list of layer numbers, e.g. [1, 3]; got {type(v).__name__}")
+        return _ids(v, self.name) or None if v else None
+
+    def write(self, spec) -> dict:
+        return {self.name: list(spec or [])}
+
+    def validate(self, spec, plan, view) -> None:
+        from ..plan import PlanError
+
+        n, said = self.count_of(view)
+        for i in spec:
+            if not 0 <= i < n:
+                raise PlanError(f"{self.name}: {self.unit} {i} does not exist (the model has {said})")
+        if len(set(spec)) != len(spec):
+            raise PlanError(f"{self.name} names a layer twice")
+
+    def combine(self, mine, other):
+        return sorted(set(mine) | set(other))
+
+    def out_of_core(self, spec, plan, view, stats, config, model) -> str | None:
+        return None
+
+    def preset_args(self, amount, opts: dict, session) -> dict:
+        return dict(n=int(amount))
 
 
 class EditContext:

@@ -7,40 +7,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import Plan, PlanError, _ids
-from . import Operation, register, stats_meta
+from ..plan import Plan, PlanError
+from . import LayerListOperation, register, stats_meta
 
 
-class DropBlocks(Operation):
+class DropBlocks(LayerListOperation):
     name = "drop_blocks"
-    defaults = {"drop_blocks": []}
-    always_written = True
+    unit = "decoder layer"
     summary = "remove whole decoder layers, renumbering the rest (Block Drop)"
 
-    def read(self, fields: dict):
-        v = fields.get(self.name)
-        if v is not None and not isinstance(v, list):
-            raise PlanError(f"drop_blocks must be a list of layer numbers, e.g. [1, 3]; got {type(v).__name__}")
-        return _ids(v, "drop_blocks") or None if v else None
-
-    def write(self, spec) -> dict:
-        return {self.name: list(spec or [])}
+    def count_of(self, view) -> tuple[int, str]:
+        return len(view.decoder_layers), str(len(view.decoder_layers))
 
     def validate(self, spec, plan, view) -> None:
-        n_dec = len(view.decoder_layers)
-        for i in spec:
-            if not 0 <= i < n_dec:
-                raise PlanError(f"drop_blocks: decoder layer {i} does not exist (the model has {n_dec})")
-        if len(set(spec)) != len(spec):
-            raise PlanError("drop_blocks names a layer twice")
-        if len(set(spec)) >= n_dec:
+        super().validate(spec, plan, view)
+        if len(set(spec)) >= len(view.decoder_layers):
             raise PlanError("drop_blocks removes every decoder layer")
 
     def describe(self, spec) -> str:
         return "drop blocks " + ",".join(map(str, spec))
-
-    def combine(self, mine, other):
-        return sorted(set(mine) | set(other))
 
     def dropped_blocks(self, spec) -> list[int]:
         return list(spec)
@@ -51,13 +36,7 @@ class DropBlocks(Operation):
         _drop_blocks(model, view, plan)
         _check_layer_kinds(model, view, plan)
 
-    def out_of_core(self, spec, plan, view, stats, config, model) -> str | None:
-        return None
-
     preset = "drop-blocks"
-
-    def preset_args(self, amount, opts: dict, session) -> dict:
-        return dict(n=int(amount))
 
     cli_flag = "drop_blocks"
 

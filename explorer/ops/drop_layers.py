@@ -7,37 +7,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import Plan, PlanError, _ids
-from . import Operation, register, stats_meta
+from ..plan import Plan, PlanError
+from . import LayerListOperation, register, stats_meta
 
 
-class DropLayers(Operation):
+class DropLayers(LayerListOperation):
     name = "drop_layers"
-    defaults = {"drop_layers": []}
-    always_written = True
+    unit = "MoE layer"
     summary = "remove whole MoE sub-layers, attention kept (Layer Drop)"
 
-    def read(self, fields: dict):
-        v = fields.get(self.name)
-        if v is not None and not isinstance(v, list):
-            raise PlanError(f"drop_layers must be a list of layer numbers, e.g. [1, 3]; got {type(v).__name__}")
-        return _ids(v, "drop_layers") or None if v else None
-
-    def write(self, spec) -> dict:
-        return {self.name: list(spec or [])}
-
-    def validate(self, spec, plan, view) -> None:
-        for i in spec:
-            if not 0 <= i < len(view):
-                raise PlanError(f"drop_layers: MoE layer {i} does not exist (the model has {len(view)} MoE layers)")
-        if len(set(spec)) != len(spec):
-            raise PlanError("drop_layers names a layer twice")
+    def count_of(self, view) -> tuple[int, str]:
+        return len(view), f"{len(view)} MoE layers"
 
     def describe(self, spec) -> str:
         return "drop MoE layers " + ",".join(map(str, spec))
-
-    def combine(self, mine, other):
-        return sorted(set(mine) | set(other))
 
     def dropped_layers(self, spec) -> list[int]:
         return list(spec)
@@ -45,13 +28,7 @@ class DropLayers(Operation):
     def not_stock(self, spec, view) -> str | None:
         return "MoE sub-layers are dropped"
 
-    def out_of_core(self, spec, plan, view, stats, config, model) -> str | None:
-        return None
-
     preset = "drop-layers"
-
-    def preset_args(self, amount, opts: dict, session) -> dict:
-        return dict(n=int(amount))
 
     cli_flag = "drop_layers"
 

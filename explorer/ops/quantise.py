@@ -271,8 +271,8 @@ class Quantise(Operation):
                     "dequantise it first")
         return None
 
-    def write_checkpoint(self, spec: dict, plan, view, folder, block_map: dict) -> str | None:
-        return write_checkpoint(spec, plan, view, folder, block_map)
+    def write_checkpoint(self, spec: dict, plan, view, folder, block_map: dict, renumbered) -> str | None:
+        return write_checkpoint(spec, plan, view, folder, block_map, renumbered)
 
 
 QUANTISE = Quantise()
@@ -409,6 +409,7 @@ def _solve(cost: np.ndarray, size: np.ndarray, budget: float, k: int) -> np.ndar
 
 
 # ---- compact export (compressed-tensors pack-quantized) ----------------------------------------------------
+EXPERT_TARGETS = ["re:.*(?<!shared_)experts.*"]  # compressed-tensors targets: routed experts, not shared ones
 EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.(\w+)\.weight$")
 
 
@@ -487,10 +488,7 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
                 if m and t.dim() == 2 and (int(m[1]), int(m[2])) in wanted:
                     li, slot = int(m[1]), int(m[2])
                     if t.shape[-1] % gs:
-                        return (f"the experts are written dequantised: the packed format needs each expert's input "
-                                f"size to be a multiple of the group size, and {k.split('.')[-2]} takes {t.shape[-1]} "
-                                f"inputs against groups of {gs}; a group size of "
-                                f"{max(g for g in GROUP_SIZES if t.shape[-1] % g == 0)} would pack")
+                        return _odd_inputs_note(k, t.shape[-1], gs)
                     scale = _scale_rows(owners[li][0], owners[li][1][slot], slot, t)
                     if scale is not None:
                         out.update(_packed(k, t, scale, scheme))
@@ -507,7 +505,7 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
     for shard, (out, changed) in new_shards.items():
         if changed:
             _rewrite_shard(folder, shard, out)
-    _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
+    _declare(folder, _experts_group(args))
     return _packed_note(bits, gs)
 
 
@@ -547,23 +545,7 @@ def _write_linears(spec: dict, folder, targets: dict, raw: bool = False, alone: 
         raise PlanError(f"out-of-core apply: the checkpoint does not name {missing[0]} as the model does, so its "
                         "attention or shared-expert weights cannot be quantised shard by shard; use the in-memory "
                         "apply")
-    why = ALONE_NOTE if alone else None
-    if why is not None:
-        pass
-    elif missing:
-        why = f"attention and shared-expert weights are written dequantised: the checkpoint names {missing[0]} otherwise"
-    elif any(b == "fp8" for _, b, _ in targets.values()):
-        why = "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
-    else:
-        odd = next((k for k, (_, shape) in where.items() if shape[-1] % gs), None)
-        if odd is not None:
-            why = (f"attention and shared-expert weights are written dequantised: {odd} takes {where[odd][1][-1]} "
-                   f"inputs, not a multiple of the group size {gs}")
-        else:
-            try:
-                import compressed_tensors  # noqa: F401
-            except ImportError:
-                why = "attention and shared-expert weights are written dequantised (no compressed-tensors)"
+    why = _linears_refusal(alone, missing, targets, where, gs)
     if why is not None and not raw:
         return why  # the model's weights are the preview's already
     schemes = {} if why is not None else {b: _scheme(b, gs) for _, b, _ in targets.values()}
@@ -590,11 +572,40 @@ def _write_linears(spec: dict, folder, targets: dict, raw: bool = False, alone: 
     return f"attention and shared-expert projections stored packed ({widths}, one scale per {gs} inputs)"
 
 
+def _linears_refusal(alone: bool, missing: list, targets: dict, where: dict, gs: int) -> str | None:
+    """Why the projections cannot be written packed (None: they can)."""
+    if alone:
+        return ALONE_NOTE
+    if missing:
+        return f"attention and shared-expert weights are written dequantised: the checkpoint names {missing[0]} otherwise"
+    if any(b == "fp8" for _, b, _ in targets.values()):
+        return "attention and shared-expert weights are written dequantised: FP8 groups are not packed"
+    odd = next((k for k, (_, shape) in where.items() if shape[-1] % gs), None)
+    if odd is not None:
+        return (f"attention and shared-expert weights are written dequantised: {odd} takes {where[odd][1][-1]} inputs, "
+                f"not a multiple of the group size {gs}")
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return "attention and shared-expert weights are written dequantised (no compressed-tensors)"
+    return None
+
+
 def _scheme(bits: int, gs: int):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs)
-    return args, QuantizationScheme(targets=["re:.*(?<!shared_)experts.*"], weights=args)
+    return args, QuantizationScheme(targets=EXPERT_TARGETS, weights=args)
+
+
+def _experts_group(args) -> dict:
+    return {"group_0": {"targets": EXPERT_TARGETS, "weights": args.model_dump()}}
+
+
+def _odd_inputs_note(key: str, n: int, gs: int) -> str:
+    return (f"the experts are written dequantised: the packed format needs each expert's input size to be a multiple "
+            f"of the group size, and {key.split('.')[-2]} takes {n} inputs against groups of {gs}; a group size of "
+            f"{max(g for g in GROUP_SIZES if n % g == 0)} would pack")
 
 
 def _packed(key: str, w_dq: torch.Tensor, scale: torch.Tensor, scheme) -> dict:
@@ -643,7 +654,7 @@ def _packed_note(bits, gs) -> str:
             "transformers dequantises them while loading")
 
 
-def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
+def write_checkpoint(spec: dict, plan, view, folder, block_map: dict, renumbered) -> str:
     """The out-of-core quantisation: shard by shard (one in memory at a time), each kept expert's 2-D weights as the
     checkpoint editor wrote them are rounded exactly as the preview rounds them, and stored packed (or, where the
     packed format cannot say it, dequantised, as the in-memory export does). Refuses in words, before rewriting
@@ -689,10 +700,7 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
         odd = next((k for k, (li, slot, shape) in shapes.items()
                     if bits_for(li, slot) is not None and shape[-1] % gs), None)
         if odd is not None:
-            n = shapes[odd][2][-1]
-            why = (f"the experts are written dequantised: the packed format needs each expert's input size to be a "
-                   f"multiple of the group size, and {odd.split('.')[-2]} takes {n} inputs against groups of {gs}; a "
-                   f"group size of {max(g for g in GROUP_SIZES if n % g == 0)} would pack")
+            why = _odd_inputs_note(odd, shapes[odd][2][-1], gs)
     args, scheme = _scheme(spec["bits"], gs) if why is None else (None, None)
     for shard in shards:
         out, changed = {}, False
@@ -715,7 +723,7 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
         if scheme is None:
             notes.append(why)
         else:
-            _declare(folder, {"group_0": {"targets": ["re:.*(?<!shared_)experts.*"], "weights": args.model_dump()}})
+            _declare(folder, _experts_group(args))
             notes.append(_packed_note(spec["bits"], gs))
     lin = linear_targets(spec, plan, view)
     if lin:
@@ -728,13 +736,7 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict) -> str:
         def new_name(n: str) -> str:  # decoder layers renumbered by Block Drop
             return renumber.sub(lambda m: f"{stack}.{block_map[int(m.group(1))]}.", n, count=1)
 
-        targets = {}
-        for n, (b, _) in lin.items():
-            disk = to_disk(n + ".weight")
-            m = re.search(r"layers\.(\d+)\.", disk)
-            if m:
-                disk = disk[:m.start(1)] + str(block_map[int(m.group(1))]) + disk[m.end(1):]
-            targets[disk] = (new_name(n), b, None)
+        targets = {renumbered(to_disk(n + ".weight")): (new_name(n), b, None) for n, (b, _) in lin.items()}
         notes.append(_write_linears(spec, folder, targets, raw=True, alone=not (wanted and scheme is not None)))
     return "; ".join(notes) or None
 
