@@ -87,7 +87,6 @@ class Plan:
         from .ops import OPS, owner
 
         self.__dict__.update(model=dict(model or {}), notes=notes or "", recipe=list(recipe or []))
-        specs = dict(ops or {})
         grouped: dict[str, dict] = {}
         for k, v in fields.items():
             op = owner(k)
@@ -95,14 +94,21 @@ class Plan:
                 raise TypeError(f"Plan has no field {k!r}: one of model, notes, recipe, ops, "
                                 f"{', '.join(k for o in OPS.values() for k in o.keys)}")
             grouped.setdefault(op.name, {})[k] = v
-        for name, f in grouped.items():
+        self._set_specs(dict(ops or {}), grouped)
+
+    def _set_specs(self, specs: dict, changes: dict[str, dict]) -> None:
+        """``specs`` (operation -> spec) with some plan keys changed (operation -> {key: value}), each operation
+        reading its keys anew; kept in registry order, an operation whose spec reads as absent left out."""
+        from .ops import OPS
+
+        for name, f in changes.items():
             current = {k: OPS[name].value(specs[name], k) for k in OPS[name].keys} if name in specs else {}
             spec = OPS[name].read({**current, **f})
             if spec is None:
                 specs.pop(name, None)
             else:
                 specs[name] = spec
-        self.__dict__["ops"] = {name: specs[name] for name in OPS if name in specs}  # registry order
+        self.__dict__["ops"] = {name: specs[name] for name in OPS if name in specs}
 
     def __getattr__(self, key: str):
         if key.startswith("_") or "ops" not in self.__dict__:
@@ -116,19 +122,13 @@ class Plan:
         return copy.deepcopy(op.defaults.get(key)) if spec is None else op.value(spec, key)
 
     def __setattr__(self, key: str, value) -> None:
-        from .ops import OPS, owner
+        from .ops import owner
 
         op = owner(key)
         if op is None:
             self.__dict__[key] = value
             return
-        spec = self.ops.get(op.name)
-        current = {k: op.value(spec, k) for k in op.keys} if spec is not None else {}
-        new = op.read({**current, key: value})
-        ops = {n: s for n, s in self.ops.items() if n != op.name}
-        if new is not None:
-            ops[op.name] = new
-        self.__dict__["ops"] = {n: ops[n] for n in OPS if n in ops}
+        self._set_specs(dict(self.ops), {op.name: {key: value}})
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Plan) and self.to_dict() == other.to_dict()
