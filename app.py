@@ -81,12 +81,18 @@ OUT_ROOT = Path(os.environ.get("MOE_EXPLORER_OUT") or Path(tempfile.gettempdir()
 # Who may name server paths: in a private app (loopback, no --share) the person at the page owns the machine; in a
 # shared one every field comes from a stranger (see Session.allowed). Set by build() from main()'s flags.
 POLICY = {"untrusted": False, "allow_paths": []}
+SHARED_UPLOAD_MB = 64  # a shared app's largest upload: text for statistics, a plan; a model comes by hub id
 
 
 def _sess(s: Session | None) -> Session:
     """This browser session's state; its files live under a folder of its own that no other session can name."""
     return s if s is not None else Session(out_root=OUT_ROOT / uuid.uuid4().hex, untrusted=POLICY["untrusted"],
-                                           allow_paths=POLICY["allow_paths"])
+                                           allow_paths=POLICY["allow_paths"], deny_paths=_stranger_folders())
+
+
+def _stranger_folders() -> list[Path]:
+    """Where strangers' files land (gradio's uploads, the sessions' folders): never read as task files."""
+    return [Path(gr.utils.get_upload_folder()), OUT_ROOT]
 
 
 def _forget(s: Session | None) -> None:
@@ -815,13 +821,19 @@ def main() -> None:
     ap.add_argument("--allow-paths", action="append", default=[], metavar="FOLDER",
                     help="a server folder that sessions of a shared app may read models and text from and export to "
                     "(repeatable); without it a shared app reads and writes no server path")
+    ap.add_argument("--max-upload-mb", type=float, default=None, help="largest upload a shared app takes, in MiB "
+                    f"(default {SHARED_UPLOAD_MB:g}; a private app takes any size unless this is given)")
     ap.add_argument("--untrusted", action="store_true", help="treat every session as a stranger even on loopback "
                     "(what --share and a non-loopback --host imply)")
     args = ap.parse_args()
     untrusted = bool(args.share or args.untrusted) or args.host not in ("127.0.0.1", "localhost", "::1")
     demo = build(args.model, untrusted=untrusted, allow_paths=args.allow_paths)
+    upload_mb = args.max_upload_mb if args.max_upload_mb is not None else (SHARED_UPLOAD_MB if untrusted else None)
+    if upload_mb is not None and not upload_mb > 0:
+        ap.error(f"--max-upload-mb must be above 0, got {upload_mb:g}")
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                   show_error=True, head=LEAVE_WARNING, css=CSS)
+                                                   show_error=True, head=LEAVE_WARNING, css=CSS,
+                                                   max_file_size=None if upload_mb is None else int(upload_mb * 2**20))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,17 @@ from .distill import KL_KINDS, TRAINABLE, DistillConfig
 from .errors import ExplorerError
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (finite), with the range error in words."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return v
+
+
 def _at_least(n: int):
     """An argparse type: an integer >= n, with the range error in words."""
     def parse(text: str) -> int:
@@ -116,7 +127,7 @@ def cmd_stats(args) -> int:
 
 def _tasks_first(args):
     """The tasks of --tasks, built before any model loads (a missing extra or unreachable data is said first)."""
-    if not getattr(args, "tasks", None):
+    if getattr(args, "tasks", None) is None:
         return None
     from .tasks import check, resolve
 
@@ -162,9 +173,10 @@ def cmd_eval(args) -> int:
 def _task_args(p) -> None:
     p.add_argument("--tasks", default=None, help="lm-eval task accuracy: lm-eval task names (arc_easy,...), `demo` "
                    "(the demo's offline tasks) or a folder of task YAMLs; needs the eval extra")
-    p.add_argument("--limit", type=float, default=None, help="tasks: the first N items of each (below 1: a share)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="tasks: examples in the prompt (task default)")
-    p.add_argument("--task-batch-size", type=int, default=32, help="tasks: requests per forward pass")
+    p.add_argument("--limit", type=_positive_float, default=None,
+                   help="tasks: the first N items of each (below 1: a share)")
+    p.add_argument("--num-fewshot", type=_at_least(0), default=None, help="tasks: examples in the prompt (task default)")
+    p.add_argument("--task-batch-size", type=_at_least(1), default=32, help="tasks: requests per forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p)
     p.add_argument("--generate", action="append", default=None, metavar="PROMPT",
                    help="the original's and the preview's greedy continuations of PROMPT, side by side (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=32,
+                   help="continuation length; prompt plus continuation stay within the model's positions")
     p.set_defaults(fn=cmd_preview)
     p = sub.add_parser("apply", help="materialise a plan into a new model folder")
     _model_args(p); _data_args(p)  # noqa: E702
@@ -301,7 +314,15 @@ def cmd_preview(args) -> int:
     plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
     stats = RouterStats.load_file(args.stats) if args.stats else None
     tasks = _tasks_first(args)
+    if args.generate:
+        from .tasks import check_prompt_text
+
+        check_prompt_text(args.generate)
     model, tok, view = _load(args)
+    if args.generate:
+        from .tasks import encode_prompts
+
+        encode_prompts(model, tok, args.generate, args.max_new_tokens)  # too long for the model: said before work
     ds = _data(args, tok, model)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
     t = time.perf_counter()

@@ -9,14 +9,14 @@ lm-eval is an optional extra (``pip install -e ".[eval]"``); without it every en
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .errors import ExplorerError
 from .loading import ASSETS
+from .taskfiles import MAX_TASKS_IN_FOLDER, check_task, install_sandbox, read_yaml
 
 DEMO_TASKS = ASSETS / "tasks"
 HEADLINE = ("acc", "exact_match", "acc_norm", "f1", "bleu")  # the metric shown first, in this order of preference
@@ -27,62 +27,68 @@ class TaskError(ExplorerError):
 
 
 def require_lm_eval() -> None:
+    """lm-eval importable, with its template renderer swapped for the sandbox (task templates are data)."""
     try:
         import lm_eval  # noqa: F401
     except ImportError as err:
         raise TaskError("task accuracy needs lm-evaluation-harness, an optional extra: pip install -e \".[eval]\" "
                         f"(or pip install 'lm-eval>=0.4.13,<0.5'); {err}") from None
+    install_sandbox()
 
 
-def _yaml_task(path: Path) -> dict:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(path.read_text("utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise TaskError(f"task file {path} cannot be read: {str(err).splitlines()[0]}") from None
-    if not isinstance(cfg, dict) or "task" not in cfg:
-        raise TaskError(f"{path} is not an lm-eval task YAML (it has no `task:` name)")
-    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, dict):  # local data files are read relative to the YAML, wherever the command runs
-        fixed = {}
-        for split, f in files.items():
-            p = Path(f) if Path(f).is_absolute() else path.parent / f
-            if not p.exists():
-                raise TaskError(f"task {cfg['task']!r} ({path}): its data file {f} is not there")
-            fixed[split] = str(p)
-        cfg = copy.deepcopy(cfg)
-        cfg["dataset_kwargs"]["data_files"] = fixed
-    return cfg
+# lm-eval tasks a shared app offers (its own task files, shipped with the package); anything else needs a private app
+SHARED_LM_EVAL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa",
+                        "lambada_openai", "sciq", "mmlu", "gsm8k", "truthfulqa_mc2", "wikitext")
 
 
-def resolve(spec: str | list) -> list[dict | str]:
-    """Task configs or lm-eval names from ``spec``: comma-separated lm-eval task names, ``demo`` (the demo's
-    offline tasks), a demo task's name, a folder of task YAMLs or one YAML file."""
+def demo_task_names() -> list[str]:
+    """The demo's offline tasks, by the names of its YAMLs (a name is looked up in this list, never made a path)."""
+    return sorted(p.stem for p in DEMO_TASKS.glob("*.yaml"))
+
+
+def split_spec(spec: str | list) -> list:
+    """The parts of a task field: comma-separated text or a list; empty parts dropped; none at all refused."""
     parts = [p.strip() if isinstance(p, str) else p for p in (spec.split(",") if isinstance(spec, str) else spec)
              if not isinstance(p, str) or p.strip()]
     if not parts:
         raise TaskError("no tasks given: name lm-eval tasks (arc_easy,hellaswag...), `demo`, or a folder of task "
                         "YAMLs")
+    return parts
+
+
+def _yaml_task(path: Path, roots: Iterable[Path] = ()) -> dict:
+    return check_task(read_yaml(path), path, roots)
+
+
+def resolve(spec: str | list, roots: Iterable[Path] = ()) -> list[dict | str]:
+    """Task configs or lm-eval names from ``spec``: comma-separated lm-eval task names, ``demo`` (the demo's
+    offline tasks), a demo task's name, a folder of task YAMLs or one YAML file. Every YAML is read as data
+    (``explorer.taskfiles``); its data files lie beside it or in one of ``roots``."""
+    roots = list(roots)
     out: list[dict | str] = []
-    for p in parts:
+    demo = demo_task_names()
+    for p in split_spec(spec):
         if isinstance(p, dict):  # already a task config
             out.append(p)
             continue
-        path = Path(p).expanduser()
         if p == "demo":
-            out += [_yaml_task(y) for y in sorted(DEMO_TASKS.glob("*.yaml"))]
-        elif (DEMO_TASKS / f"{p}.yaml").exists():
+            out += [_yaml_task(DEMO_TASKS / f"{n}.yaml") for n in demo]
+            continue
+        if p in demo:
             out.append(_yaml_task(DEMO_TASKS / f"{p}.yaml"))
-        elif path.is_dir():
+            continue
+        path = Path(p).expanduser()
+        if path.is_dir():
             ys = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
             if not ys:
                 raise TaskError(f"the folder {path} holds no task YAML")
-            out += [_yaml_task(y) for y in ys]
+            if len(ys) > MAX_TASKS_IN_FOLDER:
+                raise TaskError(f"the folder {path} holds {len(ys)} task YAMLs (at most {MAX_TASKS_IN_FOLDER})")
+            out += [_yaml_task(y, roots) for y in ys]
         elif path.suffix in (".yaml", ".yml"):
             if not path.exists():
                 raise TaskError(f"task file not found: {path}")
-            out.append(_yaml_task(path))
+            out.append(_yaml_task(path, roots))
         else:
             out.append(p)
     return out
@@ -222,30 +228,70 @@ def _noise(change: float, se_a: float, se_b: float, within: str = "within noise"
     return f"({within})" if abs(change) <= 2 * se else "(beyond 2 s.e.)"
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of ``prompts`` (what the model as it is now says: inside ``previewing``, the preview)."""
+def check_prompt_text(prompts: list[str]) -> None:
+    """Prompts are UTF-8 text (a command line can hand over other bytes); said before any model loads."""
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TaskError(f"the prompt {p[:40]!r} is not valid UTF-8 text") from None
+
+
+def encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                   max_prompt_tokens: int | None = None) -> list:
+    """Each prompt's token ids on the model's device, all checked before any runs: UTF-8, not empty, at most
+    ``max_prompt_tokens``, prompt plus ``max_new_tokens`` within the model's positions."""
+    check_prompt_text(prompts)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    dev = next(model.parameters()).device
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt")["input_ids"]
+        n = ids.shape[1]
+        if not ids.numel():
+            raise TaskError("an empty prompt has nothing to continue")
+        if max_prompt_tokens is not None and n > max_prompt_tokens:
+            raise TaskError(f"a prompt of {n} tokens; at most {max_prompt_tokens} here")
+        if positions and n + max_new_tokens > positions:
+            raise TaskError(f"a prompt of {n} tokens plus {max_new_tokens} new ones passes the model's "
+                            f"{positions} positions; ask for at most {max(positions - n, 0)} new tokens")
+        encoded.append(ids.to(dev))
+    return encoded
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, max_prompt_tokens: int | None = None,
+             max_time: float | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (what the model as it is now says: inside ``previewing``, the preview).
+    Every prompt is checked before any runs (``encode_prompts``). ``max_time``: seconds for all prompts together (a continuation that
+    reaches it is cut there)."""
     import torch
 
+    encoded = encode_prompts(model, tokenizer, prompts, max_new_tokens, max_prompt_tokens)
     outs = []
-    dev = next(model.parameters()).device
+    deadline = None if max_time is None else time.perf_counter() + max_time
     with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt")["input_ids"].to(dev)
-            if not ids.numel():
-                raise TaskError("an empty prompt has nothing to continue")
+        for ids in encoded:
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                outs.append("")  # the time was spent on the prompts before it
+                continue
             g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                               **({} if left is None else {"max_time": left}))
             outs.append(tokenizer.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
     return outs
 
 
-def side_by_side(model, view, plan, tokenizer, prompts: list[str], stats=None, max_new_tokens: int = 32) -> list[dict]:
-    """[{prompt, original, preview}]: the original's and the preview's greedy continuations, same prompts."""
+def side_by_side(model, view, plan, tokenizer, prompts: list[str], stats=None, max_new_tokens: int = 32,
+                 max_prompt_tokens: int | None = None, max_time: float | None = None) -> list[dict]:
+    """[{prompt, original, preview}]: the original's and the preview's greedy continuations, same prompts
+    (``max_time`` shared by the two halves)."""
     from .preview import previewing
 
-    orig = generate(model, tokenizer, prompts, max_new_tokens)
+    half = None if max_time is None else max_time / 2
+    orig = generate(model, tokenizer, prompts, max_new_tokens, max_prompt_tokens, half)
     with previewing(model, view, plan, stats):
-        prev = generate(model, tokenizer, prompts, max_new_tokens)
+        prev = generate(model, tokenizer, prompts, max_new_tokens, max_prompt_tokens, half)
     return [{"prompt": p, "original": a, "preview": b} for p, a, b in zip(prompts, orig, prev)]
 
 

@@ -13,7 +13,7 @@ def shared(demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared-out")
     allowed = tmp_path_factory.mktemp("allowed")
     log = tmp_path_factory.mktemp("shared-app") / "app.log"
-    with launched_app(out, log, "--untrusted", "--allow-paths", str(allowed)) as url:
+    with launched_app(out, log, "--untrusted", "--allow-paths", str(allowed), "--max-upload-mb", "1") as url:
         yield url, out, allowed
 
 
@@ -73,3 +73,79 @@ def test_downloads_are_private_and_do_not_pile_up(shared):
     zips = list((sess / ".archive").rglob("*.zip"))
     assert len(zips) == 1  # the second archive replaced the first
     assert not list((sess / ".archive").rglob("config.json"))  # the unzipped export folder is gone
+
+
+def _upload(url: str, name: str, data: bytes):
+    """Gradio's own upload endpoint, as an attacker would call it: (HTTP status, the server paths it answered)."""
+    import httpx
+
+    r = httpx.post(url + "gradio_api/upload", files=[("files", (name, data))], timeout=60)
+    return r.status_code, (r.json() if r.status_code == 200 else r.text)
+
+
+def _refusal(c, api_name, *args):
+    with pytest.raises(Exception) as err:
+        c.predict(*args, api_name=api_name)
+    return str(err.value)
+
+
+def test_the_task_field_runs_no_strangers_file_and_says_nothing_of_paths(shared, tmp_path):
+    """An uploaded task YAML whose template reaches Python, typed into either task field: refused, nothing runs; a
+    server folder, a missing path and a demo name that climbs out get the very same words."""
+    url, out, allowed = shared
+    c = _client(url)
+    _load(c)
+    canary = tmp_path / "pwned"
+    status, data = _upload(url, "items.jsonl", b'{"q": "a", "choices": ["b", "c"], "label": 0}\n' * 4)
+    assert status == 200
+    yaml_text = ("task: probe\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + data[0] +
+                 "\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{ lipsum.__globals__['os']"
+                 ".system('id > " + str(canary) + "') }}{{q}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: "
+                 "label\n")
+    status, data = _upload(url, "task.yaml", yaml_text.encode())
+    assert status == 200
+    uploaded = data[0]
+    c.predict('{"drop_experts": {"0": [1]}}', api_name="/on_json")  # a plan, so the Plan tab's button scores
+    climbing = "../../../../" + str(Path(uploaded).with_suffix("")).lstrip("/")
+    answers = {}
+    for spec in (uploaded, str(Path(uploaded).parent), "/etc", "/no/such/folder", "/etc/passwd.yaml", climbing,
+                 f"demo,{uploaded}"):
+        answers[spec] = _refusal(c, "/on_score_tasks", spec, 4)
+        assert _refusal(c, "/on_score_plan_tasks", spec, 4) == answers[spec]
+    assert not canary.exists()
+    assert len(set(answers.values())) == 1, answers
+    assert "this app is shared" in answers["/etc"] and "demo_next_word" in answers["/etc"]
+
+
+def test_an_allowed_task_folder_reads_only_its_own_files(shared):
+    url, out, allowed = shared
+    c = _client(url)
+    _load(c)
+    folder = allowed / "tasks"
+    folder.mkdir(exist_ok=True)
+    items = "".join(json.dumps({"q": "In the beginning God created the", "choices": [" heaven", " keyboard"],
+                                "label": 0}) + "\n" for _ in range(6))
+    (folder / "items.jsonl").write_text(items)
+    text = ("task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+            "output_type: multiple_choice\ndoc_to_text: \"{{{{q}}}}\"\ndoc_to_choice: \"{{{{choices}}}}\"\n"
+            "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    (folder / "leak.yaml").write_text(text.format(name="leak", data="/etc/passwd"))
+    msg = _refusal(c, "/on_score_tasks", str(folder / "leak.yaml"), 4)
+    assert "outside the task's folder" in msg
+    (folder / "leak.yaml").unlink()
+    (folder / "fine.yaml").write_text(text.format(name="fine", data="items.jsonl"))
+    table, _, _ = c.predict(str(folder), 4, api_name="/on_score_tasks")
+    assert any("fine" in h for h in table["headers"])
+
+
+def test_uploads_and_prompts_are_bounded(shared):
+    url, out, allowed = shared
+    status, _ = _upload(url, "big.txt", b"x" * (2 * 2**20))  # the fixture's app takes at most 1 MiB
+    assert status == 413
+    from gradio.utils import get_upload_folder
+
+    assert not any(p.is_file() and p.stat().st_size >= 2**20 for p in Path(get_upload_folder()).rglob("big.txt"))
+    c = _client(url)
+    _load(c)
+    assert "at most 8 prompts" in _refusal(c, "/on_generate", "\n".join(f"p{i}" for i in range(9)), 8)
+    assert "at most 512" in _refusal(c, "/on_generate", "word " * 2000, 8)

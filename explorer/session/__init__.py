@@ -18,11 +18,12 @@ from .workspace import Workspace
 
 class Session(Workspace, PlanEditor, Trials, Access):
     def __init__(self, block_len: int = 128, max_tokens: int = 4096, out_root: str | Path | None = None,
-                 untrusted: bool = False, allow_paths: list[str | Path] | None = None):
+                 untrusted: bool = False, allow_paths: list[str | Path] | None = None,
+                 deny_paths: list[str | Path] | None = None):
         self._init_workspace(block_len, max_tokens)
         self._init_editor()
         self._init_trials()
-        self._init_access(out_root, untrusted, allow_paths)
+        self._init_access(out_root, untrusted, allow_paths, deny_paths)
 
     def _forget_plans(self) -> None:
         self._init_editor()

@@ -14,6 +14,9 @@ from ..preview import preview_perplexity
 from ..report import preview_result
 from .common import MAX_STUDENTS, SessionError, _key
 
+# what one generation request may ask of a shared app: a stranger's prompt holds a worker for its whole length
+SHARED_GENERATION = {"prompts": 8, "prompt_tokens": 512, "seconds": 60.0}
+
 
 class Trials:
     def _init_trials(self) -> None:
@@ -72,8 +75,11 @@ class Trials:
         from ..preview import previewing
         from ..tasks import check, evaluate_tasks, resolve, summary_row
 
+        self.check_tasks(tasks)  # a shared app: only tasks a stranger cannot have written
         self.require()
-        cfgs = resolve(tasks)
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            raise SessionError(f"items per task is a whole number of at least 1 (or none: all), got {limit!r}")
+        cfgs = resolve(tasks, self.task_roots())
         check(cfgs)  # unknown tasks or unreachable data: said before any scoring
         key = (tasks, limit)
         if not self.lock.acquire(timeout=30):  # a preview of a click ends within seconds; a distillation does not
@@ -133,11 +139,16 @@ class Trials:
         prompts = prompts or DEMO_PROMPTS
         if not 1 <= int(max_new_tokens) <= 256:
             raise SessionError("continuations are 1 to 256 tokens long")
+        bound = SHARED_GENERATION if self.untrusted else {}
+        if bound and len(prompts) > bound["prompts"]:
+            raise SessionError(f"this app is shared: at most {bound['prompts']} prompts at a time "
+                               f"({len(prompts)} given)")
         if not self.lock.acquire(blocking=False):
             raise SessionError("a distillation or another long job is running in this session: generation waits "
                                "until it ends")
         try:
-            return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats, int(max_new_tokens))
+            return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats, int(max_new_tokens),
+                                bound.get("prompt_tokens"), bound.get("seconds"))
         finally:
             self.lock.release()
 
