@@ -153,6 +153,8 @@ def summary_md(s: Session) -> str:
              f"{'' if len(set(m['experts'])) == 1 else ' (varies)'} · top-{m['top_k']} · gating `{m['gating']}`"
              f" · shared experts: {'yes' if m['shared_experts'] else 'no'}",
              f"{m['params_total']:,} parameters, {m['params_active']:,} active per token"]
+    if m.get("dequantised"):
+        lines.append(f"Weights: {m['dequantised']}; exports are written dequantised ({m['dtype']})")
     if s.data is not None:
         d = s.data
         lines.append(f"Data `{s.data_source}`: domains {', '.join(d.eval.domains)} · calibration {d.calib.tokens:,}"
@@ -250,7 +252,8 @@ def model_tab(default_model: str) -> SimpleNamespace:
         with gr.Row():
             src = gr.Textbox(value=default_model, label="Model: 'demo', a local folder or a hub id", scale=3)
             device = gr.Dropdown(DEVICES, value="auto", label="device", scale=1)
-            dtype = gr.Dropdown(["float32", "bf16", "fp16", "auto"], value="float32", label="dtype", scale=1)
+            dtype = gr.Dropdown(["auto", "float32", "bf16", "fp16"], value="auto", scale=1,
+                                label="dtype (auto: the checkpoint's own; float32 for the demo)")
         with gr.Row():
             data_src = gr.Dropdown(["demo"], value="demo", allow_custom_value=True, scale=3,
                                    label="Calibration/evaluation text: 'demo' (4 domains) or a .txt path")

@@ -252,6 +252,23 @@ def config_describes(model) -> bool:
     return a == b
 
 
+def dequantised_note(model, source: str | os.PathLike | None = None) -> str | None:
+    """What an in-memory export of a quantised input is, in words (None for a plain input): the weights as loaded,
+    dequantised, with no quantization_config or scale tensors, so the explorer and plain transformers both load it."""
+    from .weightformats import quant_config
+
+    was = getattr(model, "explorer_dequantised", None)
+    if was is None and source is not None and Path(source).is_dir():
+        qc = quant_config(Path(source))
+        was = qc and f"{qc.get('quant_method')}-quantised, dequantised by transformers on load"
+    if not was:
+        return None
+    dt = next(model.parameters()).dtype
+    return (f"the input is {was}; this export is {str(dt).replace('torch.', '')} (about {dt.itemsize}x the bytes "
+            "per weight) without a quantization_config or scale tensors, so plain transformers and the explorer "
+            "load it; apply --out-of-core keeps the input's format, or add a quantise step to the plan")
+
+
 def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dict | None = None,
            summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write model, tokenizer, plan and summary to ``out_dir`` atomically (all or nothing).
@@ -260,6 +277,9 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
     or the home folder; ``overwrite`` replaces only a previous export). Partial folders of killed runs are removed.
     """
     out = check_export_dir(out_dir, source=source, overwrite=overwrite)
+    note = dequantised_note(model, source)
+    if note and "weight_format" not in (summary or {}):
+        summary = {**(summary or {}), "weight_format": note}
     with staged_dir(out, overwrite) as tmp:
         if layout is None:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -48,8 +48,8 @@ def _at_least(n: int):
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default="demo", help="folder, hub id, or 'demo' (default)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32, bf16, fp16 or auto (default: the checkpoint's own dtype "
-                   "for a model folder or hub id, float32 for the demo)")
+    p.add_argument("--dtype", default=None, help="float32, bf16, fp16 or auto (default: auto, the checkpoint's "
+                   "own dtype; float32 for the demo)")
     p.add_argument("--experts-implementation", default=None, help="eager / grouped_mm / batched_mm")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.add_argument("--device-map", default=None, help="auto / balanced / sequential: spread a model larger than one "
@@ -69,7 +69,7 @@ def _load(args):
     from .loading import load_model
 
     src = None if args.model == "demo" else args.model
-    dtype = args.dtype or (None if src is None else "auto")  # a bf16 checkpoint stays bf16 in memory and offload
+    dtype = args.dtype  # None: the checkpoint's own (a bf16 checkpoint stays bf16 in memory and offload)
     return load_model(src, dtype=dtype, device=args.device, experts_implementation=args.experts_implementation,
                       trust_remote_code=args.trust_remote_code, device_map=args.device_map,
                       max_memory=args.max_memory, offload_folder=args.offload_folder)
@@ -400,18 +400,9 @@ def cmd_apply(args) -> int:
 
 def _widened_note(args, new) -> str | None:
     """The in-memory apply writes the dequantised weights: say so when the input was FP8 / MXFP4 / packed."""
-    from pathlib import Path
+    from .apply import dequantised_note
 
-    from .weightformats import quant_config
-
-    src = _source(args)
-    qc = quant_config(src) if src is not None and Path(src).is_dir() else None
-    if not qc:
-        return None
-    dt = next(new.parameters()).dtype
-    return (f"the input is {qc.get('quant_method')}-quantised; transformers dequantised it on load, so this export "
-            f"is {str(dt).replace('torch.', '')} (about {dt.itemsize}x the bytes per weight) without its "
-            "quantization_config; apply --out-of-core keeps the input's format")
+    return dequantised_note(new, _source(args))
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

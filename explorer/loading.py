@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def default_device() -> str:
 
 
 def _dtype(dtype) -> torch.dtype | str:
+    """None and 'auto' are the checkpoint's own dtype (float32 for the demo): one rule for the API, the app and the
+    CLI, so a bf16 checkpoint never takes twice its memory by default."""
     if dtype is None or dtype == "auto":
-        return torch.float32 if dtype is None else "auto"
+        return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -132,7 +135,9 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                offload_folder: str | os.PathLike | None = None) -> tuple[PreTrainedModel, object, MoEModel]:
     """(model, tokenizer, MoE view) from a local directory or hub id; the bundled demo model by default.
 
-    dtype: None (float32), 'auto' (the checkpoint's), a torch dtype or a name ('bf16', ...).
+    dtype: None or 'auto' (the checkpoint's own), a torch dtype or a name ('bf16', ...). A compressed-tensors
+    checkpoint (llm-compressor's W4A16, FP8, ...) is dequantised while it loads into plain modules of that dtype
+    (``model.explorer_dequantised`` says from what); exports of it are written dequantised.
     device: default cuda when present, else cpu. Weights load only from safetensors. Remote code is refused
     unless ``trust_remote_code=True``. A folder written by ``apply`` with per-layer expert counts is restored.
     device_map ('auto', 'balanced', 'sequential' or a dict) with ``max_memory`` ('0=20GiB,cpu=60GiB') spreads a
@@ -210,12 +215,15 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder))
     if experts_implementation:
         kw["experts_implementation"] = experts_implementation
+    dequantised = _dequantise_on_load(config, kw, src)
     try:
         if plan is not None:
             with _LOAD_LOCK:
                 model = load_applied(local, config, **kw)  # per-layer shapes restored before the weights load
         else:
-            with _LOAD_LOCK, _load_report() as report:
+            with _LOAD_LOCK, _load_report() as report, warnings.catch_warnings():
+                # the explorer's own dequantize=True for a compressed-tensors checkpoint is meant: not news
+                warnings.filterwarnings("ignore", message="You passed `quantization_config`")
                 try:
                     model, info = AutoModelForCausalLM.from_pretrained(src, config=config, output_loading_info=True,
                                                                        **kw)
@@ -243,6 +251,11 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     except SafetensorError as err:
         raise ModelLoadError(f"the weights of {src} are damaged or incomplete (safetensors: {err}); copy or export "
                              "the model again") from err
+    if dequantised:
+        model.explorer_dequantised = dequantised
+        if isinstance(torch_dtype, torch.dtype) and any(p.is_floating_point() and p.dtype != torch_dtype
+                                                        for p in model.parameters()):
+            model.to(torch_dtype)  # transformers dequantises fused experts in the checkpoint's dtype: cast once
     if device_map is None:
         model.to(device)
     elif made_offload is not None:  # our temporary offload copies go with the model (or at exit), not left behind
@@ -262,6 +275,33 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"{src} has no usable tokenizer: {str(err).splitlines()[0]}") from err
     return model, tok, view
+
+
+def _dequantise_on_load(config, kw: dict, src: str) -> str | None:
+    """A compressed-tensors checkpoint loads dequantised: plain Linear weights and dense experts, no scale tensors,
+    no quantization_config left to export (transformers otherwise keeps modules compressed until a first forward,
+    with fused experts in another dtype than the rest). Returns what it was, in words; None for other checkpoints."""
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else None)
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        return None
+    try:
+        import compressed_tensors  # noqa: F401
+        from transformers import CompressedTensorsConfig
+    except ImportError as err:
+        raise ModelLoadError(f"{src} is quantised with compressed-tensors, which is not installed: pip install -e "
+                             f"\".[quant]\" (or pip install compressed-tensors); {err}") from None
+    kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    schemes = []
+    for group in (qc.get("config_groups") or {}).values():
+        w = (group or {}).get("weights") or {}
+        if w:
+            what = f"{w.get('num_bits')}-bit {w.get('type')}, {w.get('strategy')}"
+            if w.get("group_size"):
+                what += f" {w['group_size']}"
+            schemes.append(what)
+    return (f"compressed-tensors {qc.get('format') or 'quantised'} ({'; '.join(schemes) or 'weights'}), dequantised "
+            "on load")
 
 
 class _Report(logging.Handler):

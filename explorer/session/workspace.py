@@ -81,6 +81,7 @@ class Workspace:
         s["source"] = self.source
         s["device"] = str(input_device(self.model))
         s["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        s["dequantised"] = getattr(self.model, "explorer_dequantised", None)  # a compressed-tensors input
         return s
 
     def collect(self, progress=None) -> RouterStats:
