@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .hubcache import inside_model
 from .moe import BLOCK_ATTRS, MoEModel, expert_dim
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
@@ -105,10 +106,9 @@ def _weight_map(folder: Path) -> dict[str, str]:
         wmap = None
     if wmap is None:
         return {k: "model.safetensors" for k in _open_shard(single, lambda f: list(f.keys()))}
-    root = folder.resolve()
     for shard in sorted(set(wmap.values())):
         path = (folder / str(shard)).resolve()
-        if not isinstance(shard, str) or root not in path.parents:
+        if not isinstance(shard, str) or not inside_model(folder, folder / shard):
             raise PlanError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
         if not path.is_file():
             raise PlanError(f"{folder}: shard {shard} named by the index is missing")
@@ -619,10 +619,17 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.dropped_layers()),
                 "norms_kept": True,
                 "plan": plan.to_dict()}, indent=1))
-        for f in src.iterdir():  # tokenizer and the rest, as they are
+        skipped = []
+        for f in src.iterdir():  # tokenizer and the rest, as they are: the model's own regular files only
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
                     INDEX, "config.json", "plan.json", "summary.json", LAYOUT_FILE):
-                shutil.copy2(f, tmp / f.name)
+                if not inside_model(src, f):  # a link to elsewhere would copy another file's contents
+                    skipped.append(f.name)
+                    continue
+                shutil.copyfile(f, tmp / f.name)  # contents only: modes follow the umask, like every file written
+        if skipped:
+            notes["not_copied"] = (f"{', '.join(sorted(skipped))}: link(s) to files outside the model folder (or its "
+                                   "hub blob store), left out")
         plan.to_json(tmp / "plan.json")
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
                                                       "report": plan.report(view), **notes, **(summary or {})},

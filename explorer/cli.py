@@ -15,6 +15,7 @@ import errno
 import json
 import sys
 import time
+from pathlib import Path
 
 from .distill import KL_KINDS, TRAINABLE, DistillConfig
 from .errors import ExplorerError
@@ -83,9 +84,14 @@ def _data(args, tok, model=None):
 
 def _source(args):
     """The input model's folder (the demo's for 'demo'), which no output may touch."""
+    from .hubcache import cached_snapshot
     from .loading import DEMO_MODEL
 
-    return DEMO_MODEL if args.model == "demo" else args.model
+    if args.model == "demo":
+        return DEMO_MODEL
+    if not Path(args.model).expanduser().exists():  # a hub id the cache holds: its snapshot folder, read in place
+        return cached_snapshot(args.model) or args.model
+    return args.model
 
 
 def _progress(label: str, unit: str = "batch"):

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import ExplorerError
+from .hubcache import cached_snapshot, hub_cache_dir, inside_model
 from .moe import MoEModel, NoMoELayersError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -88,9 +89,8 @@ def _check_index(folder: Path) -> None:
         shards = set(wmap.values())
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ModelLoadError(f"{idx} is not a safetensors index with a weight_map: {err}") from err
-    root = folder.resolve()
-    for shard in shards:
-        if not isinstance(shard, str) or root not in (folder / shard).resolve().parents:
+    for shard in shards:  # a hub cache snapshot's shards are links into its own blob store: those are its own
+        if not isinstance(shard, str) or not inside_model(folder, folder / shard):
             raise ModelLoadError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
 
 
@@ -172,8 +172,14 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     elif _looks_like_path(src) or source is None:
         raise ModelLoadError(f"model path not found: {src}")
     elif not hub_reachable():
-        raise ModelLoadError(f"{src!r} is not a local folder, and the model hub cannot be reached (offline?). "
-                             "Pass the path of a local model folder.")
+        snap = cached_snapshot(src)
+        if snap is None:
+            raise ModelLoadError(f"{src!r} is not a local folder, the model hub cannot be reached (offline?) and the "
+                                 f"hub cache ({hub_cache_dir()}) does not hold it. Pass the path of a local model "
+                                 "folder.")
+        return load_model(snap, dtype=dtype, device=device, experts_implementation=experts_implementation,
+                          trust_remote_code=trust_remote_code, with_tokenizer=with_tokenizer, device_map=device_map,
+                          max_memory=max_memory, offload_folder=offload_folder)
     plan = _stored_layout(local) if local.exists() else None
     if local.exists():
         from .weightformats import WeightFormatError, check_checkpoint
@@ -234,12 +240,12 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                     raise ModelLoadError(f"{src}: the weights do not fit the model its config describes: "
                                          f"{'; '.join(bad[:3])}" + (f" (and {len(bad) - 3} more)" if len(bad) > 3
                                                                      else "")) from err
-            missing = sorted(info.get("missing_keys") or [])
-            if missing:
-                raise ModelLoadError(f"{src}: {len(missing)} weight(s) the model needs are missing from the "
-                                     f"checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                                     "transformers would fill them with random numbers. Copy or export the model "
-                                     "again")
+                missing = sorted(info.get("missing_keys") or [])
+                if missing:  # refused inside the report's block: its table is then not printed above the words
+                    raise ModelLoadError(f"{src}: {len(missing)} weight(s) the model needs are missing from the "
+                                         f"checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                                         "); transformers would fill them with random numbers. Copy or export the "
+                                         "model again")
     except ModelLoadError:
         raise
     except ValueError as err:
@@ -309,11 +315,15 @@ class _Report(logging.Handler):
     words: which tensor is missing, has the wrong shape or failed to convert."""
 
     def __init__(self):
-        super().__init__(logging.WARNING)
-        self.text = []
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    @property
+    def text(self) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= logging.WARNING]
 
     def emit(self, record):
-        self.text.append(record.getMessage())
+        self.records.append(record)
 
     def rows(self) -> list[str]:
         out = []
@@ -329,17 +339,33 @@ class _Report(logging.Handler):
 
 @contextmanager
 def _load_report():
+    """transformers' log while a model loads goes to the report only: a refusal is then the explorer's words alone,
+    not the table above them. A load that succeeds passes the records on to transformers' own handlers."""
     logger = logging.getLogger("transformers")
     handler = _Report()
-    level = logger.level
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
     if logger.getEffectiveLevel() > logging.WARNING:  # quieted (set_verbosity_error): the report is still needed
         logger.setLevel(logging.WARNING)
+    for h in handlers:
+        logger.removeHandler(h)
     logger.addHandler(handler)
+    logger.propagate = False
+    failed = False
     try:
         yield handler
+    except BaseException:
+        failed = True
+        raise
     finally:
         logger.removeHandler(handler)
+        for h in handlers:
+            logger.addHandler(h)
         logger.setLevel(level)
+        logger.propagate = propagate
+        if not failed:
+            for record in handler.records:
+                if logger.isEnabledFor(record.levelno):
+                    logger.handle(record)
 
 
 def restructure(model, layout: dict) -> None:

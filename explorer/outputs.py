@@ -169,10 +169,35 @@ def _appeared(out: Path, tmp: Path) -> OutputError:
                        f"left as it is, and the finished export is in {keep}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it: another thread could create a file
+    in between with no mask at all)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def umask_modes(folder: Path) -> None:
+    """Every file and folder under ``folder`` gets the modes the umask gives a new one (some writers, safetensors'
+    among them, create files 0600: other users and serving containers could not read the export)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):  # links are not followed, and left as they are
+        for name, mode in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def commit_dir(tmp: Path, out: Path, overwrite: bool = False) -> None:
     """Move a finished ``tmp`` into place. What is at ``out`` now is checked again (another process or the user
     may have put something there while the export ran): only an empty folder or, with ``overwrite``, a previous
-    export is replaced; the replaced export is deleted only after the new one is in place."""
+    export is replaced; the replaced export is deleted only after the new one is in place. Modes follow the umask."""
+    umask_modes(tmp)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise _appeared(out, tmp)
     if out.exists() and any(out.iterdir()):

@@ -474,3 +474,43 @@ def test_cli_diverging_distillation_says_so(capsys, demo, tmp_path):
     assert summary["warning"] and summary["kept_step"] in (0, 2, 4)
     numbers = re.findall(r"perplexity (\S+?)[ ,)\n]", out)
     assert len(numbers) >= 3 and all(len(n) < 12 for n in numbers), numbers  # 2.37e+55, not 56 digits
+
+
+def test_export_files_follow_the_umask(tmp_path):
+    """safetensors writes 0600: other users and serving containers could not read model.safetensors. Every export
+    (plain, packed 4-bit, out of core) is written with the umask's modes."""
+    from explorer.checkpoint import apply_checkpoint
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    model, tok, view = load_model(device="cpu")
+    for name, plan in (("plain", Plan(drop_experts={0: [1]})), ("packed", Plan.from_dict({"quantise": {"bits": 4}}))):
+        new, _, layout = apply_plan(model, view, plan)
+        out = export(new, tok, plan, tmp_path / name, layout=layout)
+        modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+        assert modes["model.safetensors"] == 0o666 & ~mask and set(modes.values()) == {0o666 & ~mask}, (name, modes)
+        assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    out = apply_checkpoint(DEMO_MODEL, Plan(drop_experts={i: [1] for i in range(len(view))}), tmp_path / "ooc")
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o666 & ~mask}
+
+
+def test_a_refused_checkpoint_prints_only_the_refusal(tmp_path):
+    """A tensor of the wrong shape or a missing one: the explorer's sentence, not transformers' load-report table
+    above it (the command as a user runs it, in its own process)."""
+    from safetensors.torch import load_file, save_file
+
+    for case in ("shape", "missing"):
+        folder = tmp_path / case
+        tiny_model("mixtral", seed=1).save_pretrained(folder)
+        sd = load_file(folder / "model.safetensors")
+        if case == "shape":
+            sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"][:-8]
+        else:
+            del sd["model.layers.1.input_layernorm.weight"]
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        run = subprocess.run([sys.executable, "-m", "explorer", "eval", str(folder), "--max-tokens", "256"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode != 0
+        err = run.stderr
+        assert ("wrong shape" if case == "shape" else "missing from the checkpoint") in err
+        assert "LOAD REPORT" not in err and "Traceback" not in err and "Status" not in err, err

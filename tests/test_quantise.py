@@ -371,3 +371,23 @@ def test_attention_quantisation_reloads_to_the_preview_on_every_family(family, e
     note = json.loads((out / "summary.json").read_text())["weight_format"]
     packed = "experts stored packed" in note
     assert ("attention and shared-expert projections stored packed" in note) == packed
+
+
+def test_the_explorers_packed_export_loads_back_for_another_plan(tmp_path):
+    """A packed 4-bit export reloads dequantised (said so) to the cut model's logits, and takes a further plan
+    (it ended in "Undefined Operation encountered!" before)."""
+    from explorer.apply import export
+    from explorer.plan import Plan
+
+    model, tok, view = load_model(device="cpu")
+    plan = Plan.from_dict({"quantise": {"bits": 4, "group_size": 64}})
+    new, _, layout = apply_plan(model, view, plan)
+    out = export(new, tok, plan, tmp_path / "q4", layout=layout)
+    back, _, v2 = load_model(out, device="cpu")
+    assert "pack-quantized" in back.explorer_dequantised
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, new(ids).logits, atol=1e-5)
+    again, _, _ = apply_plan(back, v2, Plan(drop_experts={0: [1, 2]}))
+    with torch.no_grad():
+        assert torch.isfinite(again(ids).logits).all()
