@@ -56,6 +56,7 @@ class _Layer:
     rows: dict[str, int] = field(default_factory=dict)  # on-disk key of a router-side per-expert tensor -> its dim
     expert_keys: set[str] = field(default_factory=set)  # on-disk keys of the fused expert tensors
     fmt: "_Format | None" = None  # the checkpoint's weight format (FP8 blocks, MXFP4) and every key's shape
+    row_order: object = None  # on-disk key -> (memory row -> disk row of a fused gate/up tensor), or None
 
 
 @dataclass
@@ -189,6 +190,35 @@ def _disk_name(model):
     return lambda k: apply_renamings(k, ren) if ren else k
 
 
+def _disk_row_orders(model):
+    """key -> the disk row of each in-memory row of a fused gate/up tensor that transformers reorders while loading
+    (Inkling-2 stores ``w13`` interleaved, gate and up row by row, and loads it as gate rows then up rows), or None
+    where disk and memory agree. Read off transformers' own converters: their ``Interleave`` steps are run on row
+    numbers, so the editor slices the rows the in-memory edit keeps."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Interleave, WeightConverter
+
+        convs = [c for c in get_model_conversion_mapping(model, add_legacy=False) if isinstance(c, WeightConverter)]
+    except Exception:  # noqa: BLE001 - a transformers without converters stores what it loads
+        return lambda key, n: None
+    found = []
+    for c in convs:
+        steps = [op for op in c.operations if isinstance(op, Interleave)]
+        if steps and any(t.endswith("gate_up_proj") for t in c.target_patterns):
+            found.append((re.compile(c.source_patterns[0] + "$"), steps))
+
+    def order(key: str, n: int) -> torch.Tensor | None:
+        for pat, steps in found:
+            if pat.search(key):
+                rows = torch.arange(n).view(1, n, 1)
+                for op in steps:  # every step acts on the experts' row axis (dim 1 of [E, rows, H])
+                    rows = next(iter(op.convert({key: rows}, [key], [key]).values()))
+                return rows.reshape(-1)
+        return None
+    return order
+
+
 def _router_rows(lay, names: dict) -> dict[str, int]:
     """In-memory keys of the per-expert tensors outside the experts (router rows and biases, the block's own),
     with the dimension that runs over experts."""
@@ -207,6 +237,7 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
     from .ops import OPS, EditContext
 
     blocked = plan.blocked_moe_layers(view)
+    row_order = _disk_row_orders(model)
     out = []
     for lay in view:
         if lay.index in blocked:
@@ -228,11 +259,16 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
             if OPS[name].touches(spec, lay):
                 neurons = OPS[name].neurons(spec, ctx) or neurons
         rel = names[id(lay.experts)][len(prefix) + 1:]
-        rows = {to_disk(k): dim for k, dim in _router_rows(lay, names).items()}
-        ekeys = {to_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
-        ekeys = {disk + k[len(prefix):] if k.startswith(prefix + ".") else k for k in ekeys}
+        def on_disk(k: str) -> str:
+            k = to_disk(k)
+            return disk + k[len(prefix):] if k.startswith(prefix + ".") else k
+
+        # router-side per-expert tensors, wherever the checkpoint keeps them (Laguna stores the router's
+        # correction bias under ``mlp.experts.``: sliced like the router, never averaged like an expert)
+        rows = {on_disk(k): dim for k, dim in _router_rows(lay, names).items()}
+        ekeys = {on_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
         out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay, experts_rel=rel, rows=rows,
-                          expert_keys=ekeys))
+                          expert_keys=ekeys, row_order=row_order))
     return out
 
 
@@ -241,8 +277,10 @@ def _is_down(rel: str) -> bool:
     return any(d in part for part in leaf for d in _DOWN)
 
 
-def _sel(lay: _Layer, e: int, rel: str, ndim: int, fused: bool) -> tuple | None:
-    """(dim, positions) of expert ``e``'s slimmed tensor (dims of the one-expert tensor), or None."""
+def _sel(lay: _Layer, e: int, rel: str, ndim: int, fused: bool, key: str | None = None) -> tuple | None:
+    """(dim, positions) of expert ``e``'s slimmed tensor (dims of the one-expert tensor), or None. Positions are the
+    disk's: a fused gate/up tensor that transformers reorders on load is sliced at the rows its memory rows came
+    from."""
     if lay.neurons is None:
         return None
     idx = lay.neurons[e]
@@ -254,6 +292,9 @@ def _sel(lay: _Layer, e: int, rel: str, ndim: int, fused: bool) -> tuple | None:
     if not fused:  # per-expert gate or up: [I, H] or bias [I]
         return 0, idx
     pos = up_positions(vl, idx)
+    order = lay.row_order(key, vl.up_rows(vl.intermediate_size)) if (lay.row_order and key and ndim > 1) else None
+    if order is not None:
+        pos = order[pos].sort().values  # the same neurons, in the disk's row order (the load reorders them back)
     return (0 if ndim == 1 or not vl.transposed else 1), pos
 
 
@@ -284,11 +325,14 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
         return new, new_shape, ("copy",), sel
     # expert weights live under the experts module; a per-expert tensor elsewhere (router rows, router and choice
     # biases, ERNIE's moe_statics) is sliced, never averaged or narrowed
+    if key in lay.rows and shape and shape[lay.rows[key]] == lay.E:  # a router-side tensor, wherever it is stored
+        dim = lay.rows[key]
+        return key, [len(lay.kept) if d == dim else n for d, n in enumerate(shape)], ("rows", dim, lay.kept), None
     is_expert = rel.startswith(lay.experts_rel + ".") or key in lay.expert_keys
     if shape and shape[0] == lay.E and (is_expert or len(shape) <= 2):
         if not is_expert:
             return key, [len(lay.kept)] + shape[1:], ("rows", 0, lay.kept), None
-        sels = [_sel(lay, e, rel, len(shape) - 1, fused=True) for e in lay.kept]
+        sels = [_sel(lay, e, rel, len(shape) - 1, fused=True, key=key) for e in lay.kept]
         rows = [(*(lay.merged[e] if e in lay.merged else ([e], [1.0])), sel) for e, sel in zip(lay.kept, sels)]
         if (lay.merged or sels[0] is not None) and key.endswith(("_blocks", "_scales")) and lay.fmt and lay.fmt.mxfp4:
             return _mxfp4_edit(key, shape, lay, rows)
@@ -474,6 +518,22 @@ def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, in
     return names[id(view.decoder_layers)], plan.block_map(len(view.decoder_layers))
 
 
+def _layer_keys_outside(model, view: MoEModel, to_disk, block_re) -> dict[str, tuple[int, str]]:
+    """Stored key -> (decoder layer, in-memory key) for a decoder layer's tensors that the checkpoint keeps outside
+    the stored layer stack, so Block Drop renumbers (or drops) them with their layer."""
+    names = {id(m): n for n, m in model.named_modules()}
+    mem_dl = names[id(view.decoder_layers)]
+    pat = re.compile(re.escape(mem_dl) + r"\.(\d+)\.")
+    out = {}
+    for k in model.state_dict():
+        m = pat.match(k)
+        if m:
+            d = to_disk(k)
+            if not block_re.match(d):
+                out[d] = (int(m.group(1)), k)
+    return out
+
+
 def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], str]]:
     """key -> (shape, dtype) of every tensor, from the shards' headers (each shard opened once)."""
     def heads_of(shard):
@@ -534,6 +594,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     for lay in layers:
         lay.fmt = fmt
     dl_path, remap = _block_renames(view, model, plan)
+    mem_dl = dl_path
     first = _disk_path(dl_path + ".0", wmap, keep=2)
     dl_path = first[:-2] if first else dl_path
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
@@ -544,8 +605,16 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     for i in mtp:  # stored past the decoder: kept after the last kept layer, or left out
         remap[i] = (len([v for v in remap.values() if v is not None]) + mtp.index(i)) if keep_mtp else None
 
+    to_disk = _disk_name(model)
+    outside = _layer_keys_outside(model, view, to_disk, block_re) if plan.dropped_blocks() else {}
+
     def renumbered(key: str) -> str:
-        """A stored key under the decoder layers, with its layer's new number (Block Drop, kept MTP layers)."""
+        """A stored key under the decoder layers, with its layer's new number (Block Drop, kept MTP layers); a
+        layer's tensor stored elsewhere (Inkling-2's ``attn_res.attn_queries.<layer - 1>``) through its in-memory
+        name, renumbered there and named as the checkpoint names it."""
+        if key in outside:
+            layer, mem = outside[key]
+            return to_disk(f"{mem_dl}.{remap[layer]}." + mem[len(f"{mem_dl}.{layer}."):])
         m = block_re.match(key)
         return f"{dl_path}.{remap[int(m.group(1))]}." + key[m.end():] if m else key
 
@@ -555,7 +624,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             if dtype not in _DTYPES:
                 raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
             m = block_re.match(key)
-            if m and remap[int(m.group(1))] is None:
+            if m and remap[int(m.group(1))] is None or key in outside and remap[outside[key][0]] is None:
                 continue  # a dropped decoder block, or a multi-token-prediction layer left out
             lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
             owner = next((x for x in layers if key in x.rows), None)

@@ -1,11 +1,11 @@
 """Which MoE families of the installed transformers the explorer supports, measured rather than claimed.
 
 ``walk(model_type)`` builds a tiny seeded model of the type and runs the explorer's whole chain on it: the view's
-self-check, statistics, preview = apply (logits) for expert drop, merge, slimming, Layer Drop and Block Drop,
-export and reload, and the out-of-core apply against the in-memory one. A family either passes, or is refused in
-words at load (the self-check, or a layout the view does not know), or its tiny config cannot be built from the
-installed transformers' defaults. ``python -m explorer families`` prints the table the README carries; a test
-walks every type and checks the README says what the walk finds.
+self-check, statistics, preview = apply (logits) for expert drop, merge, slimming, Layer Drop and Block Drop (the
+last block and a middle one), export and reload, and the out-of-core apply of each plan reloaded to the in-memory
+model's logits. A family either passes, or is refused in words at load (the self-check, or a layout the view does
+not know), or its tiny config cannot be built from the installed transformers' defaults. ``python -m explorer
+families`` prints the table the README carries; a test walks every type and checks the README says what it finds.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-PLAN_KINDS = ("drop", "merge", "slim", "layer-drop", "block-drop")
+PLAN_KINDS = ("drop", "merge", "slim", "layer-drop", "block-drop", "block-drop-mid")
 
 
 def moe_model_types() -> list[str]:
@@ -44,7 +44,8 @@ class FamilyResult:
     reason: str = ""
     refused_plans: dict[str, str] = field(default_factory=dict)  # plan kind -> why preview/apply refuses it
     max_diff: dict[str, float] = field(default_factory=dict)  # plan kind -> max |preview - apply| in logits
-    out_of_core: str = ""  # "exact", or why it is refused
+    out_of_core: str = ""  # the expert drop out of core tensor for tensor: "exact", or why it is refused
+    out_of_core_refused: dict[str, str] = field(default_factory=dict)  # plan kind -> why the out-of-core apply refuses
 
     def wrong(self, why: str) -> "FamilyResult":
         self.status, self.reason = "wrong", why
@@ -56,6 +57,7 @@ class FamilyResult:
         notes = [f"{k}: {_short(v, 90)}" for k, v in sorted(self.refused_plans.items())]
         if self.out_of_core and self.out_of_core != "exact":
             notes.append(f"out of core: {_short(self.out_of_core, 90)}")
+        notes += [f"{k} out of core: {_short(v, 90)}" for k, v in sorted(self.out_of_core_refused.items())]
         return f"| `{self.model_type}` | supported | {'; '.join(notes) or 'every step'} |"
 
 
@@ -98,6 +100,7 @@ def _plans(view) -> dict:
     plans["slim"] = Plan(slim=0.5)
     plans["layer-drop"] = Plan(drop_layers=[n - 1])
     plans["block-drop"] = Plan(drop_blocks=[len(view.decoder_layers) - 1])
+    plans["block-drop-mid"] = Plan(drop_blocks=[len(view.decoder_layers) // 2])  # the layers after it renumbered
     return plans
 
 
@@ -166,9 +169,34 @@ def _walk(model_type: str, seed: int, out_of_core: bool) -> FamilyResult:
                 return res.wrong(f"{kind}: the export does not reload ({type(err).__name__}: {err})")
             if not (_logits(back, blocks) - pv).abs().max() < 1e-3:
                 return res.wrong(f"{kind}: the reloaded export computes something else")
+            if out_of_core:  # the same plan cut shard by shard must be the same model, or refused in words
+                why = _out_of_core_kind(src, plan, stats, Path(tmp) / f"ooc-{kind}", pv, blocks)
+                if why.startswith("wrong: "):
+                    return res.wrong(f"{kind} out of core: {why[7:]}")
+                if why != "exact":
+                    res.out_of_core_refused[kind] = why
         if out_of_core:
             res.out_of_core = _out_of_core(src, model, view, stats, Path(tmp))
     return res
+
+
+def _out_of_core_kind(src: Path, plan, stats, out: Path, want: torch.Tensor, blocks) -> str:
+    """"exact" when the out-of-core cut reloads to ``want`` (the in-memory model's logits), the refusal in words, or
+    "wrong: ..." when it writes another model."""
+    from .checkpoint import apply_checkpoint
+    from .loading import load_model
+    from .plan import PlanError
+
+    try:
+        ooc = apply_checkpoint(src, plan, out, stats=stats)
+    except PlanError as err:
+        return str(err)
+    try:
+        back, _, _ = load_model(ooc, with_tokenizer=False, device="cpu")
+    except Exception as err:  # noqa: BLE001
+        return f"wrong: it does not reload ({type(err).__name__}: {str(err)[:200]})"
+    diff = float((_logits(back, blocks) - want).abs().max())
+    return "exact" if diff < 1e-3 else f"wrong: it reloads {diff:.3g} apart from the in-memory apply in logits"
 
 
 def _out_of_core(src: Path, model, view, stats, tmp: Path) -> str:

@@ -2,7 +2,8 @@
 
 Each type gets a tiny seeded model built from its own default config (``explorer.tiny``) and the whole chain
 (``explorer.families.walk``): the view's self-check, statistics, preview = apply in logits for expert drop, merge,
-slimming, Layer Drop and Block Drop, export and reload, and the out-of-core drop against the in-memory one.
+slimming, Layer Drop and Block Drop (the last block and a middle one), export and reload, and each of them cut out of
+core and reloaded to the in-memory model's logits (or refused in words), so no family exports another model unseen.
 """
 import functools
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from explorer.families import moe_model_types, table, walk
+from explorer.families import PLAN_KINDS, moe_model_types, table, walk
 from explorer.moe import MoEModel, NoMoELayersError, UnsupportedModelError
 from explorer.tiny import tiny_model
 
@@ -41,7 +42,10 @@ def test_every_moe_family_works_or_is_refused_in_words(model_type):
         assert model_type in r.reason or "model_type=" in r.reason, r.reason  # the message names the model
         assert "Traceback" not in r.reason
     if r.status == "supported":
-        assert set(r.max_diff) | set(r.refused_plans) == {"drop", "merge", "slim", "layer-drop", "block-drop"}
+        assert set(r.max_diff) | set(r.refused_plans) == set(PLAN_KINDS)
+        # every kind that applies in memory was also cut out of core: the same model (else the walk says "wrong"),
+        # or refused in words
+        assert all("Traceback" not in v and v for v in r.out_of_core_refused.values()), r.out_of_core_refused
         assert all(d < 1e-3 for d in r.max_diff.values()), r.max_diff  # preview equals apply where both run
         assert {"drop", "merge"} <= set(r.max_diff), r.refused_plans  # expert cuts work on every supported family
 
