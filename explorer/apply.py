@@ -298,5 +298,11 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.to_json(tmp / "plan.json")
-        (tmp / "summary.json").write_text(json.dumps(summary or {}, indent=1, default=float))
+        summary = {**(summary or {}), "bytes_written": weight_bytes(tmp)}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return out
+
+
+def weight_bytes(folder: str | os.PathLike) -> int:
+    """The bytes of a model folder's weight files, as ``du`` counts them (what the report's sizes are held to)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))

@@ -84,8 +84,11 @@ def _structure(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    kw = {"dtype": dtype} if isinstance(dtype, torch.dtype) and dtype.is_floating_point else {}
+    with torch.device("meta"):  # in the checkpoint's dtype: the report's bytes are those the shards hold
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
     return config, model, MoEModel(model)
 
 
@@ -700,6 +703,9 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             notes["not_copied"] = (f"{', '.join(sorted(skipped))}: link(s) to files outside the model folder (or its "
                                    "hub blob store), left out")
         plan.to_json(tmp / "plan.json")
+        from .apply import weight_bytes
+
+        notes["bytes_written"] = weight_bytes(tmp)
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,
                                                       "report": plan.report(view), **notes, **(summary or {})},
                                                      indent=1, default=float))

@@ -400,7 +400,9 @@ def cmd_apply(args) -> int:
     if stored and stored != widened:
         print(f"note: {stored}")
     _print_report(rep)
-    print(f"written to {out}" + ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
+    written = json.loads((out / "summary.json").read_text())["bytes_written"]
+    print(f"written to {out}: {written / 2**20:.1f} MiB of weights" +
+          ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
     return 0
 
 

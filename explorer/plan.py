@@ -179,7 +179,10 @@ class Plan:
             raise PlanError(f"malformed plan: {err}") from err
 
     def to_json(self, path: str | Path | None = None) -> str:
-        s = json.dumps(self.to_dict(), indent=1)
+        try:
+            s = json.dumps(self.to_dict(), indent=1, allow_nan=False)  # strict JSON: other readers refuse NaN
+        except ValueError as err:
+            raise PlanError(f"the plan holds a number that JSON cannot say (NaN or infinity): {err}") from None
         if path is not None:
             atomic_write(path, s)
         return s
@@ -389,10 +392,13 @@ class Plan:
 
     # ---- accounting -----------------------------------------------------------------------------------
     def report(self, view: MoEModel) -> dict:
-        """Parameters before/after (total, active per token), bytes (bf16, and with quantised experts at their
-        bits: ``bytes_after``), and loader compatibility."""
+        """Parameters before/after (total, active per token), bytes as the export writes them (``bytes_before``,
+        ``bytes_after``: the model's own dtype, quantised experts packed where the export packs them; a bf16 copy's
+        ``bytes_bf16_after`` beside), and loader compatibility."""
         self.validate(view)
         total = sum(p.numel() for p in view.model.parameters())
+        dtype = next(p for p in view.model.parameters() if p.is_floating_point()).dtype
+        size = dtype.itemsize
         before_active = view.summary()["params_active"]
         removed_total = removed_active = 0
         experts_after, inter_after = [], []
@@ -432,7 +438,7 @@ class Plan:
             w2 = lay.expert_weight_params() * I2 // I  # one kept expert's weights, after slimming
             for b in self._ask("expert_bytes", lay, kept_ids, w2):  # operations that store weights in fewer bytes
                 if b is not None:
-                    bytes_saved += 2 * w2 * kept - b
+                    bytes_saved += size * w2 * kept - b
             nonzero_removed += sum(self._ask("zeroed", lay, kept, I2))
             removed_total += per * E - per2 * kept + (E - kept) * row
             removed_active += (per - per2) * k
@@ -452,7 +458,8 @@ class Plan:
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
             "params_nonzero_after": after_total - nonzero_removed, "bytes_bf16_after": 2 * after_total,
-            "bytes_before": 2 * total, "bytes_after": int(2 * after_total - bytes_saved),
+            "dtype": str(dtype).replace("torch.", ""),
+            "bytes_before": size * total, "bytes_after": int(size * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": inter_after,
             "loadable_by_transformers": loadable, "loader_note": why,
         }

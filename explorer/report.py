@@ -15,22 +15,26 @@ def preview_result(res, base, report: dict, seconds: float) -> dict:
 
 
 def size_lines(r: dict, markup: str = "text") -> list[str]:
-    """Parameters, active parameters, memory and experts per layer before and after a plan."""
+    """Parameters, active parameters, bytes as written and experts per layer before and after a plan."""
     b0, b1 = _BOLD[markup]
     zeroed = r["params_after"] - r.get("params_nonzero_after", r["params_after"])
     pruned = f", {r['params_nonzero_after']:,} non-zero after pruning ({zeroed:,} weights zeroed)" if zeroed else ""
     return [f"parameters {r['params_before']:,} → {b0}{r['params_after']:,}{b1}{pruned} "
             f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
-            f"{r['active_after']:,} · {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16" + _quantised(r, b0, b1),
+            f"{r['active_after']:,} · " + _bytes(r, b0, b1),
             f"experts per MoE layer {r['experts_after']} · {r['loader_note']}"]
 
 
-def _quantised(r: dict, b0: str, b1: str) -> str:
-    after, bf16 = r.get("bytes_after"), r["bytes_bf16_after"]
-    if after is None or after >= bf16:
-        return ""
-    return (f", {b0}{after / 2**20:.1f} MiB{b1} with quantised experts ({after / r['bytes_before']:.1%} of the "
-            "original in bf16)")
+def _bytes(r: dict, b0: str, b1: str) -> str:
+    """What the export writes, in the model's dtype (packed experts at their size), and a bf16 copy beside it."""
+    dtype = r.get("dtype", "bfloat16")
+    after, before = r["bytes_after"], r["bytes_before"]
+    packed = " with packed experts" if after < r["params_after"] * (before / max(r["params_before"], 1)) else ""
+    text = (f"{b0}{after / 2**20:.1f} MiB{b1} written in {dtype}{packed} ({after / before:.1%} of the original's "
+            f"{before / 2**20:.1f} MiB)")
+    if dtype != "bfloat16":
+        text += f", {r['bytes_bf16_after'] / 2**20:.1f} MiB in bf16"
+    return text
 
 
 def preview_report(r: dict, markup: str = "text") -> str:

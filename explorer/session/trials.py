@@ -63,9 +63,11 @@ class Trials:
         return [{**e, "stale": e.get("data") != self.data_key} for e in self.tried]
 
     def pareto_baseline(self) -> dict:
-        """The original model as a point of the Pareto chart: parameters, bytes in bf16, perplexity."""
+        """The original model as a point of the Pareto chart: parameters, bytes as written (the plans' measure),
+        perplexity."""
         n = self.view.summary()["params_total"]
-        return {"params": n, "bytes": 2 * n, "ppl": self.baseline().ppl, "tasks": self.base_tasks}
+        return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": self.baseline().ppl,
+                "tasks": self.base_tasks}
 
     def score_tasks(self, tasks: str, limit: int | None = 200, progress=None, only_current: bool = False) -> list[dict]:
         """Task accuracy (lm-eval) of the original and of every comparable plan tried, previews scored through
