@@ -210,24 +210,72 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
     return model, new_view, None
 
 
-def _kinds(layers) -> list[tuple]:
-    """Each decoder layer's kind: the classes of its sub-modules (attention or mamba, dense MLP or MoE...)."""
-    return [tuple(sorted(f"{n}:{type(m).__name__}" for n, m in dl.named_children()
-                         if not isinstance(m, DroppedMoE))) for dl in layers]
+DROPPED = "<dropped MoE>"
+
+
+def _kinds(layers, dropped: dict | None = None) -> list[dict]:
+    """Each decoder layer's kind: {child name: class} (attention or mamba, dense MLP or MoE...). A MoE sub-layer
+    that Layer Drop removed (in the model, or named in ``dropped``: {layer: child name}) is DROPPED."""
+    out = []
+    for i, dl in enumerate(layers):
+        kind = {n: DROPPED if isinstance(m, DroppedMoE) else type(m).__name__ for n, m in dl.named_children()}
+        for n in (dropped or {}).get(i, []):
+            kind[n] = DROPPED
+        out.append(kind)
+    return out
+
+
+def _same_kind(want: dict, have: dict) -> bool:
+    """A layer the config builds (``want``) is the one held (``have``); a dropped MoE sub-layer stands for its
+    block (the layout file says it is gone)."""
+    return want.keys() == have.keys() and all(have[n] in (c, DROPPED) for n, c in want.items())
+
+
+def layer_pattern_problem(view: MoEModel, plan: Plan) -> str | None:
+    """Why the config renumbered after ``plan``'s Block Drop would build other layers than the ones kept, or None.
+    Where a family derives layer kinds from a period (Jamba's attn/expert_layer_period, Qwen2-MoE's
+    decoder_sparse_step), dropping a block in the middle shifts the pattern: a cache of the wrong kind, MoE where
+    a dense MLP was. Asked by ``validate`` on the untouched model, so a plan the preview accepts is one apply
+    writes."""
+    from transformers import AutoModelForCausalLM
+
+    blocks = plan.dropped_blocks()
+    if not blocks:
+        return None
+    n_old = len(view.decoder_layers)
+    keep = [i for i in range(n_old) if i not in set(blocks)]
+    cache = view.__dict__.setdefault("_pattern_problems", {})
+    key = (tuple(blocks), tuple(plan.dropped_layers()))
+    if key not in cache:
+        cfg = copy.deepcopy(view.model.config)
+        block_drop_config(cfg.get_text_config(), keep, n_old)
+        with torch.device("meta"):
+            ref = AutoModelForCausalLM.from_config(cfg)
+        names = {id(m): n for dl in view.decoder_layers for n, m in dl.named_children()}
+        dropped = {}
+        for i in plan.dropped_layers():
+            lay = view[i]
+            dropped.setdefault(lay.layer_idx, []).append(names.get(id(lay.block)))
+        want = _kinds(_stack(ref))
+        have = [k for i, k in enumerate(_kinds(view.decoder_layers, dropped)) if i in set(keep)]
+        bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b)]
+        cache[key] = None if not bad and len(want) == len(have) else (
+            f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern no longer "
+            f"matches the layers kept (first at new layer {bad[0] if bad else len(min(want, have, key=len))}): this "
+            "family sets layer kinds by a period; drop other blocks (at the end), or use Layer Drop")
+    return cache[key]
 
 
 def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:
-    """After Block Drop the renumbered config must still say which layer is which. Where a family derives layer
-    kinds from a period (Jamba's attn/expert_layer_period, Qwen2-MoE's decoder_sparse_step), dropping a block in
-    the middle shifts the pattern: the config would build other layers than the model holds (a cache of the wrong
-    kind, MoE where a dense MLP was). Refused in words rather than written."""
+    """After Block Drop, the renumbered config still builds the layers the new model holds (see
+    ``layer_pattern_problem``, which ``validate`` asks first); refused in words rather than written."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
     want = _kinds(_stack(ref))
     have = _kinds(_stack(model))
-    bad = [i for i, (a, b) in enumerate(zip(want, have)) if a != b and not any("DroppedMoE" in x for x in b)]
+    bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b)]
     if bad or len(want) != len(have):
         raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {plan.dropped_blocks()} the config's "
                         f"layer pattern no longer matches the layers kept (first at new layer {bad[0] if bad else '?'}"

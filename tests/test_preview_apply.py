@@ -182,3 +182,47 @@ def test_preview_and_apply_agree_in_bf16_as_the_readme_says(demo, demo_data):
         b = new(input_ids=few.input_ids, attention_mask=few.attention_mask()).logits.float()[mask]
     assert (a.argmax(-1) != b.argmax(-1)).float().mean() < 0.03  # the most likely next token, nearly everywhere
     assert ((a - b).abs().amax(-1) > 0.25).float().mean() < 0.05  # bf16 spacing near |logit| 4 is 0.03
+
+
+def test_layer_drop_beside_block_drop_applies_as_it_previews(tmp_path):
+    """A plan with both drop_layers and drop_blocks (the JSON editor, a recipe) previewed, then apply refused it
+    ("layer pattern no longer matches"): a dropped MoE sub-layer now counts as the block it replaced. In memory,
+    exported and out of core, it is the preview."""
+    from explorer.checkpoint import apply_checkpoint
+
+    model = tiny_model("mixtral", seed=5)
+    view = MoEModel(model)
+    blocks = random_blocks(4, 24, seed=1)
+    plan = Plan(drop_layers=[0], drop_blocks=[1])
+    plan.validate(view)
+    with previewing(model, view, plan):
+        want = _logits(model, blocks)
+    new, _, layout = apply_plan(model, view, plan)
+    assert torch.allclose(_logits(new, blocks), want, atol=1e-5)
+    back, _, _ = load_model(export(new, None, plan, tmp_path / "mem", layout=layout), with_tokenizer=False,
+                            device="cpu")
+    assert torch.allclose(_logits(back, blocks), want, atol=1e-5)
+    model.save_pretrained(tmp_path / "src")
+    ooc, _, _ = load_model(apply_checkpoint(tmp_path / "src", plan, tmp_path / "ooc"), with_tokenizer=False,
+                           device="cpu")
+    assert torch.allclose(_logits(ooc, blocks), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,kw", [("qwen2_moe", dict(decoder_sparse_step=2, num_hidden_layers=4)),
+                                       ("jamba", {})])
+def test_a_block_drop_apply_would_refuse_is_refused_before_the_preview(family, kw):
+    """Qwen2-MoE with decoder_sparse_step=2: Block Drop of a middle block previewed, and apply then refused it.
+    validate now says it, so neither the preview nor the report accepts it."""
+    from explorer.plan import PlanError
+
+    model = tiny_model(family, seed=3, **kw)
+    view = MoEModel(model)
+    plan = Plan(drop_blocks=[1])
+    with pytest.raises(PlanError, match="layer pattern no longer matches"):
+        plan.validate(view)
+    with pytest.raises(PlanError, match="layer pattern no longer matches"):
+        with previewing(model, view, plan):
+            pass
+    with pytest.raises(PlanError, match="layer pattern no longer matches"):
+        plan.report(view)
+    Plan(drop_blocks=[len(view.decoder_layers) - 1]).validate(view)  # the last block: fine

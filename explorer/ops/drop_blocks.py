@@ -23,6 +23,11 @@ class DropBlocks(LayerListOperation):
         super().validate(spec, plan, view)
         if len(set(spec)) >= len(view.decoder_layers):
             raise PlanError("drop_blocks removes every decoder layer")
+        from ..apply import layer_pattern_problem
+
+        problem = layer_pattern_problem(view, plan)  # what apply would refuse, said before any preview
+        if problem:
+            raise PlanError(problem)
 
     def describe(self, spec) -> str:
         return "drop blocks " + ",".join(map(str, spec))
