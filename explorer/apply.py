@@ -259,11 +259,60 @@ def layer_pattern_problem(view: MoEModel, plan: Plan) -> str | None:
         want = _kinds(_stack(ref))
         have = [k for i, k in enumerate(_kinds(view.decoder_layers, dropped)) if i in set(keep)]
         bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b)]
-        cache[key] = None if not bad and len(want) == len(have) else (
-            f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern no longer "
-            f"matches the layers kept (first at new layer {bad[0] if bad else len(min(want, have, key=len))}): this "
-            "family sets layer kinds by a period; drop other blocks (at the end), or use Layer Drop")
+        if bad or len(want) != len(have):
+            cache[key] = (f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern "
+                          f"no longer matches the layers kept (first at new layer "
+                          f"{bad[0] if bad else len(min(want, have, key=len))}): this family sets layer kinds by a "
+                          "period; drop other blocks (at the end), or use Layer Drop")
+        else:
+            cache[key] = _no_attention_left(view, keep, blocks) or _settings_problem(view, _stack(ref), keep, blocks)
     return cache[key]
+
+
+def _no_attention_left(view: MoEModel, keep: list[int], blocks: list[int]) -> str | None:
+    """A hybrid whose attention layers all go (Nemotron-H's one attention layer among mamba layers): transformers
+    builds the causal mask from an attention layer's cache, and fails without one."""
+    types = getattr(view.text_config, "layer_types", None)
+    if not isinstance(types, list) or len(types) != len(view.decoder_layers):
+        return None
+    attn = [i for i, t in enumerate(types) if isinstance(t, str) and "attention" in t and "linear" not in t]
+    if attn and not any(i in keep for i in attn):
+        return (f"{view.model_type}: dropping decoder layer(s) {blocks} removes every attention layer ({attn}); the "
+                "model's mask and cache need one: keep at least one of them")
+    return None
+
+
+_INDEX_ATTRS = ("layer_idx", "layer_index", "layer_id", "layer_number")
+
+
+def _settings(module) -> dict:
+    """A module's own scalar settings, sub-modules included (``name.attr`` -> value): what a config builds."""
+    out = {}
+    for name, m in module.named_modules():
+        for attr, v in vars(m).items():
+            if not attr.startswith("_") and attr != "training" and isinstance(v, (bool, int, float, str)):
+                out[f"{name}.{attr}"] = v
+    return out
+
+
+def _settings_problem(view: MoEModel, ref_layers, keep: list[int], blocks: list[int]) -> str | None:
+    """Each kept layer as the renumbered config builds it has the settings the layer holds, except its own index:
+    a family that derives more from a layer's position (Beam's depth-scaled residuals, 2 * (layer_idx + 1)) would
+    reload as another model. Layers before the first dropped block keep their positions and are not asked."""
+    for new, old in enumerate(keep):
+        if old < min(blocks):
+            continue
+        have, want = _settings(view.decoder_layers[old]), _settings(ref_layers[new])
+        for k, v in have.items():
+            if k not in want or want[k] == v:
+                continue
+            if k.rsplit(".", 1)[-1] in _INDEX_ATTRS and v == old and want[k] == new:
+                continue  # its index, renumbered as apply renumbers it
+            return (f"{view.model_type}: after dropping decoder layer(s) {blocks}, decoder layer {old} (new {new}) "
+                    f"would be rebuilt with {k.lstrip('.')} = {want[k]!r} where it holds {v!r}: this family derives "
+                    "it from the layer's position, so the export would be another model; drop the last blocks, or "
+                    "use Layer Drop")
+    return None
 
 
 def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:

@@ -23,6 +23,10 @@ class PlanEditor:
         plan.validate(self.view)
         if not plan.model:
             plan.model = fingerprint(self.view)
+        if plan.ops.get("merge") is not None and self.stats is not None:
+            from ..ops.merge import with_weights  # the weights the preview uses, written into the plan kept
+
+            plan.ops["merge"] = with_weights(plan.ops["merge"], self.stats)
         self.plan = plan
         return plan
 
