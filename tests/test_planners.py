@@ -175,3 +175,29 @@ def test_recipe_replays_on_another_model():
     assert replayed.slim == 0.75
     with pytest.raises(PlanError, match="no recipe"):
         planners.replay([], b_stats)
+
+
+def test_a_merge_is_never_averaged_in_silence(planted, tmp_path):
+    """A merge plan without merge_weights (the JSON editor, a hand-written recipe) was applied as a plain average
+    without --stats while the app previewed it weighted by use (logits 0.6 apart). Without weights or statistics it
+    is refused in words; the session writes the weights it previews with into the plan it keeps."""
+    from explorer.apply import apply_plan
+    from explorer.cli import main
+    from explorer.session import Session
+
+    model, view, blocks, stats = planted
+    plan = Plan(merge={0: [[1, 2]]})
+    with pytest.raises(PlanError, match="no merge_weights and no statistics"):
+        apply_plan(model, view, plan)
+    with pytest.raises(PlanError, match="no merge_weights and no statistics"):
+        preview_perplexity(model, view, plan, blocks)
+    weighted, _, _ = apply_plan(model, view, plan, stats)
+    s = Session(max_tokens=256)
+    s.load("demo", device="cpu")
+    s.set_data("demo")
+    s.collect()
+    kept = s.set_plan('{"merge": {"1": [[0, 3]]}}')
+    c = s.stats.layers[1]["count"]
+    assert kept.merge_weights == {1: [[pytest.approx(float(c[0])), pytest.approx(float(c[3]))]]}
+    kept.to_json(tmp_path / "plan.json")
+    assert main(["apply", "demo", str(tmp_path / "plan.json"), "--no-eval", "--out", str(tmp_path / "cut")]) == 0

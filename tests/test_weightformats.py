@@ -251,7 +251,8 @@ def test_mxfp4_drop_copies_bytes_and_merge_requantises(tmp_path):
     assert torch.equal(got[k][1], sd[k][2]) and torch.equal(got[k.replace("blocks", "scales")][1],
                                                              sd[k.replace("blocks", "scales")][2])
     assert json.loads((drop / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
-    plan = Plan(merge={i: [[1, 2], [4, 6]] for i in range(3)})
+    plan = Plan(merge={i: [[1, 2], [4, 6]] for i in range(3)},  # a plain average, said (no statistics here)
+                merge_weights={i: [[1.0, 1.0], [1.0, 1.0]] for i in range(3)})
     merged = apply_checkpoint(src, plan, tmp_path / "merge")
     new, nv, _ = apply_plan(model, view, plan)
     got = load_file(merged / "model.safetensors")
@@ -326,5 +327,6 @@ def test_packed_integer_checkpoints_drop_out_of_core_and_refuse_merges_in_words(
     assert torch.equal(got[k.format(1)], out[k.format(2)])
     assert json.loads((drop / "summary.json").read_text())["weight_format"].startswith("kept as the input's")
     with pytest.raises(PlanError, match="packed integer weights .* cannot be merged or slimmed out of core"):
-        apply_checkpoint(src, Plan(merge={i: [[1, 2]] for i in range(3)}), tmp_path / "merge")
+        apply_checkpoint(src, Plan(merge={i: [[1, 2]] for i in range(3)},
+                                   merge_weights={i: [[1.0, 1.0]] for i in range(3)}), tmp_path / "merge")
     assert not (tmp_path / "merge").exists()
