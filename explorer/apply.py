@@ -308,6 +308,8 @@ def _settings_problem(view: MoEModel, ref_layers, keep: list[int], blocks: list[
                 continue
             if k.rsplit(".", 1)[-1] in _INDEX_ATTRS and v == old and want[k] == new:
                 continue  # its index, renumbered as apply renumbers it
+            if v == len(view.decoder_layers) and want[k] == len(ref_layers):
+                continue  # a copy of the model's layer count (MiniMax's attention keeps one), the new count
             return (f"{view.model_type}: after dropping decoder layer(s) {blocks}, decoder layer {old} (new {new}) "
                     f"would be rebuilt with {k.lstrip('.')} = {want[k]!r} where it holds {v!r}: this family derives "
                     "it from the layer's position, so the export would be another model; drop the last blocks, or "

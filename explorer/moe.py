@@ -142,10 +142,16 @@ class MoELayer:
         g, tg = int(g or 1), int(tg)
         return (g, tg) if g > 1 else (1, 1)
 
+    @property
+    def per_group_least(self) -> int:
+        """Experts each group must keep: DeepSeek-V3's router scores a group by its two best experts
+        (``topk(2)`` in transformers' code, which fails on a group of one), other grouped routers by their best."""
+        return 2 if self.groups[0] > 1 and self.family.gating == "sigmoid_group" else 1
+
     def keep_rule(self) -> tuple[int, int]:
         """(least experts this layer may keep, the step the kept count must be a multiple of)."""
         g, tg = self.groups
-        return max(self.top_k, g * -(-self.top_k // tg)), g
+        return max(self.top_k, g * max(self.per_group_least, -(-self.top_k // tg))), g
 
     def check_kept(self, kept: int) -> str | None:
         """Why keeping ``kept`` experts breaks this layer's routing, or None when it is fine."""
@@ -158,6 +164,9 @@ class MoELayer:
             return f"grouped routing needs the kept count divisible by n_group={g}; the plan keeps {kept}"
         if g > 1 and kept != self.num_experts and (kept // g) * tg < self.top_k:
             return f"{kept // g} experts per group x topk_group={tg} cannot serve top-k = {self.top_k}"
+        if g > 1 and kept // g < self.per_group_least:
+            return (f"the router scores each of its {g} groups by its two best experts: keep at least "
+                    f"{self.per_group_least} per group ({g * self.per_group_least} in all); the plan keeps {kept}")
         return None
 
     def expert_weight_params(self) -> int:

@@ -106,3 +106,31 @@ def test_the_report_knows_which_slimmed_families_a_stock_config_describes(family
     assert rep["loadable_by_transformers"] == (layout is None)
     if not rep["loadable_by_transformers"]:
         assert "also sizes" in rep["loader_note"]
+
+
+def test_grouped_routing_that_scores_groups_by_two_experts():
+    """DeepSeek-V3 scores each group by its two best experts (transformers' topk(2)): a plan keeping one expert per
+    group passed validate and the report, then preview and apply crashed; an 8-expert model with n_group=4,
+    topk_group=4 (two per group), which transformers runs, was refused at load by the self-check."""
+    import torch
+
+    from explorer.apply import apply_plan
+    from explorer.moe import MoEModel
+    from explorer.preview import previewing
+    from explorer.tiny import random_blocks, tiny_model
+
+    model = tiny_model("deepseek_v3", seed=2, n_routed_experts=8, n_group=4, topk_group=4, num_experts_per_tok=2)
+    view = MoEModel(model)  # the self-check passes
+    assert view[0].groups == (4, 4)
+    one_each = Plan(drop_experts={i: [0, 2, 4, 6] for i in range(len(view))})
+    with pytest.raises(PlanError, match="two best experts: keep at least 2 per group"):
+        one_each.validate(view)
+    with pytest.raises(PlanError, match="two best experts"):
+        one_each.report(view)
+    blocks = random_blocks(2, 16, seed=0, vocab=model.config.vocab_size)
+    drop_one_layer = Plan(drop_experts={0: [], 1: []})  # every layer whole: a valid plan previews and applies
+    with previewing(model, view, drop_one_layer):
+        pass
+    new, _, _ = apply_plan(model, view, drop_one_layer)
+    with torch.no_grad():
+        assert torch.isfinite(new(input_ids=blocks.input_ids).logits).all()
