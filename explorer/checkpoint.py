@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,20 +434,49 @@ def _rows(sl, dim: int, ids: list[int]) -> torch.Tensor:
 
 
 class _Reader:
-    """Opens a shard for one tensor at a time: a mapping kept open would hold every page read so far resident,
-    and peak memory would grow to the size of the shard instead of the tensor being edited."""
+    """One open handle per shard, reopened once it has served ``budget`` bytes: a mapping kept open holds every page
+    read so far resident (peak memory would grow to the shard), and reopening for every tensor took past 15 minutes
+    on a checkpoint of 200,000 tensors. Memory stays near the budget plus the tensor being edited."""
 
-    def __init__(self, folder: Path, wmap: dict[str, str]):
-        self.folder, self.wmap = folder, wmap
+    def __init__(self, folder: Path, wmap: dict[str, str], budget: int = 1 << 30):
+        self.folder, self.wmap, self.budget = folder, wmap, budget
+        self.handles: dict[str, list] = {}  # shard -> [context manager, handle, bytes served]
+        self.opens = 0
+
+    def _handle(self, shard: str):
+        h = self.handles.get(shard)
+        if h is None or h[2] >= self.budget:
+            from safetensors import safe_open
+
+            if h is not None:
+                h[0].__exit__(None, None, None)
+            cm = safe_open(self.folder / shard, "pt")
+            h = self.handles[shard] = [cm, cm.__enter__(), 0]
+            self.opens += 1
+        return h
 
     def slice(self, key: str, fn):
-        from safetensors import safe_open
-
-        with safe_open(self.folder / self.wmap[key], "pt") as f:
-            return fn(f.get_slice(key))
+        h = self._handle(self.wmap[key])
+        out = fn(h[1].get_slice(key))
+        if isinstance(out, torch.Tensor):
+            h[2] += out.numel() * out.element_size()
+        return out
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.slice(key, lambda sl: sl[:])  # safetensors copies out of the mapping
+
+    def close(self) -> None:
+        for cm, _, _ in self.handles.values():
+            cm.__exit__(None, None, None)
+        self.handles = {}
+
+
+@contextmanager
+def _closing(reader: _Reader):
+    try:
+        yield reader
+    finally:
+        reader.close()
 
 
 def _select(t: torch.Tensor, sel: tuple | None) -> torch.Tensor:
@@ -647,7 +677,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
                 new, new_shape, op, sel = edit
             plan_per_shard[shard].append(_Out(renumbered(new), dtype, new_shape, key, op, sel))
     rd = _Reader(src, wmap)
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite) as tmp, _closing(rd):
         total, new_map = 0, {}
         n = len(shard_names)
         for j, s in enumerate(shard_names):
