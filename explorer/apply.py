@@ -225,10 +225,12 @@ def _kinds(layers, dropped: dict | None = None) -> list[dict]:
     return out
 
 
-def _same_kind(want: dict, have: dict) -> bool:
-    """A layer the config builds (``want``) is the one held (``have``); a dropped MoE sub-layer stands for its
-    block (the layout file says it is gone)."""
-    return want.keys() == have.keys() and all(have[n] in (c, DROPPED) for n, c in want.items())
+def _same_kind(want: dict, have: dict, moe: set) -> bool:
+    """A layer the config builds (``want``) is the one held (``have``); a dropped MoE sub-layer stands for a MoE
+    block (``moe``: the family's block classes) and nothing else: where the renumbered config builds a dense MLP,
+    the layout file could not say the MoE sub-layer is gone."""
+    return want.keys() == have.keys() and all(have[n] == c or (have[n] == DROPPED and c in moe)
+                                              for n, c in want.items())
 
 
 def layer_pattern_problem(view: MoEModel, plan: Plan) -> str | None:
@@ -258,7 +260,8 @@ def layer_pattern_problem(view: MoEModel, plan: Plan) -> str | None:
             dropped.setdefault(lay.layer_idx, []).append(names.get(id(lay.block)))
         want = _kinds(_stack(ref))
         have = [k for i, k in enumerate(_kinds(view.decoder_layers, dropped)) if i in set(keep)]
-        bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b)]
+        moe = {type(lay.block).__name__ for lay in view}
+        bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b, moe)]
         if bad or len(want) != len(have):
             cache[key] = (f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern "
                           f"no longer matches the layers kept (first at new layer "
@@ -326,7 +329,8 @@ def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:
         ref = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
     want = _kinds(_stack(ref))
     have = _kinds(_stack(model))
-    bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b)]
+    moe = {type(lay.block).__name__ for lay in view}
+    bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b, moe)]
     if bad or len(want) != len(have):
         raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {plan.dropped_blocks()} the config's "
                         f"layer pattern no longer matches the layers kept (first at new layer {bad[0] if bad else '?'}"
