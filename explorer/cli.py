@@ -504,7 +504,7 @@ def cmd_distill(args) -> int:
                    "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
                    "kept_step": d.best_step, "warning": warn, "processes": d.world,
                    "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
-        out = export(d.student, tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
+        out = export(d.final_model(), tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
                      overwrite=args.overwrite)
         print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
               f"written to {out}")

@@ -168,6 +168,10 @@ class Distiller:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.student, self.sview, self.plan = student, student_view, plan
+        from .ops.quantise import train_on_grid
+
+        # a quantise plan's student trains on its grid (straight-through): the student measured is the one exported
+        self.on_grid = train_on_grid(student, plan, student_view)
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks.limit(self.config.eval_tokens)
         self.device = next(student.parameters()).device
         self.params = _trainable(student, student_view, self.config.train)
@@ -242,6 +246,16 @@ class Distiller:
     def restore_best(self) -> None:
         if self.best_state is not None:
             self.student.load_state_dict(self.best_state)
+
+    def final_model(self):
+        """The best student as it is exported: on a quantise plan's grid, its weights written as plain parameters
+        (a copy; the student itself can go on training)."""
+        self.restore_best()
+        if not self.on_grid:
+            return self.student
+        from .ops.quantise import baked
+
+        return baked(self.student)
 
     def evaluate(self) -> dict:
         self.student.eval()
@@ -407,7 +421,9 @@ class Distiller:
             self.best_ppl = ev["ppl"]
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
             e = DistillEvent("start", 0, ppl=ev["ppl"], ppl_domains=ev["domains"], best_ppl=ev["ppl"], stage=stage,
-                             message="before distillation")
+                             message="before distillation" + (
+                                 "; the quantised weights train on the plan's grid (straight-through), so every "
+                                 "perplexity here is the exported model's" if self.on_grid else ""))
             self.history.append(e)
             yield e
         t_run = time.perf_counter()

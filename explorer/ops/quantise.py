@@ -98,6 +98,98 @@ def quantise_tensor(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) ->
     return out.movedim(-1, in_dim).to(w.dtype), scale[..., 0]
 
 
+def on_grid(w: torch.Tensor, bits, scale: torch.Tensor, group_size: int, in_dim: int = -1) -> torch.Tensor:
+    """``w`` rounded onto a fixed grid: the codes ``round(w / scale)`` of the scales apply chose (what the export
+    stores), dequantised, in ``w``'s dtype and layout."""
+    x = w.float().movedim(in_dim, -1)
+    shape, n = x.shape, x.shape[-1]
+    pad = (-n) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    g = x.reshape(*shape[:-1], -1, group_size)
+    sc = scale.float().to(g.device).unsqueeze(-1)
+    if bits == "fp8":
+        q = (g / sc).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    else:
+        q = torch.clamp(torch.round(g / sc), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q * sc).reshape(*shape[:-1], -1)[..., :n].movedim(-1, in_dim).to(w.dtype)
+
+
+class _OnGrid(torch.nn.Module):
+    """A parametrisation: the weight as trained is latent; what the model computes with is that weight on the
+    plan's grid, with the gradient passed straight through (STE). The student trained is the quantised one."""
+
+    def __init__(self, slots: dict, group_size: int, in_dim: int):
+        super().__init__()
+        self.slots, self.group_size, self.in_dim = slots, group_size, in_dim  # {slot or None: (bits, scale)}
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if None in self.slots:  # a plain Linear weight
+            bits, scale = self.slots[None]
+            q = on_grid(w, bits, scale, self.group_size, self.in_dim)
+        else:
+            q = w.clone()
+            for slot, (bits, scale) in self.slots.items():
+                q[slot] = on_grid(w[slot], bits, scale, self.group_size, self.in_dim)
+        return w + (q - w).detach()
+
+
+def train_on_grid(model, plan, view) -> int:
+    """Make a quantise plan's applied model train on its grid (straight-through), so the student measured during
+    distillation is the one its export stores. ``view``: the applied model's MoE view (which layout each layer's
+    experts have). Returns how many weights are held to a grid (0 for other plans)."""
+    from torch.nn.utils import parametrize
+
+    spec = plan.ops.get("quantise") if plan is not None else None
+    if spec is None:
+        return 0
+    gs, n = spec["group_size"], 0
+    for mod in model.modules():
+        note = getattr(mod, "_explorer_notes", {}).get("quantise")
+        if note and isinstance(mod, torch.nn.Linear) and not parametrize.is_parametrized(mod, "weight"):
+            parametrize.register_parametrization(mod, "weight", _OnGrid({None: note}, gs, -1))
+            n += 1
+    for lay in view or []:
+        note = getattr(lay.experts, "_explorer_notes", {}).get("quantise")
+        if not note:
+            continue
+        in_dim = 0 if lay.transposed else -1
+        for name, part in (("gate_up_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            if isinstance(getattr(lay.experts, name, None), torch.Tensor) \
+                    and not parametrize.is_parametrized(lay.experts, name):
+                slots = {slot: (b, sc[part]) for slot, (b, *sc) in note.items() if sc[part] is not None}
+                parametrize.register_parametrization(lay.experts, name, _OnGrid(slots, gs, in_dim))
+                n += 1
+    return n
+
+
+def baked(model):
+    """A copy of ``model`` whose weights held to a grid are written on it as plain parameters (what
+    ``save_pretrained`` and the export read); ``model`` itself keeps training on its grid, its parameter objects
+    (the optimizer's) unchanged. The grids are lifted off for the copy and put back: a deep copy of a parametrised
+    module shares its class, and removing the copy's parametrisation would strip the original's too."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    held = [(path, mod, name) for path, mod in model.named_modules()
+            for name in list(getattr(mod, "parametrizations", {}) or {})]
+    grid = {(path, name): getattr(mod, name).detach().clone() for path, mod, name in held}
+    lifted = []
+    try:
+        for path, mod, name in held:
+            lifted.append((mod, name, mod.parametrizations[name][0]))
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=False)  # the same Parameter stays
+        out = copy.deepcopy(model)
+    finally:
+        for mod, name, p in lifted:
+            parametrize.register_parametrization(mod, name, p)
+    with torch.no_grad():
+        for (path, name), value in grid.items():
+            getattr(out.get_submodule(path), name).copy_(value)
+    return out
+
+
 def _in_dims(lay) -> tuple[int, int]:
     """The input dimension of one expert's gate_up and down tensors in the layer's layout."""
     return (0, 0) if lay.transposed else (-1, -1)

@@ -261,8 +261,7 @@ class Trials:
         target = check_export_dir(where, source=self.source, overwrite=overwrite)  # before work
         d = self.student()
         if use_distilled and d is not None:
-            d.restore_best()
-            model, layout = d.student, d.layout
+            model, layout = d.final_model(), d.layout  # a quantise plan's student on its grid, as measured
             extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}
         else:
             model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats)
