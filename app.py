@@ -608,7 +608,8 @@ def on_export(s, folder, overwrite):
         out = s.export(folder, overwrite=bool(overwrite))
     except Exception as err:  # noqa: BLE001 - reported in the page
         return s, user_message(err), None
-    return s, f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json.", None
+    return s, (f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json "
+               f"({html.escape(s.export_note(out))})."), None
 
 
 def on_zip(s):

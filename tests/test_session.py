@@ -76,3 +76,18 @@ def test_the_quantise_preset_offers_attention_through_its_methods(session):
     assert s.preview()["bytes_after"] < s.preview(plain)["bytes_after"]
     with pytest.raises(SessionError, match="no shared experts"):
         s.preset("quantise", 4, method="+ attention & shared 8-bit")
+
+
+def test_the_export_message_says_the_bytes_written(tmp_path):
+    """The app's export line names the weights' size on disk and their format, read from what was written."""
+    from explorer.apply import weight_bytes
+    from explorer.session import Session
+
+    s = Session(max_tokens=256)
+    s.load("demo", device="cpu")
+    s.set_data("demo")
+    s.collect()
+    s.set_plan('{"quantise": {"bits": 4, "group_size": 64}}')
+    out = s.export(tmp_path / "q4")
+    note = s.export_note(out)
+    assert f"{weight_bytes(out) / 2**20:.1f} MiB of weights" in note and "packed" in note

@@ -154,6 +154,18 @@ class Trials:
         finally:
             self.lock.release()
 
+    @staticmethod
+    def export_note(out: str | Path) -> str:
+        """What an export holds, from its summary: the bytes of weights written and, where it differs from the
+        plain model's, the format they are in (packed, or dequantised and why)."""
+        import json
+
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        note = f"{summary['bytes_written'] / 2**20:.1f} MiB of weights"
+        if summary.get("weight_format"):
+            note += f"; {summary['weight_format']}"
+        return note
+
     def plan_task_markdown(self) -> str:
         """The plan in force against the original, task by task, with the noise flag (after ``score_tasks``)."""
         from ..tasks import compare_rows
