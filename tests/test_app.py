@@ -147,7 +147,7 @@ def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     _load(client)
     client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
     res = client.predict("quantise", 4, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
-    assert "replaced your earlier plan" in res[0] and "with quantised experts" in res[1]
+    assert "replaced your earlier plan" in res[0] and "with packed experts" in res[1]
     table, fig = client.predict(api_name="/on_compare_tab")
     rows = {r[0]: r for r in table["data"]}
     cols = table["headers"]

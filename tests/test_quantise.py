@@ -115,15 +115,11 @@ def test_preview_equals_apply_and_bytes_add_up(family):
     torch.testing.assert_close(prev, applied, rtol=1e-4, atol=1e-4)
     assert (prev - base).abs().max() > 1e-3  # it did something
     # the applied experts hold no more distinct values per group than 3 bits allow (expert 3 of layer 0 is 3-bit)
+    # several widths (3, 8 and 16 bits here) are written dequantised, one quantisation scheme per checkpoint: the
+    # report counts what the export writes, the float32 model's full size (test_every_size_said... holds it to the
+    # files), never the bytes a packed format could have taken
     rep = plan.report(view)
-    expert_w = sum(lay.expert_weight_params() for lay in nv)  # one expert per layer, after slimming
-    rest = 2 * (rep["params_after"] - sum(lay.expert_weight_params() * lay.num_experts for lay in nv))
-    want = rest
-    for lay in nv:
-        bits = [OPS["quantise"].bits_of(plan.op("quantise"), lay.index, e) for e in plan.kept(lay.index, 8)]
-        want += sum(lay.expert_weight_params() * bits_per_weight(b, 16) / 8 for b in bits)
-    assert expert_w > 0 and rep["bytes_after"] == pytest.approx(want, rel=1e-6)
-    assert rep["bytes_after"] < rep["bytes_bf16_after"]
+    assert rep["dtype"] == "float32" and rep["bytes_after"] == 4 * rep["params_after"]
 
 
 def test_budget_planner_stays_within_its_budget_and_gives_bits_by_importance():
@@ -166,7 +162,7 @@ def test_cli_plan_preview_apply_and_reload(demo, tmp_path, capsys):
         "--out", tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())["quantise"] == {"bits": 4, "group_size": 64}
     out = cli("preview", "demo", tmp_path / "p.json", "--max-tokens", "1024")
-    assert "with quantised experts" in out
+    assert "with packed experts" in out
     prev = float(out.split("preview perplexity ")[1].split()[0])
     out = cli("apply", "demo", tmp_path / "p.json", "--out", tmp_path / "q4", "--max-tokens", "1024")
     assert "stored packed" in out
@@ -407,6 +403,7 @@ def test_every_size_said_is_the_size_written(dtype, tmp_path):
     model, tok, view = load_model(device="cpu", dtype=dtype)
     stats = collect_stats(model, view, load_data(tok, "demo", max_tokens=256).calib) if dtype == "float32" else None
     plans = {"none": {}, "drop": {"drop_experts": {"0": [1]}}, "q4": {"quantise": {"bits": 4, "group_size": 64}},
+             "q4-unpackable": {"quantise": {"bits": 4, "group_size": 128}},  # 192 inputs: written dequantised
              "q3": {"quantise": {"bits": 3, "group_size": 64}}, "fp8": {"quantise": {"bits": "fp8", "group_size": 64}},
              "q4+attention": {"quantise": {"bits": 4, "group_size": 64, "attention": 8}}}
     if stats is not None:

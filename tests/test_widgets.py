@@ -147,7 +147,7 @@ def test_plan_view_quantise_preset_and_bytes_axis(session):
     ex.plan.preset.value = "quantise"
     ex.plan.amount.value = 4
     ex.plan.make_plan()
-    assert "with quantised experts" in ex.plan.result.value and '"quantise"' in ex.plan.json.value
+    assert "with packed experts" in ex.plan.result.value and '"quantise"' in ex.plan.json.value
     assert ex.plan.pareto.layout.xaxis.title.text == "parameters"
     ex.plan.pareto_x.value = "bytes"  # the chart redraws itself with bytes on the x-axis
     assert ex.plan.pareto.layout.xaxis.title.text.startswith("bytes")

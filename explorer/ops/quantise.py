@@ -54,6 +54,13 @@ def bits_per_weight(bits, group_size: int, scale_bytes: int = SCALE_BYTES) -> fl
     return (8 if bits == "fp8" else bits) + 8 * scale_bytes / group_size
 
 
+def packable_group(view) -> int:
+    """The largest group size whose groups fill every expert input (hidden and intermediate sizes), so the export
+    packs; 128 where none does (the export is then dequantised, and the report counts it so)."""
+    dims = {lay.hidden_size for lay in view} | {lay.intermediate_size for lay in view}
+    return max((g for g in GROUP_SIZES if all(d % g == 0 for d in dims)), default=128)
+
+
 def avg_bits_budget(avg: float, view, what: str = "avg_bits") -> float:
     """The routed experts' byte budget for ``avg`` bits per expert weight, scales included (refused in words
     outside 2 to 16 or not finite: a budget of 1e308 bits wrote Infinity into the plan)."""
@@ -322,11 +329,13 @@ class Quantise(Operation):
     def expert_bytes(self, spec: dict, lay, kept: list[int], params_per_expert: int) -> float | None:
         """The kept experts' bytes as the export stores them: packed codes plus scales in the model's dtype, or
         None (their full size) where the export is written dequantised (FP8, several widths)."""
-        if compact_refusal(spec) is not None:
-            return None
+        width = round(params_per_expert * lay.intermediate_size / lay.expert_weight_params())  # after slimming
+        gs = spec["group_size"]
+        if compact_refusal(spec) is not None or lay.hidden_size % gs or width % gs:
+            return None  # written dequantised: no packed format for these inputs (see _odd_inputs_note)
         size = lay.gate_up.dtype.itemsize
-        return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), spec["group_size"], size)
-                   / 8 for e in kept)
+        return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), gs, size) / 8
+                   for e in kept)
 
     # ---- command line ----------------------------------------------------------------------------------
     cli_flag = "quantise"
@@ -387,6 +396,7 @@ class Quantise(Operation):
                     raise _error(f"bits: an average between 2 and 8, got {amount!r}")
                 kw = {"bits": top, "budget_bytes": avg_bits_budget(v, session.view, "bits")}
         kw["criterion"] = opts["criterion"]
+        kw["group_size"] = packable_group(session.view)
         m = opts.get("method")
         if m in self.methods[1:]:
             kw["attention"] = 8
