@@ -263,10 +263,7 @@ def layer_pattern_problem(view: MoEModel, plan: Plan) -> str | None:
         moe = {type(lay.block).__name__ for lay in view}
         bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b, moe)]
         if bad or len(want) != len(have):
-            cache[key] = (f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern "
-                          f"no longer matches the layers kept (first at new layer "
-                          f"{bad[0] if bad else len(min(want, have, key=len))}): this family sets layer kinds by a "
-                          "period; drop other blocks (at the end), or use Layer Drop")
+            cache[key] = _pattern_message(view, blocks, bad[0] if bad else len(min(want, have, key=len)))
         else:
             cache[key] = _no_attention_left(view, keep, blocks) or _settings_problem(view, _stack(ref), keep, blocks)
     return cache[key]
@@ -332,10 +329,13 @@ def _check_layer_kinds(model, view: MoEModel, plan: Plan) -> None:
     moe = {type(lay.block).__name__ for lay in view}
     bad = [i for i, (a, b) in enumerate(zip(want, have)) if not _same_kind(a, b, moe)]
     if bad or len(want) != len(have):
-        raise PlanError(f"{view.model_type}: after dropping decoder layer(s) {plan.dropped_blocks()} the config's "
-                        f"layer pattern no longer matches the layers kept (first at new layer {bad[0] if bad else '?'}"
-                        "): this family sets layer kinds by a period; drop other blocks (at the end), or use Layer "
-                        "Drop")
+        raise PlanError(_pattern_message(view, plan.dropped_blocks(), bad[0] if bad else len(min(want, have, key=len))))
+
+
+def _pattern_message(view: MoEModel, blocks: list[int], at: int) -> str:
+    return (f"{view.model_type}: after dropping decoder layer(s) {blocks} the config's layer pattern no longer "
+            f"matches the layers kept (first at new layer {at}): this family sets layer kinds by a period; drop other "
+            "blocks (at the end), or use Layer Drop")
 
 
 def _stack(model):
