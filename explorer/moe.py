@@ -498,6 +498,8 @@ class MoEModel:
         self.text_config = _text_config(model.config)
         self.family = family_of(model.config)
         self.layers: list[MoELayer] = list(_find_layers(model, self.family, self.text_config))
+        for lay in self.layers:  # the model a layer belongs to (what its checkpoint's key conversions belong to)
+            lay.root = model
         if not self.layers:
             why = _why_not_found(model)
             raise NoMoELayersError(

@@ -476,3 +476,18 @@ def test_the_bit_allocation_is_within_its_stated_gap_of_the_best_at_deepseek_v3_
             assert cost.reshape(-1)[pick].sum() == pytest.approx(best.fun, rel=1e-9)
         else:
             assert gap < 1e-3
+
+
+def test_a_family_that_saves_its_experts_fused_is_counted_as_written(tmp_path):
+    """GPT-OSS saves its experts fused, so its export stays dequantised: the report counts them at full size (it
+    said 0.39 of what was written)."""
+    from explorer.apply import export, weight_bytes
+    from explorer.plan import Plan
+
+    model = tiny_model("gpt_oss", seed=1)
+    view = MoEModel(model)
+    plan = Plan.from_dict({"quantise": {"bits": 4, "group_size": 16}})
+    new, _, layout = apply_plan(model, view, plan)
+    out = export(new, None, plan, tmp_path / "q4", layout=layout)
+    assert abs(plan.report(view)["bytes_after"] - weight_bytes(out)) <= 0.01 * weight_bytes(out)
+    assert "dequantised" in json.loads((out / "summary.json").read_text())["weight_format"]

@@ -54,6 +54,31 @@ def bits_per_weight(bits, group_size: int, scale_bytes: int = SCALE_BYTES) -> fl
     return (8 if bits == "fp8" else bits) + 8 * scale_bytes / group_size
 
 
+_PER_EXPERT_ON_DISK: dict[str, bool] = {}
+
+
+def saves_per_expert(lay) -> bool:
+    """Whether the family's checkpoints hold one 2-D tensor per expert and projection (what the packed export
+    rewrites): transformers' converters merge ``experts.*.`` keys into its fused tensors on load. GPT-OSS saves
+    them fused, and its export stays dequantised."""
+    root = getattr(lay, "root", None)
+    if root is None:
+        return True
+    kind = type(root).__name__
+    if kind not in _PER_EXPERT_ON_DISK:
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+
+            convs = get_model_conversion_mapping(root, add_legacy=False)
+            _PER_EXPERT_ON_DISK[kind] = any(
+                isinstance(c, WeightConverter) and any("*" in src and "expert" in src for src in c.source_patterns)
+                for c in convs)
+        except Exception:  # noqa: BLE001 - a transformers without converters: assume the packed layout
+            _PER_EXPERT_ON_DISK[kind] = True
+    return _PER_EXPERT_ON_DISK[kind]
+
+
 def packable_group(view) -> int:
     """The largest group size whose groups fill every expert input (hidden and intermediate sizes), so the export
     packs; 128 where none does (the export is then dequantised, and the report counts it so)."""
@@ -331,7 +356,7 @@ class Quantise(Operation):
         None (their full size) where the export is written dequantised (FP8, several widths)."""
         width = round(params_per_expert * lay.intermediate_size / lay.expert_weight_params())  # after slimming
         gs = spec["group_size"]
-        if compact_refusal(spec) is not None or lay.hidden_size % gs or width % gs:
+        if compact_refusal(spec) is not None or lay.hidden_size % gs or width % gs or not saves_per_expert(lay):
             return None  # written dequantised: no packed format for these inputs (see _odd_inputs_note)
         size = lay.gate_up.dtype.itemsize
         return sum(params_per_expert * bits_per_weight(self.bits_of(spec, lay.index, e), gs, size) / 8
