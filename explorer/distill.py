@@ -215,7 +215,7 @@ class Distiller:
         out = []
         for s_lay, t_i in zip(self.sview, self.plan.surviving_layers(self.tview)):
             kept = self.plan.kept(t_i, self.tview[t_i].num_experts)
-            groups = {e: g for e, (g, _) in self.plan.sources(t_i).items()}
+            groups = {g[0]: g for g in self.plan.merge.get(t_i, [])}  # the groups alone: no weights needed
             out.append((s_lay.index, t_i, kept, [groups.get(e, [e]) for e in kept]))
         return out
 

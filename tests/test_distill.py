@@ -236,3 +236,18 @@ def test_a_quantised_student_trains_on_its_grid_and_is_exported_as_measured(demo
     for _ in d.run(steps=2):  # and it can go on training after an export
         pass
     assert d.step == 10
+
+
+def test_a_merge_plan_distills_with_its_weights_from_statistics():
+    """A plan whose merge weights come from the statistics (not stored) distills: the distiller needs the groups
+    only (it asked every layer for weights without statistics, and refused)."""
+    model = tiny_model("mixtral", seed=2)
+    view = MoEModel(model)
+    blocks = random_blocks(8, 32, seed=3)
+    from explorer.stats import collect_stats
+
+    stats = collect_stats(model, view, blocks)
+    plan = Plan(drop_experts={1: [2]}, merge={2: [[0, 1]]})
+    d = Distiller.from_plan(model, view, plan, blocks, blocks, DistillConfig(steps=2, eval_every=1, batch_size=4),
+                            stats=stats)
+    assert [e.kind for e in d.run()][-1] == "done"

@@ -131,6 +131,8 @@ def group_weights(spec, layer: int, stats) -> list[list[float]]:
     """Frequency weights for each merge group: stored in the plan, else from statistics. Never a silent plain
     average: the same plan previewed with statistics and applied without them gave logits 0.6 apart."""
     groups = spec["merge"].get(layer, [])
+    if not groups:
+        return []
     if layer in spec["merge_weights"]:
         return spec["merge_weights"][layer]
     if stats is not None:
