@@ -111,34 +111,29 @@ def quantise_tensor(w: torch.Tensor, bits, group_size: int, in_dim: int = -1) ->
     codes used here, so the reloaded model holds the preview's weights."""
     if bits == 16:
         return w, None
-    x = w.float().movedim(in_dim, -1)
-    shape = x.shape
-    n = shape[-1]
-    pad = (-n) % group_size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    g = x.reshape(*shape[:-1], -1, group_size)
-    amax = g.abs().amax(-1, keepdim=True)
+    amax = _grouped(w, group_size, in_dim)[0].abs().amax(-1, keepdim=True)
     half = FP8_MAX if bits == "fp8" else (2 ** bits - 1) / 2  # compressed-tensors' symmetric rule
     # the scale as stored (16 bits): codes and preview both use exactly it
-    scale = torch.where(amax > 0, amax / half, torch.ones_like(amax)).to(torch.bfloat16).float()
-    if bits == "fp8":
-        q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-    else:
-        q = torch.clamp(torch.round(g / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    out = (q * scale).reshape(*shape[:-1], -1)[..., :n]
-    return out.movedim(-1, in_dim).to(w.dtype), scale[..., 0]
+    scale = torch.where(amax > 0, amax / half, torch.ones_like(amax)).to(torch.bfloat16).float()[..., 0]
+    return on_grid(w, bits, scale, group_size, in_dim), scale
+
+
+def _grouped(w: torch.Tensor, group_size: int, in_dim: int) -> tuple[torch.Tensor, torch.Size]:
+    """``w`` in float32 with ``in_dim`` last, zero-padded and cut into groups [..., groups, group_size]; and the
+    unpadded shape with ``in_dim`` last."""
+    x = w.float().movedim(in_dim, -1)
+    shape = x.shape
+    pad = (-shape[-1]) % group_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*shape[:-1], -1, group_size), shape
 
 
 def on_grid(w: torch.Tensor, bits, scale: torch.Tensor, group_size: int, in_dim: int = -1) -> torch.Tensor:
     """``w`` rounded onto a fixed grid: the codes ``round(w / scale)`` of the scales apply chose (what the export
     stores), dequantised, in ``w``'s dtype and layout."""
-    x = w.float().movedim(in_dim, -1)
-    shape, n = x.shape, x.shape[-1]
-    pad = (-n) % group_size
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    g = x.reshape(*shape[:-1], -1, group_size)
+    g, shape = _grouped(w, group_size, in_dim)
+    n = shape[-1]
     sc = scale.float().to(g.device).unsqueeze(-1)
     if bits == "fp8":
         q = (g / sc).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
