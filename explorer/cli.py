@@ -59,6 +59,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-folder", default=None, help="with --device-map: where weights offloaded to disk go")
 
 
+def _sequential_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sequential", action="store_true", help="a model larger than memory: keep the weights on disk "
+                   "and run one decoder layer at a time, each weight read once per pass (a local folder; FP8 and "
+                   "MXFP4 dequantised per layer; bf16 computes in float32 on a CPU)")
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="demo", help="'demo', a .txt file or folder, or hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--block-len", type=_at_least(2), default=256)
@@ -73,7 +79,17 @@ def _load(args):
     dtype = args.dtype  # None: the checkpoint's own (a bf16 checkpoint stays bf16 in memory and offload)
     return load_model(src, dtype=dtype, device=args.device, experts_implementation=args.experts_implementation,
                       trust_remote_code=args.trust_remote_code, device_map=args.device_map,
-                      max_memory=args.max_memory, offload_folder=args.offload_folder)
+                      max_memory=args.max_memory, offload_folder=args.offload_folder,
+                      sequential=getattr(args, "sequential", False))
+
+
+def _refuse_sequential(args, *what: str) -> None:
+    """What runs only on a whole model is refused before anything loads when --sequential asks for layers."""
+    asked = [w for w in what if getattr(args, w.lstrip("-").replace("-", "_"), None)]
+    if getattr(args, "sequential", False) and asked:
+        raise ExplorerError(f"{asked[0]} runs the whole model at once (lm-eval's requests, token by token "
+                            "generation); --sequential runs statistics, perplexity and previews only. Leave out "
+                            f"{asked[0]}, or load the model in memory or with --device-map auto")
 
 
 def _data(args, tok, model=None):
@@ -102,7 +118,7 @@ def _progress(label: str, unit: str = "batch"):
         n = 30 * done // max(total, 1)
         spent = time.perf_counter() - t0
         left = spent / max(done, 1) * (total - done)
-        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {unit}es, {spent:.0f}s spent, "
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {unit}{'es' if unit.endswith('ch') else 's'}, {spent:.0f}s spent, "
                          f"about {left:.0f}s left   ")
         if done == total:
             sys.stderr.write("\n")
@@ -119,9 +135,10 @@ def cmd_stats(args) -> int:
     ds = _data(args, tok, model)
     n_batches = -(-len(ds.calib) // args.batch_size)
     print(f"statistics: {int(ds.calib.lengths.sum()):,} calibration tokens in {len(ds.calib)} blocks of {ds.calib.block_len}, "
-          f"one pass of {n_batches} batches over {len(view)} MoE layers (time left shows after the first batch)",
-          file=sys.stderr)
-    stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size, progress=_progress("stats"))
+          f"one pass of {n_batches} batches over {len(view)} MoE layers ({_how(model)}; time left shows after the "
+          f"first {'layer' if args.sequential else 'batch'})", file=sys.stderr)
+    stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size,
+                          progress=_progress("stats", "layer" if args.sequential else "batch"))
     stats.save(args.out)
     mem = f"peak memory {stats.info['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
     if "peak_cuda_bytes" in stats.info:
@@ -129,6 +146,16 @@ def cmd_stats(args) -> int:
     print(f"{stats.info['tokens']:,} calibration tokens, {len(view)} MoE layers, {stats.info['seconds']:.1f}s, {mem}"
           f" -> {args.out}")
     return 0
+
+
+def _how(model) -> str:
+    """How the passes will run, in words: in memory, or layer by layer with the compute dtype and memory."""
+    from .layerwise import engine_of
+
+    engine = engine_of(model)
+    if engine is None:
+        return "whole model in memory"
+    return engine.describe()
 
 
 def _tasks_first(args):
@@ -153,11 +180,14 @@ def cmd_eval(args) -> int:
     from .perplexity import perplexity
     from .tasks import format_scores
 
+    _refuse_sequential(args, "--tasks")
     tasks = _tasks_first(args)
     model, tok, view = _load(args)
     out = {}
     if not args.no_perplexity:
         ds = _data(args, tok, model)
+        if args.sequential:
+            print(f"perplexity: {_how(model)}", file=sys.stderr)
         res = perplexity(model, ds.eval, batch_size=args.batch_size)
         out["perplexity"] = res.to_dict()
     if tasks is not None:
@@ -191,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("stats", help="router statistics in one pass")
     _model_args(p); _data_args(p)  # noqa: E702
+    _sequential_arg(p)
     p.add_argument("--out", required=True, help="stats.json or stats.npz")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("eval", help="perplexity on the evaluation split, and task accuracy with --tasks")
     _model_args(p); _data_args(p); _task_args(p)  # noqa: E702
+    _sequential_arg(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-perplexity", action="store_true", help="task accuracy only")
     p.set_defaults(fn=cmd_eval)
@@ -225,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("plan")
     p.add_argument("--stats", default=None, help="needed by slimming and weight pruning")
+    _sequential_arg(p)
     _task_args(p)
     p.add_argument("--generate", action="append", default=None, metavar="PROMPT",
                    help="the original's and the preview's greedy continuations of PROMPT, side by side (repeatable)")
@@ -317,6 +350,7 @@ def cmd_preview(args) -> int:
     from .report import preview_report, preview_result
     from .stats import RouterStats
 
+    _refuse_sequential(args, "--tasks", "--generate")
     plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
     stats = RouterStats.load_file(args.stats) if args.stats else None
     tasks = _tasks_first(args)

@@ -132,7 +132,8 @@ def parse_max_memory(text: str | dict | None) -> dict | None:
 def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: str | None = None,
                experts_implementation: str | None = None, trust_remote_code: bool = False,
                with_tokenizer: bool = True, device_map: str | dict | None = None, max_memory=None,
-               offload_folder: str | os.PathLike | None = None) -> tuple[PreTrainedModel, object, MoEModel]:
+               offload_folder: str | os.PathLike | None = None,
+               sequential: bool = False) -> tuple[PreTrainedModel, object, MoEModel]:
     """(model, tokenizer, MoE view) from a local directory or hub id; the bundled demo model by default.
 
     dtype: None or 'auto' (the checkpoint's own), a torch dtype or a name ('bf16', ...). A compressed-tensors
@@ -143,6 +144,8 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     device_map ('auto', 'balanced', 'sequential' or a dict) with ``max_memory`` ('0=20GiB,cpu=60GiB') spreads a
     model larger than one device over GPUs, CPU and disk (accelerate's big-model inference; ``offload_folder``
     holds what goes to disk). Statistics, preview and perplexity read offloaded weights through accelerate's hooks.
+    sequential: leave the weights on disk and run statistics, perplexity and previews one decoder layer at a time
+    (``explorer.layerwise``: each weight read once per pass, memory bounded by a layer and the hidden states).
     """
     src = str(DEMO_MODEL if source is None else source)
     if device_map is None:
@@ -179,15 +182,19 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                                  "folder.")
         return load_model(snap, dtype=dtype, device=device, experts_implementation=experts_implementation,
                           trust_remote_code=trust_remote_code, with_tokenizer=with_tokenizer, device_map=device_map,
-                          max_memory=max_memory, offload_folder=offload_folder)
+                          max_memory=max_memory, offload_folder=offload_folder, sequential=sequential)
     plan = _stored_layout(local) if local.exists() else None
     if local.exists():
         from .weightformats import WeightFormatError, check_checkpoint
 
         try:
-            check_checkpoint(local)
+            partial = check_checkpoint(local)
         except WeightFormatError as err:
             raise ModelLoadError(f"{src}: {err}") from err
+    else:
+        partial = []
+    if sequential and not local.exists():
+        raise ModelLoadError(f"--sequential reads a local checkpoint folder; {src} is not one")
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -203,6 +210,17 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     archs = getattr(config, "architectures", None) or []
     if archs and not any(("CausalLM" in a or "LMHead" in a or "ForConditionalGeneration" in a) for a in archs):
         raise ModelLoadError(f"{src} is not a causal language model (architectures: {', '.join(archs)})")
+    if sequential or partial:
+        if device_map is not None:
+            raise ModelLoadError("--sequential runs the model one decoder layer at a time on one device; leave out "
+                                 "--device-map" if sequential else
+                                 f"{src} has FP8 weights that do not fill whole blocks ({partial[0]}); the explorer "
+                                 "reads those itself, in memory or with --sequential, not with --device-map")
+        if plan is not None:
+            raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without "
+                                 "--sequential")
+        model, view = _own_reader(local, torch_dtype, device, trust_remote_code, sequential)
+        return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
     kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     if device_map is not None:
         if plan is not None and plan.get("format") != "checkpoint":
@@ -274,13 +292,32 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         view = MoEModel(model)
     except NoMoELayersError as err:
         raise ModelLoadError(f"{src}: {err}") from err
-    tok = None
-    if with_tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{src} has no usable tokenizer: {str(err).splitlines()[0]}") from err
-    return model, tok, view
+    return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
+
+
+def _tokenizer(src: str, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{src} has no usable tokenizer: {str(err).splitlines()[0]}") from err
+
+
+def _own_reader(folder: Path, dtype, device: str, trust_remote_code: bool, sequential: bool):
+    """(model, view) read by the explorer's layer-by-layer engine: left layer by layer (``sequential``), or with
+    every layer read once into memory (FP8 checkpoints with partial blocks, which transformers misreads)."""
+    from .layerwise import LayerwiseError, LayerwiseModel
+
+    try:  # layer by layer, a half-precision checkpoint computes in float32 on a CPU; in memory it keeps 'auto'
+        engine = LayerwiseModel(folder, dtype=None if dtype == "auto" else dtype, device=device,
+                                trust_remote_code=trust_remote_code, upcast_on_cpu=sequential)
+        if sequential:
+            return engine.model, engine.view
+        model = engine.materialise()
+        view = MoEModel(model)
+    except (LayerwiseError, NoMoELayersError) as err:
+        raise ModelLoadError(f"{folder}: {err}") from err
+    model.explorer_dequantised = f"{engine.quantised} (read by the explorer: weights that do not fill whole blocks)"
+    return model, view
 
 
 def _dequantise_on_load(config, kw: dict, src: str) -> str | None:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, TokenBlocks
-from .moe import input_device
+from .layerwise import forward_batches
 
 
 def fmt_ppl(x: float | None) -> str:
@@ -44,15 +44,14 @@ class Perplexity:
                 f"blocks of {self.block_len})")
 
 
-def block_nll(model, blocks: TokenBlocks, batch_size: int = 8, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL and scored-token count per block (float64, on the CPU)."""
-    device = device or input_device(model)
+def block_nll(model, blocks: TokenBlocks, batch_size: int = 8,
+              progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and scored-token count per block (float64, on the CPU); the model in memory or layer by layer."""
     sums, counts = [], []
     with torch.inference_mode():
-        for b in blocks.batches(batch_size):
-            ids = b.input_ids.to(device)
-            am = b.attention_mask().to(device)
-            logits = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        for _, b, logits in forward_batches(model, blocks.batches(batch_size), progress=progress):
+            ids = b.input_ids.to(logits.device)
+            am = b.attention_mask().to(logits.device)
             lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             valid = am[:, 1:].bool()
             sums.append((lp * valid).sum(1).double().cpu())
@@ -80,11 +79,11 @@ def summarise(blocks: TokenBlocks, nll: torch.Tensor, count: torch.Tensor) -> Pe
     return Perplexity(tot["ppl"], tot["nll"], tot["bpb"], tot["tokens"], blocks.block_len, len(blocks), per)
 
 
-def perplexity(model, blocks: TokenBlocks, batch_size: int = 8, device=None) -> Perplexity:
+def perplexity(model, blocks: TokenBlocks, batch_size: int = 8, progress=None) -> Perplexity:
     """Perplexity of ``model`` on ``blocks``; compare two models only on the same blocks."""
     if blocks.tokens < 1:
         raise DataError("text too short to evaluate: no token has a preceding token to predict it from")
-    nll, count = block_nll(model, blocks, batch_size, device)
+    nll, count = block_nll(model, blocks, batch_size, progress)
     out = summarise(blocks, nll, count)
     if not math.isfinite(out.nll):
         raise FloatingPointError("the model produced non-finite log-likelihoods (NaN/inf weights?)")

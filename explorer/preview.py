@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .layerwise import engine_of
 from .moe import MoEModel
 from .perplexity import Perplexity, perplexity
 from .plan import Plan, PlanError
@@ -25,7 +26,21 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
     skipped = [view.decoder_layers[i] for i in plan.dropped_blocks()]
     if skipped:  # a property of the family's layer loop: checked once
         _check_identity_block(skipped[0], view)
-    edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
+    engine = engine_of(model)
+    if engine is None:
+        edits = {lay.index: layer_edit(lay, plan, stats) for lay in view}
+    else:  # layer by layer: each layer's edit is made from its weights while it is read, and freed with it
+        edits = {}
+
+        def made(i: int) -> None:
+            edits.update({lay.index: layer_edit(lay, plan, stats) for lay in view if lay.layer_idx == i})
+
+        def freed(i: int) -> None:
+            for lay in view:
+                if lay.layer_idx == i:
+                    edits.pop(lay.index, None)
+        engine.on_load.append(made)
+        engine.on_unload.append(freed)
     swapped = []  # (module, name, original parameter): weights outside the experts, swapped in, never written
     for dl in skipped:
         dl.forward = _identity_block
@@ -50,6 +65,9 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
         for dl in skipped:
             if "forward" in dl.__dict__:
                 del dl.forward
+        if engine is not None:
+            engine.on_load.remove(made)
+            engine.on_unload.remove(freed)
 
 
 def _identity_block(hidden_states, *args, **kwargs):

@@ -20,6 +20,7 @@ import torch
 
 from .errors import ExplorerError
 from .data import TokenBlocks
+from .layerwise import engine_of, forward_batches
 from .moe import MoELayer, MoEModel, forward_hooks, input_device
 from .outputs import atomic_write
 
@@ -429,7 +430,9 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
     (0 turns it off; the per-expert mean over routed tokens is always there). progress: callable(done, total).
     """
     device = input_device(model)
-    obs = StatsObserver(view, len(blocks.domains), dense_sample=dense_sample)
+    engine = engine_of(model)
+    obs = StatsObserver(view, len(blocks.domains), dense_sample=dense_sample,
+                        device=engine.device if engine is not None else None)
     n_dec = len(view.decoder_layers)
     block_cos = torch.zeros(n_dec, dtype=torch.float64, device=device)
     block_tok = torch.zeros((), dtype=torch.float64, device=device)
@@ -471,28 +474,26 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
             obs.layer_cos(lay, h, o)
         return out
 
-    first = True
-    n_batches = math.ceil(len(blocks) / batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    batches = list(blocks.batches(batch_size))
+    sample = ({"n": min(sample_tokens, int(batches[0].lengths[0])), "routes": [None] * len(view),
+               "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
+              if sample_tokens and batches else None)
+
+    def before(bi: int) -> None:  # the observer's state for the batch about to run (in any layer)
+        b = batches[bi]
+        am = b.attention_mask()
+        obs.valid = am.reshape(-1).bool().to(device)
+        obs.dense_sel = dense_positions(am.bool(), dense_sample).to(device) if dense_sample else None
+        obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
+        obs.sample = sample if bi == 0 else None
+
     t0 = time.perf_counter()
     with torch.inference_mode(), forward_hooks(*hooks), view.patched(fwd):
-        for bi, b in enumerate(blocks.batches(batch_size)):
-            am = b.attention_mask()
-            obs.valid = am.reshape(-1).bool().to(device)
-            obs.dense_sel = dense_positions(am.bool(), dense_sample).to(device) if dense_sample else None
-            obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
-            if first and sample_tokens:
-                obs.sample = {"n": min(sample_tokens, int(b.lengths[0])), "routes": [None] * len(view),
-                              "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
-            model(input_ids=b.input_ids.to(device), attention_mask=am.to(device), use_cache=False)
-            block_tok += obs.valid.sum().double()
-            if first and sample_tokens:
-                sample = obs.sample
-                obs.sample = None
-            first = False
-            if progress is not None:
-                progress(bi + 1, n_batches)
+        for bi, b, _ in forward_batches(model, batches, before, logits=False, progress=progress):
+            block_tok += b.attention_mask().sum().double()
+    obs.sample = None
 
     layers = [{k: (v.item() if v.dim() == 0 else v.cpu().double().numpy()) for k, v in a.items()} for a in obs.acc]
     stats = RouterStats(
@@ -502,7 +503,7 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
               "dense_sample": dense_sample, "model_type": view.text_config.model_type,
               "seconds": time.perf_counter() - t0, "batch_size": batch_size, **peak_memory(device)},
     )
-    if sample_tokens and len(blocks):
+    if sample is not None:
         stats.sample_tokens = blocks.input_ids[0, : sample["n"]].tolist()
         stats.sample_routes = sample["routes"]
         stats.sample_gates = sample["gates"]

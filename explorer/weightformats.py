@@ -104,19 +104,26 @@ def checkpoint_heads(folder: Path) -> dict:
     return heads
 
 
-def check_checkpoint(folder: Path) -> None:
+def check_checkpoint(folder: Path) -> list[str]:
     """A local checkpoint's tensors against what its config says, from the safetensors headers alone: no
-    integer weights in an unquantised model; every FP8 weight's scale grid fits it."""
+    integer weights in an unquantised model; every FP8 weight's scale grid fits it. Returns the FP8 weights that
+    do not fill whole blocks (DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``): transformers would read them with
+    the wrong block, so the explorer dequantises those checkpoints itself (``explorer.layerwise``)."""
     qc = quant_config(folder)
     heads = checkpoint_heads(folder)
     check_int_weights(heads, qc)
     block = fp8_block(qc)
+    partial = []
     if block is None:
-        return
+        return partial
     for k, (shape, dtype) in heads.items():
         if dtype.startswith("F8") and len(shape) == 2 and k + "_scale_inv" in heads:
             check_fp8_grid(k, shape, heads[k + "_scale_inv"][0], block)
-            check_fp8_readable(k, shape, block)
+            try:
+                check_fp8_readable(k, shape, block)
+            except WeightFormatError:
+                partial.append(k)
+    return partial
 
 
 def dequant_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

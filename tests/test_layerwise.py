@@ -1,0 +1,204 @@
+"""The layer-by-layer engine: statistics, perplexity and previews of a checkpoint never held in memory whole.
+
+Each family is saved as a checkpoint by transformers (per-expert keys on disk), or quantised by this file's
+reference code (DeepSeek-V3's block FP8 with a partial last block and its MTP layer); the engine's results are held
+against the same model in memory, read by plain transformers or dequantised by the reference code.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from explorer.layerwise import LayerwiseError, LayerwiseModel, engine_of
+from explorer.loading import ModelLoadError, load_model
+from explorer.perplexity import perplexity
+from explorer.plan import Plan
+from explorer.preview import preview_perplexity
+from explorer.stats import ARRAYS, collect_stats
+from explorer.tiny import random_blocks, tiny_model
+from test_weightformats import BLOCK, fp8_checkpoint, ref_dequant_fp8
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _saved(tmp_path, family, seed=0, dtype=torch.float32):
+    folder = tmp_path / family
+    tiny_model(family, seed=seed, dtype=dtype).save_pretrained(folder)
+    return folder
+
+
+def _blocks(vocab, n=10, L=24):
+    return random_blocks(n, L, seed=3, vocab=min(vocab, 256))
+
+
+def _dequantised_reference(fp8: Path, out: Path) -> Path:
+    """The FP8 checkpoint dequantised by this file's own code (no MTP layer, no quantization_config)."""
+    sd = load_file(fp8 / "model.safetensors")
+    cfg = json.loads((fp8 / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    plain = {}
+    for k, v in sd.items():
+        if k.endswith("_scale_inv") or k.startswith(f"model.layers.{n}."):
+            continue
+        plain[k] = ref_dequant_fp8(v, sd[k + "_scale_inv"]) if k + "_scale_inv" in sd else v.float()
+    out.mkdir()
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del cfg["quantization_config"]
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def _assert_same_stats(a, b, rtol=1e-5):
+    assert a.num_experts == b.num_experts and a.sample_routes == b.sample_routes
+    for la, lb in zip(a.layers, b.layers):
+        np.testing.assert_array_equal(la["count"], lb["count"])  # routing: the same experts for every token
+        for k in ARRAYS:
+            scale = max(float(np.abs(la[k]).max()), 1e-6)
+            assert np.abs(la[k] - lb[k]).max() <= rtol * scale, k
+    np.testing.assert_allclose(a.block_cos_sum, b.block_cos_sum, rtol=rtol)
+
+
+def _drop_plan(view):
+    """Two experts of every MoE layer (divisible by any group count the tiny models use)."""
+    return Plan(drop_experts={lay.index: [1, 2] for lay in view})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_layer_by_layer_equals_the_model_in_memory(tmp_path, family):
+    folder = _saved(tmp_path, family)
+    ref, _, ref_view = load_model(folder, with_tokenizer=False, device="cpu")
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    engine = engine_of(model)
+    assert engine is not None and engine_of(ref) is None
+    blocks = _blocks(ref.config.vocab_size)
+    s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
+    s_lw = collect_stats(model, view, blocks, batch_size=4)
+    _assert_same_stats(s_ref, s_lw)
+    p_ref, p_lw = perplexity(ref, blocks, 4), perplexity(model, blocks, 4)
+    assert abs(p_lw.ppl / p_ref.ppl - 1) < 1e-5
+    plan = _drop_plan(view)
+    q_ref = preview_perplexity(ref, ref_view, plan, blocks, stats=s_ref, batch_size=4)
+    q_lw = preview_perplexity(model, view, plan, blocks, stats=s_lw, batch_size=4)
+    assert abs(q_lw.ppl / q_ref.ppl - 1) < 1e-5 and abs(q_lw.ppl / p_lw.ppl - 1) > 1e-3  # the plan did something
+    slim = Plan(slim=0.5)  # an edit computed from each layer's weights while it is read
+    assert abs(preview_perplexity(model, view, slim, blocks, stats=s_lw, batch_size=4).ppl
+               / preview_perplexity(ref, ref_view, slim, blocks, stats=s_ref, batch_size=4).ppl - 1) < 1e-5
+    # memory: the embedding and head, and never more than one decoder layer beside them
+    n = len(view.decoder_layers)
+    assert engine.peak_bytes <= engine.rest_bytes + max(engine.layer_nbytes(i) for i in range(n))
+    whole = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert engine.peak_bytes < 0.6 * whole
+    assert all(p.device.type == "meta" for p in view.decoder_layers.parameters())  # nothing left behind
+
+
+def test_each_weight_is_read_once_per_pass(tmp_path):
+    folder = _saved(tmp_path, "mixtral")
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    engine = engine_of(model)
+    stored = sum(t.numel() * t.element_size() for t in load_file(folder / "model.safetensors").values())
+    before = engine.read_bytes
+    assert before < stored  # only the embedding, final norm and head were read at load
+    collect_stats(model, view, _blocks(model.config.vocab_size, n=16), batch_size=2)  # 8 batches
+    assert engine.read_bytes - before + before == stored  # every tensor once, not once per batch
+
+
+def test_fp8_with_partial_blocks_and_mtp_layer_equals_the_reference_dequantisation(tmp_path):
+    fp8 = fp8_checkpoint(tmp_path / "fp8", bad_grid=True)  # kv_a_proj: 24 rows in 16-row blocks
+    sd = load_file(fp8 / "model.safetensors")
+    k = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    assert sd[k].dtype == torch.float8_e4m3fn and sd[k].shape[0] % BLOCK
+    plain = _dequantised_reference(fp8, tmp_path / "plain")
+    ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
+    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True)
+    assert engine_of(model).quantised == "block FP8" and engine_of(model).ignored_keys  # the MTP layer
+    blocks = _blocks(ref.config.vocab_size)
+    s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
+    _assert_same_stats(s_ref, collect_stats(model, view, blocks, batch_size=4))
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+    plan = Plan(drop_experts={lay.index: [1, 2] for lay in view})
+    assert abs(preview_perplexity(model, view, plan, blocks, batch_size=4).ppl
+               / preview_perplexity(ref, ref_view, plan, blocks, batch_size=4).ppl - 1) < 1e-5
+    # the same checkpoint in memory: read by the explorer (transformers would read that weight with 12-row blocks)
+    mem, _, mem_view = load_model(fp8, with_tokenizer=False, device="cpu", dtype="float32")
+    assert "block FP8" in mem.explorer_dequantised and engine_of(mem) is None
+    got = mem.get_parameter(k)
+    assert torch.equal(got, ref.get_parameter(k))
+    assert abs(perplexity(mem, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+
+
+def test_bf16_checkpoint_computes_in_float32_on_a_cpu(tmp_path):
+    folder = _saved(tmp_path, "qwen3_moe", dtype=torch.bfloat16)
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    engine = engine_of(model)
+    assert engine.storage_dtype == torch.bfloat16 and engine.dtype == torch.float32
+    assert "computing in float32" in engine.describe() and "upcast from bfloat16" in engine.describe()
+    ref, _, _ = load_model(folder, with_tokenizer=False, device="cpu", dtype="float32")  # the same upcast
+    blocks = _blocks(ref.config.vocab_size)
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+
+
+def test_what_runs_only_on_a_whole_model_is_refused_in_words(tmp_path):
+    folder = _saved(tmp_path, "mixtral")
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    with pytest.raises(LayerwiseError, match="loaded layer by layer"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ModelLoadError, match="leave out --device-map"):
+        load_model(folder, with_tokenizer=False, sequential=True, device_map="auto")
+    with pytest.raises(ModelLoadError, match="not a local folder"):
+        load_model("org/not-here", with_tokenizer=False, sequential=True)
+    r = subprocess.run([sys.executable, "-m", "explorer", "eval", str(folder), "--sequential", "--tasks", "demo"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--tasks runs the whole model at once" in r.stderr
+
+
+def test_a_checkpoint_missing_a_layer_weight_is_refused(tmp_path):
+    folder = _saved(tmp_path, "mixtral")
+    sd = load_file(folder / "model.safetensors")
+    del sd["model.layers.1.self_attn.q_proj.weight"]
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    with pytest.raises(LayerwiseError, match=r"decoder layer 1 has 1 weight\(s\) the checkpoint does not hold "
+                                             r"\(self_attn.q_proj.weight\)"):
+        perplexity(model, _blocks(model.config.vocab_size), 4)
+
+
+def test_cli_stats_and_eval_layer_by_layer_give_the_in_memory_results(demo, tmp_path):
+    from explorer.loading import DEMO_MODEL
+
+    small = ["--max-tokens", "256", "--block-len", "64"]
+    common = [sys.executable, "-m", "explorer"]
+    outs = {}
+    for mode in ([], ["--sequential"]):
+        out = tmp_path / f"s{len(mode)}.json"
+        r = subprocess.run(common + ["stats", str(DEMO_MODEL), "--out", str(out), *small, *mode], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        outs[len(mode)] = json.loads(out.read_text())
+        if mode:
+            assert "layer by layer: 4 decoder layers read from disk one at a time" in r.stderr
+            assert "4/4 layers" in r.stderr
+        r = subprocess.run(common + ["eval", str(DEMO_MODEL), "--json", *small, *mode], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        outs[f"ppl{len(mode)}"] = json.loads(r.stdout)["ppl"]
+    for la, lb in zip(outs[0]["layers"], outs[1]["layers"]):
+        assert la["count"] == lb["count"]
+        np.testing.assert_allclose(la["reap"], lb["reap"], rtol=1e-5)
+    assert abs(outs["ppl1"] / outs["ppl0"] - 1) < 1e-5
+
+
+def test_layerwise_engine_can_be_used_directly(tmp_path):
+    folder = _saved(tmp_path, "qwen3_moe")
+    engine = LayerwiseModel(folder)
+    blocks = _blocks(engine.model.config.vocab_size, n=4)
+    logits = [lg for _, _, lg in engine.forward_batches(list(blocks.batches(2)))]
+    ref = tiny_model("qwen3_moe", seed=0).eval()
+    with torch.no_grad():
+        want = ref(input_ids=blocks.input_ids[:2], attention_mask=blocks.attention_mask()[:2]).logits
+    assert torch.allclose(logits[0], want, atol=1e-5)
