@@ -21,7 +21,7 @@ from explorer.plan import Plan
 from explorer.preview import preview_perplexity
 from explorer.stats import ARRAYS, collect_stats
 from explorer.tiny import random_blocks, tiny_model
-from test_weightformats import BLOCK, fp8_checkpoint, ref_dequant_fp8
+from test_weightformats import BLOCK, FP4, fp8_checkpoint, mxfp4_checkpoint, ref_dequant_fp8
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,6 +130,54 @@ def test_fp8_with_partial_blocks_and_mtp_layer_equals_the_reference_dequantisati
     got = mem.get_parameter(k)
     assert torch.equal(got, ref.get_parameter(k))
     assert abs(perplexity(mem, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+
+
+KIMI_K2 = dict(n_routed_experts=24, num_experts_per_tok=4, n_group=1, topk_group=1, q_lora_rank=32,
+               routed_scaling_factor=2.827)  # Kimi-K2's routing: one group, many experts, a query LoRA
+
+
+def test_kimi_k2_layout_in_fp8_equals_the_reference_dequantisation(tmp_path):
+    fp8 = fp8_checkpoint(tmp_path / "kimi", bad_grid=True, **KIMI_K2)
+    plain = _dequantised_reference(fp8, tmp_path / "plain")
+    ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
+    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True)
+    assert view.num_experts == [24, 24] and view.top_k == 4
+    blocks = _blocks(ref.config.vocab_size)
+    s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
+    _assert_same_stats(s_ref, collect_stats(model, view, blocks, batch_size=4))
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+
+
+def _ref_dequant_mxfp4(blocks, scales):
+    lo, hi = (blocks & 0x0F).long(), (blocks >> 4).long()
+    vals = torch.stack([FP4[lo], FP4[hi]], -1).reshape(*blocks.shape[:-1], 32)
+    return (vals * 2.0 ** (scales.float() - 127)[..., None]).reshape(*blocks.shape[:-2], -1)
+
+
+def test_gpt_oss_mxfp4_equals_the_reference_dequantisation(tmp_path):
+    mx = mxfp4_checkpoint(tmp_path / "mx", sliding_window=8)  # shorter than a block: the layers' masks differ
+    sd = load_file(mx / "model.safetensors")
+    plain = {}
+    for k, v in sd.items():
+        if k.endswith("_blocks"):
+            base = k[: -len("_blocks")]
+            plain[base] = _ref_dequant_mxfp4(v, sd[base + "_scales"]).transpose(1, 2).contiguous()  # [E, in, out]
+        elif not k.endswith("_scales"):
+            plain[k] = v.float()
+    ref_dir = tmp_path / "plain"
+    ref_dir.mkdir()
+    save_file(plain, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx / "config.json").read_text())
+    del cfg["quantization_config"]
+    cfg["dtype"] = "float32"
+    (ref_dir / "config.json").write_text(json.dumps(cfg))
+    ref, _, ref_view = load_model(ref_dir, with_tokenizer=False, device="cpu")
+    model, _, view = load_model(mx, with_tokenizer=False, device="cpu", sequential=True)
+    assert engine_of(model).quantised == "MXFP4"
+    blocks = _blocks(ref.config.vocab_size)  # sliding and full attention layers: each gets its own mask
+    s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
+    _assert_same_stats(s_ref, collect_stats(model, view, blocks, batch_size=4))
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
 
 
 def test_bf16_checkpoint_computes_in_float32_on_a_cpu(tmp_path):

@@ -46,10 +46,11 @@ def ref_dequant_fp8(q, s, block=BLOCK):
     return out
 
 
-def fp8_checkpoint(folder: Path, mtp: bool = True, bad_grid: bool = False, family: str = "deepseek_v3") -> Path:
+def fp8_checkpoint(folder: Path, mtp: bool = True, bad_grid: bool = False, family: str = "deepseek_v3",
+                   **overrides) -> Path:
     """A tiny DeepSeek-V3 saved as the published FP8 checkpoints are: every projection in e4m3 with a scale per
     16x16 block, router and norms in bf16, and a multi-token-prediction layer stored as layer num_hidden_layers."""
-    model = tiny_model(family, seed=4)
+    model = tiny_model(family, seed=4, **overrides)
     model.save_pretrained(folder)
     sd = load_file(folder / "model.safetensors")
     n = model.config.num_hidden_layers
@@ -222,8 +223,8 @@ def ref_mxfp4(x: torch.Tensor):
     return code[..., 0] | (code[..., 1] << 4), (exp + 127).to(torch.uint8)
 
 
-def mxfp4_checkpoint(folder: Path) -> Path:
-    model = tiny_model("gpt_oss", seed=6, intermediate_size=64, hidden_size=64)
+def mxfp4_checkpoint(folder: Path, **overrides) -> Path:
+    model = tiny_model("gpt_oss", seed=6, **{"intermediate_size": 64, "hidden_size": 64, **overrides})
     model.save_pretrained(folder)
     sd = load_file(folder / "model.safetensors")
     out = {}
