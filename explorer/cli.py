@@ -15,6 +15,7 @@ import errno
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .distill import KL_KINDS, TRAINABLE, DistillConfig
@@ -118,7 +119,8 @@ def _progress(label: str, unit: str = "batch"):
         n = 30 * done // max(total, 1)
         spent = time.perf_counter() - t0
         left = spent / max(done, 1) * (total - done)
-        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {unit}{'es' if unit.endswith('ch') else 's'}, {spent:.0f}s spent, "
+        units = unit + ("es" if unit.endswith("ch") else "s")
+        sys.stderr.write(f"\r{label} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {units}, {spent:.0f}s spent, "
                          f"about {left:.0f}s left   ")
         if done == total:
             sys.stderr.write("\n")
@@ -127,6 +129,7 @@ def _progress(label: str, unit: str = "batch"):
 
 
 def cmd_stats(args) -> int:
+    from . import processes
     from .outputs import check_output_file
     from .stats import collect_stats
 
@@ -137,9 +140,13 @@ def cmd_stats(args) -> int:
     print(f"statistics: {int(ds.calib.lengths.sum()):,} calibration tokens in {len(ds.calib)} blocks of {ds.calib.block_len}, "
           f"one pass of {n_batches} batches over {len(view)} MoE layers ({_how(model)}; time left shows after the "
           f"first {'layer' if args.sequential else 'batch'})", file=sys.stderr)
+    if processes.group() is not None:
+        print(f"{processes.group().get_world_size()} processes, each runs a contiguous share of the batches",
+              file=sys.stderr)
     stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size,
                           progress=_progress("stats", "layer" if args.sequential else "batch"))
-    stats.save(args.out)
+    if processes.is_main():
+        stats.save(args.out)
     mem = f"peak memory {stats.info['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
     if "peak_cuda_bytes" in stats.info:
         mem += f", {stats.info['peak_cuda_bytes'] / 2**30:.2f} GiB on the GPU"
@@ -458,9 +465,33 @@ def _out_of_space(err: BaseException) -> bool:
     return any(w in str(err) for w in _NO_SPACE_WORDS)
 
 
+SHARED_PASSES = ("stats", "eval", "preview")  # under torchrun, their passes are shared by the processes
+
+
+@contextmanager
+def _processes(args):
+    """Under ``torchrun``: join the process group, compute on this process's own GPU, and let only the main
+    process print and write; alone: nothing."""
+    import contextlib
+    import io
+
+    from . import processes
+
+    args.device = processes.start(args.device)
+    quiet = not processes.is_main()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            yield
+    finally:
+        processes.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd in SHARED_PASSES:
+            with _processes(args):
+                return args.fn(args)
         return args.fn(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: `{args.cmd}` stopped; what it was writing was removed, nothing half-written is left",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import processes
 from .data import DataError, TokenBlocks
 from .layerwise import forward_batches
 
@@ -48,14 +49,20 @@ def block_nll(model, blocks: TokenBlocks, batch_size: int = 8,
               progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and scored-token count per block (float64, on the CPU); the model in memory or layer by layer."""
     sums, counts = [], []
+    batches = list(blocks.batches(batch_size))
+    mine = processes.share(len(batches))  # under torchrun each process scores its share; all get every block
     with torch.inference_mode():
-        for _, b, logits in forward_batches(model, blocks.batches(batch_size), progress=progress):
+        for _, b, logits in forward_batches(model, [batches[i] for i in mine],
+                                            progress=progress if processes.is_main() else None):
             ids = b.input_ids.to(logits.device)
             am = b.attention_mask().to(logits.device)
             lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             valid = am[:, 1:].bool()
             sums.append((lp * valid).sum(1).double().cpu())
             counts.append(valid.sum(1).cpu())
+    parts = processes.gather((sums, counts))
+    sums = [s for p in parts for s in p[0]]
+    counts = [c for p in parts for c in p[1]]
     return torch.cat(sums), torch.cat(counts)
 
 

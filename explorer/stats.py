@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ExplorerError
+from . import processes
 from .data import TokenBlocks
 from .layerwise import engine_of, forward_batches
 from .moe import MoELayer, MoEModel, forward_hooks, input_device
@@ -477,11 +478,13 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batches = list(blocks.batches(batch_size))
+    mine = processes.share(len(batches))  # one process: all; under torchrun: this process's contiguous share
     sample = ({"n": min(sample_tokens, int(batches[0].lengths[0])), "routes": [None] * len(view),
                "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
               if sample_tokens and batches else None)
 
     def before(bi: int) -> None:  # the observer's state for the batch about to run (in any layer)
+        bi = mine[bi]
         b = batches[bi]
         am = b.attention_mask()
         obs.valid = am.reshape(-1).bool().to(device)
@@ -491,9 +494,13 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
 
     t0 = time.perf_counter()
     with torch.inference_mode(), forward_hooks(*hooks), view.patched(fwd):
-        for bi, b, _ in forward_batches(model, batches, before, logits=False, progress=progress):
+        for bi, b, _ in forward_batches(model, [batches[i] for i in mine], before, logits=False,
+                                        progress=progress if processes.is_main() else None):
             block_tok += b.attention_mask().sum().double()
     obs.sample = None
+    processes.add([block_cos, block_tok] + [v for a in obs.acc for k, v in a.items() if k != "act_max"])
+    processes.add([a["act_max"] for a in obs.acc], op="max")
+    sample = processes.from_main(sample)  # the routing sample is the first batch's: the main process ran it
 
     layers = [{k: (v.item() if v.dim() == 0 else v.cpu().double().numpy()) for k, v in a.items()} for a in obs.acc]
     stats = RouterStats(
@@ -501,7 +508,8 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
         block_cos_sum=block_cos.cpu().tolist(), block_tokens=float(block_tok), moe_layer_indices=[l.layer_idx for l in view],
         info={"blocks": len(blocks), "block_len": blocks.block_len, "tokens": int(blocks.lengths.sum()),
               "dense_sample": dense_sample, "model_type": view.text_config.model_type,
-              "seconds": time.perf_counter() - t0, "batch_size": batch_size, **peak_memory(device)},
+              "seconds": time.perf_counter() - t0, "batch_size": batch_size, **peak_memory(device),
+              **({"processes": processes.group().get_world_size()} if processes.group() else {})},
     )
     if sample is not None:
         stats.sample_tokens = blocks.input_ids[0, : sample["n"]].tolist()

@@ -250,3 +250,36 @@ def test_layerwise_engine_can_be_used_directly(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=blocks.input_ids[:2], attention_mask=blocks.attention_mask()[:2]).logits
     assert torch.allclose(logits[0], want, atol=1e-5)
+
+
+def test_torchrun_two_processes_give_the_single_process_results(tmp_path):
+    """Each process runs a contiguous share of the batches (here layer by layer too); the sums are added with
+    torch.distributed on gloo; the main process alone writes."""
+    from explorer.loading import DEMO_MODEL
+
+    small = ["--max-tokens", "512", "--block-len", "64"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r = subprocess.run([sys.executable, "-m", "explorer", "stats", str(DEMO_MODEL), "--out", str(one), *small],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "explorer"]
+    r = subprocess.run(torchrun + ["stats", str(DEMO_MODEL), "--out", str(two), "--sequential", *small], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("calibration tokens") == 1  # one process speaks
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["info"]["processes"] == 2 and a["block_tokens"] == b["block_tokens"]
+    assert a["sample_routes"] == b["sample_routes"]
+    for la, lb in zip(a["layers"], b["layers"]):
+        assert la["count"] == lb["count"] and la["coact"] == lb["coact"]
+        for k in ARRAYS:
+            x, y = np.asarray(la[k], dtype=float), np.asarray(lb[k], dtype=float)
+            assert np.abs(x - y).max() <= 1e-5 * max(np.abs(x).max(), 1e-6), k
+    ppl = []
+    for cmd in ([sys.executable, "-m", "explorer"], torchrun):
+        r = subprocess.run(cmd + ["eval", str(DEMO_MODEL), "--json", *small], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        ppl.append(json.loads(r.stdout))
+    assert ppl[0]["tokens"] == ppl[1]["tokens"] and abs(ppl[1]["ppl"] / ppl[0]["ppl"] - 1) < 1e-6
