@@ -144,6 +144,94 @@ def stats_vs_forward(model_dir: Path, max_memory: str, offload: Path, seq: int, 
     return {"forward_s": fwd, "stats_s": st, "ratio": st / fwd}
 
 
+def machine(folder: Path, seconds: float = 3.0) -> dict:
+    """This machine's cold sequential read throughput (the checkpoint's own shards, their cached pages dropped
+    with posix_fadvise) and its float32 / bf16 matrix-product throughput on all its threads."""
+    import os
+
+    shards = sorted(folder.glob("*.safetensors"), key=lambda p: -p.stat().st_size)[:3]
+    done, t = 0, time.perf_counter()
+    for sh in shards:
+        with open(sh, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            while chunk := f.read(64 << 20):
+                done += len(chunk)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    read = done / (time.perf_counter() - t)
+    out = {"read_bytes_per_s": read}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        a @ b
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            a @ b
+            n += 1
+        out[f"{name}_flop_per_s"] = n * 2 * 2048 ** 3 / (time.perf_counter() - t)
+    from explorer.layerwise import cpu_has_fast_bf16
+
+    out["compute"] = "bf16" if cpu_has_fast_bf16() else "fp32"
+    out["compute_flop_per_s"] = out[f"{out['compute']}_flop_per_s"]
+    return out
+
+
+def bounds(shape: dict, layers: int, tokens: int, stored: int, m: dict) -> dict:
+    """The physical lower bound of one pass: every stored byte read once at the cold read rate, plus the active
+    matrix products (attention projections, router, top-k experts; the head for perplexity) at the speed of the
+    dtype the engine computes in (bf16 where the CPU has bf16 instructions, else float32).
+    Attention's own T^2 products are left out (small at these lengths), so the bound is a little low."""
+    H, E, k = shape["hidden_size"], shape["num_experts"], shape["num_experts_per_tok"]
+    I = shape.get("moe_intermediate_size") or shape["intermediate_size"]
+    hd = shape.get("head_dim") or H // shape["num_attention_heads"]
+    attn = H * hd * (2 * shape["num_attention_heads"] + 2 * shape["num_key_value_heads"])
+    active = layers * (attn + E * H + k * 3 * H * I)
+    head = shape["vocab_size"] * H
+    rate = m["compute_flop_per_s"]
+    read_s = stored / m["read_bytes_per_s"]
+    stats_s = read_s + 2 * active * tokens / rate
+    ppl_s = stats_s + 2 * head * tokens / rate
+    return {"read_s": read_s, "stats": stats_s, "perplexity": ppl_s}
+
+
+def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int, token_counts: list[int],
+              seq: int) -> None:
+    """stats, preview and eval with --sequential at each token count: wall time, peak memory and the ratio to the
+    lower bound of the passes each step makes (preview: the original's and the plan's perplexity)."""
+    m = machine(model_dir)
+    print(f"\nthis machine: cold read {m['read_bytes_per_s'] / 1e6:.0f} MB/s; matrix products "
+          f"{m['fp32_flop_per_s'] / 1e9:.0f} GFLOP/s in float32, {m['bf16_flop_per_s'] / 1e9:.0f} GFLOP/s in bf16 "
+          f"(bf16 instructions: {'yes' if m['compute'] == 'bf16' else 'no'}, so a bf16 checkpoint computes in "
+          f"{m['compute']})")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import explorer.cli, explorer.data, explorer.stats, transformers"],
+                   cwd=ROOT, check=True)
+    start = time.perf_counter() - t
+    print(f"process start (python, torch, transformers and the explorer imported): {start:.1f}s")
+    print("\n| tokens (in total) | step | wall s | lower bound s | (wall - start) / bound | peak anonymous GiB | "
+          "of the model |")
+    print("|---|---|---|---|---|---|---|")
+    plan = work / "plan-seq.json"
+    for tokens in token_counts:
+        b = bounds(shape, layers, tokens, stored, m)
+        common = ["--sequential", "--data", "demo", "--block-len", str(seq),
+                  "--max-tokens", str(max(1, tokens // 4)), "--batch-size", "8"]
+        st = work / f"stats-{tokens}.npz"  # JSON of 16 x 64 experts' [E, H] sums is ~170 MB of text
+        rows = [("stats", run("stats", ["stats", str(model_dir), *common, "--out", str(st), "--overwrite"]),
+                 b["stats"])]
+        from explorer.stats import RouterStats
+
+        real = RouterStats.load_file(st).info["tokens"]
+        if not plan.exists():
+            subprocess.run([sys.executable, "-m", "explorer", "plan", str(model_dir), "--stats", str(st),
+                            "--drop-experts", "0.25", "--criterion", "reap", "--out", str(plan)], cwd=ROOT,
+                           check=True, capture_output=True)
+        rows.append(("preview (2 passes)", run("preview", ["preview", str(model_dir), str(plan), *common]),
+                     2 * b["perplexity"]))
+        rows.append(("eval", run("eval", ["eval", str(model_dir), *common]), b["perplexity"]))
+        for name, r, bound in rows:
+            print(f"| {real:,} | {name} | {r['wall_s']:.1f} | {bound:.1f} | {(r['wall_s'] - start) / bound:.2f} | "
+                  f"{r['peak_anon'] / 2**30:.2f} | {r['peak_anon'] / stored:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe-1b-7b")
@@ -153,6 +241,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--workdir", default=None, help="where the checkpoint goes (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--sequential", action="store_true", help="the layer-by-layer engine (no device map): stats, "
+                    "preview and eval at 1,024 and 4,096 calibration tokens in total, against their lower bounds")
     a = ap.parse_args()
     shape = SHAPES[a.shape]
     layers = a.layers or shape["num_hidden_layers"]
@@ -163,6 +253,9 @@ def main() -> None:
         total, largest = build(model_dir, shape, layers)
         print(f"built {a.shape} x {layers} layers: {total / 2**30:.2f} GiB in bf16, largest tensor "
               f"{largest / 2**20:.0f} MiB, {time.perf_counter() - t:.0f}s")
+        if a.sequential:
+            layerwise(model_dir, work, shape, layers, total, [1024, 4096], a.seq)
+            return
         dev = ["--device-map", "auto", "--max-memory", a.max_memory, "--offload-folder", str(offload)]
         common = dev + ["--data", "demo", "--max-tokens", str(a.tokens), "--block-len", str(a.seq), "--batch-size", "2"]
         plan = work / "plan.json"

@@ -7,12 +7,15 @@ here), every batch's hidden states go through it, and it is freed before the nex
 to disk. The statistics observer, the preview's masks and the decoder-layer hooks see exactly what they see when the
 whole model is in memory: only the order of the work changes (layer-major instead of batch-major).
 
-On a CPU, a bf16 or fp16 checkpoint computes in float32 (its layers are upcast as they are read; a CPU without bf16
-instructions multiplies bf16 matrices several times slower than float32); on CUDA it stays in its own dtype.
+On a CPU without bf16 instructions (AVX2 alone), a bf16 or fp16 checkpoint computes in float32: its layers are upcast
+as they are read, since such a CPU multiplies bf16 matrices several times slower than float32 ones. With
+AVX-512-BF16 or AMX, and on CUDA, it computes in its own dtype.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,8 @@ from torch import nn
 from .errors import ExplorerError
 from .weightformats import dequant_fp8, dequant_mxfp4, fp8_block, is_mxfp4, quant_config
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}
 _LAYER_KEY = re.compile(r"^(.*?\blayers)\.(\d+)\.")
 
 
@@ -55,9 +60,19 @@ class _StandIn(nn.Module):
             return getattr(object.__getattribute__(self, "_real"), name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512-BF16 or AMX): there bf16 products are several
+    times faster than float32 ones; without them (AVX2 alone) several times slower."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: assume the common case, no bf16 instructions
+        return False
+
+
 def _cpu_fast_dtype(storage: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype a layer computes in: the storage dtype on accelerators, float32 for half precision on a CPU."""
-    if device.type == "cpu" and storage in (torch.bfloat16, torch.float16):
+    """The dtype a layer computes in: the storage dtype on accelerators and on CPUs with bf16 instructions;
+    float32 for half precision on a CPU without them."""
+    if device.type == "cpu" and (storage == torch.float16 or (storage == torch.bfloat16 and not cpu_has_fast_bf16())):
         return torch.float32
     return storage
 
@@ -112,6 +127,10 @@ class LayerwiseModel:
         self._wmap = _weight_map(self.folder)
         self.layer_keys, self.rest_keys, self.ignored_keys = self._group_keys(config)
         self.view = MoEModel(model, check=False)
+        if not self.view.layers_hand_on_hidden_states_only():
+            raise LayerwiseError(f"{self.view.model_type}: its decoder layers hand the next layer more than the hidden "
+                                 "states, so they cannot be run one at a time here; load it in memory or with "
+                                 "--device-map")
         self._handles: dict[str, object] = {}
         self.on_load: list[Callable[[int], None]] = []  # called with a decoder layer's index once it is read
         self.on_unload: list[Callable[[int], None]] = []
@@ -167,27 +186,31 @@ class LayerwiseModel:
             self._handles[shard] = safe_open(self.folder / shard, "pt")
         return self._handles[shard]
 
-    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors of ``keys`` as the model's modules hold them: quantised weights dequantised (block FP8 with
-        partial last blocks included, as DeepSeek's own dequantisation reads them; MXFP4 as gpt-oss's)."""
-        raw = {}
-        for k in keys:
-            t = self._handle(self._wmap[k]).get_tensor(k)
-            self.read_bytes += t.numel() * t.element_size()
-            raw[k] = t
+    def _read(self, keys: list[str]) -> dict:
+        """The tensors of ``keys`` as the model's modules hold them: plain ones as lazy safetensors slices (each is
+        read, cast and placed one at a time while transformers converts the layer), quantised ones dequantised here
+        (block FP8 with partial last blocks, as DeepSeek's own dequantisation reads them; MXFP4 as gpt-oss's)."""
+        have = set(keys)
+
+        def sl(k):
+            s = self._handle(self._wmap[k]).get_slice(k)
+            self.read_bytes += math.prod(s.get_shape()) * _ITEMSIZE.get(s.get_dtype(), 4)
+            return s
+
         out = {}
-        for k, t in raw.items():
-            if k.endswith("_scale_inv") and self.fp8 and k[: -len("_scale_inv")] in raw:
+        for k in keys:
+            if self.fp8 and k.endswith("_scale_inv") and k[: -len("_scale_inv")] in have:
                 continue
-            if self.fp8 and k + "_scale_inv" in raw:
-                out[k] = dequant_fp8(t, raw[k + "_scale_inv"], self.fp8)
-            elif self.mxfp4 and k.endswith("_blocks") and k[: -len("_blocks")] + "_scales" in raw:
+            if self.mxfp4 and k.endswith("_scales") and k[: -len("_scales")] + "_blocks" in have:
+                continue
+            if self.fp8 and k + "_scale_inv" in have:
+                out[k] = dequant_fp8(sl(k)[...], sl(k + "_scale_inv")[...], self.fp8).to(self.dtype)
+            elif self.mxfp4 and k.endswith("_blocks") and k[: -len("_blocks")] + "_scales" in have:
                 base = k[: -len("_blocks")]
-                out[base] = dequant_mxfp4(t, raw[base + "_scales"]).transpose(-1, -2).contiguous()
-            elif self.mxfp4 and k.endswith("_scales") and k[: -len("_scales")] + "_blocks" in raw:
-                continue
+                w = dequant_mxfp4(sl(k)[...], sl(base + "_scales")[...])
+                out[base] = w.transpose(-1, -2).to(self.dtype).contiguous()
             else:
-                out[k] = t
+                out[k] = sl(k)
         return out
 
     def _load(self, keys: list[str]) -> None:
@@ -203,9 +226,15 @@ class LayerwiseModel:
                                   weight_mapping=get_model_conversion_mapping(self.model, add_legacy=True))
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        sync = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # one tensor read at a time: memory stays about one layer
         try:
             info, _ = convert_and_load_state_dict_in_model(self.model, sd, cfg)
         finally:
+            if sync is None:
+                del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = sync
             if bar:
                 hf_logging.enable_progress_bar()
         if info.mismatched_keys or info.conversion_errors:

@@ -79,20 +79,7 @@ def _check_identity_block(dl, view: MoEModel) -> None:
     layer loop takes the hidden states alone from each layer (``hidden_states = decoder_layer(...)``); where it
     takes more (GLM-MoE-DSA passes its indexer's choices to the next layer) the stand-in would be wrong: refused
     in words, not approximated."""
-    import inspect
-    import re
-
-    stack = next((m for m in view.model.modules() if getattr(m, "layers", None) is view.decoder_layers), None)
-    try:
-        src = inspect.getsource(type(stack).forward)
-    except (TypeError, OSError):
-        src = ""
-    m = re.search(r"for\s+(?:\w+\s*,\s*)?(\w+)\s+in\s+(?:enumerate\()?self\.layers", src)
-    target = None
-    if m:
-        call = re.search(r"\n\s*([\w, ]+?)\s*=\s*" + re.escape(m.group(1)) + r"\(", src)
-        target = call.group(1) if call else None
-    if target is None or "," in target or re.search(re.escape(target) + r"\s*\[", src):
+    if not view.layers_hand_on_hidden_states_only():
         raise PlanError(f"{view.model_type}: its decoder layers ({type(dl).__name__}) hand the next layer more than "
                         "the hidden states, so a dropped block cannot be previewed exactly; apply the plan and "
                         "evaluate the smaller model instead")

@@ -190,3 +190,24 @@ def random_blocks(n: int = 8, L: int = 32, seed: int = 0, vocab: int = 256, low:
     if last_len is not None:
         lengths[-1] = last_len
     return TokenBlocks(ids, lengths, torch.arange(n) % 2, ["a", "b"], (lengths - 1).double(), L)
+
+
+# Real models' routing shapes at a tiny width: the views, the app and the widgets are looked at on these (48-61
+# layers of 128-384 experts), since a 4 x 8 demo hides what does not scale.
+REAL_SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen3-30b-a3b": ("qwen3_moe", dict(num_hidden_layers=48, num_experts=128, num_experts_per_tok=8,
+                                        moe_intermediate_size=8, intermediate_size=16)),
+    "deepseek-v3": ("deepseek_v3", dict(num_hidden_layers=61, first_k_dense_replace=3, n_routed_experts=256,
+                                        num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1,
+                                        moe_intermediate_size=8, intermediate_size=16)),
+    "kimi-k2": ("deepseek_v3", dict(num_hidden_layers=61, first_k_dense_replace=1, n_routed_experts=384,
+                                    num_experts_per_tok=8, n_group=1, topk_group=1, n_shared_experts=1,
+                                    moe_intermediate_size=8, intermediate_size=16)),
+}
+
+
+def real_shape_model(name: str, seed: int = 0, vocab_size: int = 256) -> PreTrainedModel:
+    """A seeded tiny-width model with a real model's routing shape (``REAL_SHAPES``: layers, experts, top-k,
+    groups, dense and shared layers)."""
+    family, shape = REAL_SHAPES[name]
+    return tiny_model(family, seed=seed, vocab_size=vocab_size, **shape)

@@ -115,7 +115,7 @@ def test_fp8_with_partial_blocks_and_mtp_layer_equals_the_reference_dequantisati
     assert sd[k].dtype == torch.float8_e4m3fn and sd[k].shape[0] % BLOCK
     plain = _dequantised_reference(fp8, tmp_path / "plain")
     ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
-    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True)
+    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True, dtype="float32")
     assert engine_of(model).quantised == "block FP8" and engine_of(model).ignored_keys  # the MTP layer
     blocks = _blocks(ref.config.vocab_size)
     s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
@@ -140,7 +140,7 @@ def test_kimi_k2_layout_in_fp8_equals_the_reference_dequantisation(tmp_path):
     fp8 = fp8_checkpoint(tmp_path / "kimi", bad_grid=True, **KIMI_K2)
     plain = _dequantised_reference(fp8, tmp_path / "plain")
     ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
-    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True)
+    model, _, view = load_model(fp8, with_tokenizer=False, device="cpu", sequential=True, dtype="float32")
     assert view.num_experts == [24, 24] and view.top_k == 4
     blocks = _blocks(ref.config.vocab_size)
     s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
@@ -172,7 +172,7 @@ def test_gpt_oss_mxfp4_equals_the_reference_dequantisation(tmp_path):
     cfg["dtype"] = "float32"
     (ref_dir / "config.json").write_text(json.dumps(cfg))
     ref, _, ref_view = load_model(ref_dir, with_tokenizer=False, device="cpu")
-    model, _, view = load_model(mx, with_tokenizer=False, device="cpu", sequential=True)
+    model, _, view = load_model(mx, with_tokenizer=False, device="cpu", sequential=True, dtype="float32")
     assert engine_of(model).quantised == "MXFP4"
     blocks = _blocks(ref.config.vocab_size)  # sliding and full attention layers: each gets its own mask
     s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
@@ -180,15 +180,27 @@ def test_gpt_oss_mxfp4_equals_the_reference_dequantisation(tmp_path):
     assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
 
 
-def test_bf16_checkpoint_computes_in_float32_on_a_cpu(tmp_path):
+def test_bf16_checkpoint_computes_in_float32_on_a_cpu_without_bf16_instructions(tmp_path):
+    from explorer.layerwise import cpu_has_fast_bf16
+
     folder = _saved(tmp_path, "qwen3_moe", dtype=torch.bfloat16)
     model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
     engine = engine_of(model)
-    assert engine.storage_dtype == torch.bfloat16 and engine.dtype == torch.float32
-    assert "computing in float32" in engine.describe() and "upcast from bfloat16" in engine.describe()
-    ref, _, _ = load_model(folder, with_tokenizer=False, device="cpu", dtype="float32")  # the same upcast
+    fast = cpu_has_fast_bf16()  # AVX-512-BF16 / AMX: bf16 products are the fast ones; AVX2 alone: float32
+    assert engine.storage_dtype == torch.bfloat16
+    assert engine.dtype == (torch.bfloat16 if fast else torch.float32)
+    assert f"computing in {'bfloat16' if fast else 'float32'}" in engine.describe()
+    assert ("upcast from bfloat16" in engine.describe()) == (not fast)
+    # either way, asked for float32 it is the in-memory float32 model
+    up, _, _ = load_model(folder, with_tokenizer=False, device="cpu", sequential=True, dtype="float32")
+    assert engine_of(up).dtype == torch.float32
+    ref, _, _ = load_model(folder, with_tokenizer=False, device="cpu", dtype="float32")
     blocks = _blocks(ref.config.vocab_size)
-    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+    assert abs(perplexity(up, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+    # and layer by layer in the storage dtype is the in-memory bf16 model
+    lw, _, _ = load_model(folder, with_tokenizer=False, device="cpu", sequential=True, dtype="bf16")
+    mem, _, _ = load_model(folder, with_tokenizer=False, device="cpu", dtype="bf16")
+    assert abs(perplexity(lw, blocks, 4).ppl / perplexity(mem, blocks, 4).ppl - 1) < 1e-3
 
 
 def test_what_runs_only_on_a_whole_model_is_refused_in_words(tmp_path):
@@ -283,3 +295,11 @@ def test_torchrun_two_processes_give_the_single_process_results(tmp_path):
         assert r.returncode == 0, r.stderr
         ppl.append(json.loads(r.stdout))
     assert ppl[0]["tokens"] == ppl[1]["tokens"] and abs(ppl[1]["ppl"] / ppl[0]["ppl"] - 1) < 1e-6
+
+
+def test_a_family_whose_layers_hand_on_more_than_hidden_states_is_refused(tmp_path):
+    """GLM-MoE-DSA's layers hand their indexer's choices to the next layer: a layer cannot run alone."""
+    folder = tmp_path / "dsa"
+    tiny_model("glm_moe_dsa", seed=0).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="hand the next layer more than the hidden states"):
+        load_model(folder, with_tokenizer=False, sequential=True)
