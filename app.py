@@ -30,7 +30,7 @@ from explorer.perplexity import fmt_ppl
 from explorer.plan import Plan
 from explorer.report import preview_report
 from explorer.saliency import CRITERIA, SIMILARITIES
-from explorer.session import METHODS, PRESETS, Session, SessionError
+from explorer.session import METHODS, PRESETS, TABLE_SORTS, TABLE_VIEWS, Session, SessionError
 from explorer.tasks import DEMO_PROMPTS
 
 USER_ERRORS = (ExplorerError, ValueError, FileNotFoundError,
@@ -165,9 +165,20 @@ def summary_md(s: Session) -> str:
 
 
 def load_table(s: Session):
-    """The load heatmap as a clickable table (click a cell to drop / keep that expert)."""
+    """The load heatmap as a clickable table (click a cell to drop / keep that expert): every layer, one cell per
+    expert; or, on models with more experts than a row can show, one layer, a row per expert in a chosen order."""
     if s.stats is None:
         return pd.DataFrame()
+    if s.one_layer_table():
+        df = pd.DataFrame(s.expert_rows())
+        colour = {"dropped": "#ff8a80", "picked": "#ffe082", "kept": ""}
+
+        def row_style(row):
+            bg = colour.get(row["plan"], "#a5d6a7")
+            return [f"background-color:{bg}" if bg else ""] * len(row)
+
+        return df.style.apply(row_style, axis=1).format({"load (x uniform)": "{:.2f}", "REAP": "{:.4g}",
+                                                          "tokens": "{:,}"})
     m = s.stats.load_vs_uniform()
     df = pd.DataFrame(m.round(2), columns=[f"e{e}" for e in range(m.shape[1])])
     df.insert(0, "layer", [f"L{i}" for i in range(m.shape[0])])
@@ -311,7 +322,12 @@ def plan_tab() -> SimpleNamespace:
                                   label="a click on a cell does", scale=2)
             merge_btn = gr.Button("Merge the picked experts", scale=1)
             picked = gr.Markdown(scale=2)
-        table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell")
+        with gr.Row():
+            table_view = gr.Radio(list(TABLE_VIEWS), value="auto", scale=2, label="table: every layer (a cell per "
+                                  "expert) or one layer (a row per expert); auto: one layer beyond 32 experts")
+            table_layer = gr.Number(value=0, precision=0, minimum=0, scale=1, label="MoE layer (one layer)")
+            table_sort = gr.Dropdown(list(TABLE_SORTS), value="expert id", scale=1, label="order (one layer)")
+        table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell", max_height=600)
         with gr.Row():
             preset = gr.Dropdown(list(PRESETS), value="drop-experts", label="preset")
             amount = gr.Number(value=0.25, label="amount (fraction; count for merge/layers/blocks; bits for quantise)")
@@ -502,13 +518,24 @@ def on_cell(s, click_mode, evt: gr.SelectData):
     s = _sess(s)
     s.require(stats=True)
     row, col = evt.index
-    if col == 0:
+    if s.one_layer_table():  # a row per expert of one layer: any cell of the row is that expert
+        layer, expert = s.table_layer, int(evt.row_value[0])
+    elif col == 0:
         return {**plan_outputs(s), "picked": picked_text(s)}
+    else:
+        layer, expert = int(row), int(col) - 1
     if click_mode == "pick for a merge group":
-        s.pick_for_merge(int(row), int(col) - 1)
+        s.pick_for_merge(layer, expert)
         return {"state": s, "msg": "", "table": load_table(s), "picked": picked_text(s)}
-    s.toggle_expert(int(row), int(col) - 1)
+    s.toggle_expert(layer, expert)
     return {**plan_outputs(s, measure=False), "picked": picked_text(s)}  # red now; on_refresh measures the preview
+
+
+@friendly
+def on_table(s, view, layer, sort):
+    s = _sess(s)
+    s.set_table(view, None if layer is None else int(layer), sort)
+    return load_table(s), ""
 
 
 @plan_guard
@@ -737,6 +764,8 @@ def wire_plan(state, p, r, c) -> None:
     cell, cell_out = bind(on_cell, with_picked)
     refresh, refresh_out = bind(on_refresh, views)
     p.table.select(cell, [state, p.click_mode], cell_out).then(refresh, [state], refresh_out)
+    gr.on([p.table_view.change, p.table_layer.change, p.table_sort.change], on_table,
+          [state, p.table_view, p.table_layer, p.table_sort], [p.table, p.msg])
     merge, merge_out = bind(on_merge, with_picked)
     p.merge_btn.click(merge, [state], merge_out)
     preset, preset_out = bind(on_preset, views)

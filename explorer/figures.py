@@ -26,23 +26,35 @@ def expert_color(e: int) -> str:
     return PALETTE[e % len(PALETTE)]
 
 
+EVERY_TICK = 32  # up to this many experts or layers an axis labels each one; beyond, plotly spaces the labels
+
+
+def _dtick(n: int) -> int | None:
+    return 1 if n <= EVERY_TICK else None
+
+
 def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = None) -> go.Figure:
-    """Layers x experts: share of routing slots, as a multiple of the uniform share k/E. Selected cells marked."""
+    """Layers x experts: share of routing slots, as a multiple of the uniform share k/E. Selected cells marked.
+    One cell per expert at every size (a 61 x 256 map is a texture one reads by hover and zoom); rows keep a
+    readable height as layers grow."""
     m = stats.load_vs_uniform()
     L, E = m.shape
-    text = [[f"layer {i} expert {e}<br>load {m[i, e]:.2f}x uniform<br>tokens {int(stats.layers[i]['count'][e]):,}"
-             if e < stats.num_experts[i] else "" for e in range(E)] for i in range(L)]
-    f = _fig(title="Expert load (x uniform share k/E); x = selected to drop")
+    counts = np.full((L, E), np.nan)
+    for i in range(L):
+        counts[i, : stats.num_experts[i]] = stats.layers[i]["count"]
+    f = _fig(title="Expert load (x uniform share k/E); x = selected to drop", height=max(420, 12 * L + 160))
     f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale="Viridis", zmin=0,
-                           hovertext=text, hoverinfo="text", colorbar=dict(title="x uniform")))
+                           customdata=counts, colorbar=dict(title="x uniform"),
+                           hovertemplate="layer %{y} expert %{x}<br>load %{z:.2f}x uniform<br>tokens "
+                                         "%{customdata:,.0f}<extra></extra>"))
     # always two traces (the marker trace may be empty), so a widget updates in place and keeps its click handler
     sel = selected or {}
     xs = [e for i, es in sel.items() for e in es]
     ys = [i for i, es in sel.items() for _ in es]
     f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="selected", showlegend=False,
                            marker=dict(symbol="x", size=14, color="red", line=dict(width=2))))
-    f.update_xaxes(title="expert", dtick=1)
-    f.update_yaxes(title="MoE layer", dtick=1, autorange="reversed")
+    f.update_xaxes(title="expert", dtick=_dtick(E))
+    f.update_yaxes(title="MoE layer", dtick=_dtick(L), autorange="reversed")
     return f
 
 
@@ -53,8 +65,8 @@ def coactivation_heatmap(stats: RouterStats, layer: int) -> go.Figure:
     f.add_trace(go.Heatmap(z=c, x=list(range(E)), y=list(range(E)), colorscale="Blues",
                            colorbar=dict(title="share of<br>tokens"),
                            hovertemplate="experts %{y} & %{x}: %{z:.3f} of tokens<extra></extra>"))
-    f.update_xaxes(title="expert j", dtick=1)
-    f.update_yaxes(title="expert i", dtick=1, autorange="reversed")
+    f.update_xaxes(title="expert j", dtick=_dtick(E))
+    f.update_yaxes(title="expert i", dtick=_dtick(E), autorange="reversed")
     f.update_layout(height=420, width=None)
     return f
 
@@ -72,7 +84,7 @@ def balance_chart(stats: RouterStats) -> go.Figure:
     f.add_trace(go.Bar(x=list(range(L)), y=[x["max_over_mean"] for x in b], name="max / mean",
                        marker_color=PALETTE[2]), 1, 2)
     f.update_layout(**LAYOUT, title="Router confidence and balance per MoE layer")
-    f.update_xaxes(title="MoE layer", dtick=1)
+    f.update_xaxes(title="MoE layer", dtick=_dtick(L))
     f.update_yaxes(title="entropy (nats)", row=1, col=1)
     f.update_yaxes(title="CV, max / mean (0 and 1 = even)", row=1, col=2)
     return f
@@ -95,18 +107,24 @@ def domain_heatmap(stats: RouterStats, layer: int) -> go.Figure:
                                                    "16"]),
                            hovertemplate="%{y} -> expert %{x}: %{customdata[0]:.2f}x its overall share "
                                          "(%{customdata[1]:.2f}x uniform)<extra></extra>"))
-    f.update_xaxes(title="expert", dtick=1)
+    f.update_xaxes(title="expert", dtick=_dtick(r.shape[1]))
     f.update_yaxes(title="domain")
     return f
 
 
-def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int = 4) -> go.Figure:
+def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int = 4,
+                 max_experts: int = EVERY_TICK) -> go.Figure:
     """For each expert, the token ids that go to it most reliably (share of the id's occurrences), OLMoE-style;
-    the title compares the layer's id-concentration with the shuffled-ids baseline."""
+    the title compares the layer's id-concentration with the shuffled-ids baseline. Beyond ``max_experts``
+    experts, the rows are those of the ``max_experts`` experts whose most reliable token is most reliable."""
     ids, share, occ = vr.token_share(layer, min_count)
     E = share.shape[1] if len(ids) else vr.num_experts[layer]
+    shown = list(range(E))
+    if E > max_experts and len(ids):
+        best = share.max(0)
+        shown = sorted(np.argsort(-best, kind="stable")[:max_experts].tolist())
     rows, labels = [], []
-    for e in range(E):
+    for e in shown:
         for j in np.argsort(-share[:, e], kind="stable")[:per_expert] if len(ids) else []:
             if share[j, e] <= 0 or int(ids[j]) in [r[0] for r in rows]:
                 continue
@@ -118,13 +136,15 @@ def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int 
                  f"time (shuffled ids: {base:.0%})")
     except ValueError:
         title = f"Vocabulary specialisation, layer {layer}: too little text"
+    if len(shown) < E:
+        title += f"<br><sup>the {len(shown)} of {E} experts whose most reliable token is most reliable</sup>"
     f = _fig(title=title, height=max(320, 22 * len(rows) + 120))
     if rows:
         z = np.array([r[1] for r in rows])
         f.add_trace(go.Heatmap(z=z, x=list(range(E)), y=labels, colorscale="Blues", zmin=0, zmax=1,
                                colorbar=dict(title="share of the<br>token's occurrences"),
                                hovertemplate="%{y}: %{z:.0%} of its occurrences to expert %{x}<extra></extra>"))
-    f.update_xaxes(title="expert", dtick=1)
+    f.update_xaxes(title="expert", dtick=_dtick(E))
     f.update_yaxes(title=f"token (occurrences) → the expert it favours; seen ≥ {min_count} times", autorange="reversed")
     return f
 
@@ -155,7 +175,7 @@ def saliency_bars(scores: dict[str, list[np.ndarray]], layer: int, normalise: bo
         if normalise and np.abs(v).max() > 0:
             v = v / np.abs(v).max()
         f.add_trace(go.Bar(x=list(range(len(v))), y=v, name=name, marker_color=PALETTE[j % len(PALETTE)]))
-    f.update_xaxes(title="expert", dtick=1)
+    f.update_xaxes(title="expert", dtick=_dtick(len(v)))
     f.update_yaxes(title="score / max" if normalise else "score")
     return f
 
@@ -184,8 +204,9 @@ def similarity_figure(sim: np.ndarray, title: str) -> go.Figure:
     f.add_trace(go.Heatmap(z=s, x=pos, y=[str(o) for o in order], colorscale="Viridis", zmin=-1, zmax=1,
                            colorbar=dict(title="cosine", len=0.7, y=0.35), text=labels,
                            hovertemplate="%{text}: cos %{z:.3f}<extra></extra>"), 2, 1)
-    f.update_xaxes(range=[0, 10 * E], tickvals=pos, ticktext=[str(o) for o in order], title="expert", row=2, col=1)
-    f.update_yaxes(autorange="reversed", title="expert", row=2, col=1)
+    f.update_xaxes(range=[0, 10 * E], tickvals=pos, ticktext=[str(o) for o in order], title="expert", row=2, col=1,
+                   showticklabels=E <= EVERY_TICK)  # beyond, the leaves' ids are read by hover
+    f.update_yaxes(autorange="reversed", title="expert", row=2, col=1, showticklabels=E <= EVERY_TICK)
     f.update_layout(**{**LAYOUT, "height": 520}, title=title)
     return f
 

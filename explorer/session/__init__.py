@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .access import Access
 from .common import MAX_STUDENTS, METHODS, PRESETS, SessionError  # noqa: F401
-from .editor import PlanEditor
+from .editor import TABLE_SORTS, TABLE_VIEWS, PlanEditor  # noqa: F401
 from .trials import Trials
 from .workspace import Workspace
 

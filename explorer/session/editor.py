@@ -8,10 +8,59 @@ from ..plan import Plan, PlanError, fingerprint
 from .common import PRESETS, SessionError
 
 
+TABLE_VIEWS = ("auto", "every layer", "one layer")  # auto: every layer up to EVERY_TICK experts, one layer beyond
+TABLE_SORTS = ("expert id", "most load", "least load", "highest REAP", "lowest REAP")
+
+
 class PlanEditor:
     def _init_editor(self) -> None:
         self.plan = Plan()
         self.pending: tuple[int, list[int]] | None = None  # a merge group being picked: (layer, experts)
+        if not hasattr(self, "table_view"):  # how the table shows experts is the user's choice: kept across plans
+            self.table_view, self.table_layer, self.table_sort = "auto", 0, "expert id"
+
+    def set_table(self, view: str, layer: int | None = None, sort: str | None = None) -> None:
+        """How the Plan tab's load table shows the experts: every layer (one cell per expert) or one layer (one row
+        per expert, sorted), for models whose layers hold more experts than a row can show."""
+        if view not in TABLE_VIEWS:
+            raise SessionError(f"table view must be one of {', '.join(TABLE_VIEWS)}, not {view!r}")
+        if sort is not None and sort not in TABLE_SORTS:
+            raise SessionError(f"table order must be one of {', '.join(TABLE_SORTS)}, not {sort!r}")
+        if layer is not None:
+            n = len(self.view) if self.view is not None else 1
+            if not 0 <= int(layer) < n:
+                raise SessionError(f"MoE layer {layer} does not exist: this model has layers 0-{n - 1}")
+            self.table_layer = int(layer)
+        self.table_view = view
+        self.table_sort = sort or self.table_sort
+
+    def one_layer_table(self) -> bool:
+        """Whether the load table shows one layer (asked, or auto on a model with more than EVERY_TICK experts)."""
+        from ..figures import EVERY_TICK
+
+        if self.table_view == "auto":
+            return self.view is not None and max(self.view.num_experts) > EVERY_TICK
+        return self.table_view == "one layer"
+
+    def expert_rows(self) -> list[dict]:
+        """The one-layer table: a row per expert of ``table_layer`` in ``table_sort`` order, with its load, tokens,
+        REAP score and what the plan does with it."""
+        self.require(stats=True)
+        st = self.stats
+        i = self.table_layer = min(self.table_layer, len(st.layers) - 1)  # another model may have fewer layers
+        E = st.num_experts[i]
+        load = st.load_vs_uniform()[i, :E]
+        reap = st.reap(i)
+        merged = {e: g for g in self.plan.merge.get(i, []) for e in g}
+        picked = set(self.pending[1]) if self.pending and self.pending[0] == i else set()
+        dropped = set(self.plan.drop_experts.get(i, []))
+        key = {"expert id": range(E), "most load": -load, "least load": load, "highest REAP": -reap,
+               "lowest REAP": reap}[self.table_sort]
+        order = sorted(range(E), key=lambda e: (key[e], e))
+        return [{"expert": e, "load (x uniform)": round(float(load[e]), 2), "tokens": int(st.layers[i]["count"][e]),
+                 "REAP": float(reap[e]),
+                 "plan": ("dropped" if e in dropped else f"merged with {sorted(set(merged[e]) - {e})}" if e in merged
+                          else "picked" if e in picked else "kept")} for e in order]
 
     def set_plan(self, plan: Plan | str | dict) -> Plan:
         self.require()
