@@ -5,7 +5,8 @@
 
 Steps (each printed as the command a user would type):
   1. statistics and a 25% REAP drop plan on the demo model (the prototype; its plan carries the recipe);
-  2. statistics on the target, loaded with a device map (weights spread over GPUs, CPU and disk);
+  2. statistics on the target, loaded with a device map (weights spread over GPUs and CPU; a --max-memory that
+     cannot hold the model runs it layer by layer instead, each weight read once per pass);
   3. the recipe replayed on the target's own statistics (`plan --recipe`);
   4. the what-if perplexity of that plan on the device-mapped target (`preview`);
   5. the plan applied to the target's checkpoint out of core (`apply --out-of-core`: the model is never loaded);
@@ -57,8 +58,8 @@ def synthetic_target(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=None, help="your model folder (default: a synthetic Mixtral)")
-    ap.add_argument("--max-memory", default="cpu=60MB", help="device-map budget for the target (default forces "
-                    "the synthetic model partly to disk)")
+    ap.add_argument("--max-memory", default="cpu=60MB", help="device-map budget for the target (the default is "
+                    "smaller than the synthetic model, which then runs layer by layer)")
     ap.add_argument("--data", default="demo", help="calibration/evaluation text for the target")
     ap.add_argument("--max-tokens", default="1024")
     ap.add_argument("--work", default=None, help="folder for the files (default: a temporary one, removed)")

@@ -195,6 +195,16 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         partial = []
     if sequential and not local.exists():
         raise ModelLoadError(f"--sequential reads a local checkpoint folder; {src} is not one")
+    if device_map is not None and not sequential and not partial and plan is None and local.exists():
+        _check_offload_folder(offload_folder, local, src)
+        big = _larger_than_allowed(local, max_memory)
+        if big is not None:  # accelerate would offload to disk and read it all again for every batch
+            device = _first_device(max_memory)
+            logging.getLogger("explorer").warning(
+                "%s holds %.2f GiB of weights, more than --max-memory allows (%.2f GiB): running it layer by layer "
+                "on %s instead (each weight read once per pass; nothing is written to the offload folder)",
+                src, big[0] / 2**30, big[1] / 2**30, device)
+            sequential, device_map = True, None
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -226,11 +236,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         if plan is not None and plan.get("format") != "checkpoint":
             raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a "
                                  "device map")
-        if offload_folder is not None and local.exists():
-            off, root = Path(offload_folder).expanduser().resolve(), local.resolve()
-            if off == root or root in off.parents:
-                raise ModelLoadError(f"the offload folder {offload_folder} lies inside the model folder {src}; the "
-                                     "explorer never writes into its input: choose a folder outside it")
+        _check_offload_folder(offload_folder, local, src)
         made_offload = None
         if offload_folder is None:
             import tempfile
@@ -293,6 +299,38 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     except NoMoELayersError as err:
         raise ModelLoadError(f"{src}: {err}") from err
     return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
+
+
+def _check_offload_folder(offload_folder, local: Path, src: str) -> None:
+    if offload_folder is not None and local.exists():
+        off, root = Path(offload_folder).expanduser().resolve(), local.resolve()
+        if off == root or root in off.parents:
+            raise ModelLoadError(f"the offload folder {offload_folder} lies inside the model folder {src}; the "
+                                 "explorer never writes into its input: choose a folder outside it")
+
+
+def _larger_than_allowed(folder: Path, max_memory: dict | None) -> tuple[int, int] | None:
+    """(stored bytes, allowed bytes) when ``max_memory`` (disk aside) cannot hold the checkpoint's tensors."""
+    if not max_memory:
+        return None
+    import math
+
+    from accelerate.utils import convert_file_size_to_int
+
+    from .layerwise import _ITEMSIZE
+    from .weightformats import checkpoint_heads
+
+    allowed = sum(convert_file_size_to_int(v) if isinstance(v, str) else int(v)
+                  for k, v in max_memory.items() if k != "disk")
+    stored = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 4) for shape, dtype in checkpoint_heads(folder).values())
+    return (stored, allowed) if stored > allowed else None
+
+
+def _first_device(max_memory: dict) -> str:
+    """The device the layer-by-layer engine runs on when a device map asked for too little memory: the first GPU
+    the map names, else the CPU."""
+    gpus = sorted(k for k in max_memory if isinstance(k, int))
+    return f"cuda:{gpus[0]}" if gpus and torch.cuda.is_available() else "cpu"
 
 
 def _tokenizer(src: str, trust_remote_code: bool):

@@ -49,20 +49,14 @@ def block_nll(model, blocks: TokenBlocks, batch_size: int = 8,
               progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and scored-token count per block (float64, on the CPU); the model in memory or layer by layer."""
     sums, counts = [], []
-    batches = list(blocks.batches(batch_size))
-    mine = processes.share(len(batches))  # under torchrun each process scores its share; all get every block
     with torch.inference_mode():
-        for _, b, logits in forward_batches(model, [batches[i] for i in mine],
-                                            progress=progress if processes.is_main() else None):
+        for _, b, logits in forward_batches(model, blocks.batches(batch_size), progress=progress):
             ids = b.input_ids.to(logits.device)
             am = b.attention_mask().to(logits.device)
             lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             valid = am[:, 1:].bool()
             sums.append((lp * valid).sum(1).double().cpu())
             counts.append(valid.sum(1).cpu())
-    parts = processes.gather((sums, counts))
-    sums = [s for p in parts for s in p[0]]
-    counts = [c for p in parts for c in p[1]]
     return torch.cat(sums), torch.cat(counts)
 
 
@@ -90,7 +84,15 @@ def perplexity(model, blocks: TokenBlocks, batch_size: int = 8, progress=None) -
     """Perplexity of ``model`` on ``blocks``; compare two models only on the same blocks."""
     if blocks.tokens < 1:
         raise DataError("text too short to evaluate: no token has a preceding token to predict it from")
-    nll, count = block_nll(model, blocks, batch_size, progress)
+    if processes.group() is None:
+        nll, count = block_nll(model, blocks, batch_size, progress)
+    else:  # under torchrun each process scores a contiguous share of the batches; every process gets every block
+        mine = processes.share(-(-len(blocks) // batch_size))
+        idx = range(mine.start * batch_size, min(mine.stop * batch_size, len(blocks)))
+        part = block_nll(model, blocks.subset(idx), batch_size, progress if processes.is_main() else None) \
+            if len(idx) else (torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+        parts = processes.gather(part)
+        nll, count = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     out = summarise(blocks, nll, count)
     if not math.isfinite(out.nll):
         raise FloatingPointError("the model produced non-finite log-likelihoods (NaN/inf weights?)")
