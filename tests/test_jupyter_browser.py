@@ -25,16 +25,16 @@ def _click_cell(page, expert: int, layer: int) -> None:
     page.mouse.click(x, y)
 
 
-@pytest.mark.browser
-@pytest.mark.slow
-def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
+def _lab(tmp_path, chromium_path, source: str, clicks, check=None) -> None:
+    """JupyterLab on a notebook whose one cell runs ``explore(source)``; the widget's load heatmap clicked at
+    ``clicks`` [(expert, layer)], each click's marker seen, a screenshot kept; ``check(page)`` then looks further."""
     from playwright.sync_api import sync_playwright
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from explorer.widgets import explore\n"
-        "ex = explore(max_tokens=1024)\n"
+        f"ex = explore({source}, max_tokens=1024)\n"
         "ex.selected_index = 0\n"
         "ex")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -69,15 +69,44 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
             page.locator(".jp-OutputArea .js-plotly-plot").first.wait_for(timeout=240_000)
             page.wait_for_timeout(2000)
             assert page.locator(".jp-OutputArea .widget-tab, .jp-OutputArea .lm-TabBar").count() >= 1
-            # click two cells of the load heatmap: each click must reach the kernel and add an x marker
-            for n, (expert, layer) in enumerate(((3, 1), (5, 2)), start=1):
+            # click cells of the load heatmap: each click must reach the kernel and add an x marker
+            for n, (expert, layer) in enumerate(clicks, start=1):
                 _click_cell(page, expert, layer)
                 page.wait_for_function(f"() => {{ const g = document.querySelector('.jp-OutputArea .js-plotly-plot');"
                                        f" return g && g.data.length > 1 && g.data[1].x.length === {n}; }}",
                                        timeout=60_000)
             page.screenshot(path=str(tmp_path / "jupyterlab-widget.png"), full_page=True)
+            if check is not None:
+                check(page)
             browser.close()
         print("screenshot:", tmp_path / "jupyterlab-widget.png")
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
+    _lab(tmp_path, chromium_path, "None", [(3, 1), (5, 2)])
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_widget_at_real_size_in_jupyterlab(tmp_path, chromium_path):
+    """Qwen3-30B-A3B's 48 x 128 routing shape at a tiny width: the heatmap's axes are labelled every so often, its
+    rows tall enough to hit, and a click on expert 100 of layer 40 reaches the kernel like one on the demo."""
+    from transformers import AutoTokenizer
+
+    from explorer.loading import DEMO_MODEL
+    from explorer.tiny import real_shape_model
+
+    folder = tmp_path / "qwen3-30b-a3b"
+    real_shape_model("qwen3-30b-a3b", vocab_size=4096).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(folder)
+
+    def check(page):
+        heat = page.locator(".jp-OutputArea .js-plotly-plot").first
+        assert 2 <= heat.locator(".xtick").count() <= 12 and heat.bounding_box()["height"] >= 12 * 48
+
+    _lab(tmp_path, chromium_path, repr(str(folder)), [(100, 40), (7, 3)], check)
