@@ -146,7 +146,8 @@ def stats_vs_forward(model_dir: Path, max_memory: str, offload: Path, seq: int, 
 
 def machine(folder: Path, seconds: float = 3.0) -> dict:
     """This machine's cold sequential read throughput (the checkpoint's own shards, their cached pages dropped
-    with posix_fadvise) and its float32 / bf16 matrix-product throughput on all its threads."""
+    with posix_fadvise), its write throughput (1 GiB, fsynced) and its float32 / bf16 matrix-product throughput on
+    all its threads."""
     import os
 
     shards = sorted(folder.glob("*.safetensors"), key=lambda p: -p.stat().st_size)[:3]
@@ -158,7 +159,15 @@ def machine(folder: Path, seconds: float = 3.0) -> dict:
                 done += len(chunk)
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     read = done / (time.perf_counter() - t)
-    out = {"read_bytes_per_s": read}
+    buf, probe = os.urandom(64 << 20), folder.parent / "write-probe"
+    t = time.perf_counter()
+    with open(probe, "wb") as f:
+        for _ in range(16):  # 1 GiB, flushed to the disk
+            f.write(buf)
+        f.flush()
+        os.fsync(f.fileno())
+    out = {"read_bytes_per_s": read, "write_bytes_per_s": (16 << 26) / (time.perf_counter() - t)}
+    probe.unlink()
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
         a @ b
@@ -192,20 +201,45 @@ def bounds(shape: dict, layers: int, tokens: int, stored: int, m: dict) -> dict:
     return {"read_s": read_s, "stats": stats_s, "perplexity": ppl_s}
 
 
+def drop_cache(folder: Path) -> None:
+    """Drop the shards' pages from the page cache, so the next step reads them from the disk as a first run does
+    (the bound assumes cold reads; a checkpoint that fits the page cache would otherwise be read from memory)."""
+    import os
+
+    for sh in folder.glob("*.safetensors"):
+        with open(sh, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fixed_cost(work: Path, shape: dict, seq: int) -> float:
+    """Wall time of `stats --sequential` on a 1-layer, hidden-64 model of the same family and tokenizer: what every
+    run pays whatever the model's size."""
+    tiny = {**shape, "hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": 4096}
+    tiny.pop("moe_intermediate_size", None)
+    tiny.pop("head_dim", None)
+    if "moe_intermediate_size" in shape:
+        tiny["moe_intermediate_size"] = 32
+    build(work / "tiny", tiny, 1)
+    argv = ["stats", str(work / "tiny"), "--sequential", "--data", "demo", "--block-len", str(seq), "--max-tokens",
+            "256", "--out", str(work / "tiny.npz"), "--overwrite"]
+    run("warm-up", argv)
+    return run("fixed", argv)["wall_s"]
+
+
 def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int, token_counts: list[int],
               seq: int) -> None:
     """stats, preview and eval with --sequential at each token count: wall time, peak memory and the ratio to the
     lower bound of the passes each step makes (preview: the original's and the plan's perplexity)."""
     m = machine(model_dir)
-    print(f"\nthis machine: cold read {m['read_bytes_per_s'] / 1e6:.0f} MB/s; matrix products "
+    print(f"\nthis machine: cold read {m['read_bytes_per_s'] / 1e6:.0f} MB/s, write {m['write_bytes_per_s'] / 1e6:.0f} "
+          f"MB/s (fsynced); matrix products "
           f"{m['fp32_flop_per_s'] / 1e9:.0f} GFLOP/s in float32, {m['bf16_flop_per_s'] / 1e9:.0f} GFLOP/s in bf16 "
           f"(bf16 instructions: {'yes' if m['compute'] == 'bf16' else 'no'}, so a bf16 checkpoint computes in "
           f"{m['compute']})")
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import explorer.cli, explorer.data, explorer.stats, transformers"],
-                   cwd=ROOT, check=True)
-    start = time.perf_counter() - t
-    print(f"process start (python, torch, transformers and the explorer imported): {start:.1f}s")
+    start = fixed_cost(work, shape, seq)
+    print(f"process start: {start:.1f}s (the same `stats` command on a 1-layer model of this family at a tiny width: "
+          "imports, tokenizer, the text's tokenisation, the statistics file; nothing that grows with the model)")
     print("\n| tokens (in total) | step | wall s | lower bound s | (wall - start) / bound | peak anonymous GiB | "
           "of the model |")
     print("|---|---|---|---|---|---|---|")
@@ -215,6 +249,7 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
         common = ["--sequential", "--data", "demo", "--block-len", str(seq),
                   "--max-tokens", str(max(1, tokens // 4)), "--batch-size", "8"]
         st = work / f"stats-{tokens}.npz"  # JSON of 16 x 64 experts' [E, H] sums is ~170 MB of text
+        drop_cache(model_dir)
         rows = [("stats", run("stats", ["stats", str(model_dir), *common, "--out", str(st), "--overwrite"]),
                  b["stats"])]
         from explorer.stats import RouterStats
@@ -224,9 +259,19 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
             subprocess.run([sys.executable, "-m", "explorer", "plan", str(model_dir), "--stats", str(st),
                             "--drop-experts", "0.25", "--criterion", "reap", "--out", str(plan)], cwd=ROOT,
                            check=True, capture_output=True)
+        drop_cache(model_dir)
         rows.append(("preview (2 passes)", run("preview", ["preview", str(model_dir), str(plan), *common]),
                      2 * b["perplexity"]))
+        drop_cache(model_dir)
         rows.append(("eval", run("eval", ["eval", str(model_dir), *common]), b["perplexity"]))
+        if tokens == token_counts[0]:  # the cut out of core: every byte read once and the kept ones written once
+            cut = work / "cut-seq"
+            shutil.rmtree(cut, ignore_errors=True)
+            kept = 0.75  # the plan drops a quarter of the experts
+            drop_cache(model_dir)
+            rows.append(("apply --out-of-core (25% drop)", run("apply", ["apply", str(model_dir), str(plan),
+                                                                        "--out-of-core", "--out", str(cut)]),
+                         stored / m["read_bytes_per_s"] + kept * stored / m["write_bytes_per_s"]))
         for name, r, bound in rows:
             print(f"| {real:,} | {name} | {r['wall_s']:.1f} | {bound:.1f} | {(r['wall_s'] - start) / bound:.2f} | "
                   f"{r['peak_anon'] / 2**30:.2f} | {r['peak_anon'] / stored:.2f} |", flush=True)
