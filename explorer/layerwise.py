@@ -132,6 +132,7 @@ class LayerwiseModel:
                                  "states, so they cannot be run one at a time here; load it in memory or with "
                                  "--device-map")
         self._handles: dict[str, object] = {}
+        self._prefetcher = None
         self.on_load: list[Callable[[int], None]] = []  # called with a decoder layer's index once it is read
         self.on_unload: list[Callable[[int], None]] = []
         self.loaded_bytes = 0
@@ -150,6 +151,7 @@ class LayerwiseModel:
                                  "numbers")
         self.loaded_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
         self.rest_bytes = self.loaded_bytes
+        self.prefetch(0)
 
     # ---- what is where ------------------------------------------------------------------------------------
     def _group_keys(self, config) -> tuple[dict[int, list[str]], list[str], list[str]]:
@@ -246,19 +248,17 @@ class LayerwiseModel:
         self.peak_bytes = max(self.peak_bytes, self.loaded_bytes)
 
     def prefetch(self, i: int) -> None:
-        """Ask the kernel to read decoder layer ``i``'s shards ahead (posix_fadvise WILLNEED) while the layer before
-        it computes: the disk works during the products instead of after them."""
+        """Have decoder layer ``i``'s shards read into the page cache by a background thread (posix_fadvise
+        WILLNEED, which blocks while it reads) while the layer before it computes: the disk works during the
+        products instead of after them."""
         if not 0 <= i < len(self.layer_keys) or not hasattr(os, "posix_fadvise"):
             return
-        for shard in {self._wmap[k] for k in self.layer_keys[i]}:
-            try:
-                fd = os.open(self.folder / shard, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                return  # a hint only
+        if self._prefetcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-prefetch")
+        for shard in sorted({self._wmap[k] for k in self.layer_keys[i]}):
+            self._prefetcher.submit(_will_need, self.folder / shard)
 
     def load_layer(self, i: int) -> None:
         self._load(self.layer_keys[i])
@@ -395,6 +395,20 @@ class LayerwiseModel:
 
     def close(self) -> None:
         self._handles.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+            self._prefetcher = None
+
+
+def _will_need(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # a hint only
 
 
 def _name(dtype: torch.dtype) -> str:
