@@ -27,8 +27,8 @@ from torch import nn
 from .errors import ExplorerError
 from .weightformats import dequant_fp8, dequant_mxfp4, fp8_block, is_mxfp4, quant_config
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                        "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # bytes per element, by safetensors dtype name
 _LAYER_KEY = re.compile(r"^(.*?\blayers)\.(\d+)\.")
 
 
@@ -196,7 +196,7 @@ class LayerwiseModel:
 
         def sl(k):
             s = self._handle(self._wmap[k]).get_slice(k)
-            self.read_bytes += math.prod(s.get_shape()) * _ITEMSIZE.get(s.get_dtype(), 4)
+            self.read_bytes += math.prod(s.get_shape()) * SAFETENSORS_ITEMSIZE.get(s.get_dtype(), 4)
             return s
 
         out = {}

@@ -317,12 +317,13 @@ def _larger_than_allowed(folder: Path, max_memory: dict | None) -> tuple[int, in
 
     from accelerate.utils import convert_file_size_to_int
 
-    from .layerwise import _ITEMSIZE
+    from .layerwise import SAFETENSORS_ITEMSIZE
     from .weightformats import checkpoint_heads
 
     allowed = sum(convert_file_size_to_int(v) if isinstance(v, str) else int(v)
                   for k, v in max_memory.items() if k != "disk")
-    stored = sum(math.prod(shape) * _ITEMSIZE.get(dtype, 4) for shape, dtype in checkpoint_heads(folder).values())
+    stored = sum(math.prod(shape) * SAFETENSORS_ITEMSIZE.get(dtype, 4)
+                 for shape, dtype in checkpoint_heads(folder).values())
     return (stored, allowed) if stored > allowed else None
 
 
