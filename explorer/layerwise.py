@@ -461,15 +461,4 @@ def forward_batches(model, batches, before: Callable[[int], None] | None = None,
         yield bi, b, out.logits
 
 
-def load_layerwise(source, *, dtype=None, device: str | None = None, trust_remote_code: bool = False,
-                   with_tokenizer: bool = True):
-    """(skeleton model, tokenizer, MoE view) of a local checkpoint folder, run layer by layer."""
-    from transformers import AutoTokenizer
-
-    folder = Path(source).expanduser()
-    engine = LayerwiseModel(folder, dtype=dtype, device=device or "cpu", trust_remote_code=trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code) if with_tokenizer else None
-    return engine.model, tok, engine.view
-
-
-__all__ = ["LayerwiseModel", "LayerwiseError", "forward_batches", "engine_of", "load_layerwise"]
+__all__ = ["LayerwiseModel", "LayerwiseError", "forward_batches", "engine_of"]
