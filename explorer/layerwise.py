@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from .errors import ExplorerError
-from .weightformats import dequant_fp8, dequant_mxfp4, fp8_block, is_mxfp4, quant_config
+from .weightformats import (CT_ACTIVATION_PARTS, CT_WEIGHT_PARTS, CompressedTensorsReader, WeightFormatError,
+                            dequant_fp8, dequant_mxfp4, fp8_block, is_compressed_tensors, is_mxfp4, quant_config)
 
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                         "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # bytes per element, by safetensors dtype name
 _LAYER_KEY = re.compile(r"^(.*?\blayers)\.(\d+)\.")
+SELF_CHECK_BYTES = 2 * 2**30  # experts kept in FP8 are dequantised for the self-check up to this size per layer
 
 
 class LayerwiseError(ExplorerError):
@@ -93,7 +95,7 @@ class LayerwiseModel:
     code ask for the next layer's outputs (:func:`forward_batches`)."""
 
     def __init__(self, folder: str | Path, *, dtype=None, device: str | torch.device = "cpu",
-                 trust_remote_code: bool = False, upcast_on_cpu: bool = True):
+                 trust_remote_code: bool = False, upcast_on_cpu: bool = True, keep_fp8: bool | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,10 +106,16 @@ class LayerwiseModel:
         qc = quant_config(self.folder)
         self.fp8 = fp8_block(qc)
         self.mxfp4 = is_mxfp4(qc)
-        if qc and not (self.fp8 or self.mxfp4):
+        try:
+            self.ct = CompressedTensorsReader(qc) if is_compressed_tensors(qc) else None
+        except WeightFormatError as err:
+            raise LayerwiseError(f"{self.folder}: {err}") from None
+        if qc and not (self.fp8 or self.mxfp4 or self.ct):
             raise LayerwiseError(f"{self.folder} is quantised with {qc.get('quant_method')!r}; the layer-by-layer "
-                                 "engine reads block FP8 and MXFP4 only: load it in memory (without --sequential)")
-        self.quantised = ("block FP8" if self.fp8 else "MXFP4") if qc else None
+                                 "engine reads block FP8, MXFP4 and compressed-tensors: load it in memory (without "
+                                 "--sequential)")
+        self.quantised = (("block FP8" if self.fp8 else "MXFP4" if self.mxfp4 else
+                           f"compressed-tensors {self.ct.format or 'quantised'}") if qc else None)
         for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
             if getattr(c, "quantization_config", None) is not None:
                 del c.quantization_config  # the skeleton holds plain weights; this engine dequantises them
@@ -138,7 +146,11 @@ class LayerwiseModel:
         self.loaded_bytes = 0
         self.peak_bytes = 0
         self.read_bytes = 0
+        self.unchecked: set[int] = set()  # decoder layers whose self-check was left out (FP8 kept, too large)
         self._checked: set[int] = set()
+        self._mine: dict[int, list] = {}  # decoder layer -> blocks whose forward this engine set (FP8 kept)
+        self._module_names = {id(m): n for n, m in model.named_modules()}
+        self.keep_fp8 = self._decide_keep_fp8(keep_fp8)
         self._running = False
         self._hooks = [model.register_forward_pre_hook(self._guard)]
         self._load(self.rest_keys)
@@ -191,15 +203,13 @@ class LayerwiseModel:
     def _read(self, keys: list[str]) -> dict:
         """The tensors of ``keys`` as the model's modules hold them: plain ones as lazy safetensors slices (each is
         read, cast and placed one at a time while transformers converts the layer), quantised ones dequantised here
-        (block FP8 with partial last blocks, as DeepSeek's own dequantisation reads them; MXFP4 as gpt-oss's)."""
+        (block FP8 with partial last blocks, as DeepSeek's own dequantisation reads them; MXFP4 as gpt-oss's;
+        compressed-tensors by its own decompressors; activation scales dropped: the model computes dequantised)."""
         have = set(keys)
-
-        def sl(k):
-            s = self._handle(self._wmap[k]).get_slice(k)
-            self.read_bytes += math.prod(s.get_shape()) * SAFETENSORS_ITEMSIZE.get(s.get_dtype(), 4)
-            return s
-
-        out = {}
+        out: dict = {}
+        if self.ct is not None:
+            keys = self._read_compressed(keys, have, out)
+        sl = self._slice
         for k in keys:
             if self.fp8 and k.endswith("_scale_inv") and k[: -len("_scale_inv")] in have:
                 continue
@@ -214,6 +224,34 @@ class LayerwiseModel:
             else:
                 out[k] = sl(k)
         return out
+
+    def _slice(self, k: str):
+        s = self._handle(self._wmap[k]).get_slice(k)
+        self.read_bytes += math.prod(s.get_shape()) * SAFETENSORS_ITEMSIZE.get(s.get_dtype(), 4)
+        return s
+
+    def _read_compressed(self, keys: list[str], have: set[str], out: dict) -> list[str]:
+        """Dequantise every compressed-tensors module among ``keys`` into ``out``; the plain keys left."""
+        modules: dict[str, dict[str, str]] = {}
+        plain = []
+        for k in keys:
+            base, part = _ct_part(k)
+            if part in CT_ACTIVATION_PARTS:
+                continue
+            quantised = base is not None and (base + "weight_packed" in have or
+                                              (base + "weight" in have and base + "weight_scale" in have))
+            if quantised:
+                modules.setdefault(base, {})[part] = k
+            else:
+                plain.append(k)
+        for base, parts in modules.items():
+            tensors = {p: self._slice(k)[...] for p, k in parts.items()}
+            try:
+                w = self.ct.dequantise(base.rstrip("."), tensors)
+            except WeightFormatError as err:
+                raise LayerwiseError(f"{self.folder}: {err}") from None
+            out[base + "weight"] = w.to(self.dtype)
+        return plain
 
     def _load(self, keys: list[str]) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -261,32 +299,171 @@ class LayerwiseModel:
             self._prefetcher.submit(_will_need, self.folder / shard)
 
     def load_layer(self, i: int) -> None:
-        self._load(self.layer_keys[i])
+        keys, stacks = self._fp8_expert_stacks(i) if self.keep_fp8 else (self.layer_keys[i], {})
+        self._load(keys)
+        self._keep(i, stacks)
         self.prefetch(i + 1)
         layer = self.view.decoder_layers[i]
-        left = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
+        kept = {id(getattr(lay.experts, name)) for lay in self.view if lay.layer_idx == i and lay.fp8_kept
+                for name in lay.fp8_kept}
+        left = [n for n, p in layer.named_parameters() if p.device.type == "meta" and id(p) not in kept]
         if left:
             raise LayerwiseError(f"{self.folder}: decoder layer {i} has {len(left)} weight(s) the checkpoint does not "
                                  f"hold ({', '.join(left[:3])}); transformers would fill them with random numbers")
         if i not in self._checked:  # the load-time self-check, on weights this pass reads anyway
-            from .selfcheck import check_layer
-
-            mine = [lay for lay in self.view if lay.layer_idx == i]
-            patched = [lay.block.__dict__.pop("forward", None) for lay in mine]  # the block's own forward
-            try:
-                for lay in mine:
-                    check_layer(lay, self.view.model_type, masked=lay.index == 0)
-            finally:
-                for lay, fwd in zip(mine, patched):
-                    if fwd is not None:
-                        lay.block.forward = fwd
+            self._self_check(i)
             self._checked.add(i)
         for fn in self.on_load:
             fn(i)
 
+    def _self_check(self, i: int) -> None:
+        """The view held against each MoE block's own forward. Experts kept in FP8 are dequantised for it while
+        the layer's dequantised experts take at most ``SELF_CHECK_BYTES``; beyond, the check is left out (said by
+        :meth:`describe`): the family's view is checked wherever it is read dequantised."""
+        from .selfcheck import check_layer
+
+        mine = [lay for lay in self.view if lay.layer_idx == i]
+        if any(lay.fp8_kept for lay in mine) and self._kept_dequantised_bytes(i) > SELF_CHECK_BYTES:
+            self.unchecked.add(i)
+            return
+        patched = [lay.block.__dict__.pop("forward", None) for lay in mine]  # the block's own forward
+        kept = [lay.experts.__dict__.pop("explorer_fp8", None) for lay in mine]
+        real = []
+        try:
+            for lay, stacks in zip(mine, kept):
+                if stacks:  # the block's own forward needs the plain tensors: dequantised for the check only
+                    real.append((lay, {n: lay.experts._parameters[n] for n in stacks}))
+                    for n, st in stacks.items():
+                        lay.experts._parameters[n] = nn.Parameter(st.dequantise(), requires_grad=False)
+                check_layer(lay, self.view.model_type, masked=lay.index == 0)
+        finally:
+            for lay, params in real:
+                lay.experts._parameters.update(params)
+            for lay, stacks in zip(mine, kept):
+                if stacks:
+                    lay.experts.__dict__["explorer_fp8"] = stacks
+            for lay, fwd in zip(mine, patched):
+                if fwd is not None:
+                    lay.block.forward = fwd
+
+    # ---- block FP8 experts kept in FP8 ----------------------------------------------------------------------
+    def _decide_keep_fp8(self, keep: bool | None) -> bool:
+        """Keep the experts of a block FP8 checkpoint in FP8 (dequantised one expert at a time as computed) when
+        asked, or, by default, when the largest layer dequantised would take more than half the memory available
+        now: a DeepSeek-V3 layer is 22.5 GB in bf16 and 11.3 GB in FP8."""
+        if keep and not self.fp8:
+            raise LayerwiseError(f"{self.folder} is not a block FP8 checkpoint: there are no per-expert FP8 weights "
+                                 "to keep in FP8")
+        if not self.fp8 or keep is False:
+            return False
+        if not any(self._expert_keys(lay) for lay in self.view):
+            if keep:
+                raise LayerwiseError(f"{self.folder}: its experts are not stored as per-expert gate/up/down FP8 "
+                                     "weights, so they cannot be kept in FP8 here")
+            return False
+        if keep:
+            return True
+        biggest = max(self.layer_nbytes(i) for i in range(len(self.view.decoder_layers)))
+        return biggest > 0.5 * _available_memory(self.device)
+
+    def _expert_keys(self, lay) -> dict[str, list[tuple[str, ...]]] | None:
+        """Checkpoint keys of ``lay``'s experts, per fused tensor: gate_up_proj <- (gate_proj, up_proj) and
+        down_proj <- (down_proj,) of each expert, each an FP8 weight with its scales; None where the checkpoint or
+        the family's layout differs (then the layer is read dequantised)."""
+        if not lay.gated or lay.transposed or lay.gate_up_bias is not None or lay.down_bias is not None:
+            return None
+        prefix = self._module_names.get(id(lay.experts))
+        if prefix is None:
+            return None
+        want = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        out = {}
+        for fused, parts in want.items():
+            rows = []
+            for e in range(lay.num_experts):
+                ks = tuple(f"{prefix}.{e}.{p}.weight" for p in parts)
+                if not all(k in self._wmap and k + "_scale_inv" in self._wmap for k in ks):
+                    return None
+                rows.append(ks)
+            out[fused] = rows
+        return out
+
+    def _fp8_expert_stacks(self, i: int) -> tuple[list[str], dict]:
+        """(keys left for transformers' conversion, {MoE layer: {fused name: BlockFP8Stack}}) of decoder layer
+        ``i``: its experts read as FP8 bytes into one stacked tensor per fused weight, scales beside."""
+        from .weightformats import BlockFP8Stack
+
+        taken, stacks = set(), {}
+        for lay in self.view:
+            if lay.layer_idx != i:
+                continue
+            keys = self._expert_keys(lay)
+            if keys is None:
+                continue
+            mine = {}
+            for fused, rows in keys.items():
+                first = [self._slice(k) for k in rows[0]]
+                parts = [s.get_shape()[0] for s in first]
+                cols = first[0].get_shape()[1]
+                data = torch.empty(len(rows), sum(parts), cols, dtype=torch.float8_e4m3fn, device=self.device)
+                scales = [None] * len(parts)
+                for e, ks in enumerate(rows):
+                    start = 0
+                    for j, k in enumerate(ks):
+                        w = self._slice(k)[...]
+                        sc = self._slice(k + "_scale_inv")[...].float()
+                        if w.dtype != torch.float8_e4m3fn or list(w.shape) != [parts[j], cols]:
+                            raise LayerwiseError(f"{self.folder}: {k} is {w.dtype} {list(w.shape)}, not an FP8 weight "
+                                                 f"of the shape the other experts have ({[parts[j], cols]})")
+                        if scales[j] is None:
+                            scales[j] = torch.empty(len(rows), *sc.shape, dtype=torch.float32, device=self.device)
+                        data[e, start:start + parts[j]] = w.to(self.device)
+                        scales[j][e] = sc.to(self.device)
+                        start += parts[j]
+                        taken.update((k, k + "_scale_inv"))
+                mine[fused] = BlockFP8Stack(data, scales, parts, self.fp8, self.dtype)
+            stacks[lay.index] = mine
+        return [k for k in self.layer_keys[i] if k not in taken], stacks
+
+    def _keep(self, i: int, stacks: dict) -> None:
+        """Hang the FP8 stacks on their experts; their blocks run the explorer's view (the family's own forward
+        needs the plain tensors), unless a pass already set the blocks' forward."""
+        mine = []
+        for index, st in stacks.items():
+            lay = self.view[index]
+            lay.experts.__dict__["explorer_fp8"] = st
+            if "forward" not in lay.block.__dict__:
+                fwd = (lambda hs, *a, _l=lay, **k: _l.forward(hs))
+                lay.block.forward = fwd
+                mine.append((lay, fwd))
+            self.loaded_bytes += sum(s.nbytes for s in st.values())
+        self.peak_bytes = max(self.peak_bytes, self.loaded_bytes)
+        self._mine[i] = mine
+
+    def _kept_layer_bytes(self, i: int) -> int:
+        """Bytes decoder layer ``i`` takes with its experts kept in FP8 (1 byte a weight, plus scales)."""
+        total = 0
+        for n, p in self.view.decoder_layers[i].named_parameters():
+            kept = n.endswith(("experts.gate_up_proj", "experts.down_proj")) and self.fp8 is not None
+            total += p.numel() * (1 if kept else p.element_size())
+        return total
+
+    def _expert_param_bytes(self, i: int) -> int:
+        return sum(p.numel() * p.element_size() for n, p in self.view.decoder_layers[i].named_parameters()
+                   if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+
+    def _kept_dequantised_bytes(self, i: int) -> int:
+        return sum(s.data.numel() * torch.finfo(self.dtype).bits // 8
+                   for lay in self.view if lay.layer_idx == i and lay.fp8_kept for s in lay.fp8_kept.values())
+
     def unload_layer(self, i: int) -> None:
         for fn in self.on_unload:
             fn(i)
+        for lay, fwd in self._mine.pop(i, []):
+            if lay.block.__dict__.get("forward") is fwd:
+                del lay.block.forward
+        for lay in self.view:
+            if lay.layer_idx == i:
+                lay.experts.__dict__.pop("explorer_fp8", None)
         layer = self.view.decoder_layers[i]
         for mod in layer.modules():
             for name, p in list(mod._parameters.items()):
@@ -301,6 +478,14 @@ class LayerwiseModel:
         upcast = (f", upcast from {_name(self.storage_dtype)} as each layer is read"
                   if self.dtype != self.storage_dtype and not self.quantised else "")
         fmt = f", {self.quantised} dequantised per layer" if self.quantised else ""
+        if self.keep_fp8:
+            biggest = max(self._kept_layer_bytes(i) for i in range(n))
+            fmt = (", block FP8 experts kept in FP8 and dequantised one expert at a time as computed (the rest of "
+                   "each layer dequantised as read)")
+            big = [i for i in range(n) if self._expert_param_bytes(i) > SELF_CHECK_BYTES]
+            if big:
+                fmt += (f"; the self-check is left out on {len(big)} layer(s) whose experts dequantised exceed "
+                        f"{SELF_CHECK_BYTES / 2**30:g} GiB")
         return (f"layer by layer: {n} decoder layers read from disk one at a time, computing in {_name(self.dtype)} "
                 f"on {self.device}{upcast}{fmt}; at most {biggest / 2**20:,.0f} MiB of layer weights plus "
                 f"{self.rest_bytes / 2**20:,.0f} MiB of embedding and head in memory")
@@ -398,6 +583,28 @@ class LayerwiseModel:
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=False, cancel_futures=True)
             self._prefetcher = None
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: the GPU's free memory, or the kernel's MemAvailable on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: never keep FP8 by default
+
+
+def _ct_part(key: str) -> tuple[str | None, str | None]:
+    """(module prefix with its dot, part name) of a compressed-tensors key: 'a.b.weight_scale' -> ('a.b.',
+    'weight_scale'); (None, None) for a key of no quantised part."""
+    for part in CT_WEIGHT_PARTS + CT_ACTIVATION_PARTS + ("weight",):
+        if key.endswith("." + part):
+            return key[: -len(part)], part
+    return None, None
 
 
 def _will_need(path: Path) -> None:

@@ -348,7 +348,8 @@ def _own_reader(folder: Path, dtype, device: str, trust_remote_code: bool, seque
 
     try:  # layer by layer, a half-precision checkpoint computes in float32 on a CPU; in memory it keeps 'auto'
         engine = LayerwiseModel(folder, dtype=None if dtype == "auto" else dtype, device=device,
-                                trust_remote_code=trust_remote_code, upcast_on_cpu=sequential)
+                                trust_remote_code=trust_remote_code, upcast_on_cpu=sequential,
+                                keep_fp8=None if sequential else False)
         if sequential:
             return engine.model, engine.view
         model = engine.materialise()

@@ -105,12 +105,19 @@ class MoELayer:
         return 2 * intermediate if self.gated else intermediate
 
     @property
+    def fp8_kept(self) -> dict | None:
+        """The expert tensors kept in block FP8 by the layer-by-layer engine (name -> ``BlockFP8Stack``), or None."""
+        return self.experts.__dict__.get("explorer_fp8")
+
+    @property
     def gate_up(self) -> torch.Tensor:
-        return getattr(self.experts, self.gate_up_name)
+        kept = self.fp8_kept
+        return kept[self.gate_up_name] if kept else getattr(self.experts, self.gate_up_name)
 
     @property
     def down(self) -> torch.Tensor:
-        return self.experts.down_proj
+        kept = self.fp8_kept
+        return kept["down_proj"] if kept else self.experts.down_proj
 
     @property
     def gate_up_bias(self) -> torch.Tensor | None:
@@ -244,6 +251,8 @@ class MoELayer:
         """Every expert on every token of a (small) sample x [n, H] -> [E, n, H], in two batched products. Written
         as one wide product and a bmm, not einsum: on a CPU, einsum's bf16 path is about 50x slower."""
         E, n = self.num_experts, x.shape[0]
+        if self.fp8_kept:  # one expert dequantised at a time
+            return torch.stack([self.expert(e, x) for e in range(E)])
         if self.transposed:
             gu = torch.bmm(x.expand(E, n, x.shape[-1]), self.gate_up)
         else:
@@ -482,7 +491,9 @@ class MoELayer:
         """
         if observer is not None:
             observer.begin(self, x, logits, w, idx)
-        return kernel_for(x)(self, x, w, idx, observer, edit)
+        # experts kept in FP8 are dequantised one at a time, as the loop computes them
+        kernel = KERNELS["loop"] if self.fp8_kept else kernel_for(x)
+        return kernel(self, x, w, idx, observer, edit)
 
     def _weights(self, edit: LayerEdit | None):
         """(gate_up, down, gate_up_bias, down_bias, slot): the expert tensors in use and expert -> row (None: id)."""

@@ -53,8 +53,8 @@ def previewing(model, view: MoEModel, plan: Plan, stats=None):
 
         def fwd(lay, hs):
             e = edits.get(lay.index)
-            if e is None:
-                return type(lay.block).forward(lay.block, hs)
+            if e is None:  # the family's own forward, or the view where the experts are kept in FP8
+                return lay.forward(hs) if lay.fp8_kept else type(lay.block).forward(lay.block, hs)
             return lay.forward(hs, edit=e)
 
         with view.patched(fwd):

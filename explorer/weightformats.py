@@ -5,6 +5,10 @@
   ``weight_block_size`` block (128x128 in the published models); the real weight is ``W * scale`` blockwise.
 - MXFP4 (gpt-oss; ``quant_method: mxfp4``): ``*_blocks`` uint8 [..., n/32, 16] holding two e2m1 values per byte
   (low nibble first) and ``*_scales`` uint8 [..., n/32], an e8m0 exponent biased by 127 per 32 values.
+- compressed-tensors (llm-compressor's output; ``quant_method: compressed-tensors``): per module ``weight_packed``
+  (int32 words of 4- or 8-bit codes) or ``weight`` (FP8 / int8 codes) beside ``weight_scale`` (and
+  ``weight_zero_point``, ``weight_shape``); read for the layer-by-layer engine by compressed-tensors' own
+  decompressors (:class:`CompressedTensorsReader`).
 
 Dropping experts or whole layers copies these bytes and their scales as they are; merging and slimming
 dequantise the members, edit in float32, and quantise the result back to the same format.
@@ -170,3 +174,111 @@ def quant_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     code = code.to(torch.uint8).reshape(*g.shape[:-1], 16, 2)
     packed = code[..., 0] | (code[..., 1] << 4)
     return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+# ---- compressed-tensors ---------------------------------------------------------------------------------------
+CT_WEIGHT_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
+                   "weight_global_scale")
+CT_ACTIVATION_PARTS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+                       "k_scale", "v_scale")  # calibrated activation ranges: a dequantised model computes without
+
+
+def is_compressed_tensors(qc: dict | None) -> bool:
+    return bool(qc) and qc.get("quant_method") == "compressed-tensors"
+
+
+class CompressedTensorsReader:
+    """Dequantises one module's stored tensors of a compressed-tensors checkpoint with compressed-tensors' own
+    decompressor for its scheme (pack-quantized, float-quantized, int-quantized, naive-quantized, ...), so every
+    scheme the library writes is read as the library reads it. Which scheme a module has comes from the config's
+    groups: a ``re:`` target matched against the module's checkpoint name first, else a class target (``Linear``:
+    every quantised weight in a checkpoint is a Linear's)."""
+
+    def __init__(self, qc: dict):
+        try:
+            from compressed_tensors.compressors.base import BaseCompressor
+            from compressed_tensors.quantization import QuantizationConfig
+        except ImportError as err:
+            raise WeightFormatError("this checkpoint is quantised with compressed-tensors, which is not installed: "
+                                    f"pip install -e \".[quant]\" (or pip install compressed-tensors); {err}") from None
+        self._registry = BaseCompressor
+        config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "quant_method"})
+        self.format = str(getattr(config.format, "value", config.format) or "")
+        self.groups = [(name, list(g.targets or []), g) for name, g in (config.config_groups or {}).items()]
+        if not self.groups:
+            raise WeightFormatError("the compressed-tensors config has no config_groups: which scheme each weight "
+                                    "is stored in is unknown")
+
+    def scheme(self, module: str):
+        import re
+
+        for _, targets, g in self.groups:
+            if any(t.startswith("re:") and re.match(t[3:], module) for t in targets):
+                return g
+        for _, targets, g in self.groups:
+            if any(not t.startswith("re:") for t in targets):
+                return g
+        raise WeightFormatError(f"{module}: stored quantised, but no compressed-tensors config group targets it")
+
+    def dequantise(self, module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float weight of ``module`` from its stored parts (``weight`` / ``weight_packed``, ``weight_scale``,
+        ...; names without the module prefix)."""
+        scheme = self.scheme(module)
+        fmt = getattr(scheme, "format", None)
+        fmt = str(getattr(fmt, "value", fmt) or self.format)
+        if not fmt or fmt == "mixed-precision":
+            raise WeightFormatError(f"{module}: the compressed-tensors config names no format for its scheme")
+        try:
+            compressor = self._registry.get_value_from_registry(fmt)
+            out = compressor.decompress(dict(parts), scheme)
+        except WeightFormatError:
+            raise
+        except Exception as err:  # the library's own words, with which module and format
+            raise WeightFormatError(f"{module}: compressed-tensors could not dequantise its {fmt} weight "
+                                    f"({type(err).__name__}: {err})") from err
+        w = out["weight"] if isinstance(out, dict) else out
+        if w.dtype in (torch.int8, torch.int32, torch.uint8) or not w.is_floating_point():
+            raise WeightFormatError(f"{module}: compressed-tensors returned {w.dtype} codes, not a weight")
+        return w
+
+
+# ---- block FP8 experts kept in FP8 -----------------------------------------------------------------------------
+class BlockFP8Stack:
+    """A layer's stacked expert tensor [E, R, C] kept in block FP8 in memory, each expert dequantised to ``dtype``
+    only when it is computed: half a bf16 layer's bytes (DeepSeek-V3's 256 experts: 11.3 GB instead of 22.5 GB),
+    so a layer of a published FP8 checkpoint fits where its dequantised copy would not. ``parts`` are the row
+    counts of the separately blocked tensors stacked along R (gate and up in ``gate_up_proj``), each with its own
+    scale grid, as the checkpoint stores them per expert."""
+
+    def __init__(self, data: torch.Tensor, scales: list[torch.Tensor], parts: list[int], block: tuple[int, int],
+                 dtype: torch.dtype):
+        if sum(parts) != data.shape[1] or len(scales) != len(parts):
+            raise WeightFormatError(f"FP8 expert stack: parts {parts} do not add up to its {data.shape[1]} rows")
+        self.data, self.scales, self.parts, self.block, self.dtype = data, scales, list(parts), block, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + sum(s.numel() * s.element_size() for s in self.scales)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s [R, C] weight in the compute dtype."""
+        out, start = [], 0
+        for rows, scale in zip(self.parts, self.scales):
+            out.append(dequant_fp8(self.data[e, start:start + rows], scale[e], self.block))
+            start += rows
+        return (out[0] if len(out) == 1 else torch.cat(out, 0)).to(self.dtype)
+
+    def dequantise(self) -> torch.Tensor:
+        """Every expert: [E, R, C] in the compute dtype (the layer's full dequantised size)."""
+        return torch.stack([self[e] for e in range(len(self))])

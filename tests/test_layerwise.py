@@ -303,3 +303,119 @@ def test_a_family_whose_layers_hand_on_more_than_hidden_states_is_refused(tmp_pa
     tiny_model("glm_moe_dsa", seed=0).save_pretrained(folder)
     with pytest.raises(ModelLoadError, match="hand the next layer more than the hidden states"):
         load_model(folder, with_tokenizer=False, sequential=True)
+
+
+def _ref_unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Signed 4-bit codes of int32 words, eight per word from the low nibble up, stored offset by 8 (this file's
+    reading of compressed-tensors' pack-quantized layout, written independently of its code)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nib = torch.stack([(words >> (4 * j)) & 0xF for j in range(8)], -1).reshape(packed.shape[0], -1)
+    return (nib[:, :cols] - 8).float()
+
+
+def _ct_reference(folder: Path, kind: str, out: Path) -> Path:
+    """The compressed-tensors checkpoint dequantised by this file's code into a plain float32 one."""
+    sd = load_file(folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    plain = {}
+    for k, v in sd.items():
+        if k.endswith(".weight_packed"):
+            base = k[: -len("weight_packed")]
+            rows, cols = (int(x) for x in sd[base + "weight_shape"])
+            scale = sd[base + "weight_scale"].float()
+            codes = _ref_unpack_int4(v, cols)
+            plain[base + "weight"] = (codes.reshape(rows, scale.shape[1], -1) * scale[..., None]).reshape(rows, cols)
+        elif k.endswith(".weight") and k[: -len("weight")] + "weight_scale" in sd:
+            plain[k] = v.float() * sd[k[: -len("weight")] + "weight_scale"].float()
+        elif not k.rsplit(".", 1)[-1].startswith(("weight_", "input_")):
+            plain[k] = v.float()
+    out.mkdir()
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del cfg["quantization_config"]
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "fp8"])
+def test_compressed_tensors_layer_by_layer_equals_the_reference_dequantisation(tmp_path, kind):
+    """llm-compressor's W4A16 (int4 groups, packed in int32) and FP8-dynamic (FP8 per output channel), quantised by
+    compressed-tensors' own code; the engine's statistics, perplexity and preview against the checkpoint dequantised
+    by this file's reference code."""
+    pytest.importorskip("compressed_tensors")
+    from test_compressed_inputs import quantised_checkpoint
+
+    ct = quantised_checkpoint(kind, tmp_path / kind)
+    plain = _ct_reference(ct, kind, tmp_path / "plain")
+    ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
+    model, _, view = load_model(ct, with_tokenizer=False, device="cpu", sequential=True, dtype="float32")
+    engine = engine_of(model)
+    assert engine.quantised.startswith("compressed-tensors") and "dequantised per layer" in engine.describe()
+    k = "model.layers.1.self_attn.q_proj.weight"
+    engine.load_layer(1)
+    assert torch.equal(model.get_parameter(k), ref.get_parameter(k).to(torch.bfloat16).float())
+    engine.unload_layer(1)
+    blocks = _blocks(ref.config.vocab_size)
+    # the reference holds the dequantised values in float32, the engine rounds them to the checkpoint's bf16 scale
+    # dtype as compressed-tensors does: equal routing, statistics to bf16 rounding
+    ref_bf16 = load_model(plain, with_tokenizer=False, device="cpu")[0]
+    for p in ref_bf16.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    rv = ref_view.__class__(ref_bf16)
+    _assert_same_stats(collect_stats(ref_bf16, rv, blocks, batch_size=4), collect_stats(model, view, blocks,
+                                                                                           batch_size=4))
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref_bf16, blocks, 4).ppl - 1) < 1e-5
+    plan = _drop_plan(view)
+    assert abs(preview_perplexity(model, view, plan, blocks, batch_size=4).ppl
+               / preview_perplexity(ref_bf16, rv, plan, blocks, batch_size=4).ppl - 1) < 1e-5
+
+
+def test_fp8_task_scores_equal_the_reference_dequantisation(tmp_path):
+    """lm-eval's scores of the FP8 checkpoint with a partial block (read in memory by the explorer) are the
+    reference-dequantised model's."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    from explorer.loading import DEMO_MODEL
+    from explorer.tasks import evaluate_tasks
+
+    fp8 = fp8_checkpoint(tmp_path / "fp8", bad_grid=True, vocab_size=4096)  # the demo's tokenizer: real text
+    plain = _dequantised_reference(fp8, tmp_path / "plain")
+    for folder in (fp8, plain):
+        AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(folder)
+    model, tok, _ = load_model(fp8, device="cpu", dtype="float32")
+    ref, ref_tok, _ = load_model(plain, device="cpu")
+    tasks = "demo_next_word,demo_next_line_code"
+    got, want = evaluate_tasks(model, tok, tasks, limit=20), evaluate_tasks(ref, ref_tok, tasks, limit=20)
+    for t in want["tasks"]:
+        assert got["tasks"][t]["value"] == pytest.approx(want["tasks"][t]["value"], abs=1e-9), t
+
+
+def test_fp8_experts_kept_in_fp8_equal_the_reference_dequantisation(tmp_path):
+    """A DeepSeek-V3 FP8 layer too large to dequantise whole (22.5 GB in bf16) keeps its experts in FP8, each
+    dequantised as it is computed: the same statistics, perplexity and drop / merge previews as the reference, half
+    the expert bytes in memory."""
+    fp8 = fp8_checkpoint(tmp_path / "fp8", bad_grid=True)
+    plain = _dequantised_reference(fp8, tmp_path / "plain")
+    ref, _, ref_view = load_model(plain, with_tokenizer=False, device="cpu")
+    engine = LayerwiseModel(fp8, dtype=torch.float32, keep_fp8=True)
+    model, view = engine.model, engine.view
+    assert "kept in FP8" in engine.describe()
+    blocks = _blocks(ref.config.vocab_size)
+    _assert_same_stats(collect_stats(ref, ref_view, blocks, batch_size=4), collect_stats(model, view, blocks,
+                                                                                          batch_size=4))
+    assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+    lay = next(lay for lay in view if lay.layer_idx == 1)
+    seen = {}
+    engine.on_load.append(lambda i: seen.setdefault(i, (lay.fp8_kept is not None and i == 1,
+                                                         engine.loaded_bytes)))
+    for plan in (_drop_plan(view), Plan(merge={lay.index: [[0, 3], [1, 2]]}, merge_weights={lay.index: [[1, 1], [2, 1]]})):
+        assert abs(preview_perplexity(model, view, plan, blocks, batch_size=4).ppl
+                   / preview_perplexity(ref, ref_view, plan, blocks, batch_size=4).ppl - 1) < 1e-5, plan
+    assert seen[1][0]  # layer 1's experts were held as FP8 stacks while it ran
+    assert not engine.unchecked  # small enough: each layer's self-check ran on its experts dequantised
+    dense = sum(p.numel() * 4 for n, p in model.model.layers[1].named_parameters())
+    experts = sum(p.numel() for n, p in model.model.layers[1].named_parameters() if ".experts." in n)
+    assert seen[1][1] - engine.rest_bytes < dense - experts * 2  # 1 byte (+ scales) per expert weight, not 4
+    with pytest.raises(LayerwiseError, match="per-expert FP8"):
+        LayerwiseModel(_saved(tmp_path, "mixtral"), keep_fp8=True)
