@@ -4,6 +4,8 @@ eval with ``--device-map auto --max-memory cpu=...``, each in its own process, p
     python bench/real_size.py                       # OLMoE-1B-7B shape (16 layers, 64 experts, 6.9B, 13.8 GB bf16)
     python bench/real_size.py --layers 4            # the same layers, fewer of them (what this project's CI size runs)
     python bench/real_size.py --shape qwen3-30b-a3b --layers 2   # a Qwen3-30B-A3B-shaped slice, 128 experts
+    python bench/real_size.py --deepseek-fp8        # DeepSeek-V3 at full width in its published block FP8: one dense
+                                                    # and two MoE layers of 256 experts (23 GB), layer by layer
 
 The checkpoint is written as the published ones are (per-expert keys, bf16), one decoder layer per shard, so no
 more than one layer is ever in memory while building. Each step runs the explorer's CLI in a child process; peak RSS
@@ -227,6 +229,151 @@ def fixed_cost(work: Path, shape: dict, seq: int) -> float:
     return run("fixed", argv)["wall_s"]
 
 
+DEEPSEEK_V3 = dict(  # the published config.json's shapes (671B); random FP8 weights
+    model_type="deepseek_v3", hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+    norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    num_attention_heads=128, num_key_value_heads=128, vocab_size=129280, max_position_embeddings=4096,
+    first_k_dense_replace=1, rope_scaling=None)
+FP8_BLOCK = 128
+
+
+def build_fp8(folder: Path, shape: dict, layers: int, seed: int = 0) -> dict:
+    """A checkpoint laid out as DeepSeek-V3's published one: every projection of the decoder layers in e4m3 with a
+    float32 scale per 128 x 128 block (``kv_a_proj_with_mqa``'s 576 rows fill 4.5 blocks), router, norms,
+    embedding and head in bf16, experts keyed one by one, one shard per decoder layer. The FP8 codes are random
+    bytes (NaN codes excluded), so writing runs at the disk's speed. Returns byte counts by kind."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from explorer.loading import DEMO_MODEL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = AutoConfig.for_model(**{**shape, "num_hidden_layers": layers, "tie_word_embeddings": False})
+    cfg.dtype = "bfloat16"
+    cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                               "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    cfg.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(folder)
+    del cfg.quantization_config
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+
+    def fp8(rows, cols):
+        b = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=g)
+        b[(b & 0x7F) == 0x7F] = 0x7E  # e4m3's NaN codes
+        grid = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+        return b.view(torch.float8_e4m3fn), torch.rand(*grid, generator=g) * 1e-3 + 1e-4
+
+    sizes = {"fp8_experts": 0, "fp8_other": 0, "other": 0, "total": 0}
+    wmap = {}
+
+    def shard(name, tensors):
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            wmap[k] = name
+            sizes["total"] += t.numel() * t.element_size()
+
+    per_layer: dict[int, dict] = {i: {} for i in range(layers)}
+    rest = {}
+    for name, p in skeleton.named_parameters():
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"]:
+            rest[name] = (torch.randn(*p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            sizes["other"] += p.numel() * 2
+            continue
+        out = per_layer[int(parts[2])]
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            continue  # written per expert below
+        if name.endswith("_proj.weight") and p.dim() == 2:
+            out[name], out[name + "_scale_inv"] = fp8(*p.shape)
+            sizes["fp8_other"] += p.numel()
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = torch.zeros(*p.shape)
+        else:  # norms (ones) and the router (small random)
+            out[name] = (torch.ones(*p.shape) if "norm" in name else torch.randn(*p.shape, generator=g) * 0.02
+                         ).to(torch.bfloat16)
+            sizes["other"] += p.numel() * 2
+    n_sh = layers + 1
+    shard(f"model-00001-of-{n_sh:05d}.safetensors", rest)
+    E, H, I = shape["n_routed_experts"], shape["hidden_size"], shape["moe_intermediate_size"]
+    for i in range(layers):
+        t = per_layer[i]
+        if i >= shape["first_k_dense_replace"]:
+            for e in range(E):
+                q = f"model.layers.{i}.mlp.experts.{e}."
+                for proj, (r, c) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                    t[q + proj + ".weight"], t[q + proj + ".weight_scale_inv"] = fp8(r, c)
+                    sizes["fp8_experts"] += r * c
+        shard(f"model-{i + 2:05d}-of-{n_sh:05d}.safetensors", t)
+        per_layer[i] = None
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sizes["total"]}, "weight_map": wmap}, indent=1))
+    return sizes
+
+
+def dequant_rate(seconds: float = 3.0) -> float:
+    """FP8 weights dequantised per second (e4m3 codes times their block scales, to bf16) on this machine: one
+    DeepSeek-V3 expert's gate and up projections at a time, as the engine does it."""
+    from explorer.weightformats import BlockFP8Stack
+
+    st = BlockFP8Stack(torch.randn(2, 4096, 7168).to(torch.float8_e4m3fn), [torch.rand(2, 16, 56)] * 2, [2048, 2048],
+                       (FP8_BLOCK, FP8_BLOCK), torch.bfloat16)
+    st[0]
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        st[n % 2]
+        n += 1
+    return n * 4096 * 7168 / (time.perf_counter() - t)
+
+
+def deepseek_fp8(work: Path, layers: int, tokens: int, seq: int) -> None:
+    """stats, eval and preview with --sequential on DeepSeek-V3 at full width in block FP8, each from a cold page
+    cache, against the bound: one read of the stored bytes, every FP8 weight dequantised once, and the active
+    matrix products (attention projections, router, shared and top-8 routed experts, head) at this CPU's speed."""
+    shape = DEEPSEEK_V3
+    model_dir = work / "deepseek-v3-fp8"
+    t = time.perf_counter()
+    sizes = build_fp8(model_dir, shape, layers)
+    moe_layers = layers - shape["first_k_dense_replace"]
+    print(f"built DeepSeek-V3 at full width, {layers} decoder layers ({moe_layers} MoE x 256 experts): "
+          f"{sizes['total'] / 1e9:.1f} GB ({sizes['fp8_experts'] / 1e9:.1f} G FP8 expert weights), "
+          f"{time.perf_counter() - t:.0f}s")
+    m = machine(model_dir)
+    rate = dequant_rate()
+    print(f"this machine: cold read {m['read_bytes_per_s'] / 1e6:.0f} MB/s; matrix products "
+          f"{m['compute_flop_per_s'] / 1e9:.0f} GFLOP/s in {m['compute']}; FP8 dequantisation "
+          f"{rate / 1e9:.2f} G weights/s")
+    H = shape["hidden_size"]
+    attn = sum(p for p in (H * 1536, 1536 * 128 * 192, H * 576, 512 * 128 * 256, 128 * 128 * H))
+    active = layers * attn + shape["first_k_dense_replace"] * 3 * H * shape["intermediate_size"] + \
+        moe_layers * (H * 256 + 9 * 3 * H * shape["moe_intermediate_size"])
+    read_s = sizes["total"] / m["read_bytes_per_s"]
+    deq_s = (sizes["fp8_experts"] + sizes["fp8_other"]) / rate
+    flop_s = 2 * active * tokens / m["compute_flop_per_s"]
+    head_s = 2 * shape["vocab_size"] * H * tokens / m["compute_flop_per_s"]
+    print(f"bound per pass: read {read_s:.1f}s + dequantise {deq_s:.1f}s + products {flop_s:.1f}s "
+          f"(+ head {head_s:.1f}s for perplexity)")
+    common = ["--sequential", "--data", "demo", "--block-len", str(seq), "--max-tokens", str(max(1, tokens // 4)),
+              "--batch-size", str(max(1, tokens // seq))]  # one batch: each expert is dequantised once per pass
+    stats_file, plan = work / "ds-stats.npz", work / "ds-plan.json"
+    print("\n| step | wall s | lower bound s | wall / bound | peak anonymous GiB | of the checkpoint |")
+    print("|---|---|---|---|---|---|")
+    steps = [("stats", ["stats", str(model_dir), *common, "--out", str(stats_file), "--overwrite"],
+              read_s + deq_s + flop_s),
+             ("eval", ["eval", str(model_dir), *common], read_s + deq_s + flop_s + head_s)]
+    for name, argv, bound in steps:
+        drop_cache(model_dir)
+        r = run(name, argv)
+        print(f"| {name} | {r['wall_s']:.1f} | {bound:.1f} | {r['wall_s'] / bound:.2f} | "
+              f"{r['peak_anon'] / 2**30:.2f} | {r['peak_anon'] / sizes['total']:.2f} |", flush=True)
+        for line in r["stdout"].splitlines():
+            if "layer by layer" in line:
+                print("   ", line.strip())
+
+
 def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int, token_counts: list[int],
               seq: int) -> None:
     """stats, preview and eval with --sequential at each token count: wall time, peak memory and the ratio to the
@@ -288,7 +435,17 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="the layer-by-layer engine (no device map): stats, "
                     "preview and eval at 1,024 and 4,096 calibration tokens in total, against their lower bounds")
+    ap.add_argument("--deepseek-fp8", action="store_true", help="DeepSeek-V3 at full width in block FP8 (1 dense + "
+                    "2 MoE layers unless --layers), stats and eval layer by layer against their bounds")
     a = ap.parse_args()
+    if a.deepseek_fp8:
+        work = Path(a.workdir or tempfile.mkdtemp(prefix="explorer-deepseek-fp8-"))
+        try:
+            deepseek_fp8(work, a.layers or 3, a.tokens, a.seq)
+        finally:
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     shape = SHAPES[a.shape]
     layers = a.layers or shape["num_hidden_layers"]
     work = Path(a.workdir or tempfile.mkdtemp(prefix="explorer-real-size-"))

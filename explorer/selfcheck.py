@@ -81,7 +81,8 @@ def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 
             f"{where}: its router scores {lay.num_experts} experts but the block holds {n_held}; routed slots "
             "without weights (zero-computation or null experts, as LongCat-Flash's) are not supported")
     dev = lay.device
-    dtype = next((p.dtype for p in lay.router.parameters() if p.is_floating_point()), torch.float32)
+    # the hidden states' dtype is the experts' (a router kept in float32, as DeepSeek-V3's, takes them as they are)
+    dtype = lay.gate_up.dtype if lay.gate_up.is_floating_point() else torch.float32
     g = torch.Generator().manual_seed(seed + lay.index)
     x = torch.randn(1, tokens, lay.hidden_size, generator=g).to(dev, dtype)
     tol = _tolerance(dtype)

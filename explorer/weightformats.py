@@ -271,6 +271,9 @@ class BlockFP8Stack:
     def __len__(self) -> int:
         return self.data.shape[0]
 
+    def is_floating_point(self) -> bool:
+        return True  # what it computes in
+
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert ``e``'s [R, C] weight in the compute dtype."""
         out, start = [], 0

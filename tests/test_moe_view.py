@@ -113,3 +113,20 @@ def test_upcycled_model_computes_what_the_original_computes(family):
         assert not torch.allclose(a, upcycled(model, 2, noise=0.2)(ids).logits, atol=1e-4)  # noisy copies differ
     with pytest.raises(ValueError, match="softmax routers"):
         upcycled(tiny_model("deepseek_v3", seed=2))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral"])
+def test_a_bf16_checkpoint_loads_in_memory_and_layer_by_layer(family, tmp_path):
+    """Published checkpoints are bf16; DeepSeek-V3's (and Kimi-K2's) router is kept in float32 beside bf16
+    experts. The self-check feeds each block hidden states of the experts' dtype, as the model does; the view's
+    output is the block's own to bf16 rounding."""
+    from explorer.loading import load_model
+    from explorer.stats import collect_stats
+    from explorer.tiny import random_blocks
+
+    tiny_model(family, seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for sequential in (False, True):
+        model, _, view = load_model(tmp_path / "bf16", with_tokenizer=False, sequential=sequential, dtype="bfloat16")
+        assert view[0].gate_up.dtype == torch.bfloat16
+        stats = collect_stats(model, view, random_blocks(4, 16, seed=0, vocab=200), batch_size=2)
+        assert stats.layers[0]["count"].sum() == 4 * 16 * view.top_k
