@@ -281,7 +281,7 @@ def build_fp8(folder: Path, shape: dict, layers: int, seed: int = 0) -> dict:
     for name, p in skeleton.named_parameters():
         parts = name.split(".")
         if parts[:2] != ["model", "layers"]:
-            rest[name] = (torch.randn(*p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            rest[name] = (torch.rand(*p.shape, generator=g, dtype=torch.bfloat16) - 0.5) * 0.04
             sizes["other"] += p.numel() * 2
             continue
         out = per_layer[int(parts[2])]
@@ -296,19 +296,24 @@ def build_fp8(folder: Path, shape: dict, layers: int, seed: int = 0) -> dict:
             out[name] = (torch.ones(*p.shape) if "norm" in name else torch.randn(*p.shape, generator=g) * 0.02
                          ).to(torch.bfloat16)
             sizes["other"] += p.numel() * 2
-    n_sh = layers + 1
-    shard(f"model-00001-of-{n_sh:05d}.safetensors", rest)
+    shard("model-rest.safetensors", rest)
+    del rest
     E, H, I = shape["n_routed_experts"], shape["hidden_size"], shape["moe_intermediate_size"]
+    per_shard = 16  # experts per shard (0.7 GB): safetensors serialises a shard in memory before writing it
     for i in range(layers):
-        t = per_layer[i]
-        if i >= shape["first_k_dense_replace"]:
-            for e in range(E):
+        shard(f"model-layer{i:02d}.safetensors", per_layer[i])
+        per_layer[i] = None
+        if i < shape["first_k_dense_replace"]:
+            continue
+        for first in range(0, E, per_shard):
+            t = {}
+            for e in range(first, min(E, first + per_shard)):
                 q = f"model.layers.{i}.mlp.experts.{e}."
                 for proj, (r, c) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
                     t[q + proj + ".weight"], t[q + proj + ".weight_scale_inv"] = fp8(r, c)
                     sizes["fp8_experts"] += r * c
-        shard(f"model-{i + 2:05d}-of-{n_sh:05d}.safetensors", t)
-        per_layer[i] = None
+            shard(f"model-layer{i:02d}-experts{first:03d}.safetensors", t)
+            del t
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": sizes["total"]}, "weight_map": wmap}, indent=1))
     return sizes
@@ -336,7 +341,12 @@ def deepseek_fp8(work: Path, layers: int, tokens: int, seq: int) -> None:
     shape = DEEPSEEK_V3
     model_dir = work / "deepseek-v3-fp8"
     t = time.perf_counter()
-    sizes = build_fp8(model_dir, shape, layers)
+    sizes_file = model_dir / "bench-sizes.json"
+    if sizes_file.exists():  # a checkpoint this bench built before (--workdir ... --keep)
+        sizes = json.loads(sizes_file.read_text())
+    else:
+        sizes = build_fp8(model_dir, shape, layers)
+        sizes_file.write_text(json.dumps(sizes))
     moe_layers = layers - shape["first_k_dense_replace"]
     print(f"built DeepSeek-V3 at full width, {layers} decoder layers ({moe_layers} MoE x 256 experts): "
           f"{sizes['total'] / 1e9:.1f} GB ({sizes['fp8_experts'] / 1e9:.1f} G FP8 expert weights), "

@@ -291,17 +291,35 @@ class LayerwiseModel:
         products instead of after them."""
         if not 0 <= i < len(self.layer_keys) or not hasattr(os, "posix_fadvise"):
             return
+        shards = sorted({self._wmap[k] for k in self.layer_keys[i]})
+        size = sum((self.folder / sh).stat().st_size for sh in shards)
+        if size > 0.5 * _available_memory(torch.device("cpu")):
+            return  # read ahead into a page cache that cannot hold it, it would evict what the current layer uses
         if self._prefetcher is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-prefetch")
-        for shard in sorted({self._wmap[k] for k in self.layer_keys[i]}):
+        for shard in shards:
             self._prefetcher.submit(_will_need, self.folder / shard)
+
+    def _own_shards(self, i: int) -> list[str]:
+        """Shards that hold decoder layer ``i``'s tensors and nothing else's."""
+        if not hasattr(self, "_shard_owner"):
+            owner: dict[str, set] = {}
+            for j, keys in self.layer_keys.items():
+                for k in keys:
+                    owner.setdefault(self._wmap[k], set()).add(j)
+            for k in self.rest_keys + self.ignored_keys:
+                owner.setdefault(self._wmap[k], set()).add(-1)
+            self._shard_owner = owner
+        return [sh for sh, who in self._shard_owner.items() if who == {i}]
 
     def load_layer(self, i: int) -> None:
         keys, stacks = self._fp8_expert_stacks(i) if self.keep_fp8 else (self.layer_keys[i], {})
         self._load(keys)
         self._keep(i, stacks)
+        for shard in self._own_shards(i):  # read: unmap them, so their pages are cheap to reclaim
+            self._handles.pop(shard, None)
         self.prefetch(i + 1)
         layer = self.view.decoder_layers[i]
         kept = {id(getattr(lay.experts, name)) for lay in self.view if lay.layer_idx == i and lay.fp8_kept

@@ -304,6 +304,7 @@ class StatsObserver:
         self.sample: dict | None = None  # when set, record routes of the first ``sample['n']`` tokens
         self._reap_gates: torch.Tensor | None = None  # [T, E] REAP's gate where its top-k picks an expert, else 0
         self.dense_sel: torch.Tensor | None = None  # positions of this batch's dense sample (set per batch)
+        self._dense_x: dict[int, torch.Tensor] = {}  # MoE layer -> this batch's dense sample (experts kept in FP8)
 
     def _reap_softmax(self, lay: MoELayer, a: dict, x, logits, idx, v) -> None:
         """REAP's definition (its observer): softmax over all experts, its own top-k, renormalised over it. Where
@@ -363,8 +364,15 @@ class StatsObserver:
         sel = self.dense_sel if self.dense_sample else None
         if sel is None and self.dense_sample:
             sel = dense_positions(valid.cpu(), self.dense_sample).to(x.device)
+        self._dense_x.pop(lay.index, None)
         if sel is not None and sel.numel():
-            a["dense_out_sum"] += lay.dense_experts(x[sel]).float().sum(1)
+            if lay.fp8_kept:  # each expert on the sample while the loop holds it dequantised (see ``expert``)
+                xs = x[sel]
+                self._dense_x[lay.index] = xs
+                for e in (torch.bincount(idx.reshape(-1), minlength=E) == 0).nonzero().flatten().tolist():
+                    a["dense_out_sum"][e] += lay.expert(e, xs).float().sum(0)  # routed nowhere in this batch
+            else:
+                a["dense_out_sum"] += lay.dense_experts(x[sel]).float().sum(1)
             a["dense_tokens"] += sel.numel()
         if self.sample is not None and self.sample.get("pending", {}).get(lay.index):
             n = self.sample["n"]
@@ -375,6 +383,9 @@ class StatsObserver:
     def expert(self, lay: MoELayer, e: int, tok, g, xin, h, y) -> None:
         """One expert's routed pairs (the loop kernel)."""
         v = self._valid_of(tok, g)
+        xs = self._dense_x.get(lay.index)
+        if xs is not None and lay.fp8_kept:
+            self.acc[lay.index]["dense_out_sum"][e] += lay.expert(e, xs).float().sum(0)
         eid = torch.full_like(tok, e)
         self._add(lay, slice(e, e + 1), v[None, :], (g.float() ** 2 * v)[None, :], tok, eid, g, h, y)
 

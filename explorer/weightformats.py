@@ -133,6 +133,10 @@ def check_checkpoint(folder: Path) -> list[str]:
 def dequant_fp8(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """float32 weight of a block-wise FP8 tensor [out, in] and its [ceil(out/bh), ceil(in/bw)] scales."""
     check_fp8_grid("weight", w.shape, scale.shape, block)
+    (rows, cols), (gh, gw) = w.shape, scale.shape
+    if rows == gh * block[0] and cols == gw * block[1]:  # whole blocks: one float32 copy, scaled in place
+        out = w.to(torch.float32).view(gh, block[0], gw, block[1]).mul_(scale.float()[:, None, :, None])
+        return out.view(rows, cols)
     s = scale.float().repeat_interleave(block[0], 0)[: w.shape[0]].repeat_interleave(block[1], 1)[:, : w.shape[1]]
     return w.float() * s
 
@@ -255,6 +259,8 @@ class BlockFP8Stack:
         if sum(parts) != data.shape[1] or len(scales) != len(parts):
             raise WeightFormatError(f"FP8 expert stack: parts {parts} do not add up to its {data.shape[1]} rows")
         self.data, self.scales, self.parts, self.block, self.dtype = data, scales, list(parts), block, dtype
+        self._last: tuple[int, torch.Tensor] | None = None  # the expert dequantised last: the loop computes an
+        # expert and the statistics' dense sample reads it again at once
 
     @property
     def shape(self) -> torch.Size:
@@ -276,11 +282,16 @@ class BlockFP8Stack:
 
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert ``e``'s [R, C] weight in the compute dtype."""
+        e = int(e)
+        if self._last is not None and self._last[0] == e:
+            return self._last[1]
         out, start = [], 0
         for rows, scale in zip(self.parts, self.scales):
             out.append(dequant_fp8(self.data[e, start:start + rows], scale[e], self.block))
             start += rows
-        return (out[0] if len(out) == 1 else torch.cat(out, 0)).to(self.dtype)
+        w = (out[0] if len(out) == 1 else torch.cat(out, 0)).to(self.dtype)
+        self._last = (e, w)
+        return w
 
     def dequantise(self) -> torch.Tensor:
         """Every expert: [E, R, C] in the compute dtype (the layer's full dequantised size)."""
