@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 from types import SimpleNamespace
 import functools
-import hashlib
 import html
 import os
 import shutil
@@ -247,14 +246,7 @@ def plan_file(s: Session) -> str | None:
     """The current plan as a file for the download button (one file per plan content, so never a stale one)."""
     if not s.loaded:
         return None
-    text = s.plan.to_json()
-    key = hashlib.sha1(text.encode()).hexdigest()[:16]
-    if getattr(s, "_plan_file", (None, None))[0] == key and Path(s._plan_file[1]).exists():
-        return s._plan_file[1]
-    path = _private_dir(s, "plan") / "plan.json"  # under the session's own folder, never a shared one
-    s.plan.to_json(path)
-    s._plan_file = (key, str(path))
-    return str(path)
+    return s.plan_file(_private_dir(s, "plan"))  # under the session's own folder, never a shared one
 
 
 # ---- layout: one builder per tab, each returns its components ------------------------------------------------

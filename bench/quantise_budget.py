@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explorer import load_data, load_model, perplexity  # noqa: E402
-from explorer.ops.quantise import bits_per_weight, quantise_plan  # noqa: E402
+from explorer.ops.quantise import bits_per_weight  # noqa: E402
+from explorer.planners.quantise import quantise_plan  # noqa: E402
 from explorer.preview import preview_perplexity  # noqa: E402
 from explorer.stats import collect_stats  # noqa: E402
 

@@ -13,7 +13,7 @@ from _common import bench_args, model_and_blocks, timed
 
 from explorer import collect_stats, planners
 from explorer.preview import previewing
-from explorer.moe import expert_path
+from explorer.kernels import expert_path
 
 
 def main() -> None:

@@ -28,14 +28,17 @@ from pathlib import Path
 import torch
 
 from .hubcache import inside_model
-from .moe import BLOCK_ATTRS, MoEModel, expert_dim
+from .layout import BLOCK_ATTRS, expert_dim
+from .moe import MoEModel
+from .ops import OPS, EditContext
 from .outputs import check_export_dir, staged_dir
 from .plan import Plan, PlanError
-from .transform import up_positions
+from .neurons import up_positions
+from .surgery import LAYOUT_FILE, block_drop_config, intermediate_attr
+from .shards import INDEX, disk_name, open_shard, weight_map
 from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, check_int_weights, dequant_fp8,
                             dequant_mxfp4, fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
-INDEX = "model.safetensors.index.json"
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -77,8 +80,8 @@ class _Out:
     dtype: str
     shape: list[int]
     src: str  # source key
-    op: tuple  # ("copy",) | ("rows", dim, ids) | ("members", keys, w) | ("experts", dim, [(ids, w, sel)])
-    sel: tuple | None = None  # (dim, positions): slimming of a per-expert tensor, after the op
+    op: "Task"  # how its values are produced from the source (Copy, Rows, Members, Experts, FP8Requant, ...)
+    sel: tuple | None = None  # (dim, positions): slimming of a per-expert tensor, after the task
 
 
 def _structure(folder: Path, trust_remote_code: bool = False):
@@ -93,49 +96,9 @@ def _structure(folder: Path, trust_remote_code: bool = False):
     return config, model, MoEModel(model)
 
 
-def _weight_map(folder: Path) -> dict[str, str]:
-    """key -> shard file, every shard inside ``folder`` and readable (a weight_map naming
-    ``../outside/x.safetensors`` would copy another folder's file into the output: refused)."""
-    idx = folder / INDEX
-    if idx.exists():
-        try:
-            wmap = json.loads(idx.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise PlanError(f"{idx} is not a safetensors index (no readable weight_map): {err}") from err
-        if not isinstance(wmap, dict) or not wmap:
-            raise PlanError(f"{idx}: weight_map is empty or not a mapping of tensor names to shard files")
-    else:
-        single = folder / "model.safetensors"
-        if not single.exists():
-            raise PlanError(f"{folder} has neither {INDEX} nor model.safetensors")
-        wmap = None
-    if wmap is None:
-        return {k: "model.safetensors" for k in _open_shard(single, lambda f: list(f.keys()))}
-    for shard in sorted(set(wmap.values())):
-        path = (folder / str(shard)).resolve()
-        if not isinstance(shard, str) or not inside_model(folder, folder / shard):
-            raise PlanError(f"{idx}: shard {shard!r} lies outside the model folder; refused")
-        if not path.is_file():
-            raise PlanError(f"{folder}: shard {shard} named by the index is missing")
-    return wmap
-
-
-def _open_shard(path: Path, fn):
-    """``fn`` of an opened shard; a damaged or truncated one is said in words."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            return fn(f)
-    except (SafetensorError, OSError) as err:
-        raise PlanError(f"{path} is damaged or incomplete (safetensors: {err}); copy the model again") from err
-
-
 def _check_supported(plan: Plan, view: MoEModel, config, model, stats) -> None:
     if stats is not None:
         stats.check_fits(view)
-    from .ops import OPS
-
     for name, spec in plan.ops.items():  # each operation says whether it can be done shard by shard
         why = OPS[name].out_of_core(spec, plan, view, stats, config, model)
         if why:
@@ -178,20 +141,6 @@ def _disk_prefix(prefix: str, keys) -> str:
         if cand is not None:
             return cand
     raise PlanError(f"cannot find the MoE block {prefix} among the checkpoint's keys")
-
-
-def _disk_name(model):
-    """In-memory key -> the key ``save_pretrained`` writes (transformers' reverse renamings; Kolibri's
-    ``mlp.gate.e_score_correction_bias`` is ``moe.router.expert_bias`` on disk)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        rev = [c.reverse_transform() for c in get_model_conversion_mapping(model, add_legacy=False)[::-1]]
-        ren = [r for r in rev if isinstance(r, WeightRenaming)]
-    except Exception:  # noqa: BLE001 - an older or newer transformers without these: names as they are
-        return lambda k: k
-    return lambda k: apply_renamings(k, ren) if ren else k
 
 
 def _disk_row_orders(model):
@@ -237,9 +186,7 @@ def _router_rows(lay, names: dict) -> dict[str, int]:
 
 def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
     names = {id(m): n for n, m in model.named_modules()}
-    to_disk = _disk_name(model)
-    from .ops import OPS, EditContext
-
+    to_disk = disk_name(model)
     blocked = plan.blocked_moe_layers(view)
     row_order = _disk_row_orders(model)
     out = []
@@ -308,7 +255,7 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
         return None
     rel = key[len(lay.prefix) + 1:]
     if any(key.startswith(s + ".") for s in lay.shared):
-        return key, shape, ("copy",), None
+        return key, shape, Copy(), None
     m = _PER_EXPERT.search("." + rel)
     if m:  # per-expert layout: keep, renumber, or average a merge group
         e = int(m.group(1))
@@ -325,17 +272,17 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
                             "core; drop experts or layers out of core, or apply in memory")
         if e in lay.merged:
             g, w = lay.merged[e]
-            return new, new_shape, ("members", [key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w), sel
-        return new, new_shape, ("copy",), sel
+            return new, new_shape, Members([key.replace(f".experts.{e}.", f".experts.{x}.", 1) for x in g], w), sel
+        return new, new_shape, Copy(), sel
     # expert weights live under the experts module; a per-expert tensor elsewhere (router rows, router and choice
     # biases, ERNIE's moe_statics) is sliced, never averaged or narrowed
     if key in lay.rows and shape and shape[lay.rows[key]] == lay.E:  # a router-side tensor, wherever it is stored
         dim = lay.rows[key]
-        return key, [len(lay.kept) if d == dim else n for d, n in enumerate(shape)], ("rows", dim, lay.kept), None
+        return key, [len(lay.kept) if d == dim else n for d, n in enumerate(shape)], Rows(dim, lay.kept), None
     is_expert = rel.startswith(lay.experts_rel + ".") or key in lay.expert_keys
     if shape and shape[0] == lay.E and (is_expert or len(shape) <= 2):
         if not is_expert:
-            return key, [len(lay.kept)] + shape[1:], ("rows", 0, lay.kept), None
+            return key, [len(lay.kept)] + shape[1:], Rows(0, lay.kept), None
         sels = [_sel(lay, e, rel, len(shape) - 1, fused=True, key=key) for e in lay.kept]
         rows = [(*(lay.merged[e] if e in lay.merged else ([e], [1.0])), sel) for e, sel in zip(lay.kept, sels)]
         if (lay.merged or sels[0] is not None) and key.endswith(("_blocks", "_scales")) and lay.fmt and lay.fmt.mxfp4:
@@ -346,15 +293,15 @@ def _edit_for(key: str, shape: list[int], lay: _Layer):
         one = list(shape[1:])
         if sels[0] is not None:
             one[sels[0][0]] = len(sels[0][1])
-        return key, [len(lay.kept)] + one, ("experts", 0, rows), None
+        return key, [len(lay.kept)] + one, Experts(rows), None
     if len(shape) == 2 and shape[0] == 1 and shape[1] == lay.E:  # a [1, E] correction bias
-        return key, [1, len(lay.kept)], ("rows", 1, lay.kept), None
-    return key, shape, ("copy",), None
+        return key, [1, len(lay.kept)], Rows(1, lay.kept), None
+    return key, shape, Copy(), None
 
 
 def _fp8_edit(key: str, rel: str, e: int, lay: _Layer):
     """(shape, op, sel) for an FP8 weight or its scales of a merged or slimmed expert: dequantised, edited and
-    quantised back (``("fp8", members, weights, sel, part, block)``); None when the bytes are copied as they are."""
+    quantised back (``FP8Requant``); None when the bytes are copied as they are."""
     f = lay.fmt
     if f is None or f.fp8 is None:
         return None
@@ -377,7 +324,7 @@ def _fp8_edit(key: str, rel: str, e: int, lay: _Layer):
                             f"{f.fp8[sel[0]]}, or apply in memory") from err
     part = "scale" if key.endswith("_scale_inv") else "weight"
     shape = scale_grid(wshape, f.fp8) if part == "scale" else wshape
-    return shape, ("fp8", members, w, sel, part, f.fp8), None
+    return shape, FP8Requant(members, w, sel, part, f.fp8), None
 
 
 def _mxfp4_edit(key: str, shape: list[int], lay: _Layer, rows):
@@ -398,8 +345,8 @@ def _mxfp4_edit(key: str, shape: list[int], lay: _Layer, rows):
                                 "stored in this format (choose a width that is a multiple of 32, or apply in memory)")
     E = len(lay.kept)
     new = [E, out_n, in_n // 32, 16] if key.endswith("_blocks") else [E, out_n, in_n // 32]
-    return key, new, ("mxfp4", base, rows, "blocks" if key.endswith("_blocks") else "scales",
-                      lay.view_layer.transposed), None
+    return key, new, MXFP4Requant(base, rows, "blocks" if key.endswith("_blocks") else "scales",
+                                  lay.view_layer.transposed), None
 
 
 def _merge_float(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -511,41 +458,100 @@ def _select(t: torch.Tensor, sel: tuple | None) -> torch.Tensor:
     return t if sel is None else t.index_select(sel[0], sel[1])
 
 
-def _produce(o: _Out, rd: _Reader) -> torch.Tensor:
-    op = o.op
-    if op[0] == "copy":
-        return _select(rd.tensor(o.src), o.sel)
-    if op[0] == "rows":
-        return rd.slice(o.src, lambda sl: _rows(sl, op[1], op[2]))
-    if op[0] == "members":
-        return _select(_merge([rd.tensor(k) for k in op[1]], op[2]), o.sel)
-    if op[0] == "fp8":
-        _, members, w, sel, part, block = op
-        x = _merge_float([dequant_fp8(rd.tensor(k), rd.tensor(k + "_scale_inv"), block) for k in members], w)
-        q, scale = quant_fp8(_select(x, sel), block)
-        return q if part == "weight" else scale
-    if op[0] == "mxfp4":
-        _, base, rows, part, transposed = op
+# ---- tasks: how each output tensor is produced from the source shards (one writer streams them) ------------
+class Task:
+    """How one output tensor's values are produced from the source (its key ``o.src``), then narrowed by
+    ``o.sel`` where slimming asks; the writer calls ``produce`` once per output tensor."""
 
+    def produce(self, o: _Out, rd: _Reader) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Copy(Task):
+    """The source tensor as it is (its bytes copied without a decode where no slimming narrows it)."""
+
+    def produce(self, o, rd):
+        return _select(rd.tensor(o.src), o.sel)
+
+
+@dataclass
+class Rows(Task):
+    """The kept experts' rows along ``dim`` of a router-side tensor (router rows, biases)."""
+
+    dim: int
+    ids: list[int]
+
+    def produce(self, o, rd):
+        return rd.slice(o.src, lambda sl: _rows(sl, self.dim, self.ids))
+
+
+@dataclass
+class Members(Task):
+    """A merged expert's tensor: its members' weighted average (per-expert keys)."""
+
+    keys: list[str]
+    weights: list[float]
+
+    def produce(self, o, rd):
+        return _select(_merge([rd.tensor(k) for k in self.keys], self.weights), o.sel)
+
+
+@dataclass
+class Experts(Task):
+    """A fused expert tensor [E, ...]: per kept expert (members, weights, selection), merged and narrowed."""
+
+    rows: list[tuple]
+
+    def produce(self, o, rd):
+        def experts(sl):
+            out = []
+            for ids, w, sel in self.rows:
+                parts = [sl[e:e + 1][0] for e in ids]
+                out.append(_select(parts[0] if len(parts) == 1 else _merge(parts, w), sel))
+            return torch.stack(out)
+        return rd.slice(o.src, experts)
+
+
+@dataclass
+class FP8Requant(Task):
+    """A block-FP8 weight (or its scales) of a merged or slimmed expert: dequantised, edited, quantised back."""
+
+    members: list[str]
+    weights: list[float]
+    sel: tuple | None
+    part: str  # "weight" or "scale"
+    block: tuple[int, int]
+
+    def produce(self, o, rd):
+        x = _merge_float([dequant_fp8(rd.tensor(k), rd.tensor(k + "_scale_inv"), self.block) for k in self.members],
+                         self.weights)
+        q, scale = quant_fp8(_select(x, self.sel), self.block)
+        return q if self.part == "weight" else scale
+
+
+@dataclass
+class MXFP4Requant(Task):
+    """A fused MXFP4 ``*_blocks`` / ``*_scales`` tensor whose experts are merged or slimmed: each kept expert
+    dequantised [out, in], edited, and quantised back."""
+
+    base: str
+    rows: list[tuple]
+    part: str  # "blocks" or "scales"
+    transposed: bool
+
+    def produce(self, o, rd):
         def one(e):
-            return rd.slice(base + "_blocks", lambda sl: sl[e:e + 1][0]), rd.slice(base + "_scales",
-                                                                                  lambda sl: sl[e:e + 1][0])
+            return (rd.slice(self.base + "_blocks", lambda sl: sl[e:e + 1][0]),
+                    rd.slice(self.base + "_scales", lambda sl: sl[e:e + 1][0]))
         out = []
-        for ids, w, sel in rows:
+        for ids, w, sel in self.rows:
             x = _merge_float([dequant_mxfp4(*one(e)) for e in ids], w)  # [out, in] as stored
             if sel is not None:
-                x = x.index_select(1 - sel[0] if transposed else sel[0], sel[1])
+                x = x.index_select(1 - sel[0] if self.transposed else sel[0], sel[1])
             blocks, scales = quant_mxfp4(x)
-            out.append(blocks if part == "blocks" else scales)
+            out.append(blocks if self.part == "blocks" else scales)
         return torch.stack(out)
-
-    def experts(sl):
-        out = []
-        for ids, w, sel in op[2]:
-            parts = [sl[e:e + 1][0] for e in ids]
-            out.append(_select(parts[0] if len(parts) == 1 else _merge(parts, w), sel))
-        return torch.stack(out)
-    return rd.slice(o.src, experts)
 
 
 def _write_shard(path: Path, outs: list[_Out], rd: _Reader) -> int:
@@ -565,17 +571,77 @@ def _write_shard(path: Path, outs: list[_Out], rd: _Reader) -> int:
         fh.write(struct.pack("<Q", len(head)))
         fh.write(head)
         for o, n in zip(outs, sizes):
-            if o.op == ("copy",) and o.sel is None and rd.byte_range(o.src)[3] == o.dtype:
+            if isinstance(o.op, Copy) and o.sel is None and rd.byte_range(o.src)[3] == o.dtype:
                 if rd.copy_bytes(o.src, fh) != n:
                     raise PlanError(f"internal: {o.src} holds another number of bytes than its shape says")
                 continue
-            t = _produce(o, rd).contiguous()
+            t = o.op.produce(o, rd).contiguous()
             if list(t.shape) != o.shape:
                 raise PlanError(f"internal: {o.name} came out {list(t.shape)}, expected {o.shape}")
             if t.numel():
                 fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
             del t
     return offset
+
+
+def _outputs(shard_names: list[str], all_heads: dict, wmap: dict, layers: list[_Layer], block_re, remap: dict,
+             outside: dict, renumbered) -> dict[str, list[_Out]]:
+    """Per source shard, the output tensors it gives and the task that produces each (left out: dropped decoder
+    blocks, removed experts, multi-token-prediction layers not kept)."""
+    plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
+    for shard in shard_names:
+        heads = {k: v for k, v in all_heads.items() if wmap.get(k) == shard}
+        for key, (shape, dtype) in heads.items():
+            if dtype not in _DTYPES:
+                raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
+            m = block_re.match(key)
+            if m and remap[int(m.group(1))] is None or key in outside and remap[outside[key][0]] is None:
+                continue  # a dropped decoder block, or a multi-token-prediction layer left out
+            lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
+            owner = next((x for x in layers if key in x.rows), None)
+            if owner is not None and lay is None:  # a router-side per-expert tensor stored outside the block
+                if owner.skip:
+                    continue
+                dim = owner.rows[key]
+                new_shape = [len(owner.kept) if d == dim else n for d, n in enumerate(shape)]
+                plan_per_shard[shard].append(_Out(renumbered(key), dtype, new_shape, key, Rows(dim, owner.kept)))
+                continue
+            if lay is None:
+                new, new_shape, op, sel = key, shape, Copy(), None
+            else:
+                edit = _edit_for(key, shape, lay)
+                if edit is None:
+                    continue  # a removed expert's own key, or a dropped MoE sub-layer
+                new, new_shape, op, sel = edit
+            plan_per_shard[shard].append(_Out(renumbered(new), dtype, new_shape, key, op, sel))
+    return plan_per_shard
+
+
+def _cut_config(view: MoEModel, plan: Plan, layers: list[_Layer], remap: dict, n_old: int, mtp: list[int],
+                keep_mtp: bool, fmt: "_Format", src: Path) -> dict:
+    """The config (``view.text_config``, edited in place) of the cut model: expert count, width, layers after
+    Block Drop, multi-token-prediction layers; returns the summary's notes on what became of them."""
+    cfg = view.text_config
+    kept = {len(lay.kept) for lay in layers if not lay.skip}
+    if kept and view.count_attr:
+        setattr(cfg, view.count_attr, kept.pop())
+    if any(lay.neurons is not None for lay in layers):
+        setattr(cfg, intermediate_attr(cfg), _slim_width(plan, view))
+    if plan.dropped_blocks():
+        block_drop_config(cfg, [i for i in range(n_old) if remap[i] is not None], n_old)
+    notes = {}
+    if mtp:
+        notes["mtp_layers"] = (f"stored layers {mtp} (multi-token prediction) kept as they are, their experts "
+                               "uncut, renumbered after the last layer" if keep_mtp else
+                               f"stored layers {mtp} (multi-token prediction) left out; num_nextn_predict_layers "
+                               "set to 0 (keep_mtp keeps them, uncut)")
+        if not keep_mtp and isinstance(getattr(cfg, "num_nextn_predict_layers", None), int):
+            cfg.num_nextn_predict_layers = 0
+    if fmt.fp8 or fmt.mxfp4 or fmt.packed:
+        notes["weight_format"] = (f"kept as the input's ({quant_config(src).get('quant_method')}); merged and "
+                                  "slimmed experts were dequantised, edited and quantised back"
+                                  if (fmt.fp8 or fmt.mxfp4) else "kept as the input's (packed; drops only)")
+    return notes
 
 
 def _block_renames(view: MoEModel, model, plan: Plan) -> tuple[str, dict[int, int | None]]:
@@ -609,7 +675,7 @@ def _read_heads(src: Path, wmap: dict[str, str]) -> dict[str, tuple[list[int], s
 
     heads = {}
     for shard in sorted(set(wmap.values())):
-        heads.update(_open_shard(src / shard, heads_of(shard)))
+        heads.update(open_shard(src / shard, heads_of(shard)))
     return heads
 
 
@@ -643,8 +709,6 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     transformers does not load) are left out, and ``num_nextn_predict_layers`` set to 0, since their experts would
     no longer match the config; ``keep_mtp`` keeps them as they are (uncut), renumbered after the last layer.
     """
-    from .apply import LAYOUT_FILE, _intermediate_attr, block_drop_config
-
     src = Path(source).expanduser()
     if not (src / "config.json").exists():
         raise PlanError(f"{src} is not a model folder (no config.json)")
@@ -652,7 +716,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     plan.validate(view)
     _check_supported(plan, view, config, model, stats)
     out = check_export_dir(out_dir, source=src, overwrite=overwrite)
-    wmap = _weight_map(src)
+    wmap = weight_map(src)
     all_heads = _read_heads(src, wmap)
     fmt = _format(src, all_heads)
     layers = _layers(model, view, plan, stats, wmap)
@@ -664,13 +728,12 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     dl_path = first[:-2] if first else dl_path
     block_re = re.compile(re.escape(dl_path) + r"\.(\d+)\.")
     shard_names = sorted(set(wmap.values()))
-    plan_per_shard: dict[str, list[_Out]] = {s: [] for s in shard_names}
     n_old = len(view.decoder_layers)
     mtp = sorted({int(m.group(1)) for k in all_heads if (m := block_re.match(k)) and int(m.group(1)) >= n_old})
     for i in mtp:  # stored past the decoder: kept after the last kept layer, or left out
         remap[i] = (len([v for v in remap.values() if v is not None]) + mtp.index(i)) if keep_mtp else None
 
-    to_disk = _disk_name(model)
+    to_disk = disk_name(model)
     outside = _layer_keys_outside(model, view, to_disk, block_re) if plan.dropped_blocks() else {}
 
     def renumbered(key: str) -> str:
@@ -683,31 +746,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
         m = block_re.match(key)
         return f"{dl_path}.{remap[int(m.group(1))]}." + key[m.end():] if m else key
 
-    for shard in shard_names:
-        heads = {k: v for k, v in all_heads.items() if wmap.get(k) == shard}
-        for key, (shape, dtype) in heads.items():
-            if dtype not in _DTYPES:
-                raise PlanError(f"{key}: tensors of dtype {dtype} are not supported out of core")
-            m = block_re.match(key)
-            if m and remap[int(m.group(1))] is None or key in outside and remap[outside[key][0]] is None:
-                continue  # a dropped decoder block, or a multi-token-prediction layer left out
-            lay = next((x for x in layers if key.startswith(x.prefix + ".")), None)
-            owner = next((x for x in layers if key in x.rows), None)
-            if owner is not None and lay is None:  # a router-side per-expert tensor stored outside the block
-                if owner.skip:
-                    continue
-                dim = owner.rows[key]
-                new_shape = [len(owner.kept) if d == dim else n for d, n in enumerate(shape)]
-                plan_per_shard[shard].append(_Out(renumbered(key), dtype, new_shape, key, ("rows", dim, owner.kept)))
-                continue
-            if lay is None:
-                new, new_shape, op, sel = key, shape, ("copy",), None
-            else:
-                edit = _edit_for(key, shape, lay)
-                if edit is None:
-                    continue  # a removed expert's own key, or a dropped MoE sub-layer
-                new, new_shape, op, sel = edit
-            plan_per_shard[shard].append(_Out(renumbered(new), dtype, new_shape, key, op, sel))
+    plan_per_shard = _outputs(shard_names, all_heads, wmap, layers, block_re, remap, outside, renumbered)
     rd = _Reader(src, wmap)
     with staged_dir(out, overwrite) as tmp, _closing(rd):
         total, new_map = 0, {}
@@ -720,36 +759,15 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
         if n > 1:
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(new_map.items()))}, indent=2))
-        cfg = view.text_config
-        kept = {len(lay.kept) for lay in layers if not lay.skip}
-        if kept and view.count_attr:
-            setattr(cfg, view.count_attr, kept.pop())
-        if any(lay.neurons is not None for lay in layers):
-            setattr(cfg, _intermediate_attr(cfg), _slim_width(plan, view))
-        if plan.dropped_blocks():
-            block_drop_config(cfg, [i for i in range(n_old) if remap[i] is not None], n_old)
-        notes = {}
-        if mtp:
-            notes["mtp_layers"] = (f"stored layers {mtp} (multi-token prediction) kept as they are, their experts "
-                                   "uncut, renumbered after the last layer" if keep_mtp else
-                                   f"stored layers {mtp} (multi-token prediction) left out; num_nextn_predict_layers "
-                                   "set to 0 (keep_mtp keeps them, uncut)")
-            if not keep_mtp and isinstance(getattr(cfg, "num_nextn_predict_layers", None), int):
-                cfg.num_nextn_predict_layers = 0
-        if fmt.fp8 or fmt.mxfp4 or fmt.packed:
-            notes["weight_format"] = (f"kept as the input's ({quant_config(src).get('quant_method')}); merged and "
-                                      "slimmed experts were dequantised, edited and quantised back"
-                                      if (fmt.fp8 or fmt.mxfp4) else "kept as the input's (packed; drops only)")
+        notes = _cut_config(view, plan, layers, remap, n_old, mtp, keep_mtp, fmt, src)
         config.save_pretrained(tmp)
-        from .ops import OPS
-
         for name, spec in plan.ops.items():  # operations with a stored format of their own (packed experts)
             note = OPS[name].write_checkpoint(spec, plan, view, tmp, remap, renumbered)
             if note:
                 notes["weight_format"] = note
         if plan.dropped_layers():  # a stock config cannot say "no MoE here": load_model reads this
             (tmp / LAYOUT_FILE).write_text(json.dumps({
-                "format": "checkpoint", "num_hidden_layers": cfg.num_hidden_layers,
+                "format": "checkpoint", "num_hidden_layers": view.text_config.num_hidden_layers,
                 "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.dropped_layers()),
                 "norms_kept": True,
                 "plan": plan.to_dict()}, indent=1))

@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", default=None, help="stats.json/.npz from `stats` (every planner but uniform "
                    "--quantise needs them)")
     g = p.add_mutually_exclusive_group(required=True)
-    from .ops import OPS, preset_methods
+    from .planners import PLANNING, preset_methods
 
-    for op in OPS.values():  # each operation module adds its own options
+    for op in PLANNING.values():  # each operation's planning adds its own options
         op.add_cli(p, g)
     g.add_argument("--recipe", metavar="PLAN", help="replay the recipe of a plan made on another model")
     p.add_argument("--criterion", default="reap", help="frequency, gate-mass, reap (the model's gates), reap-softmax "
@@ -313,9 +313,7 @@ def cmd_plan(args) -> int:
 
     check_output_file(args.out, _source(args), args.overwrite)
     stats = RouterStats.load_file(args.stats) if args.stats else None
-    from .ops import OPS
-
-    chosen = [op for op in OPS.values() if getattr(args, op.cli_flag, None) is not None]
+    chosen = [p for p in planners.PLANNING.values() if getattr(args, p.cli_flag, None) is not None]
     if stats is None and (not chosen or chosen[0].cli_needs_stats(args)):
         from .plan import PlanError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ExplorerError
-from .loading import ASSETS
+from .assets import ASSETS
 
 CORPUS = ASSETS / "corpus"
 

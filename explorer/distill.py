@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .errors import ExplorerError
 from .apply import apply_plan
 from .data import TokenBlocks
-from .moe import MoEModel, forward_hooks
+from .devices import forward_hooks
+from .moe import MoEModel
 from .perplexity import block_nll, fmt_ppl, perplexity, summarise
 from .plan import Plan
 
@@ -497,8 +498,6 @@ class Distiller:
 
 
 # ---- progressive compression ------------------------------------------------------------------------------
-# a stage planner: (student, its view, its stats, original expert counts) -> the plan for this stage
-StagePlanner = Callable[[object, MoEModel, object, list], Plan]
 
 
 def drop_schedule(keep_fractions: list[float], criterion: str = "reap", calib: TokenBlocks | None = None):

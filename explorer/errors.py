@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class ExplorerError(ValueError):
     """A user-facing problem: bad input, an unsupported model, a refused plan. The message says what and why."""
+
+
+class PlanError(ExplorerError):
+    """A plan cannot be applied to this model; the message names the layer and the problem."""

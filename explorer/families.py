@@ -82,7 +82,7 @@ def _logits(model, blocks) -> torch.Tensor:
 
 
 def _plans(view) -> dict:
-    from .moe import check_kept_ids
+    from .selfcheck import check_kept_ids
     from .plan import Plan
 
     n = len(view)
@@ -122,7 +122,8 @@ def walk(model_type: str, seed: int = 3, out_of_core: bool = True) -> FamilyResu
 def _walk(model_type: str, seed: int, out_of_core: bool) -> FamilyResult:
     from .apply import apply_plan, export
     from .loading import load_model
-    from .moe import NoMoELayersError, MoEModel
+    from .layout import NoMoELayersError
+    from .moe import MoEModel
     from .plan import PlanError
     from .preview import previewing
     from .stats import collect_stats

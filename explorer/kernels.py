@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .moe import MoELayer
+from torch import nn
 
 
 @dataclass
@@ -31,20 +29,47 @@ class LayerEdit:
     notes: dict = field(default_factory=dict)  # operation name -> what its edit returned (e.g. quantisation scales)
 
 
+class ExpertLayer(Protocol):
+    """What the kernels and the self-check read of one MoE layer (``moe.MoELayer`` is one): they are written
+    against this, below the class that calls them."""
+
+    index: int  # MoE layer number
+    layer_idx: int  # decoder layer number
+    block: nn.Module
+    experts: nn.Module
+    router: nn.Module
+    family: Any  # its row of the family table (``layout.Family``)
+
+    @property
+    def num_experts(self) -> int: ...
+
+    @property
+    def transposed(self) -> bool: ...
+
+    def expert_weights(self, edit: "LayerEdit | None") -> tuple:
+        """(gate_up, down, gate_up_bias, down_bias, slot) of the experts in use."""
+
+    def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def ffn_hidden(self, x: torch.Tensor, gu: torch.Tensor, gb: torch.Tensor | None) -> torch.Tensor: ...
+
+    def ffn_out(self, h: torch.Tensor, dn: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor: ...
+
+
 class Observer(Protocol):
     """What a kernel reports to (``stats`` collects router statistics through it)."""
 
-    def begin(self, lay: "MoELayer", x: torch.Tensor, logits: torch.Tensor | None, w: torch.Tensor,
+    def begin(self, lay: ExpertLayer, x: torch.Tensor, logits: torch.Tensor | None, w: torch.Tensor,
               idx: torch.Tensor) -> None: ...
 
-    def expert(self, lay: "MoELayer", e: int, tok: torch.Tensor, g: torch.Tensor, xin: torch.Tensor,
+    def expert(self, lay: ExpertLayer, e: int, tok: torch.Tensor, g: torch.Tensor, xin: torch.Tensor,
                h: torch.Tensor, y: torch.Tensor) -> None: ...
 
-    def experts(self, lay: "MoELayer", e: torch.Tensor, tok: torch.Tensor, g: torch.Tensor, xin: torch.Tensor,
+    def experts(self, lay: ExpertLayer, e: torch.Tensor, tok: torch.Tensor, g: torch.Tensor, xin: torch.Tensor,
                 h: torch.Tensor, y: torch.Tensor) -> None: ...
 
 
-def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit | None):
+def loop(lay: ExpertLayer, x, w, idx, observer: Observer | None, edit: LayerEdit | None):
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32 if x.dtype != torch.float64 else x.dtype,
                       device=x.device)
     flat = idx.reshape(-1)
@@ -53,7 +78,7 @@ def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit 
     tok_all = order // idx.shape[1]
     gates_all = w.reshape(-1)[order]
     gate_in = lay.family.gating == "sigmoid_input"
-    gu_all, dn_all, gb_all, db_all, slot = lay._weights(edit)
+    gu_all, dn_all, gb_all, db_all, slot = lay.expert_weights(edit)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -74,8 +99,8 @@ def loop(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit 
     return out.to(x.dtype)
 
 
-def grouped(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEdit | None):
-    gu_all, dn_all, gb_all, db_all, slot = lay._weights(edit)
+def grouped(lay: ExpertLayer, x, w, idx, observer: Observer | None, edit: LayerEdit | None):
+    gu_all, dn_all, gb_all, db_all, slot = lay.expert_weights(edit)
     flat = idx.reshape(-1)
     rows = flat if slot is None else on_device(slot, flat.device)[flat]  # row of the weight tensors per pair
     order = torch.argsort(rows, stable=True)
@@ -93,7 +118,7 @@ def grouped(lay: "MoELayer", x, w, idx, observer: Observer | None, edit: LayerEd
     gu = grouped_mm(xin, w_up, offs)
     if gb_all is not None:
         gu = gu + gb_all[row]
-    h = lay._apply_gate(gu)
+    h = lay.apply_gate(gu)
     y = grouped_mm(h, w_dn, offs)
     if db_all is not None:
         y = y + db_all[row]

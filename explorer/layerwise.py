@@ -13,7 +13,6 @@ AVX-512-BF16 or AMX, and on CUDA, it computes in its own dtype.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ExplorerError
+from .shards import weight_map
 from .weightformats import (CT_ACTIVATION_PARTS, CT_WEIGHT_PARTS, CompressedTensorsReader, WeightFormatError,
                             dequant_fp8, dequant_mxfp4, fp8_block, is_compressed_tensors, is_mxfp4, quant_config)
 
@@ -132,7 +132,10 @@ class LayerwiseModel:
             b.data = b.data.to(self.device)
         self.model = model
         model.explorer_layerwise = self
-        self._wmap = _weight_map(self.folder)
+        try:
+            self._wmap = weight_map(self.folder)
+        except ExplorerError as err:
+            raise LayerwiseError(str(err)) from None
         self.layer_keys, self.rest_keys, self.ignored_keys = self._group_keys(config)
         self.view = MoEModel(model, check=False)
         if not self.view.layers_hand_on_hidden_states_only():
@@ -642,20 +645,6 @@ def _name(dtype: torch.dtype) -> str:
 
 def _inputs(b, device) -> dict:
     return {"input_ids": b.input_ids.to(device), "attention_mask": b.attention_mask().to(device), "use_cache": False}
-
-
-def _weight_map(folder: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    idx = folder / "model.safetensors.index.json"
-    if idx.exists():
-        return dict(json.loads(idx.read_text())["weight_map"])
-    shards = sorted(p.name for p in folder.glob("*.safetensors"))
-    out = {}
-    for s in shards:
-        with safe_open(folder / s, "pt") as f:
-            out.update({k: s for k in f.keys()})
-    return out
 
 
 def engine_of(model) -> LayerwiseModel | None:

@@ -105,14 +105,14 @@ def slice_experts_of(module: nn.Module, kept: list[int], n_experts: int, recurse
             mod.out_features = len(kept)
 
 
-def _text_config(config):
+def text_config_of(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def family_of(config) -> Family:
     """The family row of ``config``'s model type; unknown types get the common layout, which ``MoEModel.check``
     then holds against the model's own blocks (a type it does not reproduce is refused)."""
-    mt = getattr(_text_config(config), "model_type", None)
+    mt = getattr(text_config_of(config), "model_type", None)
     if mt in FAMILIES:
         return FAMILIES[mt]
     return Family("softmax_topk", "norm_topk_prob", True)

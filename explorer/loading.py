@@ -5,8 +5,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,12 +17,12 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .assets import DEMO_MODEL
 from .errors import ExplorerError
 from .hubcache import cached_snapshot, hub_cache_dir, inside_model
-from .moe import MoEModel, NoMoELayersError
+from .layout import NoMoELayersError
+from .moe import MoEModel
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_MODEL = ASSETS / "demo-moe"
 # transformers' loading is not thread-safe: ``no_tie_weights()`` swaps ``PreTrainedModel.tie_weights`` for a no-op
 # and back, so two loads at once can leave the no-op in place for every later load in the process (lm_head comes
 # back missing, "Cannot copy out of meta tensor"). The app loads from several sessions' threads: one at a time.
@@ -159,19 +162,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     torch_dtype = _dtype(dtype)
     local = Path(src).expanduser()
     if local.exists():
-        if not local.is_dir():
-            raise ModelLoadError(f"{src} is a file; pass the folder that holds config.json and *.safetensors")
-        if not (local / "config.json").exists():
-            raise ModelLoadError(f"{src} has no config.json: not a transformers model folder")
-        files = os.listdir(local)
-        if not any(f.endswith(".safetensors") for f in files):
-            if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files):
-                raise ModelLoadError(
-                    f"{src} holds weights only in pickle format (.bin/.pt); the explorer loads safetensors only. "
-                    "Convert them once with a trusted script (model.save_pretrained(..., safe_serialization=True)).")
-            raise ModelLoadError(f"{src} holds no *.safetensors weights")
-        _check_config_json(local)
-        _check_index(local)
+        _check_local_folder(local, src)
     elif _looks_like_path(src) or source is None:
         raise ModelLoadError(f"model path not found: {src}")
     elif not hub_reachable():
@@ -184,27 +175,106 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
                           trust_remote_code=trust_remote_code, with_tokenizer=with_tokenizer, device_map=device_map,
                           max_memory=max_memory, offload_folder=offload_folder, sequential=sequential)
     plan = _stored_layout(local) if local.exists() else None
-    if local.exists():
-        from .weightformats import WeightFormatError, check_checkpoint
-
-        try:
-            partial = check_checkpoint(local)
-        except WeightFormatError as err:
-            raise ModelLoadError(f"{src}: {err}") from err
-    else:
-        partial = []
+    partial = _partial_fp8_blocks(local, src) if local.exists() else []
     if sequential and not local.exists():
         raise ModelLoadError(f"--sequential reads a local checkpoint folder; {src} is not one")
     if device_map is not None and not sequential and not partial and plan is None and local.exists():
         _check_offload_folder(offload_folder, local, src)
-        big = _larger_than_allowed(local, max_memory)
-        if big is not None:  # accelerate would offload to disk and read it all again for every batch
-            device = _first_device(max_memory)
-            logging.getLogger("explorer").warning(
-                "%s holds %.2f GiB of weights, more than --max-memory allows (%.2f GiB): running it layer by layer "
-                "on %s instead (each weight read once per pass; nothing is written to the offload folder)",
-                src, big[0] / 2**30, big[1] / 2**30, device)
-            sequential, device_map = True, None
+        if _too_large_for_device_map(local, src, max_memory):
+            device, sequential, device_map = _first_device(max_memory), True, None
+    config = _read_config(src, trust_remote_code)
+    if sequential or partial:
+        if device_map is not None:
+            raise ModelLoadError("--sequential runs the model one decoder layer at a time on one device; leave out "
+                                 "--device-map" if sequential else
+                                 f"{src} has FP8 weights that do not fill whole blocks ({partial[0]}); the explorer "
+                                 "reads those itself, in memory or with --sequential, not with --device-map")
+        if plan is not None:
+            raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without "
+                                 "--sequential")
+        model, view = _own_reader(local, torch_dtype, device, trust_remote_code, sequential)
+        return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
+    kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    made_offload = None
+    if device_map is not None:
+        made_offload = _device_map_kw(kw, src, local, plan, device_map, max_memory, offload_folder)
+    if experts_implementation:
+        kw["experts_implementation"] = experts_implementation
+    dequantised = _dequantise_on_load(config, kw, src)
+    model = _transformers_load(src, local, config, kw, plan)
+    if dequantised:
+        model.explorer_dequantised = dequantised
+        if isinstance(torch_dtype, torch.dtype) and any(p.is_floating_point() and p.dtype != torch_dtype
+                                                        for p in model.parameters()):
+            model.to(torch_dtype)  # transformers dequantises fused experts in the checkpoint's dtype: cast once
+    if device_map is None:
+        model.to(device)
+    elif made_offload is not None:  # our temporary offload copies go with the model (or at exit), not left behind
+        weakref.finalize(model, shutil.rmtree, made_offload, True)
+    model.eval()
+    try:
+        view = MoEModel(model)
+    except NoMoELayersError as err:
+        raise ModelLoadError(f"{src}: {err}") from err
+    return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
+
+
+def _partial_fp8_blocks(local: Path, src: str) -> list[str]:
+    """The checkpoint's tensors checked against its config from the headers alone; the FP8 weights that do not
+    fill whole blocks (the explorer reads those itself)."""
+    from .weightformats import WeightFormatError, check_checkpoint
+
+    try:
+        return check_checkpoint(local)
+    except WeightFormatError as err:
+        raise ModelLoadError(f"{src}: {err}") from err
+
+
+def _too_large_for_device_map(local: Path, src: str, max_memory) -> bool:
+    """Whether ``max_memory`` cannot hold the model (disk aside): accelerate would offload to disk and read it all
+    again for every batch, so the model runs layer by layer instead, and the log says so."""
+    big = _larger_than_allowed(local, max_memory)
+    if big is None:
+        return False
+    logging.getLogger("explorer").warning(
+        "%s holds %.2f GiB of weights, more than --max-memory allows (%.2f GiB): running it layer by layer on %s "
+        "instead (each weight read once per pass; nothing is written to the offload folder)",
+        src, big[0] / 2**30, big[1] / 2**30, _first_device(max_memory))
+    return True
+
+
+def _device_map_kw(kw: dict, src: str, local: Path, plan: dict | None, device_map, max_memory,
+                   offload_folder) -> str | None:
+    """Adds accelerate's big-model arguments to ``kw``; returns the temporary offload folder it made, if any."""
+    if plan is not None and plan.get("format") != "checkpoint":
+        raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a device map")
+    _check_offload_folder(offload_folder, local, src)
+    made = None
+    if offload_folder is None:
+        offload_folder = made = tempfile.mkdtemp(prefix="explorer-offload-")
+    kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder))
+    return made
+
+
+def _check_local_folder(local: Path, src: str) -> None:
+    """A local model folder: config.json and safetensors weights (pickle refused), well-formed config and index."""
+    if not local.is_dir():
+        raise ModelLoadError(f"{src} is a file; pass the folder that holds config.json and *.safetensors")
+    if not (local / "config.json").exists():
+        raise ModelLoadError(f"{src} has no config.json: not a transformers model folder")
+    files = os.listdir(local)
+    if not any(f.endswith(".safetensors") for f in files):
+        if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files):
+            raise ModelLoadError(
+                f"{src} holds weights only in pickle format (.bin/.pt); the explorer loads safetensors only. "
+                "Convert them once with a trusted script (model.save_pretrained(..., safe_serialization=True)).")
+        raise ModelLoadError(f"{src} holds no *.safetensors weights")
+    _check_config_json(local)
+    _check_index(local)
+
+
+def _read_config(src: str, trust_remote_code: bool):
+    """The model's config, refusing remote code unless trusted and anything that is not a causal LM."""
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -220,32 +290,12 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     archs = getattr(config, "architectures", None) or []
     if archs and not any(("CausalLM" in a or "LMHead" in a or "ForConditionalGeneration" in a) for a in archs):
         raise ModelLoadError(f"{src} is not a causal language model (architectures: {', '.join(archs)})")
-    if sequential or partial:
-        if device_map is not None:
-            raise ModelLoadError("--sequential runs the model one decoder layer at a time on one device; leave out "
-                                 "--device-map" if sequential else
-                                 f"{src} has FP8 weights that do not fill whole blocks ({partial[0]}); the explorer "
-                                 "reads those itself, in memory or with --sequential, not with --device-map")
-        if plan is not None:
-            raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without "
-                                 "--sequential")
-        model, view = _own_reader(local, torch_dtype, device, trust_remote_code, sequential)
-        return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
-    kw = dict(dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    if device_map is not None:
-        if plan is not None and plan.get("format") != "checkpoint":
-            raise ModelLoadError(f"{src} has per-layer expert shapes (explorer_layout.json); load it without a "
-                                 "device map")
-        _check_offload_folder(offload_folder, local, src)
-        made_offload = None
-        if offload_folder is None:
-            import tempfile
+    return config
 
-            offload_folder = made_offload = tempfile.mkdtemp(prefix="explorer-offload-")
-        kw.update(device_map=device_map, max_memory=max_memory, offload_folder=str(offload_folder))
-    if experts_implementation:
-        kw["experts_implementation"] = experts_implementation
-    dequantised = _dequantise_on_load(config, kw, src)
+
+def _transformers_load(src: str, local: Path, config, kw: dict, plan: dict | None):
+    """The model read by transformers (per-layer shapes of an explorer export restored first), its load report
+    said in words: a tensor that does not fit, a missing one, a damaged shard."""
     try:
         if plan is not None:
             with _LOAD_LOCK:
@@ -281,24 +331,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
     except SafetensorError as err:
         raise ModelLoadError(f"the weights of {src} are damaged or incomplete (safetensors: {err}); copy or export "
                              "the model again") from err
-    if dequantised:
-        model.explorer_dequantised = dequantised
-        if isinstance(torch_dtype, torch.dtype) and any(p.is_floating_point() and p.dtype != torch_dtype
-                                                        for p in model.parameters()):
-            model.to(torch_dtype)  # transformers dequantises fused experts in the checkpoint's dtype: cast once
-    if device_map is None:
-        model.to(device)
-    elif made_offload is not None:  # our temporary offload copies go with the model (or at exit), not left behind
-        import shutil
-        import weakref
-
-        weakref.finalize(model, shutil.rmtree, made_offload, True)
-    model.eval()
-    try:
-        view = MoEModel(model)
-    except NoMoELayersError as err:
-        raise ModelLoadError(f"{src}: {err}") from err
-    return model, (_tokenizer(src, trust_remote_code) if with_tokenizer else None), view
+    return model
 
 
 def _check_offload_folder(offload_folder, local: Path, src: str) -> None:
@@ -447,13 +480,13 @@ def _load_report():
 
 def restructure(model, layout: dict) -> None:
     """Give a freshly built model the per-layer shapes recorded in ``layout`` (before loading weights)."""
-    from .apply import _drop_moe_sublayer, _resize_layer
+    from .surgery import drop_moe_sublayer, resize_layer
 
     view = MoEModel(model, check=False)  # the weights are not loaded yet
     by_idx = {lay.layer_idx: lay for lay in view}
     dropped, shapes = _check_layout(layout, by_idx)
     for li in dropped:
-        _drop_moe_sublayer(by_idx[li], drop_norm=not layout.get("norms_kept", False))
+        drop_moe_sublayer(by_idx[li], drop_norm=not layout.get("norms_kept", False))
     for li, (E, I) in shapes.items():
         lay = by_idx[li]
         H = lay.hidden_size
@@ -464,7 +497,7 @@ def restructure(model, layout: dict) -> None:
         db = None if lay.down_bias is None else torch.empty(E, H)
         dt = lay.gate_up.dtype
         tensors = tuple(None if t is None else t.to(dt) for t in (gu, dn, gb, db))
-        _resize_layer(lay, list(range(E)), tensors, E, I)
+        resize_layer(lay, list(range(E)), tensors, E, I)
 
 
 def _check_layout(layout, by_idx: dict) -> tuple[list[int], dict[int, tuple[int, int]]]:
@@ -503,7 +536,7 @@ def load_applied(folder: Path, config, dtype=None, use_safetensors=True, trust_r
     """Load a folder written by ``export`` whose per-layer shapes a stock config cannot express."""
     from safetensors.torch import load_model as st_load
 
-    from .apply import LAYOUT_FILE
+    from .surgery import LAYOUT_FILE
 
     layout = json.loads((Path(folder) / LAYOUT_FILE).read_text())
     kw = {} if experts_implementation is None else {"experts_implementation": experts_implementation}

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the view's parts, re-exported: the family table, devices, expert kernels and the self-check
-from .devices import forward_hooks, input_device, materialized, module_device  # noqa: F401
-from .kernels import KERNELS, LayerEdit, Observer, expert_path, grouped_mm, kernel_for, on_device  # noqa: F401
-from .layout import (BLOCK_ATTRS, COUNT_ATTRS, EXPERT_COUNT_NAMES, FAMILIES, ROUTER_ATTRS, SHARED_ATTRS,  # noqa: F401
-                     TOPK_ATTRS, Family, NoMoELayersError, UnsupportedModelError, _text_config, expert_dim,
-                     family_of, slice_experts_of)
-from .selfcheck import check_kept_ids, check_layer, sliced_block  # noqa: F401
+from .devices import materialized, module_device
+from .kernels import KERNELS, LayerEdit, Observer, kernel_for, on_device
+from .layout import (BLOCK_ATTRS, COUNT_ATTRS, ROUTER_ATTRS, SHARED_ATTRS, TOPK_ATTRS, Family, NoMoELayersError,
+                     UnsupportedModelError, expert_dim, family_of, slice_experts_of, text_config_of)
+from .selfcheck import check_layer
+
 
 @dataclass
 class MoELayer:
@@ -211,7 +210,7 @@ class MoELayer:
         return n
 
     # ---- computation --------------------------------------------------------------------------------
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             return self.experts.act_fn(gate_up)
         fn = getattr(self.experts, "_apply_gate", None)
@@ -224,7 +223,7 @@ class MoELayer:
         gu = x @ w if self.transposed else F.linear(x, w)
         if b is not None:
             gu = gu + b
-        return self._apply_gate(gu)
+        return self.apply_gate(gu)
 
     def ffn_out(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         y = h @ w if self.transposed else F.linear(h, w)
@@ -259,7 +258,7 @@ class MoELayer:
             gu = F.linear(x, self.gate_up.reshape(-1, self.gate_up.shape[-1])).reshape(n, E, -1).transpose(0, 1)
         if self.gate_up_bias is not None:
             gu = gu + self.gate_up_bias[:, None, :]
-        h = self._apply_gate(gu)
+        h = self.apply_gate(gu)
         y = torch.bmm(h, self.down if self.transposed else self.down.transpose(1, 2))
         if self.down_bias is not None:
             y = y + self.down_bias[:, None, :]
@@ -495,7 +494,7 @@ class MoELayer:
         kernel = KERNELS["loop"] if self.fp8_kept else kernel_for(x)
         return kernel(self, x, w, idx, observer, edit)
 
-    def _weights(self, edit: LayerEdit | None):
+    def expert_weights(self, edit: LayerEdit | None):
         """(gate_up, down, gate_up_bias, down_bias, slot): the expert tensors in use and expert -> row (None: id)."""
         if edit is None or edit.tensors is None:
             return self.gate_up, self.down, self.gate_up_bias, self.down_bias, None
@@ -511,7 +510,7 @@ class MoEModel:
     def __init__(self, model: nn.Module, check: bool | None = None):
         self.model = model
         self.config = model.config
-        self.text_config = _text_config(model.config)
+        self.text_config = text_config_of(model.config)
         self.family = family_of(model.config)
         self.layers: list[MoELayer] = list(_find_layers(model, self.family, self.text_config))
         for lay in self.layers:  # the model a layer belongs to (what its checkpoint's key conversions belong to)
@@ -522,7 +521,7 @@ class MoEModel:
                 f"no MoE layers found in {type(model).__name__} (model_type={self.text_config.model_type!r}): "
                 + (why if why else "expected decoder layers with an `mlp`/`block_sparse_moe`/`feed_forward`/`moe`/"
                    "`mixer` block holding stacked `experts.gate_up_proj` (or `up_proj`) and a router"))
-        self.decoder_layers = _decoder_layers(model)
+        self.decoder_layers = decoder_layers_of(model)
         if check is None:
             check = not any(p.device.type == "meta" for p in self.layers[0].router.parameters())
         if check:
@@ -634,7 +633,7 @@ class _Patch:
 def _why_not_found(model: nn.Module) -> str:
     """What the model holds instead, in words, when it has expert-like modules the view does not take."""
     try:
-        layers = _decoder_layers(model)
+        layers = decoder_layers_of(model)
     except NoMoELayersError:
         layers = [model]
     for dl in layers:
@@ -651,7 +650,7 @@ def _why_not_found(model: nn.Module) -> str:
     return ""
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers_of(model: nn.Module) -> nn.ModuleList:
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     for cand in (base, getattr(base, "model", None), getattr(base, "language_model", None)):
         layers = getattr(cand, "layers", None)
@@ -662,7 +661,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _find_layers(model, family: Family, cfg) -> Iterator[MoELayer]:
     try:
-        layers = _decoder_layers(model)
+        layers = decoder_layers_of(model)
     except NoMoELayersError:
         return
     n = 0

@@ -27,37 +27,10 @@ import copy
 from pathlib import Path
 
 
-from .errors import ExplorerError
+from .errors import PlanError  # noqa: F401  (also where callers have long imported it from)
 from .moe import MoEModel
+from .ops import OPS, owner
 from .outputs import atomic_write
-
-class PlanError(ExplorerError):
-    """A plan cannot be applied to this model; the message names the layer and the problem."""
-
-
-def _intkeys(d: dict | None) -> dict:
-    return {_id(k, "a layer number"): v for k, v in (d or {}).items()}
-
-
-def _id(v, what: str = "an expert id") -> int:
-    """An index as the plan must spell it: a whole number (or its decimal string, as JSON keys are), never
-    1.9 read as 1, ``true`` read as 1, or Infinity."""
-    if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.strip().lstrip("-").isdigit()):
-        raise PlanError(f"{what} must be a whole number, got {v!r}")
-    return int(v)
-
-
-def _weight(v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-        raise PlanError(f"merge weights must be finite numbers, got {v!r}")
-    return float(v)
-
-
-def _ids(v, what: str) -> list[int]:
-    if not isinstance(v, list):
-        raise PlanError(f"{what} must be a list of whole numbers, got {type(v).__name__}")
-    return [_id(e, what[:-1] if what.endswith("s") else what) for e in v]
-
 
 MAX_PLAN_BYTES = 4 << 20  # a plan for 256 experts x 100 layers is ~1 MB of JSON
 MAX_PLAN_DEPTH = 12  # the deepest a plan nests: merge_weights {layer: [[w]]} inside the recipe lists
@@ -84,8 +57,6 @@ class Plan:
 
     def __init__(self, model: dict | None = None, notes: str = "", recipe: list | None = None,
                  ops: dict | None = None, **fields):
-        from .ops import OPS, owner
-
         self.__dict__.update(model=dict(model or {}), notes=notes or "", recipe=list(recipe or []))
         grouped: dict[str, dict] = {}
         for k, v in fields.items():
@@ -99,8 +70,6 @@ class Plan:
     def _set_specs(self, specs: dict, changes: dict[str, dict]) -> None:
         """``specs`` (operation -> spec) with some plan keys changed (operation -> {key: value}), each operation
         reading its keys anew; kept in registry order, an operation whose spec reads as absent left out."""
-        from .ops import OPS
-
         for name, f in changes.items():
             current = {k: OPS[name].value(specs[name], k) for k in OPS[name].keys} if name in specs else {}
             spec = OPS[name].read({**current, **f})
@@ -113,8 +82,6 @@ class Plan:
     def __getattr__(self, key: str):
         if key.startswith("_") or "ops" not in self.__dict__:
             raise AttributeError(key)
-        from .ops import owner
-
         op = owner(key)
         if op is None:
             raise AttributeError(f"'Plan' has no attribute {key!r}")
@@ -122,8 +89,6 @@ class Plan:
         return copy.deepcopy(op.defaults.get(key)) if spec is None else op.value(spec, key)
 
     def __setattr__(self, key: str, value) -> None:
-        from .ops import owner
-
         op = owner(key)
         if op is None:
             self.__dict__[key] = value
@@ -138,8 +103,6 @@ class Plan:
 
     # ---- serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        from .ops import OPS
-
         d: dict = {"version": 1}
         for name, op in OPS.items():  # each operation writes its own keys, as recipes have them
             d.update(copy.deepcopy(op.write(self.ops.get(name))))
@@ -154,8 +117,6 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict):
             raise PlanError("a plan is a JSON/YAML mapping")
-        from .ops import OPS
-
         d = dict(d)
         d.pop("version", None)
         d.pop("ops", None)
@@ -259,14 +220,10 @@ class Plan:
         """A short human name: the planner's note, or what the plan does."""
         if self.notes:
             return self.notes
-        from .ops import OPS
-
         return "; ".join(OPS[name].describe(spec) for name, spec in self.ops.items()) or "empty plan"
 
     def combine(self, other: "Plan") -> "Plan":
         """Both plans' operations (each operation says how two of its specs combine; by default other's wins)."""
-        from .ops import OPS
-
         ops = dict(self.ops)
         for name, spec in other.ops.items():
             ops[name] = spec if name not in ops else OPS[name].combine(ops[name], spec)
@@ -278,8 +235,6 @@ class Plan:
 
     # ---- structure: what the plan keeps (asked of every operation) -----------------------------------
     def _ask(self, hook: str, *args) -> list:
-        from .ops import OPS
-
         return [getattr(OPS[name], hook)(spec, *args) for name, spec in self.ops.items()]
 
     def removed(self, layer: int) -> list[int]:
@@ -328,8 +283,6 @@ class Plan:
     def param_edits(self, view: MoEModel) -> dict:
         """Weights outside the routed experts the plan changes: {qualified parameter name: (value, {operation:
         note})}; apply keeps the notes on the module for the export."""
-        from .ops import OPS
-
         out: dict = {}
         for name, spec in self.ops.items():
             for qn, (value, note) in OPS[name].param_edits(spec, self, view).items():
@@ -345,8 +298,6 @@ class Plan:
 
     def validate(self, view: MoEModel) -> "Plan":
         """Raise PlanError naming the first problem; returns self so calls chain."""
-        from .ops import OPS
-
         n, E = len(view), view.num_experts
         if self.model.get("num_experts") and list(self.model["num_experts"]) != list(E):
             raise PlanError(f"this plan was made for a model with experts per layer {self.model['num_experts']}, "
@@ -400,70 +351,78 @@ class Plan:
         dtype = next(p for p in view.model.parameters() if p.is_floating_point()).dtype
         size = dtype.itemsize
         before_active = view.summary()["params_active"]
-        removed_total = removed_active = 0
-        experts_after, inter_after = [], []
-        blocks = set(self.dropped_blocks())
-        for dl_i, dl in enumerate(view.decoder_layers):
-            if dl_i in blocks:
-                n = sum(p.numel() for p in dl.parameters())
-                removed_total += n
-                moe = [lay for lay in view if lay.layer_idx == dl_i]
-                if moe:
-                    lay = moe[0]
-                    removed_active += n - lay.expert_params() * (lay.num_experts - lay.top_k)
-                else:
-                    removed_active += n
+        removed_total, removed_active = self._removed_by_block_drop(view)
         bytes_saved = float(sum(self._ask("bytes_saved", self, view)))  # outside the routed experts
-        nonzero_removed = 0
-        sub = set(self.dropped_layers())
-        survivors = set(self.surviving_layers(view))
+        zeroed = 0
+        experts_after, width_after = [], []
+        sub_dropped, block_dropped = set(self.dropped_layers()), self.blocked_moe_layers(view)
         for lay in view:
-            i = lay.index
-            E, k, I = lay.num_experts, lay.top_k, lay.intermediate_size
-            per = lay.expert_params()
-            if i in sub:
-                n = per * E + lay.router_params() + lay.shared_params()  # the norm before it stays
-                removed_total += n
-                removed_active += n - per * (E - k)
+            change = self._moe_layer_change(lay, size, lay.index in sub_dropped, lay.index in block_dropped)
+            if change is None:
                 continue
-            if i not in survivors:
-                continue
-            kept_ids = self.kept(i, E)
-            kept = len(kept_ids)
-            I2 = self.width(lay)
-            gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
-            dnb = lay.down_bias[0].numel() if lay.down_bias is not None else 0
-            per2 = (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * I2 // I + dnb
-            row = lay.router_row_params()
-            w2 = lay.expert_weight_params() * I2 // I  # one kept expert's weights, after slimming
-            for b in self._ask("expert_bytes", lay, kept_ids, w2):  # operations that store weights in fewer bytes
-                if b is not None:
-                    bytes_saved += size * w2 * kept - b
-            nonzero_removed += sum(self._ask("zeroed", lay, kept, I2))
-            removed_total += per * E - per2 * kept + (E - kept) * row
-            removed_active += (per - per2) * k
-            experts_after.append(kept)
-            inter_after.append(I2)
+            removed_total += change["params"]
+            removed_active += change["active"]
+            bytes_saved += change["bytes_saved"]
+            zeroed += change["zeroed"]
+            if "experts" in change:
+                experts_after.append(change["experts"])
+                width_after.append(change["width"])
         after_total = total - removed_total
-        uniform = len(set(experts_after)) <= 1 and len(set(inter_after)) <= 1
-        reasons = [r for r in self._ask("not_stock", view) if r]
-        if not uniform:
-            reasons.insert(0, "expert counts or widths differ per layer")
-        loadable = not reasons
-        why = ("every MoE layer keeps the same shape: plain AutoModelForCausalLM.from_pretrained loads it"
-               if loadable else
-               "; ".join(reasons) + ": a stock config cannot say so; explorer.load_model restores it from "
-               "explorer_layout.json")
+        loadable, why = self._loader_note(view, experts_after, width_after)
         return {
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
-            "params_nonzero_after": after_total - nonzero_removed, "bytes_bf16_after": 2 * after_total,
+            "params_nonzero_after": after_total - zeroed, "bytes_bf16_after": 2 * after_total,
             "dtype": str(dtype).replace("torch.", ""),
             "bytes_before": size * total, "bytes_after": int(size * after_total - bytes_saved),
-            "experts_after": experts_after, "intermediate_after": inter_after,
+            "experts_after": experts_after, "intermediate_after": width_after,
             "loadable_by_transformers": loadable, "loader_note": why,
         }
 
+    def _removed_by_block_drop(self, view: MoEModel) -> tuple[int, int]:
+        """(parameters, active parameters per token) of the decoder layers Block Drop removes whole."""
+        total = active = 0
+        for dl_i in set(self.dropped_blocks()):
+            n = sum(p.numel() for p in view.decoder_layers[dl_i].parameters())
+            total += n
+            moe = [lay for lay in view if lay.layer_idx == dl_i]
+            # a MoE layer's inactive experts were never active
+            active += n - (moe[0].expert_params() * (moe[0].num_experts - moe[0].top_k) if moe else 0)
+        return total, active
+
+    def _moe_layer_change(self, lay, size: int, sub_dropped: bool, block_dropped: bool) -> dict | None:
+        """What the plan removes from one MoE layer that survives Block Drop: parameters, active parameters, bytes
+        saved by storage in fewer bytes, weights set to zero, and the experts and width it keeps (absent for a
+        Layer-Dropped MoE sub-layer); None for a layer inside a dropped block."""
+        i, E, k, width = lay.index, lay.num_experts, lay.top_k, lay.intermediate_size
+        per_expert = lay.expert_params()
+        if sub_dropped:
+            n = per_expert * E + lay.router_params() + lay.shared_params()  # the norm before it stays
+            return {"params": n, "active": n - per_expert * (E - k), "bytes_saved": 0.0, "zeroed": 0}
+        if block_dropped:
+            return None
+        kept_ids = self.kept(i, E)
+        kept = len(kept_ids)
+        width_after = self.width(lay)
+        gate_up_bias = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
+        down_bias = lay.down_bias[0].numel() if lay.down_bias is not None else 0
+        per_kept = (lay.gate_up[0].numel() + lay.down[0].numel() + gate_up_bias) * width_after // width + down_bias
+        kept_weights = lay.expert_weight_params() * width_after // width  # one kept expert's weights, slimmed
+        saved = sum(size * kept_weights * kept - b  # operations that store weights in fewer bytes
+                    for b in self._ask("expert_bytes", lay, kept_ids, kept_weights) if b is not None)
+        return {"params": per_expert * E - per_kept * kept + (E - kept) * lay.router_row_params(),
+                "active": (per_expert - per_kept) * k, "bytes_saved": float(saved),
+                "zeroed": sum(self._ask("zeroed", lay, kept, width_after)), "experts": kept, "width": width_after}
+
+    def _loader_note(self, view: MoEModel, experts_after: list[int], width_after: list[int]) -> tuple[bool, str]:
+        """Whether plain transformers loads the export, and why (not)."""
+        reasons = [r for r in self._ask("not_stock", view) if r]
+        if len(set(experts_after)) > 1 or len(set(width_after)) > 1:
+            reasons.insert(0, "expert counts or widths differ per layer")
+        if not reasons:
+            return True, "every MoE layer keeps the same shape: plain AutoModelForCausalLM.from_pretrained loads it"
+        return False, ("; ".join(reasons) + ": a stock config cannot say so; explorer.load_model restores it from "
+                       "explorer_layout.json")
 
 def fingerprint(view: MoEModel) -> dict:
     return {"model_type": view.text_config.model_type, "num_experts": view.num_experts, "top_k": view.top_k,

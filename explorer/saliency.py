@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .moe import MoEModel, forward_hooks, input_device
+from .devices import forward_hooks, input_device
+from .moe import MoEModel
 from .stats import RouterStats
 
 CRITERIA = ("frequency", "gate-mass", "reap", "reap-softmax", "reconstruction", "ablation", "random")

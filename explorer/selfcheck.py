@@ -4,17 +4,13 @@ routing among a kept subset against a sliced copy of the block); what it does no
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from .devices import materialized
-from .kernels import LayerEdit
+from .kernels import ExpertLayer, LayerEdit
 from .layout import EXPERT_COUNT_NAMES, UnsupportedModelError, slice_experts_of
 
-if TYPE_CHECKING:
-    from .moe import MoELayer
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -30,7 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def check_kept_ids(lay: "MoELayer") -> list[int]:
+def check_kept_ids(lay: ExpertLayer) -> list[int]:
     """A small set of experts the layer may keep (one step above its least allowed count, spread over the groups):
     what the self-check routes among. Small, since the check copies these experts of one layer (16 + 8 of
     DeepSeek-V3's 256, about 1 GB in bf16; 9 of OLMoE's 64)."""
@@ -45,7 +41,7 @@ def check_kept_ids(lay: "MoELayer") -> list[int]:
     return [grp * size + j for grp in range(g) for j in range(size - per, size)]  # the last ``per`` of each group
 
 
-def sliced_block(lay: "MoELayer", kept: list[int]) -> nn.Module:
+def sliced_block(lay: ExpertLayer, kept: list[int]) -> nn.Module:
     """A shallow copy of ``lay``'s block as the smaller model holds it: the kept experts' rows (copied), the
     sliced router, block-level per-expert tensors sliced. What ``apply`` writes, built for one layer."""
     b = copy.copy(lay.block)
@@ -72,7 +68,7 @@ def sliced_block(lay: "MoELayer", kept: list[int]) -> nn.Module:
     return b
 
 
-def check_layer(lay: "MoELayer", model_type: str, tokens: int = 16, seed: int = 0, masked: bool = True) -> None:
+def check_layer(lay: ExpertLayer, model_type: str, tokens: int = 16, seed: int = 0, masked: bool = True) -> None:
     """Refuse (UnsupportedModelError) what the view of this layer does not reproduce."""
     where = f"{model_type}: MoE layer {lay.index} (decoder layer {lay.layer_idx}, {type(lay.block).__name__})"
     n_held = lay.gate_up.shape[0]

@@ -22,7 +22,8 @@ from .errors import ExplorerError
 from . import processes
 from .data import TokenBlocks
 from .layerwise import engine_of, forward_batches
-from .moe import MoELayer, MoEModel, forward_hooks, input_device
+from .devices import forward_hooks, input_device
+from .moe import MoELayer, MoEModel
 from .outputs import atomic_write
 
 # per-layer arrays; shapes use E experts, H hidden, I intermediate, D domains

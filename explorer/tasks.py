@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import ExplorerError
-from .loading import ASSETS
+from .assets import ASSETS
 from .taskfiles import MAX_TASKS_IN_FOLDER, check_task, install_sandbox, read_yaml
 
 DEMO_TASKS = ASSETS / "tasks"

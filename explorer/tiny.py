@@ -71,7 +71,7 @@ TINY_OVERRIDES: dict[str, dict] = {
 
 
 def _count_fields(cfg) -> list[str]:
-    from .moe import COUNT_ATTRS
+    from .layout import COUNT_ATTRS
 
     d = cfg.to_dict()
     return [a for a in COUNT_ATTRS if d.get(a) is not None]

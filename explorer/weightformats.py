@@ -285,11 +285,10 @@ class BlockFP8Stack:
         e = int(e)
         if self._last is not None and self._last[0] == e:
             return self._last[1]
-        out, start = [], 0
-        for rows, scale in zip(self.parts, self.scales):
-            out.append(dequant_fp8(self.data[e, start:start + rows], scale[e], self.block))
+        w, start = torch.empty(self.data.shape[1:], dtype=self.dtype, device=self.data.device), 0
+        for rows, scale in zip(self.parts, self.scales):  # each part cast into place: no concatenated copy
+            w[start:start + rows].copy_(dequant_fp8(self.data[e, start:start + rows], scale[e], self.block))
             start += rows
-        w = (out[0] if len(out) == 1 else torch.cat(out, 0)).to(self.dtype)
         self._last = (e, w)
         return w
 

@@ -187,10 +187,20 @@ def test_task_accuracy_columns_and_pareto_axis(client):
 
 
 def test_generation_side_by_side(client):
+    """The app shows the library's greedy continuations of the original and of the plan's preview, prompt by
+    prompt (the escaped newline of the second prompt read as a newline), and the plan changes them."""
+    from explorer import load_model
+    from explorer.figures import side_by_side_html
+    from explorer.plan import Plan
+    from explorer.tasks import side_by_side
+
     _load(client)
     client.predict('{"drop_layers": [0, 1, 2]}', api_name="/on_json")
     html = client.predict("In the beginning\ndef f(x):\\n", 8, api_name="/on_generate")
-    assert "preview (the plan)" in html and "In the beginning" in html and "def f(x):\n" in html
+    model, tok, view = load_model(device="cpu")
+    rows = side_by_side(model, view, Plan(drop_layers=[0, 1, 2]), tok, ["In the beginning", "def f(x):\n"], None, 8)
+    assert html == side_by_side_html(rows)
+    assert any(r["original"] != r["preview"] for r in rows)  # dropping three MoE layers changes what it writes
 
 
 def test_download_gives_the_current_plan(client):

@@ -106,7 +106,7 @@ def test_every_refusal_shares_one_base():
     from explorer.distill import DistillError
     from explorer.errors import ExplorerError
     from explorer.loading import ModelLoadError
-    from explorer.moe import NoMoELayersError, UnsupportedModelError
+    from explorer.layout import NoMoELayersError, UnsupportedModelError
     from explorer.outputs import OutputError
     from explorer.plan import PlanError
     from explorer.session import SessionError

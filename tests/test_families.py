@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from explorer.families import PLAN_KINDS, moe_model_types, table, walk
-from explorer.moe import MoEModel, NoMoELayersError, UnsupportedModelError
+from explorer.layout import NoMoELayersError, UnsupportedModelError
+from explorer.moe import MoEModel
 from explorer.tiny import tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from explorer.moe import MoEModel, NoMoELayersError
+from explorer.layout import NoMoELayersError
+from explorer.moe import MoEModel
 from explorer.tiny import TINY_CONFIGS, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)

@@ -8,8 +8,14 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_five_teaching_notebooks():
-    assert len(NOTEBOOKS) >= 5
+def test_the_five_lessons_are_numbered_titled_and_run_on_the_demo_model():
+    """Lessons 01 to 05 in order, each opening with its title and loading the bundled demo model by default."""
+    assert [p.name[:2] for p in sorted(NOTEBOOKS)][:5] == ["01", "02", "03", "04", "05"]
+    for path in sorted(NOTEBOOKS)[:5]:
+        cells = nbformat.read(path, as_version=4).cells
+        assert cells[0].cell_type == "markdown" and cells[0].source.lstrip().startswith("# "), path.name
+        code = "\n".join(c.source for c in cells if c.cell_type == "code")
+        assert "load_model(" in code or "Session(" in code or "explore(" in code, path.name
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

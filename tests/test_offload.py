@@ -7,7 +7,8 @@ import torch
 from explorer import collect_stats, load_model, perplexity
 from explorer.data import TokenBlocks
 from explorer.loading import ModelLoadError
-from explorer.moe import MoEModel, expert_path
+from explorer.kernels import expert_path
+from explorer.moe import MoEModel
 from explorer.plan import Plan, PlanError
 from explorer.preview import preview_perplexity
 from explorer.stats import ARRAYS

@@ -108,7 +108,7 @@ def test_align_recovers_twins_with_permuted_neurons():
     view = MoEModel(model)
     lay = view[0]
     perm = torch.randperm(lay.intermediate_size, generator=torch.Generator().manual_seed(0))
-    from explorer.transform import select_neurons
+    from explorer.neurons import select_neurons
 
     with torch.no_grad():
         lay.router_weight[3] = lay.router_weight[2]

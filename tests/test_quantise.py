@@ -11,8 +11,9 @@ from explorer.cli import main
 from explorer.data import TokenBlocks
 from explorer.loading import load_model
 from explorer.moe import MoEModel
-from explorer.ops import OPS
-from explorer.ops.quantise import bits_per_weight, fake_quant, quantise_plan
+from explorer.planners import PLANNING
+from explorer.ops.quantise import bits_per_weight, fake_quant
+from explorer.planners.quantise import quantise_plan
 from explorer.plan import Plan, PlanError
 from explorer.preview import previewing
 from explorer.stats import collect_stats
@@ -336,7 +337,7 @@ def test_the_command_line_asks_for_attention_and_shared_bits():
 
     args = build_parser().parse_args(["plan", "--quantise", "4", "--quantise-attention", "8", "--quantise-shared",
                                       "fp8", "--out", "p.json"])
-    name, kw = OPS["quantise"].from_cli(args, [], None)
+    name, kw = PLANNING["quantise"].from_cli(args, [], None)
     view = MoEModel(tiny_model("qwen2_moe", seed=1))
     plan = quantise_plan(None, view, **{**kw, "group_size": 16})
     assert plan.op("quantise")["attention"] == 8 and plan.op("quantise")["shared"] == "fp8"
@@ -460,7 +461,8 @@ def test_the_bit_allocation_is_within_its_stated_gap_of_the_best_at_deepseek_v3_
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_matrix
 
-    from explorer.ops.quantise import _solve, bits_per_weight
+    from explorer.ops.quantise import bits_per_weight
+    from explorer.planners.quantise import _solve
 
     rng = np.random.default_rng(0)
     for n in (40, 58 * 256):

@@ -297,7 +297,7 @@ def test_token_routes():
 def test_grouped_and_loop_expert_paths_agree(family):
     """The device path (grouped matmul, segment sums) and the CPU loop give the same statistics, block outputs
     and previews (merges and slimming run through edited tensors) to 1e-5 in float32."""
-    from explorer.moe import expert_path
+    from explorer.kernels import expert_path
     from explorer.plan import Plan
     from explorer.preview import preview_perplexity
 
@@ -368,7 +368,7 @@ def test_specialisation_lift_and_vocabulary_against_brute_force():
 
 def test_a_preview_mask_is_copied_to_a_device_once():
     """Masks and slot maps live on the CPU; a copy per layer and forward would stall the device queue."""
-    from explorer.moe import on_device
+    from explorer.kernels import on_device
 
     mask, meta = torch.tensor([True, False, True]), torch.device("meta")
     first = on_device(mask, meta)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from explorer.cli import main
-from explorer.loading import ASSETS
+from explorer.assets import ASSETS
 
 pytest.importorskip("lm_eval")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from explorer.cli import main
-from explorer.loading import ASSETS
+from explorer.assets import ASSETS
 
 pytest.importorskip("lm_eval")
 

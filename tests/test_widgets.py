@@ -169,10 +169,23 @@ def test_saliency_view_criteria(session):
 
 
 def test_token_view(session):
+    """One coloured span per token, coloured by the expert the chosen layer routes it to first; another layer
+    shows that layer's choices; empty text is said in words."""
+    import re
+
+    from explorer.figures import expert_color
     from explorer.widgets import TokenView
 
-    v = TokenView(session, "hello world")
-    assert "token-strip" in v.out.value
+    text = "def f(x):\n    return x + 1  # To be, or not to be"
+    v = TokenView(session, text)
+    routes = session.routes(text)
+    spans = re.findall(r'<span title="[^"]*" style="background:([^;]+);', v.out.value)
+    assert len(spans) == len(routes["tokens"]) == len(session.tok(text)["input_ids"])
+    for layer in (0, len(session.view) - 1):
+        v.layer.value = layer  # the slider redraws the strip
+        spans = re.findall(r'<span title="[^"]*" style="background:([^;]+);', v.out.value)
+        assert spans == [expert_color(r[0]) for r in routes["routes"][layer]]
+        assert f"layer {layer}," in v.out.value
     v.text.value = ""
     v.show()
     assert "type some text" in v.err.value

@@ -5,10 +5,7 @@ Plan field: ``drop_layers: [moe_layer, ...]``.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from ..plan import Plan, PlanError
-from . import LayerListOperation, register, stats_meta
+from .base import LayerListOperation, register
 
 
 class DropLayers(LayerListOperation):
@@ -28,26 +25,5 @@ class DropLayers(LayerListOperation):
     def not_stock(self, spec, view) -> str | None:
         return "MoE sub-layers are dropped"
 
-    preset = "drop-layers"
 
-    cli_flag = "drop_layers"
-
-    def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--drop-layers", type=int, metavar="L", help="drop the L least important MoE "
-                            "sub-layers (attention stays)")
-
-    def from_cli(self, args, skip, view):
-        return None if args.drop_layers is None else ("drop_layers", dict(n=args.drop_layers))
-
-
-def drop_layers(stats, n: int) -> Plan:
-    """Drop the ``n`` MoE sub-layers whose output changes the residual stream least (Layer Drop)."""
-    imp = stats.layer_importance()
-    if not 0 <= n < len(imp) + 1:
-        raise PlanError(f"cannot drop {n} of {len(imp)} MoE layers")
-    return Plan(drop_layers=sorted(int(i) for i in np.argsort(imp, kind="stable")[:n]), model=stats_meta(stats),
-                notes=f"drop {n} MoE sub-layers by 1 - cos(h, h + MoE)", recipe=[{"planner": "drop_layers", "n": n}])
-
-
-DropLayers.planners = {"drop_layers": drop_layers}
 register(DropLayers())

@@ -15,14 +15,14 @@ and one 16-bit scale per group.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import Operation, register
+from ..errors import PlanError
+from .. import packing
+from .base import Operation, int_keys, read_id, register
 
 BITS = (2, 3, 4, 8, "fp8", 16)
 GROUP_SIZES = (16, 32, 64, 128, 256)
@@ -30,19 +30,17 @@ FP8_MAX = 448.0
 SCALE_BYTES = 2
 
 
-def _error(msg: str):
-    from ..plan import PlanError
-
+def quantise_error(msg: str):
     return PlanError(f"quantise: {msg}")
 
 
-def _bits(v, where: str = "bits"):
+def parse_bits(v, where: str = "bits"):
     if isinstance(v, str) and v.strip().lower() in ("fp8", "e4m3", "float8"):
         return "fp8"
     if isinstance(v, str) and v.strip().isdigit():
         v = int(v)
     if isinstance(v, bool) or v not in BITS:
-        raise _error(f"{where} must be one of 2, 3, 4, 8, 'fp8' or 16 (unchanged), got {v!r}")
+        raise quantise_error(f"{where} must be one of 2, 3, 4, 8, 'fp8' or 16 (unchanged), got {v!r}")
     return v
 
 
@@ -90,7 +88,7 @@ def avg_bits_budget(avg: float, view, what: str = "avg_bits") -> float:
     """The routed experts' byte budget for ``avg`` bits per expert weight, scales included (refused in words
     outside 2 to 16 or not finite: a budget of 1e308 bits wrote Infinity into the plan)."""
     if not isinstance(avg, (int, float)) or isinstance(avg, bool) or not 2 <= avg <= 16:
-        raise _error(f"{what}: an average of 2 to 16 bits per expert weight, got {avg!r}")
+        raise quantise_error(f"{what}: an average of 2 to 16 bits per expert weight, got {avg!r}")
     return avg / 8 * sum(lay.expert_weight_params() * lay.num_experts for lay in view)
 
 
@@ -217,7 +215,7 @@ def baked(model):
     return out
 
 
-def _in_dims(lay) -> tuple[int, int]:
+def in_dims(lay) -> tuple[int, int]:
     """The input dimension of one expert's gate_up and down tensors in the layer's layout."""
     return (0, 0) if lay.transposed else (-1, -1)
 
@@ -228,32 +226,30 @@ class Quantise(Operation):
 
     # ---- the plan field ---------------------------------------------------------------------------------
     def parse(self, value: Any) -> dict | None:
-        from ..plan import _id, _intkeys
-
         if value is None:
             return None
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             value = {"bits": value}
         if not isinstance(value, dict):
-            raise _error(f"expected a mapping such as {{bits: 4, group_size: 128}}, got {type(value).__name__}")
+            raise quantise_error(f"expected a mapping such as {{bits: 4, group_size: 128}}, got {type(value).__name__}")
         unknown = set(value) - {"bits", "group_size", "per_expert", "layers", "attention", "shared"}
         if unknown:
-            raise _error(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes bits, group_size, "
+            raise quantise_error(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes bits, group_size, "
                          "per_expert, layers, attention and shared")
         gs = value.get("group_size", 128)
         if isinstance(gs, bool) or gs not in GROUP_SIZES:
-            raise _error(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {gs!r}")
+            raise quantise_error(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {gs!r}")
         per = value.get("per_expert") or {}
         if not isinstance(per, dict) or not all(isinstance(v, dict) for v in per.values()):
-            raise _error("per_expert maps MoE layers to {expert: bits}, e.g. {0: {3: 2, 5: 8}}")
+            raise quantise_error("per_expert maps MoE layers to {expert: bits}, e.g. {0: {3: 2, 5: 8}}")
         layers = value.get("layers")
         if layers is not None and not isinstance(layers, list):
-            raise _error(f"layers must be a list of MoE layers, got {type(layers).__name__}")
-        return {"bits": _bits(value.get("bits", 4)), "group_size": int(gs),
-                "per_expert": {i: {_id(e): _bits(b, f"per_expert bits of layer {i} expert {e}")
-                                   for e, b in v.items()} for i, v in _intkeys(per).items()},
-                "layers": None if layers is None else [_id(x, "a layer number") for x in layers],
-                **{k: None if value.get(k) is None else _bits(value[k], k) for k in ("attention", "shared")}}
+            raise quantise_error(f"layers must be a list of MoE layers, got {type(layers).__name__}")
+        return {"bits": parse_bits(value.get("bits", 4)), "group_size": int(gs),
+                "per_expert": {i: {read_id(e): parse_bits(b, f"per_expert bits of layer {i} expert {e}")
+                                   for e, b in v.items()} for i, v in int_keys(per).items()},
+                "layers": None if layers is None else [read_id(x, "a layer number") for x in layers],
+                **{k: None if value.get(k) is None else parse_bits(value[k], k) for k in ("attention", "shared")}}
 
     def dump(self, spec: dict) -> dict:
         d = {"bits": spec["bits"], "group_size": spec["group_size"]}
@@ -270,17 +266,17 @@ class Quantise(Operation):
     def validate(self, spec: dict, plan, view) -> None:
         n = len(view)
         if spec.get("shared") not in (None, 16) and not any(lay.shared for lay in view):
-            raise _error(f"shared: {view.model_type} has no shared experts to quantise")
+            raise quantise_error(f"shared: {view.model_type} has no shared experts to quantise")
         for i in list(spec["per_expert"]) + list(spec["layers"] or []):
             if not 0 <= i < n:
-                raise _error(f"MoE layer {i} does not exist (the model has {n} MoE layers)")
+                raise quantise_error(f"MoE layer {i} does not exist (the model has {n} MoE layers)")
         for i, v in spec["per_expert"].items():
             gone = set(plan.removed(i))
             for e in v:
                 if not 0 <= e < view[i].num_experts:
-                    raise _error(f"MoE layer {i}: expert {e} does not exist (experts 0..{view[i].num_experts - 1})")
+                    raise quantise_error(f"MoE layer {i}: expert {e} does not exist (experts 0..{view[i].num_experts - 1})")
                 if e in gone:
-                    raise _error(f"MoE layer {i}: expert {e} is removed by this plan; it has no bits to choose")
+                    raise quantise_error(f"MoE layer {i}: expert {e} is removed by this plan; it has no bits to choose")
 
     def describe(self, spec: dict) -> str:
         name = lambda b: "FP8" if b == "fp8" else f"{b}-bit"  # noqa: E731
@@ -310,7 +306,7 @@ class Quantise(Operation):
         """Rounds the kept experts in ``ctx.per``; returns {expert: (bits, gate_up scales, down scales)}, which
         apply keeps on the new model so that an export can store the codes (``write_compact``)."""
         lay, per = ctx.lay, ctx.per
-        d_gu, d_dn = _in_dims(lay)
+        d_gu, d_dn = in_dims(lay)
         scales = {}
         for e in ctx.kept:
             b = self.bits_of(spec, lay.index, e)
@@ -330,7 +326,7 @@ class Quantise(Operation):
         for qn, (bits, mod) in linear_targets(spec, plan, view).items():
             w = mod.weight
             if w.device.type == "meta":
-                raise _error(f"{qn} is offloaded (device map): quantising attention or shared experts needs their "
+                raise quantise_error(f"{qn} is offloaded (device map): quantising attention or shared experts needs their "
                              "weights in memory")
             with torch.no_grad():
                 dq, scale = quantise_tensor(w.detach(), bits, spec["group_size"], -1)
@@ -358,74 +354,7 @@ class Quantise(Operation):
                    for e in kept)
 
     # ---- command line ----------------------------------------------------------------------------------
-    cli_flag = "quantise"
 
-    def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--quantise", metavar="BITS", help="quantise experts: 2, 3, 4, 8 or fp8 (with "
-                            "--budget-gb or --avg-bits: the most bits a budget planner may give an expert)")
-        parser.add_argument("--group-size", type=int, default=128, help="quantise: inputs per scale (32/64/128)")
-        parser.add_argument("--budget-gb", type=float, default=None, help="quantise: bytes of the routed experts, "
-                            "in GB; bits per expert chosen by importance and measured error (MC-MoE)")
-        parser.add_argument("--avg-bits", type=float, default=None, help="quantise: the same budget as average "
-                            "bits per expert weight (scales included)")
-        parser.add_argument("--quantise-attention", default=None, metavar="BITS", help="quantise: attention "
-                            "projections too, at BITS (2, 3, 4, 8 or fp8)")
-        parser.add_argument("--quantise-shared", default=None, metavar="BITS", help="quantise: shared experts "
-                            "too, at BITS")
-
-    def cli_needs_stats(self, args) -> bool:
-        return args.budget_gb is not None or args.avg_bits is not None
-
-    def from_cli(self, args, skip, view):
-        if getattr(args, "quantise", None) is None:
-            return None
-        bits = _bits(args.quantise, "--quantise")
-        budget = None
-        if args.budget_gb is not None and args.avg_bits is not None:
-            raise _error("--budget-gb and --avg-bits are two ways to give one budget: give one of them")
-        if args.budget_gb is not None:
-            if not 0 < args.budget_gb < math.inf:
-                raise _error(f"--budget-gb must be a positive number of GB, got {args.budget_gb}")
-            budget = args.budget_gb * 1e9
-        elif args.avg_bits is not None:
-            budget = avg_bits_budget(args.avg_bits, view, "--avg-bits")
-        return "quantise", dict(bits=bits, group_size=args.group_size, budget_bytes=budget, criterion=args.criterion,
-                                attention=args.quantise_attention, shared=args.quantise_shared)
-
-    preset = "quantise"
-    needs_view = ("quantise",)
-
-    methods = ("experts only", "+ attention 8-bit", "+ attention & shared 8-bit")
-
-    def preset_args(self, amount, opts: dict, session) -> dict:
-        """Whole bits (2, 3, 4, 8) or fp8 quantise every expert alike; a fraction (3.7) is an average: bits per
-        expert chosen under that budget, never rounded away in silence."""
-        text = str(amount).strip().lower()
-        if text == "fp8":
-            kw = {"bits": "fp8"}
-        else:
-            try:
-                v = float(text)
-            except ValueError:
-                raise _error(f"bits: 2, 3, 4, 8, fp8 or an average such as 3.5, got {amount!r}") from None
-            if v == int(v) and int(v) in (2, 3, 4, 8):
-                kw = {"bits": int(v)}
-            else:
-                top = next((b for b in (2, 3, 4, 8) if b >= v), None)
-                if top is None or v < 2:
-                    raise _error(f"bits: an average between 2 and 8, got {amount!r}")
-                kw = {"bits": top, "budget_bytes": avg_bits_budget(v, session.view, "bits")}
-        kw["criterion"] = opts["criterion"]
-        kw["group_size"] = packable_group(session.view)
-        m = opts.get("method")
-        if m in self.methods[1:]:
-            kw["attention"] = 8
-        if m == self.methods[2]:
-            if not any(lay.shared for lay in session.view):
-                raise _error(f"shared: {session.view.model_type} has no shared experts; choose "
-                             f"'{self.methods[1]}'")
-            kw["shared"] = 8
-        return kw
 
     def write_export(self, spec: dict, model, folder) -> str | None:
         return write_compact(spec, model, folder)
@@ -471,172 +400,7 @@ def linear_targets(spec: dict, plan, view) -> dict:
     return out
 
 
-# ---- planners -------------------------------------------------------------------------------------------
-def quant_errors(view, choices, group_size: int, stats=None) -> list[np.ndarray]:
-    """[E, len(choices)] per MoE layer: each expert's relative output error at each bit width, its weights'
-    error weighted by the size of the inputs they see (‖(W − Q(W))·diag(‖x‖)‖² / ‖W·diag(‖x‖)‖², x from the
-    statistics' per-channel energies when given, else plain weight error)."""
-    out = []
-    with torch.no_grad():
-        for lay in view:
-            d_gu, d_dn = _in_dims(lay)
-            err = np.zeros((lay.num_experts, len(choices)))
-            for e in range(lay.num_experts):
-                gu, dn, _, _ = lay.expert_tensors(e)
-                ws = []
-                for w, d, key in ((gu, d_gu, "in_sq"), (dn, d_dn, "neuron_sq")):
-                    a = None
-                    if stats is not None and key in stats.layers[lay.index]:
-                        a = torch.as_tensor(np.asarray(stats.layers[lay.index][key][e]), dtype=torch.float32)
-                        a = a.clamp_min(0).sqrt()
-                    ws.append((w, d, a))
-                for j, b in enumerate(choices):
-                    num = den = 0.0
-                    for w, d, a in ws:
-                        diff = (w.float() - fake_quant(w, b, group_size, d).float()).movedim(d, -1)
-                        base = w.float().movedim(d, -1)
-                        if a is not None:
-                            diff, base = diff * a, base * a
-                        num += float((diff ** 2).sum())
-                        den += float((base ** 2).sum())
-                    err[e, j] = num / max(den, 1e-30)
-            out.append(err)
-    return out
-
-
-def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: float | None = None,
-                  choices=None, criterion: str = "reap", attention=None, shared=None):
-    """A quantisation plan: every expert at ``bits``, or, with ``budget_bytes`` (bytes of all routed experts,
-    scales included), bits per expert chosen by a mixed-integer programme that minimises Σ importance × measured
-    error under the budget (MC-MoE's allocation; importance by ``criterion``, normalised per layer)."""
-    from ..plan import Plan, PlanError, fingerprint
-    from ..saliency import expert_scores
-
-    bits = _bits(bits)
-    if group_size not in GROUP_SIZES:
-        raise PlanError(f"quantise: group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
-    recipe = [{"planner": "quantise", "bits": bits, "group_size": group_size, "budget_bytes": budget_bytes,
-               "criterion": criterion, "attention": attention, "shared": shared}]
-    more = {k: v for k, v in (("attention", attention), ("shared", shared)) if v is not None}
-    if budget_bytes is None:
-        spec = QUANTISE.parse({"bits": bits, "group_size": group_size, **more})
-        return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
-                    notes=QUANTISE.describe(spec))
-    if stats is None:
-        raise PlanError("quantise with a budget weighs experts by their statistics: collect them first")
-    top = 8 if bits == "fp8" else bits
-    choices = list(choices or [b for b in (2, 3, 4, 8) if b <= top])
-    sizes = [lay.expert_weight_params() for lay in view]
-    need = [bits_per_weight(min(choices), group_size) / 8 * s * lay.num_experts for s, lay in zip(sizes, view)]
-    if budget_bytes < sum(need):
-        raise PlanError(f"quantise: a budget of {budget_bytes / 1e9:.4g} GB is below what {min(choices)}-bit "
-                        f"experts take ({sum(need) / 1e9:.4g} GB); raise it or allow fewer bits")
-    errs = quant_errors(view, choices, group_size, stats)
-    scores = expert_scores(stats, criterion)
-    cost, size, owner = [], [], []
-    for li, (lay, err, sc) in enumerate(zip(view, errs, scores)):
-        imp = np.asarray(sc, dtype=float)
-        imp = imp / max(imp.mean(), 1e-30)
-        for e in range(lay.num_experts):
-            for j, b in enumerate(choices):
-                cost.append(imp[e] * err[e, j])
-                size.append(bits_per_weight(b, group_size) / 8 * sizes[li])
-                owner.append((li, e, b))
-    pick, gap = _solve(np.array(cost), np.array(size), budget_bytes, len(choices))
-    per: dict[int, dict[int, Any]] = {}
-    for x, (li, e, b) in zip(pick, owner):
-        if x:
-            per.setdefault(li, {})[e] = b
-    spec = QUANTISE.parse({"bits": bits, "group_size": group_size, **more})
-    spec["per_expert"] = per
-    used = sum(s for x, s in zip(pick, size) if x)
-    avg = 8 * used / sum(s * lay.num_experts for s, lay in zip(sizes, view))
-    return Plan(ops={"quantise": spec}, model=fingerprint(view), recipe=recipe,
-                notes=f"quantise experts by {criterion} under {budget_bytes / 1e9:.4g} GB: {avg:.2f} bits a weight "
-                      f"on average, widths {sorted({b for v in per.values() for b in v.values()}, key=str)}; "
-                      f"allocation within {100 * gap:.2g}% of the least error any allocation reaches (LP bound)")
-
-
-def _solve(cost: np.ndarray, size: np.ndarray, budget: float, k: int) -> tuple[np.ndarray, float]:
-    """One choice per expert (consecutive runs of ``k``), least total cost within ``budget``, and the relative gap
-    to the best any allocation could reach (the LP bound).
-
-    A multiple-choice knapsack: its LP optimum leaves at most one expert between two choices, so walking every
-    expert's convex hull of (bytes, cost) steps by cost saved per byte gives an integral allocation and the bound
-    at once, in milliseconds at DeepSeek-V3's 58 x 256 experts (scipy's milp stopped at its time limit there, 3.5x
-    above the bound, unread). Where the walk's gap is not negligible, milp tries to close it and the better answer
-    is kept."""
-    pick, gap = _hull_walk(cost.reshape(-1, k), size.reshape(-1, k), budget)
-    if gap > 1e-4:
-        from scipy.optimize import Bounds, LinearConstraint, milp
-        from scipy.sparse import csr_matrix
-
-        n = len(cost) // k
-        one = csr_matrix((np.ones(len(cost)), (np.repeat(np.arange(n), k), np.arange(len(cost)))),
-                         shape=(n, len(cost)))
-        res = milp(cost, integrality=np.ones(len(cost)), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(one, 1, 1), LinearConstraint(size[None, :], 0, budget)],
-                   options={"time_limit": 20})
-        if res.x is not None:
-            x = np.round(res.x).astype(bool)
-            if cost[x].sum() < cost[pick].sum() and size[x].sum() <= budget * (1 + 1e-9):
-                bound = cost[pick].sum() / (1 + gap) if gap < np.inf else 0.0
-                pick, gap = x, (cost[x].sum() - bound) / max(bound, 1e-30)
-    return pick, gap
-
-
-def _hull_walk(cost: np.ndarray, size: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
-    """Greedy on the experts' lower convex hulls (``cost``, ``size``: [experts, choices]): the allocation and its
-    relative gap to the LP bound."""
-    n, k = cost.shape
-    choice = np.empty(n, dtype=int)
-    steps = []  # (cost saved per byte, expert, step number, to choice, bytes added, cost change)
-    for i in range(n):
-        order = sorted(range(k), key=lambda j: (size[i, j], cost[i, j]))
-        hull = [order[0]]
-        for j in order[1:]:
-            if cost[i, j] >= cost[i, hull[-1]]:
-                continue  # more bytes, no less cost: never worth taking
-            while len(hull) >= 2:  # keep the hull convex: efficiencies must fall along it
-                a, b = hull[-2], hull[-1]
-                e_ab = (cost[i, a] - cost[i, b]) / max(size[i, b] - size[i, a], 1e-30)
-                e_bj = (cost[i, b] - cost[i, j]) / max(size[i, j] - size[i, b], 1e-30)
-                if e_bj >= e_ab:
-                    hull.pop()
-                else:
-                    break
-            hull.append(j)
-        choice[i] = hull[0]
-        for t in range(1, len(hull)):
-            a, b = hull[t - 1], hull[t]
-            ds, dc = size[i, b] - size[i, a], cost[i, b] - cost[i, a]
-            steps.append((-dc / max(ds, 1e-30), i, t, b, ds, dc))
-    left = budget - size[np.arange(n), choice].sum()
-    if left < 0:
-        from ..plan import PlanError
-
-        raise PlanError("quantise: no bit allocation fits the budget")
-    total = cost[np.arange(n), choice].sum()
-    bound = None
-    blocked = set()
-    for eff, i, t, b, ds, dc in sorted(steps, key=lambda x: (-x[0], x[1], x[2])):
-        if i in blocked:
-            continue
-        if ds <= left:
-            choice[i], left, total = b, left - ds, total + dc
-        else:
-            if bound is None:
-                bound = total + dc * left / ds  # the LP takes this step in part: nothing can do better
-            blocked.add(i)  # its later hull steps depend on this one
-    bound = total if bound is None else bound
-    pick = np.zeros((n, k), dtype=bool)
-    pick[np.arange(n), choice] = True
-    gap = 0.0 if total <= bound else (total - bound) / max(abs(bound), 1e-30)
-    return pick.reshape(-1), gap
-
-
 # ---- compact export (compressed-tensors pack-quantized) ----------------------------------------------------
-EXPERT_TARGETS = ["re:.*(?<!shared_)experts.*"]  # compressed-tensors targets: routed experts, not shared ones
 EXPERT_KEY = re.compile(r"layers\.(\d+)\..*experts\.(\d+)\.(\w+)\.weight$")
 
 
@@ -665,7 +429,6 @@ def write_compact(spec: dict, model, folder) -> str | None:
     Codes come from the dequantised weights and the scales the quantise edit kept (``round(w / scale)`` is exact),
     so nothing is rounded twice. Scales are stored in the model's dtype (bf16-representable values). Where a family
     saves its experts fused rather than one 2-D tensor per expert and projection, the export stays dequantised."""
-    import json
     from pathlib import Path
 
     folder = Path(folder)
@@ -688,11 +451,11 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
         return why
     from safetensors import safe_open
 
-    from ..moe import _decoder_layers
+    from ..moe import decoder_layers_of
 
     bits, gs = spec["bits"], spec["group_size"]
-    args, scheme = _scheme(bits, gs)
-    layers = _decoder_layers(model)
+    args, scheme = packing.scheme(bits, gs)
+    layers = decoder_layers_of(model)
     owners = {}  # decoder layer -> (experts module, {slot: (bits, s_gu, s_dn)})
     for li, dl in enumerate(layers):
         for mod in dl.modules():
@@ -718,7 +481,7 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
                         return _odd_inputs_note(k, t.shape[-1], gs)
                     scale = _scale_rows(owners[li][0], owners[li][1][slot], slot, t)
                     if scale is not None:
-                        out.update(_packed(k, t, scale, scheme))
+                        out.update(packing.packed(k, t, scale, scheme))
                         done[(li, slot)] = done.get((li, slot), 0) + 1
                         changed = True
                         continue
@@ -731,14 +494,14 @@ def _pack_experts(spec: dict, model, folder) -> str | None:
                 f"not cover (decoder layer {missing[0][0]}, expert {missing[0][1]})")
     for shard, (out, changed) in new_shards.items():
         if changed:
-            _rewrite_shard(folder, shard, out)
-    _declare(folder, _experts_group(args))
-    return _packed_note(bits, gs)
+            packing.rewrite_shard(folder, shard, out)
+    packing.declare(folder, packing.experts_group(args))
+    return packing.packed_note(bits, gs)
 
 
 def _pack_linears(spec: dict, model, folder, alone: bool = False) -> str | None:
     """The in-memory export's quantised attention and shared-expert projections (their scales kept by apply)."""
-    from ..checkpoint import _disk_name
+    from ..shards import disk_name
 
     lin = {n: m._explorer_notes["quantise"] for n, m in model.named_modules()
            if isinstance(m, torch.nn.Linear) and "quantise" in getattr(m, "_explorer_notes", {})}
@@ -746,7 +509,7 @@ def _pack_linears(spec: dict, model, folder, alone: bool = False) -> str | None:
         return None
     if alone:
         return ALONE_NOTE
-    to_disk = _disk_name(model)
+    to_disk = disk_name(model)
     return _write_linears(spec, folder, {to_disk(n + ".weight"): (n, b, scale) for n, (b, scale) in lin.items()})
 
 
@@ -756,9 +519,6 @@ def _write_linears(spec: dict, folder, targets: dict, raw: bool = False, alone: 
     key -> (module name in the loaded model, bits, scales or None); ``raw``: the shards hold the unrounded weights
     (out of core), which are then rounded here, as the preview rounds them."""
     from safetensors import safe_open
-
-    from ..plan import PlanError
-
     gs = spec["group_size"]
     shards = sorted(folder.glob("*.safetensors"))
     where = {}
@@ -775,25 +535,22 @@ def _write_linears(spec: dict, folder, targets: dict, raw: bool = False, alone: 
     why = _linears_refusal(alone, missing, targets, where, gs)
     if why is not None and not raw:
         return why  # the model's weights are the preview's already
-    schemes = {} if why is not None else {b: _scheme(b, gs) for _, b, _ in targets.values()}
-    for shard in shards:
-        if not any(sh == shard for sh, _ in where.values()):
-            continue
-        out = {}
-        with safe_open(str(shard), "pt") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                if k not in targets:
-                    out[k] = t
-                    continue
-                _, b, scale = targets[k]
-                if scale is None:
-                    t, scale = quantise_tensor(t, b, gs, -1)
-                out.update({k: t} if why is not None else _packed(k, t, scale, schemes[b][1]))
-        _rewrite_shard(folder, shard, out)
+    schemes = {} if why is not None else {b: packing.scheme(b, gs) for _, b, _ in targets.values()}
+
+    def rounded(key: str):
+        if key not in targets:
+            return None
+        _, b, scale = targets[key]
+
+        def fn(t):
+            dq, sc = (t, scale) if scale is not None else quantise_tensor(t, b, gs, -1)
+            return {key: dq} if why is not None else packing.packed(key, dq, sc, schemes[b][1])
+        return fn
+    if why is None or raw:
+        packing.rewrite_shards(folder, rounded)
     if why is not None:
         return why
-    _declare(folder, {f"group_linear_{b}": {"targets": sorted(n for n, bb, _ in targets.values() if bb == b),
+    packing.declare(folder, {f"group_linear_{b}": {"targets": sorted(n for n, bb, _ in targets.values() if bb == b),
                                             "weights": schemes[b][0].model_dump()} for b in schemes})
     widths = ", ".join(f"{b}-bit" for b in sorted(schemes))
     return f"attention and shared-expert projections stored packed ({widths}, one scale per {gs} inputs)"
@@ -818,67 +575,10 @@ def _linears_refusal(alone: bool, missing: list, targets: dict, where: dict, gs:
     return None
 
 
-def _scheme(bits: int, gs: int):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs)
-    return args, QuantizationScheme(targets=EXPERT_TARGETS, weights=args)
-
-
-def _experts_group(args) -> dict:
-    return {"group_0": {"targets": EXPERT_TARGETS, "weights": args.model_dump()}}
-
-
 def _odd_inputs_note(key: str, n: int, gs: int) -> str:
     return (f"the experts are written dequantised: the packed format needs each expert's input size to be a multiple "
             f"of the group size, and {key.split('.')[-2]} takes {n} inputs against groups of {gs}; a group size of "
             f"{max(g for g in GROUP_SIZES if n % g == 0)} would pack")
-
-
-def _packed(key: str, w_dq: torch.Tensor, scale: torch.Tensor, scheme) -> dict:
-    """``key``'s dequantised [out, in] weight as compressed-tensors' packed tensors (codes = round(w / scale))."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-
-    packed = PackedQuantizationCompressor.compress({"weight": w_dq, "weight_scale": scale.to(w_dq.dtype)}, scheme)
-    base = key[: -len("weight")]
-    return {base + name: v.contiguous() for name, v in packed.items()}
-
-
-def _rewrite_shard(folder, shard, tensors: dict) -> None:
-    """Write ``shard`` anew with ``tensors`` and point the folder's index at their names."""
-    import json
-
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        data = json.loads(index.read_text())
-        wm = {k: v for k, v in data["weight_map"].items() if v != shard.name}
-        wm.update({k: shard.name for k in tensors})
-        data["weight_map"] = dict(sorted(wm.items()))
-        data.get("metadata", {}).pop("total_size", None)
-        index.write_text(json.dumps(data, indent=2))
-
-
-def _declare(folder, groups: dict) -> None:
-    """config.json says which modules are compressed-tensors pack-quantized (transformers dequantises on load);
-    groups add to those an earlier pass declared."""
-    import json
-
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    qc = cfg.get("quantization_config") or {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {}, "ignore": ["lm_head"]}
-    qc["config_groups"] = {**qc["config_groups"], **groups}
-    cfg["quantization_config"] = qc
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-
-
-def _packed_note(bits, gs) -> str:
-    return (f"experts stored packed ({bits}-bit codes, one scale per {gs} inputs; compressed-tensors pack-quantized): "
-            "transformers dequantises them while loading")
 
 
 def write_checkpoint(spec: dict, plan, view, folder, block_map: dict, renumbered) -> str:
@@ -889,9 +589,6 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict, renumbered
     from pathlib import Path
 
     from safetensors import safe_open
-
-    from ..plan import PlanError
-
     folder = Path(folder)
     new_to_old = {new: old for old, new in block_map.items() if new is not None}
     by_dec = {lay.layer_idx: lay for lay in view}
@@ -928,35 +625,31 @@ def write_checkpoint(spec: dict, plan, view, folder, block_map: dict, renumbered
                     if bits_for(li, slot) is not None and shape[-1] % gs), None)
         if odd is not None:
             why = _odd_inputs_note(odd, shapes[odd][2][-1], gs)
-    args, scheme = _scheme(spec["bits"], gs) if why is None else (None, None)
-    for shard in shards:
-        out, changed = {}, False
-        with safe_open(str(shard), "pt") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                li, slot, shape = shapes.get(k, (None, None, None))
-                b = bits_for(li, slot) if li is not None and len(shape) == 2 else None
-                if b is None:
-                    out[k] = t
-                    continue
-                dq, scale = quantise_tensor(t, b, gs, -1)
-                out.update(_packed(k, dq, scale, scheme) if scheme is not None else {k: dq})
-                changed = True
-        if changed:
-            _rewrite_shard(folder, shard, out)
-        del out
+    args, scheme = packing.scheme(spec["bits"], gs) if why is None else (None, None)
+
+    def rounded(key: str):
+        li, slot, shape = shapes.get(key, (None, None, None))
+        b = bits_for(li, slot) if li is not None and len(shape) == 2 else None
+        if b is None:
+            return None
+
+        def fn(t):
+            dq, scale = quantise_tensor(t, b, gs, -1)
+            return packing.packed(key, dq, scale, scheme) if scheme is not None else {key: dq}
+        return fn
+    packing.rewrite_shards(folder, rounded)
     notes = []
     if wanted:
         if scheme is None:
             notes.append(why)
         else:
-            _declare(folder, _experts_group(args))
-            notes.append(_packed_note(spec["bits"], gs))
+            packing.declare(folder, packing.experts_group(args))
+            notes.append(packing.packed_note(spec["bits"], gs))
     lin = linear_targets(spec, plan, view)
     if lin:
-        from ..checkpoint import _disk_name
+        from ..shards import disk_name
 
-        to_disk = _disk_name(view.model)
+        to_disk = disk_name(view.model)
         stack = {id(m): n for n, m in view.model.named_modules()}[id(view.decoder_layers)]
         renumber = re.compile(re.escape(stack) + r"\.(\d+)\.")
 
@@ -992,5 +685,4 @@ def _scale_rows(experts, note, slot: int, saved: torch.Tensor) -> torch.Tensor |
     return None
 
 
-Quantise.planners = {"quantise": quantise_plan}
 register(QUANTISE)

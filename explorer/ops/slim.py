@@ -4,8 +4,8 @@ Plan fields: ``slim`` (fraction of neurons kept) and ``slim_layers`` (MoE layers
 """
 from __future__ import annotations
 
-from ..plan import Plan, PlanError, _ids
-from . import EditContext, Operation, register, stats_meta
+from ..errors import PlanError
+from .base import EditContext, Operation, read_ids, register
 
 NEEDS_STATS = ("slimming and weight pruning score neurons and weights from router statistics: collect them first "
                "(collect_stats, or `python -m explorer stats`)")
@@ -36,9 +36,9 @@ def _width_problem(view, width: int, config) -> str | None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..apply import _intermediate_attr
+    from ..surgery import intermediate_attr
 
-    attr = _intermediate_attr(view.text_config)
+    attr = intermediate_attr(view.text_config)
     cfg = copy.deepcopy(config)
     setattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, attr, width)
     try:
@@ -68,7 +68,7 @@ class Slim(Operation):
             raise PlanError(f"slim_layers must be a list of layer numbers, e.g. [1, 3]; got {type(layers).__name__}")
         if fields.get("slim") is None:
             return None
-        return {"slim": float(fields["slim"]), "slim_layers": None if layers is None else _ids(layers, "slim_layers")}
+        return {"slim": float(fields["slim"]), "slim_layers": None if layers is None else read_ids(layers, "slim_layers")}
 
     def write(self, spec) -> dict:
         return dict(spec) if spec is not None else super().write(None)
@@ -107,13 +107,13 @@ class Slim(Operation):
 
     def neurons(self, spec, ctx: EditContext) -> dict:
         """The neurons each kept expert keeps (indices into its own, or its merge's aligned, order)."""
-        from ..transform import top_neurons
+        from ..neurons import top_neurons
 
         n_keep = slim_width(spec["slim"], ctx.lay.intermediate_size)
         return {e: top_neurons(ctx.neuron_energy(e, "neuron_sq"), n_keep) for e in ctx.kept}
 
     def edit(self, spec, ctx: EditContext) -> None:
-        from ..transform import select_neurons
+        from ..neurons import select_neurons
 
         for e, idx in self.neurons(spec, ctx).items():
             gu, dn, gb, db = ctx.per[e]
@@ -136,26 +136,5 @@ class Slim(Operation):
                             "in-memory apply (without --out-of-core)")
         return None
 
-    # ---- planner ----------------------------------------------------------------------------------------
-    preset = "slim"
 
-    def preset_args(self, amount, opts: dict, session) -> dict:
-        return dict(keep=float(amount))
-
-    cli_flag = "slim"
-
-    def add_cli(self, parser, choice) -> None:
-        choice.add_argument("--slim", type=float, metavar="FRACTION", help="fraction of neurons kept")
-
-    def from_cli(self, args, skip, view):
-        return None if args.slim is None else ("slim_experts", dict(keep=args.slim))
-
-
-def slim_experts(stats, keep: float, layers: list[int] | None = None) -> Plan:
-    """Keep ``keep`` of every expert's intermediate neurons (by activation energy, as SlimMoE)."""
-    return Plan(slim=keep, slim_layers=layers, model=stats_meta(stats), notes=f"slim experts to {keep:.0%} of neurons",
-                recipe=[{"planner": "slim_experts", "keep": keep, "layers": layers}])
-
-
-Slim.planners = {"slim_experts": slim_experts}
 register(Slim())

@@ -5,7 +5,7 @@ import json
 
 from .. import planners
 from ..errors import ExplorerError
-from ..ops import preset_methods
+from ..planners import preset_methods
 from ..plan import Plan
 
 PRESETS = tuple(planners.PRESETS)  # what ``preset`` makes: each operation module's preset
@@ -17,7 +17,7 @@ class SessionError(ExplorerError):
     """A user-facing problem: the message is shown as it is."""
 
 
-def _key(plan: Plan) -> str:
+def cut_key(plan: Plan) -> str:
     """What a plan cuts (not its notes, recipe or model fingerprint): two plans that cut alike share a student."""
     d = {k: v for k, v in plan.to_dict().items() if k not in ("notes", "recipe", "model")}
     return json.dumps(d, sort_keys=True)

@@ -3,7 +3,7 @@ heatmap clicks (drop an expert) and merge groups picked expert by expert."""
 from __future__ import annotations
 
 from .. import planners
-from ..ops import presets
+from ..planners import presets
 from ..plan import Plan, PlanError, fingerprint
 from .common import PRESETS, SessionError
 
@@ -18,6 +18,21 @@ class PlanEditor:
         self.pending: tuple[int, list[int]] | None = None  # a merge group being picked: (layer, experts)
         if not hasattr(self, "table_view"):  # how the table shows experts is the user's choice: kept across plans
             self.table_view, self.table_layer, self.table_sort = "auto", 0, "expert id"
+
+    def plan_file(self, folder) -> str:
+        """The current plan written as ``folder``/plan.json (for a download button): written again only when
+        the plan's content changed, so the file is never a stale one."""
+        import hashlib
+        from pathlib import Path
+
+        text = self.plan.to_json()
+        key = hashlib.sha1(text.encode()).hexdigest()[:16]
+        path = Path(folder) / "plan.json"
+        if getattr(self, "_plan_written", None) == (key, str(path)) and path.exists():
+            return str(path)
+        self.plan.to_json(path)
+        self._plan_written = (key, str(path))
+        return str(path)
 
     def set_table(self, view: str, layer: int | None = None, sort: str | None = None) -> None:
         """How the Plan tab's load table shows the experts: every layer (one cell per expert) or one layer (one row

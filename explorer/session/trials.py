@@ -12,7 +12,7 @@ from ..perplexity import fmt_ppl, perplexity
 from ..plan import Plan
 from ..preview import preview_perplexity
 from ..report import preview_result
-from .common import MAX_STUDENTS, SessionError, _key
+from .common import MAX_STUDENTS, SessionError, cut_key
 
 # what one generation request may ask of a shared app: a stranger's prompt holds a worker for its whole length
 SHARED_GENERATION = {"prompts": 8, "prompt_tokens": 512, "seconds": 60.0}
@@ -115,7 +115,7 @@ class Trials:
             for e in todo:
                 step(e["name"])
                 if e.get("distilled"):
-                    d = self.students.get(_key(Plan.from_dict(e["plan"])))
+                    d = self.students.get(cut_key(Plan.from_dict(e["plan"])))
                     if d is None:
                         continue
                     row = summary_row(evaluate_tasks(d.student, self.tok, cfgs, limit=limit))
@@ -203,13 +203,13 @@ class Trials:
         if not self.lock.acquire(timeout=120):  # waits for a preview to finish; two runs at once are refused
             raise SessionError("another job in this session is still running; stop it or wait for it")
         try:
-            d = self.students.get(_key(plan))
+            d = self.students.get(cut_key(plan))
             same_settings = d is not None and {**d.config.__dict__, "steps": 0} == {**config.__dict__, "steps": 0}
             if d is None or not same_settings:
                 # a new plan or new settings (learning rate, KL, temperature, ...): a new run from the cut model
                 d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
                                         stats=self.stats)
-                self.students[_key(plan)] = d
+                self.students[cut_key(plan)] = d
                 while len(self.students) > MAX_STUDENTS:  # each holds a copy of the cut model
                     self.students.pop(next(iter(self.students)))
             elif d.step >= d.config.steps:  # finished: Start again distills ``config.steps`` more steps
@@ -233,12 +233,12 @@ class Trials:
 
     def student(self, plan: Plan | None = None) -> Distiller | None:
         """The distillation run of ``plan`` (default: the current plan) that improved its student, if any."""
-        d = self.students.get(_key(plan or self.plan))
+        d = self.students.get(cut_key(plan or self.plan))
         return d if d is not None and d.best_step > 0 else None
 
     def kept_note(self) -> str:
         """When the plan in force is not a distilled one: which distilled students are kept, and how to return."""
-        others = [d for k, d in self.students.items() if k != _key(self.plan) and d.best_step > 0]
+        others = [d for k, d in self.students.items() if k != cut_key(self.plan) and d.best_step > 0]
         if not others:
             return ""
         names = "; ".join(f"{d.plan.describe()} (perplexity {fmt_ppl(d.best_ppl)})" for d in others)

@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 
-from ..data import Dataset, load_data, text_blocks
+from ..data import Dataset, load_data
 from ..loading import DEMO_MODEL, load_model
-from ..moe import input_device
+from ..devices import input_device
 from ..perplexity import perplexity
 from ..saliency import CHEAP, expert_scores, expert_similarity
 from ..stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
@@ -135,8 +135,3 @@ class Workspace:
         if self.busy:
             raise SessionError("a distillation or another long job is running in this session: stop it (Distill "
                                "tab) or wait for it to finish, then change the plan")
-
-    def eval_text(self, text: str) -> dict:
-        self.require()
-        res = perplexity(self.model, text_blocks(self.tok, text, self.block_len))
-        return res.to_dict()

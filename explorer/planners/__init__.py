@@ -1,28 +1,31 @@
 """Planners: write a Plan from statistics and scores. They only choose; ``Plan.validate`` checks.
 
-Each planner lives in its operation's module (``explorer.ops``); this module runs them by recipe name and replays
-recipes.
+One module per operation says how it is chosen (``explorer.planners.<operation>``: its planner, the app's preset,
+its ``explorer plan`` option, registered by the operation's name in ``base.PLANNING``); this module runs planners
+by recipe name and replays recipes.
 """
 from __future__ import annotations
 
 import inspect
 
-from .moe import MoEModel
-from .plan import Plan, PlanError
-from .stats import RouterStats
-from .ops import all_planners, planner_owner, presets
-# the planners by their public names (``planners.drop_experts(stats, 0.25)``), from their operations' modules
-from .ops.drop_blocks import drop_blocks  # noqa: F401
-from .ops.drop_experts import drop_experts  # noqa: F401
-from .ops.drop_layers import drop_layers  # noqa: F401
-from .ops.merge import MERGE_METHODS, merge_experts  # noqa: F401
-from .ops.prune import prune_weights  # noqa: F401
-from .ops.quantise import quantise_plan  # noqa: F401
-from .ops.slim import slim_experts  # noqa: F401
+from ..errors import PlanError
+from ..moe import MoEModel
+from ..plan import Plan
+from ..stats import RouterStats
+from .base import (PLANNING, LayerListPlanning, Planning, all_planners, planner_owner, preset_methods,  # noqa: F401
+                   presets, register_planning, stats_meta)
+# the order of these imports is the registry's (the order of explorer.ops); the planners by their public names
+from .drop_experts import drop_experts  # noqa: E402,F401,I001
+from .merge import merge_experts  # noqa: F401
+from .slim import slim_experts  # noqa: F401
+from .prune import prune_weights  # noqa: F401
+from .drop_layers import drop_layers  # noqa: F401
+from .drop_blocks import drop_blocks  # noqa: F401
+from .quantise import quantise_plan  # noqa: F401
+from ..ops.merge import MERGE_METHODS  # noqa: F401
 
-# every operation module's planners by recipe name, and the app's preset names -> planner (from the registry)
-PLANNERS = all_planners()
-PRESETS = {name: next(iter(op.planners)) for name, op in presets().items()}
+# the app's preset names -> the planner each runs
+PRESETS = {name: next(iter(p.planners)) for name, p in presets().items()}
 AMOUNTS = ("fraction", "sparsity", "keep", "n", "to", "bits", "budget_bytes")  # numbers, never words
 
 

@@ -1,0 +1,82 @@
+"""How an operation is chosen, beside what it does (``explorer.ops``): its planners (recipe name -> planner), the
+app's preset and its method choices, and its ``explorer plan`` option. One ``Planning`` per operation, registered
+by the operation's name; operations that users add may bring theirs."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+class Planning:
+    """An operation's planners, preset and command-line option. Hooks an operation has nothing to say for keep
+    these defaults."""
+
+    op: str = ""  # the operation's registry name (``explorer.ops.OPS``)
+    planners: dict[str, Callable] = {}  # recipe name -> planner(stats, ..., view=...) -> Plan
+    needs_view: tuple[str, ...] = ()  # planners that need the model's view
+    preset: str | None = None  # the app's and widgets' preset name
+    methods: tuple[str, ...] = ()  # the preset's "method" choices (merge: mc-smoe, ...)
+
+    def preset_args(self, amount: float, opts: dict, session) -> dict:
+        """The planner's arguments for the app's preset controls: ``amount`` and ``opts`` (criterion, method, mode,
+        protect_super); a choice that makes no sense is a PlanError in words."""
+        return {}
+
+    cli_flag: str = ""  # the dest of the operation's option in the mutually exclusive group
+
+    def add_cli(self, parser, choice) -> None:
+        """Options of ``explorer plan``: ``choice`` is the group of mutually exclusive operations."""
+
+    def cli_needs_stats(self, args) -> bool:
+        """Whether the planner ``explorer plan`` runs for this option needs router statistics."""
+        return True
+
+    def from_cli(self, args, skip: list[int], view) -> tuple[str, dict] | None:
+        """(planner, arguments) ``explorer plan`` runs when this operation's option was given, else None."""
+        return None
+
+
+class LayerListPlanning(Planning):
+    """Layer Drop and Block Drop: the preset's amount is a number of layers."""
+
+    def preset_args(self, amount, opts: dict, session) -> dict:
+        return dict(n=int(amount))
+
+
+PLANNING: dict[str, Planning] = {}  # operation name -> how it is chosen, in registration order
+
+
+def register_planning(p: Planning) -> Planning:
+    if not p.op or p.op in PLANNING:
+        raise ValueError(f"planning needs an operation that has none yet, got {p.op!r}")
+    taken = {n for q in PLANNING.values() for n in q.planners}
+    if taken & set(p.planners):
+        raise ValueError(f"planner name(s) {sorted(taken & set(p.planners))} already belong to another operation")
+    PLANNING[p.op] = p
+    return p
+
+
+def planner_owner(name: str) -> Planning | None:
+    """The planning that holds planner ``name``."""
+    for p in PLANNING.values():
+        if name in p.planners:
+            return p
+    return None
+
+
+def all_planners() -> dict[str, Callable]:
+    return {n: f for p in PLANNING.values() for n, f in p.planners.items()}
+
+
+def presets() -> dict[str, Planning]:
+    return {p.preset: p for p in PLANNING.values() if p.preset}
+
+
+def preset_methods() -> tuple[str, ...]:
+    """Every preset's method choices, for the app's and widgets' method menu."""
+    return tuple(m for p in PLANNING.values() for m in p.methods)
+
+
+def stats_meta(stats) -> dict:
+    """What a plan made from ``stats`` was made for (``Plan.model``)."""
+    return {"num_experts": list(stats.num_experts), "top_k": stats.top_k,
+            "model_type": stats.info.get("model_type"), "moe_layer_indices": stats.moe_layer_indices}
