@@ -36,6 +36,16 @@ def _blocks(vocab, n=10, L=24):
     return random_blocks(n, L, seed=3, vocab=min(vocab, 256))
 
 
+def _save_plain(plain: dict, cfg: dict, out: Path) -> Path:
+    """A float32 checkpoint of ``plain`` tensors under the quantised one's config, without its quantization_config."""
+    out.mkdir()
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del cfg["quantization_config"]
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def _dequantised_reference(fp8: Path, out: Path) -> Path:
     """The FP8 checkpoint dequantised by this file's own code (no MTP layer, no quantization_config)."""
     sd = load_file(fp8 / "model.safetensors")
@@ -46,12 +56,7 @@ def _dequantised_reference(fp8: Path, out: Path) -> Path:
         if k.endswith("_scale_inv") or k.startswith(f"model.layers.{n}."):
             continue
         plain[k] = ref_dequant_fp8(v, sd[k + "_scale_inv"]) if k + "_scale_inv" in sd else v.float()
-    out.mkdir()
-    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del cfg["quantization_config"]
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return _save_plain(plain, cfg, out)
 
 
 def _assert_same_stats(a, b, rtol=1e-5):
@@ -329,12 +334,7 @@ def _ct_reference(folder: Path, kind: str, out: Path) -> Path:
             plain[k] = v.float() * sd[k[: -len("weight")] + "weight_scale"].float()
         elif not k.rsplit(".", 1)[-1].startswith(("weight_", "input_")):
             plain[k] = v.float()
-    out.mkdir()
-    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
-    del cfg["quantization_config"]
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return _save_plain(plain, cfg, out)
 
 
 @pytest.mark.parametrize("kind", ["w4a16", "fp8"])
