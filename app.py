@@ -210,7 +210,8 @@ def plan_md(s: Session, res: dict | None) -> str:
         .replace("experts per MoE layer", f"{mark} experts per MoE layer", 1)
 
 
-COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexity", "measured on"]
+COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexity", "± (1 s.e.)", "vs original",
+                   "measured on"]
 
 
 def tried_table(s: Session) -> pd.DataFrame:
@@ -221,6 +222,8 @@ def tried_table(s: Session) -> pd.DataFrame:
     for e in s.compared():
         row = {"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
                "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
+               "± (1 s.e.)": None if e.get("ppl_se") is None else round(e["ppl_se"], 3),
+               "vs original": e.get("change", ""),
                "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
         for t, c in zip(tasks, cols[len(COMPARE_COLUMNS) - 1:]):
             v = (e.get("tasks") or {}).get(t)

@@ -349,7 +349,7 @@ def _print_report(rep: dict) -> None:
 
 
 def cmd_preview(args) -> int:
-    from .perplexity import fmt_change, perplexity
+    from .perplexity import change, perplexity
     from .plan import Plan
     from .preview import preview_perplexity
     from .report import preview_report, preview_result
@@ -373,7 +373,7 @@ def cmd_preview(args) -> int:
     t = time.perf_counter()
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
     print(f"before: {base}")
-    print(f"plan:   {res}  ({fmt_change(res.ppl / base.ppl - 1, 2)})")
+    print(f"plan:   {res}  ({change(base, res)})")
     print(preview_report(preview_result(res, base, plan.report(view), time.perf_counter() - t)))
     if tasks is not None:
         from .preview import previewing
@@ -401,7 +401,7 @@ def _check_out(args) -> None:
 
 def cmd_apply(args) -> int:
     from .apply import apply_plan, export
-    from .perplexity import perplexity
+    from .perplexity import change, fmt_ppl_se, perplexity
     from .plan import Plan
     from .stats import RouterStats
 
@@ -430,9 +430,11 @@ def cmd_apply(args) -> int:
         print(f"note: {widened}")
     if not args.no_eval:
         ds = _data(args, tok, model)
-        summary["perplexity_before"] = perplexity(model, ds.eval, batch_size=args.batch_size).to_dict()
-        summary["perplexity_after"] = perplexity(new, ds.eval, batch_size=args.batch_size).to_dict()
-        print(f"perplexity {summary['perplexity_before']['ppl']:.3f} -> {summary['perplexity_after']['ppl']:.3f}")
+        before = perplexity(model, ds.eval, batch_size=args.batch_size)
+        after = perplexity(new, ds.eval, batch_size=args.batch_size)
+        summary["perplexity_before"], summary["perplexity_after"] = before.to_dict(), after.to_dict()
+        print(f"perplexity {fmt_ppl_se(before.ppl, before.se)} -> {fmt_ppl_se(after.ppl, after.se)} "
+              f"({change(before, after)}; ± one standard error over {before.blocks} blocks)")
     out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=_source(args),
                  overwrite=args.overwrite)
     stored = json.loads((out / "summary.json").read_text()).get("weight_format")

@@ -288,7 +288,7 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
     if baseline and _quality(baseline, y) is not None:
         f.add_trace(go.Scatter(x=[baseline[x]], y=[_quality(baseline, y)], mode="markers+text", text=["original"],
                                textposition="top center", marker=dict(size=12, symbol="star", color="black"),
-                               name="original"))
+                               error_y=_error_bars([baseline], y), name="original"))
     plain = [e for e in entries if not e.get("distilled")]
     distilled = [e for e in entries if e.get("distilled")]
     fmt = "ppl %{y:.3f}" if y == "ppl" else "accuracy %{y:.3f}"
@@ -297,6 +297,7 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
         if group:
             f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["_y"] for e in group], mode="markers",
                                    name=name, text=[e["name"] for e in group], marker=marker,
+                                   error_y=_error_bars(group, y),
                                    hovertemplate="%{text}<br>" + hover + "<br>" + fmt + "<extra></extra>"))
     if entries:
         front = pareto_front(entries, x, key="_y", higher=y != "ppl")
@@ -310,6 +311,17 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
     else:
         f.update_yaxes(title=f"{y[5:]} accuracy (lm-eval)")
     return f
+
+
+def _error_bars(entries: list[dict], y: str) -> dict | None:
+    """One standard error over the evaluation blocks above and below each perplexity (none where unknown)."""
+    if y != "ppl":
+        return None
+    se = [e.get("ppl_se") for e in entries]
+    if not any(v is not None and math.isfinite(v) for v in se):
+        return None
+    return dict(type="data", array=[v if v is not None and math.isfinite(v) else 0.0 for v in se], visible=True,
+                thickness=1, width=3)
 
 
 def spans_orders(values, ratio: float = 50.0) -> bool:

@@ -1,7 +1,7 @@
 """How a plan's preview reads, in one place for the app (Markdown), the widgets (HTML) and the CLI (text)."""
 from __future__ import annotations
 
-from .perplexity import fmt_change, fmt_ppl
+from .perplexity import change, fmt_ppl, fmt_ppl_se
 
 _BOLD = {"markdown": ("**", "**"), "html": ("<b>", "</b>"), "text": ("", "")}
 _SEP = {"markdown": "\n\n", "html": "<br>", "text": "\n"}
@@ -9,8 +9,10 @@ _SEP = {"markdown": "\n\n", "html": "<br>", "text": "\n"}
 
 def preview_result(res, base, report: dict, seconds: float) -> dict:
     """A preview's perplexity (``res``, against the original's ``base``) and the plan's size report, as one dict."""
-    return {"ppl": res.ppl, "base_ppl": base.ppl, "delta": res.ppl / base.ppl - 1, "bpb": res.bpb,
-            "tokens": res.tokens, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
+    c = change(base, res)
+    return {"ppl": res.ppl, "ppl_se": res.se, "base_ppl": base.ppl, "base_ppl_se": base.se, "delta": c.ratio,
+            "delta_se": c.se, "within_noise": c.noise, "change": str(c), "bpb": res.bpb, "tokens": res.tokens,
+            "blocks": res.blocks, "per_domain": {k: v["ppl"] for k, v in res.per_domain.items()},
             "seconds": seconds, **report}
 
 
@@ -40,8 +42,9 @@ def _bytes(r: dict, b0: str, b1: str) -> str:
 def preview_report(r: dict, markup: str = "text") -> str:
     """The preview in words: perplexity against the original, per domain, size, and how long it took."""
     b0, b1 = _BOLD[markup]
-    lines = [f"preview perplexity {b0}{fmt_ppl(r['ppl'])}{b1} ({fmt_change(r['delta'])} vs original "
-             f"{fmt_ppl(r['base_ppl'])}, {r['tokens']:,} tokens)",
+    lines = [f"preview perplexity {b0}{fmt_ppl_se(r['ppl'], r.get('ppl_se'))}{b1} ({r['change']} vs original "
+             f"{fmt_ppl_se(r['base_ppl'], r.get('base_ppl_se'))}; {r['tokens']:,} tokens in {r.get('blocks', '?')} "
+             "blocks, ± one standard error, the change paired block by block)",
              "per domain: " + " · ".join(f"{k} {fmt_ppl(v)}" for k, v in r["per_domain"].items()),
              *size_lines(r, markup)]
     if r.get("seconds") is not None:

@@ -216,6 +216,9 @@ def test_compare_marks_plans_measured_on_other_text(client, tmp_path):
     client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
     res = client.predict('{"drop_experts": {"1": [3]}}', api_name="/on_json")
     assert all(r[-1] == "current text" for r in res[5]["data"])
+    head = res[5]["headers"]  # every compared perplexity with its standard error and its paired change
+    for r in res[5]["data"]:
+        assert r[head.index("± (1 s.e.)")] > 0 and " ± " in r[head.index("vs original")]
     text = tmp_path / "mine.txt"
     text.write_text((ROOT / "assets" / "corpus" / "code" / "eval.txt").read_text()[:60_000])
     client.predict(str(text), None, 512, api_name="/on_data")

@@ -141,3 +141,50 @@ def test_changes_and_perplexities_read_well():
 
     assert fmt_change(-0.0004) == "±0.0%" and fmt_change(0.031) == "+3.1%" and fmt_change(-0.004) == "-0.4%"
     assert fmt_ppl(31.4931) == "31.493" and fmt_ppl(2.37e55) == "2.37e+55" and fmt_ppl(float("inf")) == "infinite"
+
+
+def test_perplexity_carries_its_standard_error_over_blocks(demo):
+    """The standard error printed beside a perplexity is the spread over evaluation blocks: it agrees with a
+    bootstrap over the blocks (an independent estimate) and shrinks as more blocks are scored."""
+    import numpy as np
+
+    model, tok, _ = demo
+    ev = load_data(tok, "demo", block_len=128, max_tokens=4096).eval
+    res = perplexity(model, ev, batch_size=8)
+    assert res.se > 0 and f"± {res.se:.3f}" in str(res) and len(res.block_nll) == res.blocks
+    s, n = np.array(res.block_nll), np.array(res.block_tokens, dtype=float)
+    dom = np.array(res.block_domain)
+    assert len(set(dom)) == 4  # the demo text: a fixed share of each domain, so blocks are resampled within one
+    rng = np.random.default_rng(0)
+    groups = [np.flatnonzero(dom == d) for d in np.unique(dom)]
+    boot = []
+    for _ in range(4000):
+        i = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        boot.append(np.exp(s[i].sum() / n[i].sum()))
+    assert abs(np.std(boot) / res.se - 1) < 0.15
+    half = perplexity(model, ev.subset(range(0, len(ev), 2)), batch_size=8)
+    assert 1.1 < half.se / res.se < 2.0  # half the blocks of every domain: about 1.4 times the error
+
+
+def test_a_change_is_paired_block_by_block_and_said_within_noise(demo):
+    """Two figures on the same blocks differ by their paired change, whose error is far below either figure's;
+    a model against itself is within noise, a plan that drops half the experts is not."""
+    from explorer.perplexity import change
+    from explorer.plan import Plan
+    from explorer.preview import preview_perplexity
+    from explorer.report import preview_report, preview_result
+
+    model, tok, view = demo
+    ev = load_data(tok, "demo", block_len=128, max_tokens=2048).eval
+    base = perplexity(model, ev)
+    same = change(base, perplexity(model, ev))
+    assert same.ratio == 0 and same.noise and "within noise" in str(same)
+    plan = Plan(drop_experts={lay.index: list(range(0, lay.num_experts, 2)) for lay in view})
+    cut = preview_perplexity(model, view, plan, ev)
+    c = change(base, cut)
+    assert c.ratio > 0 and not c.noise and "within noise" not in str(c)
+    assert c.se < (base.se + cut.se) / base.ppl  # pairing removes the blocks' own difficulty
+    text = preview_report(preview_result(cut, base, plan.report(view), 0.0))
+    assert f"{cut.ppl:.3f} ± {cut.se:.3f}" in text and str(c) in text
+    other = perplexity(model, ev.subset(range(len(ev) - 1)))
+    assert math.isnan(change(base, other).se)  # other blocks: no paired error is claimed

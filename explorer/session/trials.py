@@ -50,7 +50,9 @@ class Trials:
             out = self._previews[key] = preview_result(res, base, plan.report(self.view), time.perf_counter() - t)
         if not plan.is_empty():
             entry = {"name": name or plan.describe(), "params": out["params_after"], "bytes": out["bytes_after"],
-                     "active": out["active_after"], "ppl": out["ppl"], "plan": plan.to_dict(), "data": self.data_key}
+                     "active": out["active_after"], "ppl": out["ppl"], "ppl_se": out["ppl_se"],
+                     "change": out["change"], "within_noise": out["within_noise"], "plan": plan.to_dict(),
+                     "data": self.data_key}
             same = [i for i, e in enumerate(self.tried) if e["plan"] == entry["plan"] and not e.get("distilled")]
             if same:  # measured again: the row keeps its place in Compare
                 self.tried[same[0]] = entry
@@ -66,7 +68,8 @@ class Trials:
         """The original model as a point of the Pareto chart: parameters, bytes as written (the plans' measure),
         perplexity."""
         n = self.view.summary()["params_total"]
-        return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": self.baseline().ppl,
+        base = self.baseline()
+        return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": base.ppl, "ppl_se": base.se,
                 "tasks": self.base_tasks}
 
     def score_tasks(self, tasks: str, limit: int | None = 200, progress=None, only_current: bool = False) -> list[dict]:
