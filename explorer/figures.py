@@ -5,6 +5,7 @@ import html
 import math
 
 import numpy as np
+import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -33,6 +34,14 @@ def _dtick(n: int) -> int | None:
     return 1 if n <= EVERY_TICK else None
 
 
+# Viridis for any load above zero; exactly zero (an expert no token reached) in a quiet grey, not the scale's
+# darkest, most prominent colour
+DEAD_GREY = "#d9d9d9"
+_VIRIDIS = pc.sequential.Viridis
+DEAD_GREY_VIRIDIS = ([[0.0, DEAD_GREY], [1e-9, DEAD_GREY], [2e-9, _VIRIDIS[0]]]
+                     + [[i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)][1:])
+
+
 def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = None) -> go.Figure:
     """Layers x experts: share of routing slots, as a multiple of the uniform share k/E. Selected cells marked.
     One cell per expert at every size (a 61 x 256 map is a texture one reads by hover and zoom); rows keep a
@@ -42,8 +51,9 @@ def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = Non
     counts = np.full((L, E), np.nan)
     for i in range(L):
         counts[i, : stats.num_experts[i]] = stats.layers[i]["count"]
-    f = _fig(title="Expert load (x uniform share k/E); x = selected to drop", height=max(420, 12 * L + 160))
-    f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale="Viridis", zmin=0,
+    f = _fig(title="Expert load (x uniform share k/E); x = selected to drop; grey = no tokens (dead expert)",
+             height=max(420, 12 * L + 160))
+    f.add_trace(go.Heatmap(z=m, x=list(range(E)), y=list(range(L)), colorscale=DEAD_GREY_VIRIDIS, zmin=0,
                            customdata=counts, colorbar=dict(title="x uniform"),
                            hovertemplate="layer %{y} expert %{x}<br>load %{z:.2f}x uniform<br>tokens "
                                          "%{customdata:,.0f}<extra></extra>"))
@@ -129,11 +139,11 @@ def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int 
             if share[j, e] <= 0 or int(ids[j]) in [r[0] for r in rows]:
                 continue
             rows.append((int(ids[j]), share[j], int(occ[j])))
-            labels.append(f"{tokenizer.decode([int(ids[j])])!r} ({int(occ[j])}x) → e{e}")
+            labels.append(f"{token_label(tokenizer, int(ids[j]))} ({int(occ[j])}x) → e{e}")
     try:
         c, base = vr.concentration(layer, min_count), vr.concentration(layer, min_count, shuffled=True)
-        title = (f"Vocabulary specialisation, layer {layer}: a token goes to its favourite expert {c:.0%} of the "
-                 f"time (shuffled ids: {base:.0%})")
+        title = (f"Vocabulary specialisation, layer {layer}: each expert's most reliable tokens; a token goes to "
+                 f"its favourite expert {c:.0%} of the time (shuffled ids: {base:.0%})")
     except ValueError:
         title = f"Vocabulary specialisation, layer {layer}: too little text"
     if len(shown) < E:
@@ -145,8 +155,36 @@ def vocab_figure(vr, tokenizer, layer: int, per_expert: int = 3, min_count: int 
                                colorbar=dict(title="share of the<br>token's occurrences"),
                                hovertemplate="%{y}: %{z:.0%} of its occurrences to expert %{x}<extra></extra>"))
     f.update_xaxes(title="expert", dtick=_dtick(E))
-    f.update_yaxes(title=f"token (occurrences) → the expert it favours; seen ≥ {min_count} times", autorange="reversed")
+    f.update_yaxes(title=f"expert's top tokens (occurrences) → expert; seen ≥ {min_count} times", autorange="reversed")
     return f
+
+
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read back: the printable character each byte is stored as -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_LEVEL = _byte_level_inverse()
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token as a reader can see it: its text, or, for a piece of a multi-byte character (which decodes to the
+    replacement character alone), its bytes (b'\\xe2\\x80')."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return repr(text)
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(raw, str) and raw and all(ch in _BYTE_LEVEL for ch in raw):
+        return repr(bytes(_BYTE_LEVEL[ch] for ch in raw))
+    return repr(raw)
 
 
 def token_strip_html(routes: dict, layer: int, rank: int = 0) -> str:
