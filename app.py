@@ -269,7 +269,7 @@ def model_tab(default_model: str) -> SimpleNamespace:
         with gr.Row():
             load_btn = gr.Button("Load model", variant="primary")
             stats_btn = gr.Button("Collect statistics")
-        summary = gr.Markdown("Loading the demo model…")
+        summary = gr.Markdown(loading_words(default_model))
     return SimpleNamespace(**locals())
 
 
@@ -433,13 +433,28 @@ def picked_text(s: Session) -> str:
     return f"Picked in layer {s.pending[0]}: experts {', '.join(map(str, s.pending[1]))}"
 
 
+def loading_words(source: str | None) -> str:
+    """What the summary says while a model loads: the model asked for, not always the demo."""
+    name = (source or "").strip()
+    return "Loading the demo model…" if name in ("", "demo") else f"Loading `{name}`…"
+
+
+def on_loading(source):
+    """The moment Load is pressed: say which model is loading and take the previous model's charts off the screen."""
+    return (loading_words(source),) + (None,) * len(LOADING_CLEARS)
+
+
+LOADING_CLEARS = ("heat", "coact", "domain", "balance", "vocab", "importance", "pareto")  # charts of one model
+
+
 @friendly
 def on_load(s, source, device, dtype, data_source, files, max_tokens, progress=gr.Progress()):
     s = _sess(s)
     progress(0.1, desc="loading model")
     s.load(source, None if device in ("auto", SPREAD) else device, dtype,
            device_map="auto" if device == SPREAD else None)
-    return on_data(s, data_source, files, max_tokens)
+    s, text = on_data(s, data_source, files, max_tokens)
+    return s, (f"{s.load_note}\n\n{text}" if s.load_note else text)
 
 
 @friendly
@@ -724,8 +739,11 @@ def wire_loading(demo: gr.Blocks, state, m, r, sa, p, c) -> None:
         "vocab": r.vocab, "layer": r.layer, "sa_layer": sa.layer, "strip_layer": r.strip_layer,
         "importance": sa.importance, **plan_views(p, r, c)})
     # the summary shows as soon as the model is in; the plots follow when the statistics are collected
-    gr.on([m.load_btn.click, demo.load], on_load, [state, m.src, m.device, m.dtype, m.data_src, m.upload, m.max_tok],
-          [state, m.summary]).success(stats_fn, [state], stat_outputs)
+    charts = {"heat": r.heat, "coact": r.coact, "domain": r.domain, "balance": r.balance, "vocab": r.vocab,
+              "importance": sa.importance, "pareto": c.pareto}
+    gr.on([m.load_btn.click, demo.load], on_loading, [m.src], [m.summary] + [charts[k] for k in LOADING_CLEARS]).then(
+        on_load, [state, m.src, m.device, m.dtype, m.data_src, m.upload, m.max_tok], [state, m.summary]).success(
+        stats_fn, [state], stat_outputs)
     m.stats_btn.click(on_data, [state, m.data_src, m.upload, m.max_tok], [state, m.summary]).success(
         stats_fn, [state], stat_outputs)
 

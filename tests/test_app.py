@@ -367,3 +367,25 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
     assert (tmp_path / "browser-export" / "plan.json").exists()
     for f in sorted(tmp_path.glob("*.png")):
         print("screenshot:", f)
+
+
+def test_loading_another_model_says_which_and_what_it_cleared(client, tmp_path):
+    """Pressing Load names the model that loads (not "the demo") and takes the previous model's charts off the
+    screen; the plans tried on the previous model leave Compare with a sentence saying so."""
+    from transformers import AutoTokenizer
+
+    from explorer.assets import DEMO_MODEL
+    from explorer.tiny import tiny_model
+
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")  # one plan tried on the demo
+    other = tmp_path / "other-moe"
+    tiny_model("qwen3_moe", seed=0, vocab_size=4096).save_pretrained(other)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(other)
+    shown = client.predict(str(other), api_name="/on_loading")
+    assert shown[0] == f"Loading `{other}`…" and all(x is None for x in shown[1:])
+    assert client.predict("demo", api_name="/on_loading")[0] == "Loading the demo model…"
+    res = client.predict(str(other), "cpu", "float32", "demo", None, 512, api_name="/on_load")
+    summary = res[-1] if isinstance(res, (list, tuple)) else res
+    assert "The 1 plan(s) tried on the previous model (demo-moe) were cleared from Compare" in summary
+    assert "Qwen3MoeForCausalLM" in client.predict(api_name="/on_stats")[0]

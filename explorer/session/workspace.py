@@ -3,6 +3,7 @@ routing views derived from them; one lock for the session's long jobs."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 import threading
 
 import numpy as np
@@ -20,6 +21,7 @@ class Workspace:
     def _init_workspace(self, block_len: int, max_tokens: int) -> None:
         self.model = self.tok = self.view = None
         self.source: str | None = None
+        self.load_note = ""  # what loading another model cleared, in words
         self.data: Dataset | None = None
         self.data_source = "demo"
         self.block_len, self.max_tokens = block_len, max_tokens
@@ -51,6 +53,7 @@ class Workspace:
         """device_map ('auto') spreads a model larger than one device over GPUs, CPU and disk."""
         src = None if source in (None, "", "demo", str(DEMO_MODEL)) else source.strip()
         self.check_source(src, "model")
+        had, old = (len(self.tried), self.source) if self.model is not None else (0, None)
         model, tok, view = load_model(src, device=device or None, dtype=dtype or None,
                                       trust_remote_code=trust_remote_code, device_map=device_map or None,
                                       max_memory=max_memory or None)
@@ -58,6 +61,8 @@ class Workspace:
         self.source = src or str(DEMO_MODEL)
         self.stats, self._scores, self.base, self._vocab = None, {}, None, None
         self._forget_plans()  # a new model: the plans, previews and students of the old one mean nothing
+        self.load_note = (f"The {had} plan(s) tried on the previous model ({Path(old).name}) were cleared from "
+                          "Compare: a plan's numbers belong to the model it was measured on." if had else "")
         self.set_data(self.data_source)
         return self.summary()
 
