@@ -25,7 +25,7 @@ import torch
 from explorer import figures
 from explorer.distill import KL_KINDS, TRAINABLE, DistillConfig, recovered
 from explorer.errors import ExplorerError
-from explorer.perplexity import fmt_ppl
+from explorer.perplexity import fmt_ppl, fmt_ppl_se
 from explorer.plan import Plan
 from explorer.report import preview_report
 from explorer.saliency import CRITERIA, SIMILARITIES
@@ -159,7 +159,9 @@ def summary_md(s: Session) -> str:
         lines.append(f"Data `{s.data_source}`: domains {', '.join(d.eval.domains)} · calibration {d.calib.tokens:,}"
                      f" tokens · evaluation {d.eval.tokens:,} tokens (blocks of {d.eval.block_len})")
     if s.base is not None:
-        lines.append(f"Perplexity (evaluation): **{s.base.ppl:.3f}**, {s.base.bpb:.3f} bits/byte")
+        lines.append(f"Perplexity (evaluation): **{fmt_ppl_se(s.base.ppl, s.base.se)}**, {s.base.bpb:.3f} bits/byte")
+        if s.untrained_note():
+            lines.append(f"⚠️ **{s.untrained_note()}.**")
     return "\n\n".join(lines)
 
 

@@ -131,6 +131,18 @@ class Workspace:
             self.base = perplexity(self.model, self.data.eval)
         return self.base
 
+    def untrained_note(self) -> str:
+        """Words for a model that predicts the evaluation text about as badly as a uniform guess over its
+        vocabulary (perplexity above a quarter of the vocabulary size): a random or untrained checkpoint, whose
+        router statistics describe no learned routing. Empty for a trained model, or before perplexity is known."""
+        if self.base is None or self.model is None:
+            return ""
+        vocab = int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or 0)
+        if not vocab or not self.base.ppl > vocab / 4:
+            return ""
+        return (f"This model's perplexity ({self.base.ppl:,.0f}) is that of a guess over its {vocab:,}-token vocabulary "
+                f"(a uniform guess scores {vocab:,}): it predicts this text no better than an untrained model, so its "
+                "router statistics, saliency and cuts describe untrained routing, not what a trained model learned")
     @property
     def busy(self) -> bool:
         """A long job (distillation, statistics) holds this session."""
