@@ -151,6 +151,9 @@ def test_kimi_k2_layout_in_fp8_equals_the_reference_dequantisation(tmp_path):
     s_ref = collect_stats(ref, ref_view, blocks, batch_size=4)
     _assert_same_stats(s_ref, collect_stats(model, view, blocks, batch_size=4))
     assert abs(perplexity(model, blocks, 4).ppl / perplexity(ref, blocks, 4).ppl - 1) < 1e-5
+    plan = _drop_plan(view)
+    assert abs(preview_perplexity(model, view, plan, blocks, batch_size=4).ppl
+               / preview_perplexity(ref, ref_view, plan, blocks, batch_size=4).ppl - 1) < 1e-5
 
 
 def _ref_dequant_mxfp4(blocks, scales):
