@@ -3,6 +3,7 @@ scale's most prominent colour, and the vocabulary chart's tokens are readable te
 import numpy as np
 
 from explorer import collect_stats, load_data
+from explorer.assets import ASSETS
 from explorer.data import text_blocks
 from explorer.figures import DEAD_GREY, load_heatmap, token_label, vocab_figure
 from explorer.stats import vocab_routing
@@ -25,7 +26,7 @@ def test_dead_experts_are_grey_and_live_ones_never_are(demo):
 
 def test_vocabulary_chart_names_each_experts_top_tokens_readably(demo):
     model, tok, view = demo
-    text = ("Café, naïve, déjà vu — “quoted” — 東京 and 北京; " * 40) + open("assets/corpus/code/eval.txt").read()[:4000]
+    text = ("Café, naïve, déjà vu — “quoted” — 東京 and 北京; " * 40) + (ASSETS / "corpus" / "code" / "eval.txt").read_text()[:4000]
     vr = vocab_routing(model, view, text_blocks(tok, text, 128), batch_size=4)
     fig = vocab_figure(vr, tok, 0, per_expert=6, min_count=2)
     labels = list(fig.data[0].y)
