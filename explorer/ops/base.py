@@ -240,13 +240,19 @@ class EditContext:
 OPS: dict[str, Operation] = {}
 
 
+def add_to_registry(registry: dict, name: str, entry, owned, owned_by, noun: str) -> None:
+    """Put ``entry`` under a ``name`` the registry does not hold yet; refuse ``owned`` items (plan keys, planner
+    names) that another entry already holds (``owned_by(entry)``). The operations' and the planners' registry."""
+    if not name or name in registry:
+        raise ValueError(f"a new name is needed, got {name!r}")
+    clash = {k for e in registry.values() for k in owned_by(e)} & set(owned)
+    if clash:
+        raise ValueError(f"{noun} {sorted(clash)} already belong to another operation")
+    registry[name] = entry
+
+
 def register(op: Operation) -> Operation:
-    if not op.name or op.name in OPS:
-        raise ValueError(f"an operation needs a new name, got {op.name!r}")
-    taken = {k for o in OPS.values() for k in o.keys}
-    if taken & set(op.keys):
-        raise ValueError(f"plan key(s) {sorted(taken & set(op.keys))} already belong to another operation")
-    OPS[op.name] = op
+    add_to_registry(OPS, op.name, op, op.keys, lambda o: o.keys, "plan key(s)")
     return op
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..ops.base import add_to_registry
+
 
 class Planning:
     """An operation's planners, preset and command-line option. Hooks an operation has nothing to say for keep
@@ -46,12 +48,7 @@ PLANNING: dict[str, Planning] = {}  # operation name -> how it is chosen, in reg
 
 
 def register_planning(p: Planning) -> Planning:
-    if not p.op or p.op in PLANNING:
-        raise ValueError(f"planning needs an operation that has none yet, got {p.op!r}")
-    taken = {n for q in PLANNING.values() for n in q.planners}
-    if taken & set(p.planners):
-        raise ValueError(f"planner name(s) {sorted(taken & set(p.planners))} already belong to another operation")
-    PLANNING[p.op] = p
+    add_to_registry(PLANNING, p.op, p, p.planners, lambda q: q.planners, "planner name(s)")
     return p
 
 
