@@ -19,6 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
+from explorer.apply import portable_tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "build" / "corpus"
 OUT = ROOT / "assets" / "demo-moe"
@@ -95,6 +97,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)
+    portable_tokenizer(args.out)  # a class name transformers 4 (llama.cpp's converter) reads too
     log = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
            "tokens": args.steps * args.batch * args.seq, "seconds": round(time.time() - t0, 1), "device": device,
            "loss": [round(v, 4) for v in losses]}

@@ -32,6 +32,7 @@ from .layout import BLOCK_ATTRS, expert_dim
 from .moe import MoEModel
 from .ops import OPS, EditContext
 from .outputs import check_export_dir, staged_dir
+from .perlayer import MODELING_FILE, PER_LAYER_KEY, restore_per_layer
 from .plan import Plan, PlanError
 from .neurons import up_positions
 from .surgery import LAYOUT_FILE, block_drop_config, intermediate_attr
@@ -93,6 +94,7 @@ def _structure(folder: Path, trust_remote_code: bool = False):
     kw = {"dtype": dtype} if isinstance(dtype, torch.dtype) and dtype.is_floating_point else {}
     with torch.device("meta"):  # in the checkpoint's dtype: the report's bytes are those the shards hold
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kw)
+    restore_per_layer(model, getattr(config, PER_LAYER_KEY, None) or {})  # an export's per-layer shapes
     return config, model, MoEModel(model)
 
 
@@ -220,6 +222,20 @@ def _layers(model, view: MoEModel, plan: Plan, stats, keys) -> list[_Layer]:
         ekeys = {on_disk(f"{names[id(lay.experts)]}.{n}") for n, _ in lay.experts.named_parameters()}
         out.append(_Layer(disk, shared, E, kept, merged, neurons, view_layer=lay, experts_rel=rel, rows=rows,
                           expert_keys=ekeys, row_order=row_order))
+    return out
+
+
+def _dropped_names(model, view: MoEModel, plan: Plan, remap: dict) -> dict:
+    """In-memory module name -> DroppedMoE flags of each MoE sub-layer Layer Drop removes, under the decoder
+    layers' new numbers (``explorer.perlayer``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for i in plan.dropped_layers():
+        lay = view[i]
+        dl, block = names[id(lay.decoder_layer)], names[id(lay.block)]
+        head = dl.rsplit(".", 1)[0]
+        out[f"{head}.{remap[lay.layer_idx]}{block[len(dl):]}"] = {"returns_tuple": lay.family.returns_tuple,
+                                                                  "flat": lay.family.flat_output}
     return out
 
 
@@ -760,25 +776,28 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(new_map.items()))}, indent=2))
         notes = _cut_config(view, plan, layers, remap, n_old, mtp, keep_mtp, fmt, src)
+        if plan.dropped_layers():  # a stock config cannot say "no MoE here": the per-layer form says it
+            from .apply import modeling_source, per_layer_fields
+
+            per_layer_fields(config, {"shapes": {}, "settings": {}, "dropped": _dropped_names(model, view, plan,
+                                                                                              remap)})
+            (tmp / MODELING_FILE).write_text(modeling_source(model), encoding="utf-8")
         config.save_pretrained(tmp)
         for name, spec in plan.ops.items():  # operations with a stored format of their own (packed experts)
             note = OPS[name].write_checkpoint(spec, plan, view, tmp, remap, renumbered)
             if note:
                 notes["weight_format"] = note
-        if plan.dropped_layers():  # a stock config cannot say "no MoE here": load_model reads this
-            (tmp / LAYOUT_FILE).write_text(json.dumps({
-                "format": "checkpoint", "num_hidden_layers": view.text_config.num_hidden_layers,
-                "dropped_moe_sublayers": sorted(remap[view[i].layer_idx] for i in plan.dropped_layers()),
-                "norms_kept": True,
-                "plan": plan.to_dict()}, indent=1))
         skipped = []
         for f in src.iterdir():  # tokenizer and the rest, as they are: the model's own regular files only
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
-                    INDEX, "config.json", "plan.json", "summary.json", LAYOUT_FILE):
+                    INDEX, "config.json", "plan.json", "summary.json", LAYOUT_FILE, MODELING_FILE):
                 if not inside_model(src, f):  # a link to elsewhere would copy another file's contents
                     skipped.append(f.name)
                     continue
                 shutil.copyfile(f, tmp / f.name)  # contents only: modes follow the umask, like every file written
+        from .apply import portable_tokenizer
+
+        portable_tokenizer(tmp)
         if skipped:
             notes["not_copied"] = (f"{', '.join(sorted(skipped))}: link(s) to files outside the model folder (or its "
                                    "hub blob store), left out")

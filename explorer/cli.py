@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "FP8 and MXFP4 checkpoints keep their format)")
     p.add_argument("--keep-mtp", action="store_true", help="out of core: keep layers stored past num_hidden_layers "
                    "(DeepSeek-V3's multi-token prediction) as they are, instead of leaving them out")
+    p.add_argument("--form", default="per-layer", choices=["per-layer", "padded"],
+                   help="a plan with different expert counts or widths per layer, or dropped MoE sub-layers: "
+                   "per-layer (its shapes in config.json plus modeling_explorer.py: transformers and lm-eval load it "
+                   "with trust_remote_code) or padded (zero experts the router never selects, zero neurons and "
+                   "blocks up to one count and width: a stock model vLLM, SGLang and llama.cpp load; exact only "
+                   "where the router has a selection bias, e.g. DeepSeek-V3, Kimi-K2, GLM-4.5, gpt-oss)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_apply)
     p = sub.add_parser("distill", help="apply a plan, then distill the student from the original")
@@ -421,8 +427,9 @@ def cmd_apply(args) -> int:
                 print(f"{k.replace('_', ' ')}: {notes[k]}")
         return 0
     model, tok, view = _load(args)
-    rep = plan.report(view)
-    new, _, layout = apply_plan(model, view, plan, stats=stats)
+    rep = plan.report(view, form=args.form)
+    _print_report(rep)  # the engines that will load it, said before anything is written
+    new, _, layout = apply_plan(model, view, plan, stats=stats, form=args.form)
     summary = {"source": args.model, "report": rep}
     widened = _widened_note(args, new)
     if widened:
@@ -440,10 +447,9 @@ def cmd_apply(args) -> int:
     stored = json.loads((out / "summary.json").read_text()).get("weight_format")
     if stored and stored != widened:
         print(f"note: {stored}")
-    _print_report(rep)
     written = json.loads((out / "summary.json").read_text())["bytes_written"]
     print(f"written to {out}: {written / 2**20:.1f} MiB of weights" +
-          ("" if layout is None else " (per-layer shapes: load it with explorer.load_model)"))
+          ("" if layout is None else " (per-layer shapes in config.json, with modeling_explorer.py)"))
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import ExplorerError
+from .perlayer import PER_LAYER_KEY, restore_per_layer
 from .shards import weight_map
 from .weightformats import (CT_ACTIVATION_PARTS, CT_WEIGHT_PARTS, CompressedTensorsReader, WeightFormatError,
                             dequant_fp8, dequant_mxfp4, fp8_block, is_compressed_tensors, is_mxfp4, quant_config)
@@ -127,6 +128,7 @@ class LayerwiseModel:
             self.dtype = dtype
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables, ...) are computed, not read
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+            restore_per_layer(model, getattr(config, PER_LAYER_KEY, None) or {})  # an export's per-layer shapes
         model.eval()
         for b in model.buffers():
             b.data = b.data.to(self.device)

@@ -202,6 +202,7 @@ def load_model(source: str | os.PathLike | None = None, *, dtype=None, device: s
         kw["experts_implementation"] = experts_implementation
     dequantised = _dequantise_on_load(config, kw, src)
     model = _transformers_load(src, local, config, kw, plan)
+    _forget_per_layer(model)
     if dequantised:
         model.explorer_dequantised = dequantised
         if isinstance(torch_dtype, torch.dtype) and any(p.is_floating_point() and p.dtype != torch_dtype
@@ -305,7 +306,7 @@ def _transformers_load(src: str, local: Path, config, kw: dict, plan: dict | Non
                 # the explorer's own dequantize=True for a compressed-tensors checkpoint is meant: not news
                 warnings.filterwarnings("ignore", message="You passed `quantization_config`")
                 try:
-                    model, info = AutoModelForCausalLM.from_pretrained(src, config=config, output_loading_info=True,
+                    model, info = _model_class(config).from_pretrained(src, config=config, output_loading_info=True,
                                                                        **kw)
                 except RuntimeError as err:
                     bad = report.rows()
@@ -332,6 +333,33 @@ def _transformers_load(src: str, local: Path, config, kw: dict, plan: dict | Non
         raise ModelLoadError(f"the weights of {src} are damaged or incomplete (safetensors: {err}); copy or export "
                              "the model again") from err
     return model
+
+
+def _model_class(config):
+    """The class that reads ``config``: transformers' own, or for an export with per-layer MoE shapes
+    (``explorer.perlayer``) the family's class with the explorer's restoring step mixed in: the same class as the
+    export's ``modeling_explorer.py``, built here so that no code from the folder runs."""
+    from .perlayer import PER_LAYER_KEY, PerLayerMoE
+
+    if not getattr(config, PER_LAYER_KEY, None):
+        return AutoModelForCausalLM
+    try:
+        base = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError as err:
+        raise ModelLoadError(f"{type(config).__name__} has no causal-LM class in this transformers") from err
+    return type(base.__name__, (PerLayerMoE, base), {})
+
+
+def _forget_per_layer(model) -> None:
+    """The loaded model holds its per-layer shapes: the config fields that rebuilt them are the export's, not the
+    model's (an export of it records them anew, or none when its layers are uniform again)."""
+    from .perlayer import PER_LAYER_KEY
+
+    cfg = model.config
+    if PER_LAYER_KEY in cfg.__dict__:
+        for k in (PER_LAYER_KEY, "auto_map"):
+            cfg.__dict__.pop(k, None)
+        cfg.architectures = [type(model).__name__]
 
 
 def _check_offload_folder(offload_folder, local: Path, src: str) -> None:

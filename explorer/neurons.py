@@ -14,9 +14,10 @@ def _concatenated(lay: MoELayer) -> bool:
     return bool(getattr(lay.experts, "is_concatenated", True))
 
 
-def up_positions(lay: MoELayer, idx: torch.Tensor) -> torch.Tensor:
-    """Positions in gate_up's 2I axis that belong to intermediate neurons ``idx``."""
-    I = lay.intermediate_size
+def up_positions(lay: MoELayer, idx: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Positions in gate_up's 2I axis that belong to intermediate neurons ``idx`` (of a tensor for ``width``
+    neurons: the layer's own by default)."""
+    I = lay.intermediate_size if width is None else width
     if not lay.gated:
         return idx
     if _concatenated(lay):

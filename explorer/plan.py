@@ -237,6 +237,10 @@ class Plan:
     def _ask(self, hook: str, *args) -> list:
         return [getattr(OPS[name], hook)(spec, *args) for name, spec in self.ops.items()]
 
+    def not_stock(self, view: MoEModel) -> list[str]:
+        """Why the operations' result cannot be said by a stock config, whatever the counts (Layer Drop, ...)."""
+        return [r for r in self._ask("not_stock", view) if r]
+
     def removed(self, layer: int) -> list[int]:
         """Experts whose router row disappears in MoE layer ``layer`` (dropped, and merged non-first members)."""
         return sorted(e for x in self._ask("removed_experts", layer) for e in x)
@@ -342,10 +346,10 @@ class Plan:
         return self
 
     # ---- accounting -----------------------------------------------------------------------------------
-    def report(self, view: MoEModel) -> dict:
+    def report(self, view: MoEModel, form: str = "per-layer") -> dict:
         """Parameters before/after (total, active per token), bytes as the export writes them (``bytes_before``,
         ``bytes_after``: the model's own dtype, quantised experts packed where the export packs them; a bf16 copy's
-        ``bytes_bf16_after`` beside), and loader compatibility."""
+        ``bytes_bf16_after`` beside), and which engines load the export in ``form`` (``explorer.engines``)."""
         self.validate(view)
         total = sum(p.numel() for p in view.model.parameters())
         dtype = next(p for p in view.model.parameters() if p.is_floating_point()).dtype
@@ -368,7 +372,7 @@ class Plan:
                 experts_after.append(change["experts"])
                 width_after.append(change["width"])
         after_total = total - removed_total
-        loadable, why = self._loader_note(view, experts_after, width_after)
+        loadable, why, engines = self._loader_note(view, experts_after, width_after, form)
         return {
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
@@ -376,7 +380,7 @@ class Plan:
             "dtype": str(dtype).replace("torch.", ""),
             "bytes_before": size * total, "bytes_after": int(size * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": width_after,
-            "loadable_by_transformers": loadable, "loader_note": why,
+            "loadable_by_transformers": loadable, "loader_note": why, "engines": engines, "form": form,
         }
 
     def _removed_by_block_drop(self, view: MoEModel) -> tuple[int, int]:
@@ -414,15 +418,14 @@ class Plan:
                 "active": (per_expert - per_kept) * k, "bytes_saved": float(saved),
                 "zeroed": sum(self._ask("zeroed", lay, kept, width_after)), "experts": kept, "width": width_after}
 
-    def _loader_note(self, view: MoEModel, experts_after: list[int], width_after: list[int]) -> tuple[bool, str]:
-        """Whether plain transformers loads the export, and why (not)."""
-        reasons = [r for r in self._ask("not_stock", view) if r]
-        if len(set(experts_after)) > 1 or len(set(width_after)) > 1:
-            reasons.insert(0, "expert counts or widths differ per layer")
-        if not reasons:
-            return True, "every MoE layer keeps the same shape: plain AutoModelForCausalLM.from_pretrained loads it"
-        return False, ("; ".join(reasons) + ": a stock config cannot say so; explorer.load_model restores it from "
-                       "explorer_layout.json")
+    def _loader_note(self, view: MoEModel, experts_after: list[int], width_after: list[int],
+                     form: str = "per-layer") -> tuple[bool, str, list[dict]]:
+        """Whether plain transformers loads the export without remote code, the engines' verdicts in one line, and
+        the verdicts (``explorer.engines``)."""
+        from .engines import as_dicts, engine_line, uniformity, verdicts
+
+        vs = verdicts(self, view, form)
+        return (not uniformity(self, view) or form == "padded"), engine_line(vs), as_dicts(vs)
 
 def fingerprint(view: MoEModel) -> dict:
     return {"model_type": view.text_config.model_type, "num_experts": view.num_experts, "top_k": view.top_k,

@@ -24,7 +24,18 @@ def size_lines(r: dict, markup: str = "text") -> list[str]:
     return [f"parameters {r['params_before']:,} → {b0}{r['params_after']:,}{b1}{pruned} "
             f"({r['params_after'] / r['params_before']:.1%}) · active/token {r['active_before']:,} → "
             f"{r['active_after']:,} · " + _bytes(r, b0, b1),
-            f"experts per MoE layer {r['experts_after']} · {r['loader_note']}"]
+            f"experts per MoE layer {r['experts_after']}", engine_summary(r, markup)]
+
+
+def engine_summary(r: dict, markup: str = "text") -> str:
+    """Which engines load the export (``explorer.engines``), one per line, before it is written."""
+    vs = r.get("engines")
+    if not vs:
+        return r.get("loader_note", "")
+    sep = {"markdown": "  \n", "html": "<br>", "text": "\n  "}[markup]
+    mark = {True: "✓" if markup != "text" else "yes", False: "✗" if markup != "text" else "no "}
+    head = f"engines that load this export ({r.get('form', 'per-layer')} form):"
+    return head + sep + sep.join(f"{mark[v['loads']]} {v['engine']}: {v['how']}" for v in vs)
 
 
 def _bytes(r: dict, b0: str, b1: str) -> str:

@@ -14,23 +14,10 @@ from torch import nn
 from .errors import PlanError
 from .layout import BLOCK_ATTRS, EXPERT_COUNT_NAMES, slice_experts_of
 from .moe import MoELayer, MoEModel, decoder_layers_of
+from .perlayer import DroppedMoE
 
 LAYOUT_FILE = "explorer_layout.json"
 INDEX_LISTS = ("mlp_only_layers", "moe_layers", "sliding_window_layers", "full_attention_layers")
-
-
-class DroppedMoE(nn.Module):
-    """Stands where a dropped MoE sub-layer was (Layer Drop): contributes nothing, holds no weights."""
-
-    def __init__(self, returns_tuple: bool = False, flat: bool = False):
-        super().__init__()
-        self.returns_tuple, self.flat = returns_tuple, flat
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = torch.zeros_like(hidden_states)
-        if self.flat:
-            out = out.reshape(-1, out.shape[-1])
-        return (out, None) if self.returns_tuple else out
 
 
 def set_param(mod: nn.Module, name: str, value: torch.Tensor | None) -> None:

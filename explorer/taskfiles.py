@@ -16,6 +16,7 @@ from typing import Iterable
 
 import yaml
 
+from .assets import ASSETS
 from .errors import ExplorerError
 
 MAX_TASK_FILE = 256 * 1024       # bytes: a task YAML is a page of settings, not a data set
@@ -63,8 +64,21 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+class FunctionTag(str):
+    """``!function module.name`` read as the text it names: never imported or run by the explorer."""
+
+
+_NoAliasLoader.add_constructor("!function", lambda loader, node: FunctionTag(loader.construct_scalar(node)))
+
+# The one code reference a task file may hold: the bundled tasks' loader for lm-eval's CLI, which finds the data
+# files beside itself. The explorer ignores it (it reads data_files) and accepts it only beside this exact file.
+DATA_LOADER = ASSETS / "tasks" / "demo_data.py"
+DATA_LOADER_REF = "demo_data.load"
+
+
 def read_yaml(path: Path) -> dict:
-    """The YAML at ``path`` as plain data (no aliases, no tags such as ``!function``, at most MAX_TASK_FILE)."""
+    """The YAML at ``path`` as plain data (no aliases, at most MAX_TASK_FILE); a ``!function`` tag is read as the
+    name it holds (``FunctionTag``), which ``check_task`` refuses but for the bundled data loader."""
     try:
         size = path.stat().st_size
         if size > MAX_TASK_FILE:
@@ -180,6 +194,8 @@ def _data_files(files, folder: Path, roots: list[Path], where: str):
 def _leaves_plain(value, where: str, depth: int = 0) -> None:
     if depth > 8:
         raise TaskFileError(f"{where}: nested more than 8 deep")
+    if isinstance(value, FunctionTag):
+        raise TaskFileError(f"{where}: names code (!function {value}); a task file is data only")
     if isinstance(value, dict):
         for k, v in value.items():
             _leaves_plain(k, where, depth + 1)
@@ -231,13 +247,33 @@ def _check_generation(cfg: dict, where: str) -> None:
         raise TaskFileError(f"{where}: generation_kwargs.max_gen_toks is {n}; 1 to {MAX_GEN_TOKS}")
 
 
+def _without_data_loader(cfg: dict, folder: Path, where: str) -> dict:
+    """``cfg`` without the bundled tasks' ``custom_dataset: !function demo_data.load`` line, which is accepted only
+    when the file beside the YAML is the explorer's own loader, byte for byte, and the task names its data_files
+    (what the explorer reads instead). Anything else naming code is refused."""
+    ref = cfg.get("custom_dataset")
+    if ref is None:
+        return cfg
+    beside = folder / "demo_data.py"
+    if not (isinstance(ref, FunctionTag) and ref == DATA_LOADER_REF and beside.is_file()
+            and beside.read_bytes() == DATA_LOADER.read_bytes()):
+        raise TaskFileError(f"{where}: custom_dataset names code; a task file may hold only the bundled "
+                            f"`custom_dataset: !function {DATA_LOADER_REF}` beside the explorer's own demo_data.py")
+    if "data_files" not in (cfg.get("dataset_kwargs") or {}):
+        raise TaskFileError(f"{where}: custom_dataset is accepted only with dataset_kwargs.data_files beside it")
+    return {k: v for k, v in cfg.items() if k != "custom_dataset"}
+
+
 def check_task(cfg: dict, path: Path, roots: Iterable[Path] = ()) -> dict:
     """The task ``cfg`` read from ``path``, checked as data, with its data files made absolute (so it runs from any
     working folder). ``roots``: folders besides the YAML's own that its data files may lie in."""
     folder = path.parent.resolve()
     roots = [folder, *[Path(r).resolve() for r in roots]]
     where = f"task {cfg.get('task')!r} ({path})"
+    cfg = _without_data_loader(cfg, folder, where)
     for key, value in cfg.items():
+        if isinstance(value, FunctionTag):
+            raise TaskFileError(f"{where}: {key} names code (!function {value}); a task file is data only")
         if key in TEMPLATE_KEYS:
             if key in ("doc_to_target", "doc_to_choice") and isinstance(value, int):
                 continue

@@ -23,6 +23,12 @@ def _state(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
+def _disk(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 def _stats(model, view):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (8, 32), generator=g)
@@ -63,11 +69,17 @@ def test_out_of_core_equals_in_memory(family, tmp_path):
         assert (layout is None) == (name != "layer-drop"), name
         ref = export(new, None, plan, tmp_path / f"mem-{name}", layout=layout)
         out = apply_checkpoint(src, plan, tmp_path / f"ooc-{name}", stats=stats)
-        if layout is None:
-            a, b = _state(ref), _state(out)
-        else:  # the in-memory export keeps in-memory key names, out of core keeps the checkpoint's: compare loaded
-            assert json.loads((out / "explorer_layout.json").read_text())["format"] == "checkpoint"
-            a, b = (load_model(str(f), with_tokenizer=False)[0].state_dict() for f in (ref, out))
+        # both in the names save_pretrained writes, Layer Drop included (its tensors compared as stored)
+        a, b = (_state(ref), _state(out)) if layout is None else (_disk(ref), _disk(out))
+        if layout is not None:  # the per-layer form: the dropped sub-layers said in config.json, the same in both
+            cfg_a, cfg_b = (json.loads((f / "config.json").read_text()) for f in (ref, out))
+            assert cfg_a["explorer_per_layer"]["dropped"] == cfg_b["explorer_per_layer"]["dropped"], name
+            assert cfg_b["auto_map"] and (out / "modeling_explorer.py").exists()
+            assert not (out / "explorer_layout.json").exists()
+            x = torch.randint(0, model.config.vocab_size, (1, 8))
+            back = load_model(str(out), with_tokenizer=False)[0]
+            with torch.no_grad():
+                assert torch.equal(back(x).logits, new(x).logits), name
         assert a.keys() == b.keys(), name
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (name, k)
@@ -136,7 +148,7 @@ def test_replay_end_to_end_script(demo):
 
 
 def test_layer_drop_export_loads_with_a_device_map_and_checks_its_weights(tmp_path):
-    """The Layer-Drop layout keeps stock shapes, so a device map works; a weight missing elsewhere is refused."""
+    """The Layer-Drop export keeps stock shapes elsewhere, so a device map works; a missing weight is refused."""
     model = tiny_model("qwen3_moe", seed=5)
     model.save_pretrained(tmp_path / "src")
     out = apply_checkpoint(tmp_path / "src", Plan(drop_layers=[2]), tmp_path / "out")
@@ -153,7 +165,7 @@ def test_layer_drop_export_loads_with_a_device_map_and_checks_its_weights(tmp_pa
     t = load_file(out / "model.safetensors")
     del t["model.layers.0.self_attn.q_proj.weight"]  # damaged: a weight the layout does not explain is missing
     save_file(t, out / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="do not match its layout.*q_proj"):
+    with pytest.raises(ValueError, match="missing from the checkpoint.*q_proj"):
         load_model(str(out), with_tokenizer=False)
 
 

@@ -9,11 +9,11 @@ PKG = ROOT / "explorer"
 # bottom up; a module may import from its own layer and the layers below it, never from above
 LAYERS = [
     ("foundations", ["errors", "assets", "hubcache", "devices", "processes", "outputs", "layout", "weightformats",
-                     "shards", "packing", "taskfiles"]),
+                     "shards", "packing", "taskfiles", "perlayer"]),
     ("expert kernels (typed against the ExpertLayer protocol)", ["kernels"]),
     ("the view's self-check", ["selfcheck"]),
     ("the MoE view", ["moe"]),
-    ("neuron helpers and model surgery", ["neurons", "surgery"]),
+    ("neuron helpers, model surgery, what engines read", ["neurons", "surgery", "engines"]),
     ("reading models and text", ["layerwise", "loading", "data"]),
     ("passes over the model", ["perplexity", "stats"]),
     ("the operation base", ["ops.base"]),

@@ -394,7 +394,21 @@ def test_an_integer_expert_tensor_is_refused_out_of_core(saved, tmp_path):
     (lambda L: L.__setitem__("moe", [1, 2]), "not a layout written by export"),
 ])
 def test_a_damaged_layout_file_is_said_in_words(small, tmp_path, edit, words):
-    out = _export(small, tmp_path / "exp")
+    """Exports of earlier versions (in-memory key names beside explorer_layout.json) still load, and damage to
+    their layout file is said in words; today's exports record per-layer shapes in config.json (test_engines)."""
+    from safetensors.torch import save_model
+
+    model, view = small
+    plan = Plan(drop_experts={0: [1]})
+    new, _, layout = apply_plan(model, view, plan)
+    out = tmp_path / "exp"
+    out.mkdir()
+    new.config.save_pretrained(out)
+    save_model(new, str(out / "model.safetensors"))
+    (out / "explorer_layout.json").write_text(json.dumps(layout))
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_model(out, device="cpu", with_tokenizer=False)[0](ids).logits, new(ids).logits)
     f = out / "explorer_layout.json"
     layout = json.loads(f.read_text())
     edit(layout)
