@@ -213,7 +213,7 @@ def plan_md(s: Session, res: dict | None) -> str:
 
 
 COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexity", "± (1 s.e.)", "vs original",
-                   "measured on"]
+                   "loads in", "measured on"]
 
 
 def tried_table(s: Session) -> pd.DataFrame:
@@ -225,7 +225,7 @@ def tried_table(s: Session) -> pd.DataFrame:
         row = {"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
                "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
                "± (1 s.e.)": None if e.get("ppl_se") is None else round(e["ppl_se"], 3),
-               "vs original": e.get("change", ""),
+               "vs original": e.get("change", ""), "loads in": e.get("serves", ""),
                "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
         for t, c in zip(tasks, cols[len(COMPARE_COLUMNS) - 1:]):
             v = (e.get("tasks") or {}).get(t)
@@ -401,6 +401,11 @@ def compare_tab() -> SimpleNamespace:
             out_dir = gr.Textbox(value="compressed", scale=3,
                                  label="export folder (a relative name goes under this session's own output folder)")
             overwrite = gr.Checkbox(label="replace a previous export there", scale=1)
+        form = gr.Radio([("per layer: transformers and lm-eval load it (trust_remote_code)", "per-layer"),
+                         ("padded: a stock model vLLM, SGLang and llama.cpp load (selection-bias routers)",
+                          "padded")], value="per-layer",
+                        label="export form of a plan with different expert counts or widths per layer")
+        engines = gr.Markdown(elem_id="engine-line")
         with gr.Row():
             export_btn = gr.Button("Export to folder", variant="primary")
             zip_btn = gr.Button("Export as download")
@@ -639,23 +644,23 @@ def on_stop(s):
     return "Stopping after the current step… (press Start to go on from there)"
 
 
-def on_export(s, folder, overwrite):
+def on_export(s, folder, overwrite, form="per-layer"):
     """A problem replaces the message (an earlier 'Written to' line never stays beside a new error)."""
     try:
         s = _sess(s)
         what = s.export_what()
-        out = s.export(folder, overwrite=bool(overwrite))
+        out = s.export(folder, overwrite=bool(overwrite), form=form or "per-layer")
     except Exception as err:  # noqa: BLE001 - reported in the page
         return s, user_message(err), None
     return s, (f"Written to `{out}`: {what}, with its tokenizer, plan.json and summary.json "
                f"({html.escape(s.export_note(out))})."), None
 
 
-def on_zip(s):
+def on_zip(s, form="per-layer"):
     try:
         s = _sess(s)
         tmp = _private_dir(s, "archive")  # the previous archive of this session goes
-        out = s.export(tmp / "compressed", trusted_target=True)
+        out = s.export(tmp / "compressed", trusted_target=True, form=form or "per-layer")
         archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
         shutil.rmtree(out, ignore_errors=True)  # the zip is what is downloaded; the folder was only its source
     except Exception as err:  # noqa: BLE001
@@ -728,10 +733,25 @@ def on_routing_tab(s):
     return figures.load_heatmap(s.stats, s.plan.drop_experts), figures.balance_chart(s.stats)
 
 
-def on_compare_tab(s):
+def on_compare_tab(s, form="per-layer"):
     if s is None or not s.loaded:
-        return gr.update(), gr.update()
-    return tried_table(s), pareto(s)
+        return gr.update(), gr.update(), gr.update()
+    return tried_table(s), pareto(s), engines_md(s, form)
+
+
+def engines_md(s: Session, form: str = "per-layer") -> str:
+    """Which engines load the export of the plan in force, in the chosen form: said before the button is pressed."""
+    if s is None or not s.loaded or s.plan.is_empty():
+        return ""
+    try:
+        return s.engines(form or "per-layer")
+    except Exception as err:  # noqa: BLE001 - a plan the model cannot take is said by the Plan tab
+        return user_message(err)
+
+
+@friendly
+def on_form(s, form):
+    return engines_md(_sess(s), form)
 
 
 # ---- wiring ----------------------------------------------------------------------------------------------------
@@ -807,13 +827,14 @@ def wire_distill(state, d, c) -> None:
 
 
 def wire_compare(state, c) -> None:
-    c.export_btn.click(on_export, [state, c.out_dir, c.overwrite], [state, c.msg, c.file])
-    c.zip_btn.click(on_zip, [state], [state, c.msg, c.file])
+    c.export_btn.click(on_export, [state, c.out_dir, c.overwrite, c.form], [state, c.msg, c.file])
+    c.zip_btn.click(on_zip, [state, c.form], [state, c.msg, c.file])
+    c.form.change(on_form, [state, c.form], c.engines)
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
     c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)
     c.pareto_y.change(on_pareto_y, [state, c.pareto_y], c.pareto)
     c.tasks_btn.click(on_score_tasks, [state, c.tasks, c.task_limit], [c.tried, c.pareto_y, c.pareto])
-    c.tab.select(on_compare_tab, [state], [c.tried, c.pareto])
+    c.tab.select(on_compare_tab, [state, c.form], [c.tried, c.pareto, c.engines])
 
 
 def build(default_model: str = DEFAULT_MODEL, untrusted: bool = False, allow_paths: list[str] | None = None

@@ -111,6 +111,8 @@ dataset_kwargs:
   data_files:
     test: demo_next_line_{domain}.jsonl
 test_split: test
+# lm-eval's CLI from any folder (lm_eval --include_path assets/tasks): data files found beside demo_data.py
+custom_dataset: !function demo_data.load
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
 doc_to_choice: "{{{{choices}}}}"
@@ -134,6 +136,8 @@ dataset_kwargs:
   data_files:
     test: demo_next_word.jsonl
 test_split: test
+# lm-eval's CLI from any folder (lm_eval --include_path assets/tasks): data files found beside demo_data.py
+custom_dataset: !function demo_data.load
 output_type: generate_until
 doc_to_text: "{{context}}"
 doc_to_target: "{{target}}"

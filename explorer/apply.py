@@ -110,6 +110,21 @@ def apply_plan(model, view: MoEModel, plan: Plan, stats=None, inplace: bool = Fa
     return model, new_view, None
 
 
+def padded_copy(model, view: MoEModel, plan: Plan):
+    """A copy of ``model`` (``plan`` applied: a student, say) in the padded form, or the refusal in words."""
+    from .engines import padding_problem
+
+    why = padding_problem(plan, view)
+    if why:
+        raise PlanError(f"the padded form cannot hold this plan exactly: {why}; export it per layer, or keep the "
+                        "same expert count in every layer")
+    model = copy.deepcopy(model)
+    pad_for_engines(model)
+    if not config_describes(model):
+        raise PlanError("after padding, the config still does not describe the model; export it per layer")
+    return model
+
+
 def pad_for_engines(model) -> int:
     """Pad an applied model, in place, to one expert count and width in every MoE layer: zero experts that the
     router never selects (selection bias ``PAD_BIAS``; grouped routers keep each group's experts in their group),
@@ -311,8 +326,12 @@ def dequantised_note(model, source: str | os.PathLike | None = None) -> str | No
 
 
 def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dict | None = None,
-           summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+           summary: dict | None = None, source: str | os.PathLike | None = None, overwrite: bool = False,
+           view: MoEModel | None = None) -> Path:
     """Write model, tokenizer, plan and summary to ``out_dir`` atomically (all or nothing).
+
+    ``view``: the original model's, for a quantise plan's llm-compressor recipe (``llmcompressor_recipe.yaml``,
+    experts numbered as this export numbers them).
 
     The folder rules of ``explorer.outputs.check_export_dir`` apply (never the input model, the working directory
     or the home folder; ``overwrite`` replaces only a previous export). Partial folders of killed runs are removed.
@@ -334,9 +353,22 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
             tokenizer.save_pretrained(tmp)
             portable_tokenizer(tmp)
         plan.to_json(tmp / "plan.json")
+        write_recipe(plan, view, tmp)
         summary = {**(summary or {}), "bytes_written": weight_bytes(tmp)}
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return out
+
+
+def write_recipe(plan: Plan, view: MoEModel | None, folder: Path) -> Path | None:
+    """A quantise plan's llm-compressor recipe beside the export (``explorer.ops.quantise.recipe``)."""
+    from .ops.quantise import RECIPE_FILE, recipe
+
+    spec = plan.ops.get("quantise")
+    if spec is None or view is None:
+        return None
+    f = Path(folder) / RECIPE_FILE
+    f.write_text(recipe(spec, plan, view), encoding="utf-8")
+    return f
 
 
 # transformers 5 writes the class of a tokenizer read from tokenizer.json as "TokenizersBackend", a name that

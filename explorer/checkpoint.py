@@ -802,7 +802,9 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
             notes["not_copied"] = (f"{', '.join(sorted(skipped))}: link(s) to files outside the model folder (or its "
                                    "hub blob store), left out")
         plan.to_json(tmp / "plan.json")
-        from .apply import weight_bytes
+        from .apply import weight_bytes, write_recipe
+
+        write_recipe(plan, view, tmp)
 
         notes["bytes_written"] = weight_bytes(tmp)
         (tmp / "summary.json").write_text(json.dumps({"source": str(src), "out_of_core": True,

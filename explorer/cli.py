@@ -344,6 +344,13 @@ def cmd_plan(args) -> int:
     rep = plan.report(view)
     plan.to_json(args.out) if not str(args.out).endswith((".yaml", ".yml")) else plan.to_yaml(args.out)
     print(f"{plan.notes} -> {args.out}")
+    if "quantise" in plan.ops:  # the same scheme for the tool users quantise with at scale
+        from .ops.quantise import recipe as llmc_recipe
+
+        beside = Path(args.out).with_suffix(".llmcompressor.yaml")
+        check_output_file(beside, _source(args), args.overwrite)
+        beside.write_text(llmc_recipe(plan.ops["quantise"], plan, view), encoding="utf-8")
+        print(f"llm-compressor recipe -> {beside}")
     _print_report(rep)
     return 0
 
@@ -443,7 +450,7 @@ def cmd_apply(args) -> int:
         print(f"perplexity {fmt_ppl_se(before.ppl, before.se)} -> {fmt_ppl_se(after.ppl, after.se)} "
               f"({change(before, after)}; ± one standard error over {before.blocks} blocks)")
     out = export(new, tok, plan, args.out, layout=layout, summary=summary, source=_source(args),
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, view=view)
     stored = json.loads((out / "summary.json").read_text()).get("weight_format")
     if stored and stored != widened:
         print(f"note: {stored}")
@@ -576,7 +583,7 @@ def cmd_distill(args) -> int:
                    "kept_step": d.best_step, "warning": warn, "processes": d.world,
                    "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
         out = export(d.final_model(), tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, view=view)
         print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
               f"written to {out}")
     if acc is not None:

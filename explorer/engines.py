@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-
 PAD_BIAS = -1.0e4  # a padded expert's selection bias: below any real score, representable in bf16 and fp16
 READ_FROM = {
     "vLLM": "vllm/model_executor/models/registry.py at commit 0002bff0b6cb (one num_experts and width per model)",
@@ -158,7 +157,8 @@ def verdicts(plan, view, form: str = "per-layer", quantised: bool | None = None)
                                  "lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True"))
     fix = ("" if stock else
            "; " + (f"export --form padded (exact; {padding_params(plan, view):,} zero parameters added)"
-                   if pad_no is None else f"keep the same count per layer (padding is not exact: {pad_no})"))
+                   if pad_no is None else f"keep the same count per layer (plan --mode uniform; padding is not exact: "
+                                                f"{pad_no})"))
     for engine, archs in (("vLLM / SGLang", VLLM_ARCHS), ("llama.cpp", LLAMA_CPP_ARCHS)):
         if not stock:
             out.append(EngineVerdict(engine, False, f"{'; '.join(why)}: {engine} builds every MoE layer from one "
@@ -175,6 +175,20 @@ def verdicts(plan, view, form: str = "per-layer", quantised: bool | None = None)
             q = " (compressed-tensors weights)" if quantised else ""
             out.append(EngineVerdict(engine, True, f"vllm serve OUT{q}"))
     return out
+
+
+def serving(plan, view) -> str:
+    """Where the plan's export is served, in a few words for a table (the Compare tab's column)."""
+    def names(vs):
+        return ", ".join(v.engine.split(" ")[0] for v in vs if v.loads)
+
+    per_layer = verdicts(plan, view)
+    if not uniformity(plan, view):
+        return names(per_layer)
+    why = padding_problem(plan, view)
+    if why:
+        return "transformers, lm-eval (remote code) only: padding would change routing"
+    return f"transformers, lm-eval (remote code); padded: {names(verdicts(plan, view, 'padded'))}"
 
 
 def engine_line(vs: list[EngineVerdict], markup: str = "text") -> str:

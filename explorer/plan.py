@@ -380,7 +380,9 @@ class Plan:
             "dtype": str(dtype).replace("torch.", ""),
             "bytes_before": size * total, "bytes_after": int(size * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": width_after,
-            "loadable_by_transformers": loadable, "loader_note": why, "engines": engines, "form": form,
+            "loadable_by_transformers": loadable, "loader_note": why, "engines": engines,
+            "form": form if engines and "trust_remote_code" in engines[0]["how"] or form == "padded" and
+            "padded" in engines[0]["how"] else "stock",
         }
 
     def _removed_by_block_drop(self, view: MoEModel) -> tuple[int, int]:

@@ -34,7 +34,8 @@ def engine_summary(r: dict, markup: str = "text") -> str:
         return r.get("loader_note", "")
     sep = {"markdown": "  \n", "html": "<br>", "text": "\n  "}[markup]
     mark = {True: "✓" if markup != "text" else "yes", False: "✗" if markup != "text" else "no "}
-    head = f"engines that load this export ({r.get('form', 'per-layer')} form):"
+    form = r.get("form", "stock")
+    head = "engines that load this export" + ("" if form == "stock" else f" ({form} form)") + ":"
     return head + sep + sep.join(f"{mark[v['loads']]} {v['engine']}: {v['how']}" for v in vs)
 
 

@@ -140,7 +140,7 @@ def test_presets_say_what_they_replace_and_prune_counts_zeros(client):
     assert "non-zero after pruning" in res[1] and "-0.0%" not in res[1]
     res = client.predict("merge", 10, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
     assert "changes nothing" in res[0] and "have 8" in res[0]
-    table, fig = client.predict(api_name="/on_compare_tab")  # drawn again when the tab shows
+    table, fig, _ = client.predict(api_name="/on_compare_tab")  # drawn again when the tab shows
     assert table["data"] and json.loads(fig["plot"])["data"]
 
 
@@ -149,7 +149,7 @@ def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
     res = client.predict("quantise", 4, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
     assert "replaced your earlier plan" in res[0] and "with packed experts" in res[1]
-    table, fig = client.predict(api_name="/on_compare_tab")
+    table, fig, _ = client.predict(api_name="/on_compare_tab")
     rows = {r[0]: r for r in table["data"]}
     cols = table["headers"]
     q = next(r for name, r in rows.items() if "4-bit" in name)
@@ -258,6 +258,29 @@ def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
     assert "Written to" not in msg and "not empty" in msg
     msg, _ = client.predict("", True, api_name="/on_export")  # replacing a previous export is allowed
     assert "Written to" in msg
+
+
+def test_the_export_says_which_engines_load_it_and_writes_the_chosen_form(client, tmp_path):
+    """Issue 31: the engine line stands above the export buttons, per plan and form; Compare says where each plan
+    loads; the padded form is refused in words where the demo's router would pick padded experts."""
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")  # one layer cut: counts differ
+    table, _, engines = client.predict(api_name="/on_compare_tab")
+    assert "✗ vLLM / SGLang" in engines and "trust_remote_code" in engines and "✓ transformers" in engines
+    cols = table["headers"]
+    row = next(r for r in table["data"] if "L0:e1/e2" in r[0])
+    assert "remote code" in row[cols.index("loads in")] and "padding would change routing" in row[cols.index("loads in")]
+    said = client.predict("padded", api_name="/on_form")
+    assert "cannot hold this plan exactly" in said and "no selection bias" in said
+    msg, _ = client.predict(str(tmp_path / "padded"), False, "padded", api_name="/on_export")
+    assert "Written to" not in msg and "no selection bias" in msg and not (tmp_path / "padded").exists()
+    msg, _ = client.predict(str(tmp_path / "per-layer"), False, "per-layer", api_name="/on_export")
+    assert "Written to" in msg
+    cfg = json.loads((tmp_path / "per-layer" / "config.json").read_text())
+    assert cfg["auto_map"] and (tmp_path / "per-layer" / "modeling_explorer.py").exists()
+    client.predict('{"drop_experts": {"0": [1], "1": [1], "2": [1], "3": [1]}}', api_name="/on_json")
+    _, _, engines = client.predict(api_name="/on_compare_tab")
+    assert "✓ vLLM / SGLang" in engines and "✓ llama.cpp" in engines and "trust_remote_code" not in engines
 
 
 def test_distill_and_export(client, tmp_path):

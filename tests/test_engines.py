@@ -306,3 +306,70 @@ def test_a_damaged_per_layer_config_is_said_in_words(tmp_path):
         (out / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ModelLoadError, match=words):
             load_model(out, device="cpu", with_tokenizer=False)
+
+
+def _recipe_groups(path: Path) -> dict:
+    """{group: (targets, weights)} of an llm-compressor recipe, read by llm-compressor's own loader where it is
+    installed (its pins conflict with this environment's transformers, so CI may not have it), else checked
+    against compressed-tensors' published QuantizationScheme, which llm-compressor validates groups with."""
+    import yaml
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    try:
+        from llmcompressor.recipe import Recipe
+    except ImportError:
+        Recipe = None
+    if Recipe is not None:
+        mod = Recipe.create_instance(str(path)).modifiers[0]
+        assert type(mod).__name__ == "QuantizationModifier"
+        return {k: (g.targets, g.weights.model_dump()) for k, g in mod.config_groups.items()}, list(mod.ignore)
+    doc = yaml.safe_load(path.read_text())
+    mods = doc["quant_stage"]["quant_modifiers"]
+    assert list(mods) == ["QuantizationModifier"]
+    body = mods["QuantizationModifier"]
+    assert set(body) <= {"targets", "ignore", "scheme", "config_groups", "kv_cache_scheme"}
+    out = {}
+    for k, g in body["config_groups"].items():
+        scheme = QuantizationScheme(targets=g["targets"], weights=QuantizationArgs(**g["weights"]))
+        out[k] = (scheme.targets, scheme.weights.model_dump())
+    return out, body["ignore"]
+
+
+def _matches(targets, name: str) -> bool:
+    return any(re.match(t[3:], name) if t.startswith("re:") else t == name for t in targets)
+
+
+def test_a_quantise_plan_writes_an_llm_compressor_recipe_with_its_scheme(tmp_path, capsys):
+    """The plan's widths, group size and the modules left in full precision, for llm-compressor's oneshot on the
+    cut model: each group's targets match exactly the experts the explorer stored at that width."""
+    from explorer.cli import main
+
+    model = tiny_model("qwen2_moe", seed=1)
+    view = MoEModel(model)
+    plan = Plan(drop_experts={0: [1]},
+                quantise={"bits": 4, "group_size": 32, "per_expert": {0: {2: 8, 3: 2}}, "shared": 8})
+    new, _, layout = apply_plan(model, view, plan)
+    out = export(new, None, plan, tmp_path / "q", layout=layout, view=view)
+    groups, ignore = _recipe_groups(out / "llmcompressor_recipe.yaml")
+    assert "lm_head" in ignore
+    width = {k: w["num_bits"] for k, (_, w) in groups.items()}
+    assert width == {"experts_2bit": 2, "experts_4bit": 4, "experts_8bit": 8, "shared_experts": 8}
+    assert all(w["group_size"] == 32 and w["symmetric"] and w["strategy"] == "group" for _, w in groups.values())
+    names = sorted({re.sub(r"\.weight$", "", k) for k in _keys(out) if k.endswith(".weight")})
+    for slot, bits in [(1, 8), (2, 2), (0, 4), (3, 4)]:  # original experts 2 and 3 are slots 1 and 2 after the drop
+        mod = f"model.layers.0.mlp.experts.{slot}.gate_proj"
+        hits = [k for k, (t, _) in groups.items() if _matches(t, mod)]
+        assert hits == [{8: "experts_8bit", 2: "experts_2bit", 4: "experts_4bit"}[bits]], (slot, hits)
+    shared = [n for n in names if "shared_expert." in n]
+    assert shared and all(_matches(groups["shared_experts"][0], n) for n in shared)
+    assert not any(_matches(t, n) for t, _ in groups.values() for n in names if n.endswith(("mlp.gate", "lm_head")))
+    # the plan command writes the recipe beside the plan
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(src)
+    assert main(["plan", str(src), "--quantise", "3", "--out", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
+    assert "llm-compressor recipe ->" in capsys.readouterr().out
+    groups, _ = _recipe_groups(tmp_path / "p.llmcompressor.yaml")
+    assert {k: w["num_bits"] for k, (_, w) in groups.items()} == {"routed_experts": 3}

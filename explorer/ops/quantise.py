@@ -686,3 +686,71 @@ def _scale_rows(experts, note, slot: int, saved: torch.Tensor) -> torch.Tensor |
 
 
 register(QUANTISE)
+
+
+# ---- the plan as an llm-compressor recipe --------------------------------------------------------------------
+RECIPE_FILE = "llmcompressor_recipe.yaml"
+# never quantised by the explorer: the head, routers (their rows decide routing) and the embedding
+RECIPE_IGNORE = ["lm_head", "re:.*embed_tokens.*", r"re:.*\.(gate|router)$", r"re:.*\.(gate|router)\.(weight|linear)$",
+                 r"re:.*shared_expert_gate$"]
+
+
+def _recipe_args(bits, gs: int) -> dict:
+    """compressed-tensors QuantizationArgs of the explorer's rule: symmetric groups of ``gs`` inputs."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    kind = {"num_bits": 8, "type": "float"} if bits == "fp8" else {"num_bits": int(bits), "type": "int"}
+    args = QuantizationArgs(**kind, symmetric=True, strategy="group", group_size=gs)
+    return {k: v for k, v in args.model_dump(mode="json").items()
+            if k in ("num_bits", "type", "symmetric", "strategy", "group_size")}
+
+
+def recipe(spec: dict, plan, view) -> str:
+    """An llm-compressor recipe (YAML) that quantises what ``spec`` quantises, with the same scheme, on the cut
+    model (experts numbered as the export numbers them): the user replays the quantisation with the tool they run
+    at scale. Round-to-nearest is llm-compressor's ``QuantizationModifier``; one config group per bit width, the
+    experts of a width named by layer and expert where widths differ; what stays in full precision is listed."""
+    import yaml
+
+    gs = spec["group_size"]
+    block_map = plan.block_map(len(view.decoder_layers))
+    by_bits: dict = {}
+    full: list[str] = []
+    keep = set(plan.surviving_layers(view))
+    uniform = not spec["per_expert"] and spec["layers"] is None
+    for lay in view:
+        if lay.index not in keep:
+            continue
+        L = block_map[lay.layer_idx]
+        kept = plan.kept(lay.index, lay.num_experts)
+        for slot, e in enumerate(kept):
+            b = QUANTISE.bits_of(spec, lay.index, e)
+            if b == 16:
+                full.append(f"layer {L} expert {slot}")
+            elif not uniform:
+                by_bits.setdefault(b, {}).setdefault(L, []).append(slot)
+    groups = {}
+    if uniform and spec["bits"] != 16:
+        groups["routed_experts"] = {"targets": list(packing.EXPERT_TARGETS), "weights": _recipe_args(spec["bits"], gs)}
+    for b, layers in sorted(by_bits.items(), key=lambda kv: str(kv[0])):
+        targets = [rf"re:.*layers\.{L}\.[^.]+\.experts\.({'|'.join(map(str, slots))})\..*"
+                   for L, slots in sorted(layers.items())]
+        groups[f"experts_{b}bit" if b != "fp8" else "experts_fp8"] = {"targets": targets,
+                                                                      "weights": _recipe_args(b, gs)}
+    if spec.get("attention") not in (None, 16):
+        groups["attention"] = {"targets": [r"re:.*(self_attn|attention)\.[^.]*proj$"],
+                               "weights": _recipe_args(spec["attention"], gs)}
+    if spec.get("shared") not in (None, 16):
+        groups["shared_experts"] = {"targets": [r"re:.*shared_experts?\..*"],
+                                    "weights": _recipe_args(spec["shared"], gs)}
+    head = ("# llm-compressor recipe written by the MoE Compression Explorer from plan.json:\n"
+            f"# {QUANTISE.describe(spec)}, weight-only round-to-nearest (QuantizationModifier), symmetric groups of "
+            f"{gs} inputs.\n"
+            "# Replay on the cut model (expert numbers are the export's): llmcompressor.oneshot(model=..., "
+            f"recipe='{RECIPE_FILE}').\n"
+            "# Left in full precision: lm_head, embeddings, routers, attention and shared experts unless a group "
+            "below names them" + (f"; experts {', '.join(full[:20])}{' ...' if len(full) > 20 else ''}" if full
+                                  else "") + ".\n")
+    body = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
+        "ignore": list(RECIPE_IGNORE), "config_groups": groups}}}}
+    return head + yaml.safe_dump(body, sort_keys=False, width=120)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..apply import apply_plan, export
+from ..apply import apply_plan, export, padded_copy
+from ..engines import serving
 from ..distill import DistillConfig, Distiller
 from ..outputs import check_export_dir
 from ..perplexity import fmt_ppl, perplexity
@@ -52,6 +53,7 @@ class Trials:
             entry = {"name": name or plan.describe(), "params": out["params_after"], "bytes": out["bytes_after"],
                      "active": out["active_after"], "ppl": out["ppl"], "ppl_se": out["ppl_se"],
                      "change": out["change"], "within_noise": out["within_noise"], "plan": plan.to_dict(),
+                     "serves": serving(plan, self.view),
                      "data": self.data_key}
             same = [i for i, e in enumerate(self.tried) if e["plan"] == entry["plan"] and not e.get("distilled")]
             if same:  # measured again: the row keeps its place in Compare
@@ -231,7 +233,7 @@ class Trials:
         rep = d.plan.report(self.view)
         entry = {"name": f"{d.plan.describe()} + distilled ({d.step} steps)", "params": rep["params_after"],
                  "bytes": rep["bytes_after"], "active": rep["active_after"], "ppl": d.best_ppl, "plan": d.plan.to_dict(),
-                 "data": self.data_key, "distilled": True}
+                 "data": self.data_key, "distilled": True, "serves": serving(d.plan, self.view)}
         self.tried = [e for e in self.tried if not (e.get("distilled") and e["plan"] == entry["plan"])] + [entry]
 
     def student(self, plan: Plan | None = None) -> Distiller | None:
@@ -266,9 +268,23 @@ class Trials:
         if self.distiller is not None:
             self.distiller.stop()
 
+    def engines(self, form: str = "per-layer") -> str:
+        """Which engines load an export of the plan in force in ``form`` (``explorer.engines``), in Markdown: said
+        before the export button is pressed."""
+        from ..engines import padding_problem, uniformity
+        from ..report import engine_summary
+
+        self.require()
+        if self.plan.is_empty():
+            return ""
+        if form == "padded" and uniformity(self.plan, self.view) and padding_problem(self.plan, self.view):
+            return f"The padded form cannot hold this plan exactly: {padding_problem(self.plan, self.view)}."
+        return engine_summary(self.plan.report(self.view, form=form), "markdown")
+
     def export(self, out_dir: str | Path | None, use_distilled: bool = True, overwrite: bool = False,
-               trusted_target: bool = False) -> Path:
-        """``trusted_target``: ``out_dir`` is a folder the app made for this session (a download), not typed."""
+               trusted_target: bool = False, form: str = "per-layer") -> Path:
+        """``trusted_target``: ``out_dir`` is a folder the app made for this session (a download), not typed.
+        ``form``: per-layer or padded, for a plan a stock config cannot say (``explorer.engines``)."""
         self.require()
         if self.plan.is_empty():
             raise SessionError("the plan is empty: nothing to export")
@@ -277,12 +293,14 @@ class Trials:
         d = self.student()
         if use_distilled and d is not None:
             model, layout = d.final_model(), d.layout  # a quantise plan's student on its grid, as measured
+            if form == "padded" and layout is not None:
+                model, layout = padded_copy(model, self.view, self.plan), None
             extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}
         else:
-            model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats)
+            model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats, form=form)
             extra = {}
-        summary = {"source": self.source, "report": self.plan.report(self.view),
+        summary = {"source": self.source, "report": self.plan.report(self.view, form=form),
                    "perplexity_before": self.baseline().to_dict(),
                    "perplexity_after": perplexity(model, self.data.eval).to_dict(), **extra}
         return export(model, self.tok, self.plan, target, layout=layout, summary=summary, source=self.source,
-                      overwrite=overwrite)
+                      overwrite=overwrite, view=self.view)
