@@ -715,7 +715,8 @@ def _format(src: Path, heads: dict) -> _Format:
 
 
 def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, stats=None,
-                     overwrite: bool = False, summary: dict | None = None, keep_mtp: bool = False) -> Path:
+                     overwrite: bool = False, summary: dict | None = None, keep_mtp: bool = False,
+                     on_report=None) -> Path:
     """Write the model ``plan`` makes of the checkpoint in ``source`` to ``out_dir`` (atomic, never over the input).
 
     Other files of the checkpoint (tokenizer, generation config) are copied; plan.json and summary.json are added.
@@ -724,6 +725,7 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     quantised back. Layers stored past ``num_hidden_layers`` (DeepSeek-V3's multi-token-prediction layer, which
     transformers does not load) are left out, and ``num_nextn_predict_layers`` set to 0, since their experts would
     no longer match the config; ``keep_mtp`` keeps them as they are (uncut), renumbered after the last layer.
+    ``on_report`` is called with the plan's report (sizes, which engines load the result) before anything is written.
     """
     src = Path(source).expanduser()
     if not (src / "config.json").exists():
@@ -732,6 +734,8 @@ def apply_checkpoint(source: str | os.PathLike, plan: Plan, out_dir: str | os.Pa
     plan.validate(view)
     _check_supported(plan, view, config, model, stats)
     out = check_export_dir(out_dir, source=src, overwrite=overwrite)
+    if on_report is not None:
+        on_report(plan.report(view))
     wmap = weight_map(src)
     all_heads = _read_heads(src, wmap)
     fmt = _format(src, all_heads)

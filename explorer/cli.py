@@ -425,8 +425,13 @@ def cmd_apply(args) -> int:
         from .checkpoint import apply_checkpoint
 
         t = time.perf_counter()
+        if args.form != "per-layer":
+            from .plan import PlanError
+
+            raise PlanError("--form padded is written in memory; out of core the plan keeps one expert count per "
+                            "layer (a stock model) or writes the per-layer form for Layer Drop")
         out = apply_checkpoint(_source(args), plan, args.out, stats=stats, overwrite=args.overwrite,
-                               summary={"source": args.model}, keep_mtp=args.keep_mtp)
+                               summary={"source": args.model}, keep_mtp=args.keep_mtp, on_report=_print_report)
         print(f"written out of core to {out} in {time.perf_counter() - t:.1f}s (the model was never loaded)")
         notes = json.loads((out / "summary.json").read_text())
         for k in ("weight_format", "mtp_layers"):

@@ -124,7 +124,10 @@ def test_cli_apply_out_of_core(tmp_path, capsys):
     (tmp_path / "plan.json").write_text(json.dumps({"drop_experts": {str(i): [0, 7] for i in range(3)}}))
     assert main(["apply", str(tmp_path / "src"), str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"),
                  "--out-of-core"]) == 0
-    assert "never loaded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "never loaded" in out
+    assert out.index("engines that load this export") < out.index("written out of core")  # said before writing
+    assert "yes vLLM / SGLang" in out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == 6
 
 
