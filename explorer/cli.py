@@ -260,6 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("sweep", help="a criterion x amount grid of plans from one statistics pass, each previewed: "
+                       "sweep.csv and sweep.html (perplexity against size, ± one standard error) in --out")
+    _model_args(p); _data_args(p)  # noqa: E702
+    p.add_argument("--stats", default=None, help="stats file from `stats` (collected now when left out)")
+    p.add_argument("--ops", default="drop,merge,slim,quantise", help="operations to sweep: drop, merge, slim, quantise")
+    p.add_argument("--criteria", default="reap,frequency,random", help="criteria of the drop series")
+    p.add_argument("--fractions", default="0.125,0.25,0.375,0.5", help="shares of experts dropped or merged away")
+    p.add_argument("--x", default="params", choices=["params", "bytes"], help="the figure's size axis")
+    p.add_argument("--out", required=True, help="a folder for sweep.csv and sweep.html")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier sweep there")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("preview", help="what-if perplexity of a plan on the unmodified model")
     _model_args(p); _data_args(p)  # noqa: E702
     p.add_argument("plan")
@@ -352,6 +363,42 @@ def cmd_plan(args) -> int:
         beside.write_text(llmc_recipe(plan.ops["quantise"], plan, view), encoding="utf-8")
         print(f"llm-compressor recipe -> {beside}")
     _print_report(rep)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .figures import sweep_figure
+    from .outputs import atomic_write, check_output_file
+    from .stats import RouterStats, collect_stats
+    from .sweep import run_sweep, sweep_plans, write_csv
+
+    out = Path(args.out)
+    files = [out / "sweep.csv", out / "sweep.html"]
+    for f in files:  # refused before anything loads: inside the input model, or over a file without --overwrite
+        check_output_file(f, _source(args), args.overwrite)
+    fractions = [float(x) for x in args.fractions.split(",") if x.strip()]
+    if not fractions or not all(0 < f < 1 for f in fractions):
+        from .plan import PlanError
+
+        raise PlanError(f"--fractions are shares between 0 and 1, got {args.fractions!r}")
+    model, tok, view = _load(args)
+    ds = _data(args, tok, model)
+    stats = (RouterStats.load_file(args.stats) if args.stats else
+             collect_stats(model, view, ds.calib, batch_size=args.batch_size, progress=_progress("stats")))
+    plans = sweep_plans(stats, view, [o.strip() for o in args.ops.split(",") if o.strip()],
+                        [c.strip() for c in args.criteria.split(",") if c.strip()], fractions)
+    print(f"sweep: {len(plans)} plans from one statistics pass, each previewed on {int(ds.eval.lengths.sum()):,} "
+          "tokens", file=sys.stderr)
+    bar = _progress("sweep", "plan")
+    points = run_sweep(model, view, stats, ds.eval, plans, progress=lambda i, n, _: bar(i, n))
+    bar(len(plans), len(plans))
+    write_csv(points, files[0])
+    atomic_write(files[1], sweep_figure(points, x=args.x).to_html(include_plotlyjs=True, full_html=True))
+    base = points[0]
+    for p in points[1:]:
+        print(f"{p.series:<18} {p.plan:<48} {p.params:>12,} params  perplexity {p.ppl:8.3f} ± {p.ppl_se:.3f}  "
+              f"{p.change:+.1%} ± {p.change_se:.1%}{'  within noise' if p.within_noise else ''}")
+    print(f"original: perplexity {base.ppl:.3f} ± {base.ppl_se:.3f}, {base.params:,} params -> {files[0]}, {files[1]}")
     return 0
 
 

@@ -69,12 +69,18 @@ def load_heatmap(stats: RouterStats, selected: dict[int, list[int]] | None = Non
 
 
 def coactivation_heatmap(stats: RouterStats, layer: int) -> go.Figure:
-    c = stats.coactivation(layer)
-    E = c.shape[0]
-    f = _fig(title=f"Co-activation, layer {layer}: share of tokens routed to both i and j")
-    f.add_trace(go.Heatmap(z=c, x=list(range(E)), y=list(range(E)), colorscale="Blues",
-                           colorbar=dict(title="share of<br>tokens"),
-                           hovertemplate="experts %{y} & %{x}: %{z:.3f} of tokens<extra></extra>"))
+    """How often two experts are chosen together against chance (independent choices at their loads): the raw
+    share mostly says how busy the two are. 1 = as often as chance (white), red above, blue below, 0 = never."""
+    lift = stats.coactivation_lift(layer)
+    share = stats.coactivation(layer)
+    E = lift.shape[0]
+    top = float(np.nanmax(lift)) if np.isfinite(lift).any() else 2.0
+    f = _fig(title=f"Co-activation, layer {layer}: chosen together, against chance (1 = independent choices)")
+    f.add_trace(go.Heatmap(z=lift, x=list(range(E)), y=list(range(E)), customdata=share,
+                           colorscale="RdBu_r", zmin=0, zmid=1, zmax=max(2.0, top),
+                           colorbar=dict(title="× chance"),
+                           hovertemplate="experts %{y} & %{x}: %{z:.2f}x chance (%{customdata:.3f} of tokens)"
+                                         "<extra></extra>"))
     f.update_xaxes(title="expert j", dtick=_dtick(E))
     f.update_yaxes(title="expert i", dtick=_dtick(E), autorange="reversed")
     f.update_layout(height=420, width=None)
@@ -348,6 +354,36 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
                        type="log" if spans_orders(ys_all) else "linear")
     else:
         f.update_yaxes(title=f"{y[5:]} accuracy (lm-eval)")
+    return f
+
+
+def sweep_figure(points, x: str = "params") -> go.Figure:
+    """A sweep (``explorer.sweep``): perplexity against size, one line per series (drop by each criterion, merge,
+    slim, quantise), one standard error as error bars, the original as a star. ``points``: SweepPoints or their
+    rows (CSV dicts)."""
+    if x not in PARETO_AXES:
+        raise ValueError(f"the sweep's x-axis is one of {', '.join(PARETO_AXES)}, not {x!r}")
+    rows = [p if isinstance(p, dict) else p.to_row() for p in points]
+    title, hover = PARETO_AXES[x]
+    f = _fig(title=f"Sweep: {title.split(' (')[0]} against perplexity, ± one standard error")
+    orig = [r for r in rows if r["series"] == "original"]
+    series = list(dict.fromkeys(r["series"] for r in rows if r["series"] != "original"))
+    for k, name in enumerate(series):
+        pts = sorted((r for r in rows if r["series"] == name), key=lambda r: -float(r[x]))
+        pts = orig + pts  # every curve starts at the original
+        f.add_trace(go.Scatter(
+            x=[float(r[x]) for r in pts], y=[float(r["ppl"]) for r in pts], mode="lines+markers", name=name,
+            text=[r["plan"] or "original" for r in pts], marker=dict(color=PALETTE[k % len(PALETTE)], size=8),
+            line=dict(color=PALETTE[k % len(PALETTE)]),
+            error_y=dict(type="data", array=[float(r["ppl_se"]) for r in pts], visible=True, thickness=1, width=3),
+            hovertemplate="%{text}<br>" + hover + "<br>ppl %{y:.3f}<extra></extra>"))
+    if orig:
+        f.add_trace(go.Scatter(x=[float(orig[0][x])], y=[float(orig[0]["ppl"])], mode="markers", name="original",
+                               marker=dict(size=14, symbol="star", color="black")))
+    ys = [float(r["ppl"]) for r in rows]
+    f.update_xaxes(title=title, autorange="reversed")  # smaller to the right: the cut grows left to right
+    f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys) else ""),
+                   type="log" if spans_orders(ys) else "linear")
     return f
 
 

@@ -9,7 +9,10 @@ lm-eval is an optional extra (``pip install -e ".[eval]"``); without it every en
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -107,6 +110,19 @@ def task_manager():
     return _TASK_MANAGER
 
 
+@contextlib.contextmanager
+def _progress_bars_held():
+    """lm-eval draws a progress bar per task and request kind (eight for the demo tasks, each call): in a notebook
+    they fill the page. What it writes to stderr is held, and shown only if the evaluation fails."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue()[-4000:])
+        raise
+
+
 def _quiet() -> None:
     """lm-eval logs every task it builds and every batch; the explorer reports the outcome itself."""
     import logging
@@ -155,9 +171,10 @@ def evaluate_tasks(model, tokenizer, tasks: str | list, limit: int | float | Non
     t0 = time.perf_counter()
     if progress:
         progress(f"scoring {len(task_dict)} task(s)")
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(task_dict.values()), limit=limit, num_fewshot=num_fewshot,
-                                  bootstrap_iters=100, log_samples=False, verbosity="ERROR",
-                                  task_manager=task_manager())
+    with _progress_bars_held():
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(task_dict.values()), limit=limit, num_fewshot=num_fewshot,
+                                      bootstrap_iters=100, log_samples=False, verbosity="ERROR",
+                                      task_manager=task_manager())
     seconds = time.perf_counter() - t0
     out = {}
     for task, row in res["results"].items():

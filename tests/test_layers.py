@@ -23,7 +23,7 @@ LAYERS = [
     ("the plan", ["plan"]),
     ("what a plan does to a layer", ["transform"]),
     ("preview, apply, out-of-core apply", ["preview", "apply", "checkpoint"]),
-    ("scores", ["saliency", "tasks", "report"]),
+    ("scores", ["saliency", "tasks", "report", "sweep"]),
     ("how each operation is chosen", ["planners.base", "planners.drop_experts", "planners.merge", "planners.slim",
                                       "planners.prune", "planners.drop_layers", "planners.drop_blocks",
                                       "planners.quantise", "planners"]),
