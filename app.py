@@ -387,7 +387,7 @@ def compare_tab() -> SimpleNamespace:
         with gr.Row():
             remeasure_btn = gr.Button("Re-measure stale plans on the current text", scale=3)
             pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes")], value="params", scale=1,
-                                label="Pareto chart: size as")
+                                label="Pareto chart and sweep: size as")
             pareto_y = gr.Dropdown([("perplexity", "ppl")], value="ppl", scale=1, label="Pareto chart: quality as")
         with gr.Accordion("Task accuracy (lm-evaluation-harness; minutes, so off until asked)", open=False):
             with gr.Row():
@@ -397,6 +397,15 @@ def compare_tab() -> SimpleNamespace:
                                        label="items per task (0: all)")
                 tasks_btn = gr.Button("Score tasks: original and every plan", scale=1)
         pareto = gr.Plot(label="size against perplexity")
+        with gr.Accordion("Sweep: perplexity against size for every criterion and amount, in one click", open=False):
+            with gr.Row():
+                sweep_ops = gr.CheckboxGroup(["drop", "merge", "slim", "quantise"],
+                                             value=["drop", "merge", "slim", "quantise"], scale=3,
+                                             label="operations (drop by reap, frequency and random at 12-50%; merge "
+                                                   "and slim at matching sizes; quantise to 8, 4, 3, 2 bits)")
+                sweep_btn = gr.Button("Run sweep", scale=1)
+            sweep_plot = gr.Plot(label="sweep: perplexity against size, ± one standard error")
+            sweep_file = gr.File(label="the grid as CSV")
         with gr.Row():
             out_dir = gr.Textbox(value="compressed", scale=3,
                                  label="export folder (a relative name goes under this session's own output folder)")
@@ -409,6 +418,9 @@ def compare_tab() -> SimpleNamespace:
         with gr.Row():
             export_btn = gr.Button("Export to folder", variant="primary")
             zip_btn = gr.Button("Export as download")
+        with gr.Row():
+            save_btn = gr.Button("Save this session to a file", scale=1)
+            open_btn = gr.UploadButton("Open a saved session", file_types=[".zip"], scale=1)
         msg = gr.Markdown()
         file = gr.File(label="download")
     return SimpleNamespace(**locals())
@@ -750,6 +762,55 @@ def engines_md(s: Session, form: str = "per-layer") -> str:
 
 
 @friendly
+def on_sweep(s, ops, x="params", progress=gr.Progress()):
+    """Every point of the grid previewed from this session's statistics; the curves and the grid as CSV."""
+    from explorer.sweep import csv_text
+
+    s = _sess(s)
+    s.require(stats=True)
+    if not ops:
+        raise SessionError("choose at least one operation to sweep")
+    eta = _with_eta(progress)
+    points = s.sweep(list(ops), progress=lambda i, n, plan: eta(i / max(n, 1), f"previewing {plan}"))
+    f = _private_dir(s, "sweep") / "sweep.csv"
+    f.write_text(csv_text(points), encoding="utf-8")
+    return figures.sweep_figure(points, x=x or "params"), str(f)
+
+
+def on_save_session(s):
+    """The session as one file (model source, text, statistics, plans, measurements, students) to download."""
+    try:
+        s = _sess(s)
+        f = s.save(_private_dir(s, "session") / "explorer.moe-session.zip")
+    except Exception as err:  # noqa: BLE001 - reported in the page
+        return user_message(err), None
+    return (f"Saved: {len(s.tried)} plan(s) tried, {len(s.students)} student(s). Open it here later, or in a "
+            "notebook with `Session.open(path)`."), str(f)
+
+
+def on_open_session(s, upload):
+    """A saved session replaces this one, only once it has opened whole (a file that does not open changes
+    nothing)."""
+    try:
+        old = _sess(s)
+        new = Session(out_root=old.out_root, untrusted=old.untrusted, allow_paths=old.allow_paths,
+                      deny_paths=old.deny_paths)
+        info = new.restore(upload if isinstance(upload, str) else upload.name)
+    except Exception as err:  # noqa: BLE001
+        return s, user_message(err), gr.update(), gr.update()
+    return new, (f"Opened a session of {Path(info['source']).name}: {info['plans']} plan(s) tried, "
+                 f"{info['students']} student(s), the plan in force: {new.plan.describe() or 'empty'}. "
+                 "The other tabs show it as you open them."), tried_table(new), pareto(new)
+
+
+def on_sweep_x(s, x):
+    """The sweep drawn again against the size the Compare tab's radio chose."""
+    if s is None or not getattr(s, "last_sweep", None):
+        return gr.update()
+    return figures.sweep_figure(s.last_sweep, x=x or "params")
+
+
+@friendly
 def on_form(s, form):
     return engines_md(_sess(s), form)
 
@@ -830,6 +891,10 @@ def wire_compare(state, c) -> None:
     c.export_btn.click(on_export, [state, c.out_dir, c.overwrite, c.form], [state, c.msg, c.file])
     c.zip_btn.click(on_zip, [state, c.form], [state, c.msg, c.file])
     c.form.change(on_form, [state, c.form], c.engines)
+    c.sweep_btn.click(on_sweep, [state, c.sweep_ops, c.pareto_x], [c.sweep_plot, c.sweep_file])
+    c.pareto_x.change(on_sweep_x, [state, c.pareto_x], c.sweep_plot)
+    c.save_btn.click(on_save_session, [state], [c.msg, c.file])
+    c.open_btn.upload(on_open_session, [state, c.open_btn], [state, c.msg, c.tried, c.pareto])
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
     c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)
     c.pareto_y.change(on_pareto_y, [state, c.pareto_y], c.pareto)

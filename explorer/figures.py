@@ -365,10 +365,16 @@ def sweep_figure(points, x: str = "params") -> go.Figure:
         raise ValueError(f"the sweep's x-axis is one of {', '.join(PARETO_AXES)}, not {x!r}")
     rows = [p if isinstance(p, dict) else p.to_row() for p in points]
     title, hover = PARETO_AXES[x]
-    f = _fig(title=f"Sweep: {title.split(' (')[0]} against perplexity, ± one standard error")
+    f = _fig(title=f"Sweep: perplexity against {title.split(' (')[0]}, ± one standard error")
     orig = [r for r in rows if r["series"] == "original"]
     series = list(dict.fromkeys(r["series"] for r in rows if r["series"] != "original"))
+    flat = [n for n in series if orig and all(float(r[x]) == float(orig[0][x]) for r in rows if r["series"] == n)]
+    if flat:  # quantising keeps every parameter: against parameters its points would all sit on the original
+        f.add_annotation(text=f"{', '.join(flat)}: the same parameters, fewer bytes; draw the sweep against bytes",
+                         xref="paper", yref="paper", x=0, y=1.02, showarrow=False, xanchor="left", font=dict(size=11))
     for k, name in enumerate(series):
+        if name in flat:
+            continue
         pts = sorted((r for r in rows if r["series"] == name), key=lambda r: -float(r[x]))
         pts = orig + pts  # every curve starts at the original
         f.add_trace(go.Scatter(
@@ -381,9 +387,9 @@ def sweep_figure(points, x: str = "params") -> go.Figure:
         f.add_trace(go.Scatter(x=[float(orig[0][x])], y=[float(orig[0]["ppl"])], mode="markers", name="original",
                                marker=dict(size=14, symbol="star", color="black")))
     ys = [float(r["ppl"]) for r in rows]
+    log = spans_orders(ys, ratio=3.0)  # the random control climbs far above the rest: keep the others readable
     f.update_xaxes(title=title, autorange="reversed")  # smaller to the right: the cut grows left to right
-    f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys) else ""),
-                   type="log" if spans_orders(ys) else "linear")
+    f.update_yaxes(title="perplexity (eval)" + (", log scale" if log else ""), type="log" if log else "linear")
     return f
 
 

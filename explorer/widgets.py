@@ -299,6 +299,41 @@ class DistillView(W.VBox):
         return self.thread
 
 
+class SweepView(W.VBox):
+    """A sweep in one click: drop by each criterion, merge, slim and quantise at several amounts, each previewed;
+    perplexity against size with error bars (``Session.sweep``, the same grid as the app and ``explorer sweep``)."""
+
+    def __init__(self, session: Session):
+        from .sweep import OPERATIONS
+
+        self.s = session
+        self.ops = W.SelectMultiple(options=list(OPERATIONS), value=list(OPERATIONS), description="operations",
+                                    rows=len(OPERATIONS))
+        self.x = W.ToggleButtons(options=[("parameters", "params"), ("bytes", "bytes")], value="params",
+                                 description="size as")
+        run = W.Button(description="Run sweep", button_style="primary")
+        self.status = W.HTML()
+        self.err = _error_box()
+        self.fig = FigureView(figures.sweep_figure([]))
+        run.on_click(lambda _: self.run())
+        self.x.observe(lambda _: self.redraw(), names="value")
+        super().__init__([W.HBox([self.ops, W.VBox([self.x, run])]), self.status, self.err, self.fig])
+
+    def run(self) -> None:
+        try:
+            def say(i, n, plan):
+                self.status.value = f"sweep: point {i + 1} of {n}: {html.escape(plan)}"
+            pts = self.s.sweep(list(self.ops.value), progress=say)
+            self.status.value = f"{len(pts) - 1} plans previewed, each with one standard error"
+            self.redraw()
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+
+    def redraw(self) -> None:
+        refresh(self.fig, figures.sweep_figure(getattr(self.s, "last_sweep", None) or [], x=self.x.value))
+
+
 class GenerateView(W.VBox):
     """What the cut model says: greedy continuations of the original and of the current plan, side by side."""
 
@@ -334,9 +369,11 @@ class Explorer(W.Tab):
         self.saliency = SaliencyView(session)
         self.distill = DistillView(session)
         self.generate = GenerateView(session)
+        self.sweep = SweepView(session)
         self.plan.listeners.append(self.routing.redraw)
-        super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill, self.generate])
-        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill", "Generate"]):
+        super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill, self.generate,
+                                   self.sweep])
+        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill", "Generate", "Sweep"]):
             self.set_title(i, t)
 
 

@@ -283,6 +283,48 @@ def test_the_export_says_which_engines_load_it_and_writes_the_chosen_form(client
     assert "✓ vLLM / SGLang" in engines and "✓ llama.cpp" in engines and "trust_remote_code" not in engines
 
 
+def test_the_app_sweeps_in_one_click(client):
+    """Issue 32: a criterion x amount grid drawn with its error bars, and the grid as a CSV download."""
+    import csv
+
+    _load(client)
+    fig, f = client.predict(["drop", "slim"], "params", api_name="/on_sweep")
+    data = json.loads(fig["plot"])["data"]
+    assert {"drop (reap)", "drop (frequency)", "drop (random)", "slim", "original"} <= {t.get("name") for t in data}
+    assert all(t["error_y"]["array"] for t in data if t.get("name") != "original")
+    with open(f) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["series"] == "original" and len(rows) == 1 + 3 * 4 + 3
+
+
+def test_a_session_saved_in_the_app_opens_in_a_notebook_and_back(client, tmp_path):
+    """Issue 32: the session (statistics, plans, measurements) to one file from the app; Session.open in a
+    notebook finds what the app had; the app opens it again, and a file that is not a session changes nothing."""
+    import shutil
+
+    from gradio_client import handle_file
+
+    from explorer.session import Session
+
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    client.predict('{"drop_experts": {"1": [3]}}', api_name="/on_json")
+    msg, f = client.predict(api_name="/on_save_session")
+    assert "Saved: 2 plan(s)" in msg, msg
+    keep = tmp_path / "from-app.moe-session.zip"
+    shutil.copy(f, keep)
+    nb = Session.open(keep, device="cpu")  # what a notebook does
+    assert [e["name"] for e in nb.tried] == ["drop L0:e1/e2", "drop L1:e3"]
+    assert nb.plan.drop_experts == {1: [3]} and not any(e["stale"] for e in nb.compared())
+    nb.preview(nb.plan)  # and it is a working session there
+    msg, table, _ = client.predict(handle_file(str(keep)), api_name="/on_open_session")
+    assert "2 plan(s) tried" in msg and len(table["data"]) == 2
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    msg, table2, _ = client.predict(handle_file(str(bad)), api_name="/on_open_session")
+    assert "not a session saved by the explorer" in msg
+
+
 def test_distill_and_export(client, tmp_path):
     _load(client)
     client.predict('{"drop_experts": {"0": [1, 2], "1": [0, 5]}}', api_name="/on_json")

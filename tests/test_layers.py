@@ -23,13 +23,13 @@ LAYERS = [
     ("the plan", ["plan"]),
     ("what a plan does to a layer", ["transform"]),
     ("preview, apply, out-of-core apply", ["preview", "apply", "checkpoint"]),
-    ("scores", ["saliency", "tasks", "report", "sweep"]),
+    ("scores", ["saliency", "tasks", "report"]),
     ("how each operation is chosen", ["planners.base", "planners.drop_experts", "planners.merge", "planners.slim",
                                       "planners.prune", "planners.drop_layers", "planners.drop_blocks",
                                       "planners.quantise", "planners"]),
-    ("distillation and tools", ["distill", "tiny", "families"]),
+    ("distillation and tools", ["distill", "tiny", "families", "sweep"]),
     ("figures and session", ["figures", "session.common", "session.access", "session.editor", "session.trials",
-                             "session.workspace", "session"]),
+                             "session.workspace", "session.files", "session"]),
     ("front ends", ["cli", "widgets", "", "__main__"]),
 ]
 LEVEL = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

@@ -74,6 +74,25 @@ class Trials:
         return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": base.ppl, "ppl_se": base.se,
                 "tasks": self.base_tasks}
 
+    def sweep(self, operations=None, criteria=None, fractions=None, progress=None) -> list:
+        """A criterion x amount grid of plans (``explorer.sweep``) from this session's statistics, each previewed
+        on the evaluation text: the curves of perplexity against size. ``progress(i, n, plan)`` before each point.
+        The points are kept (``last_sweep``) for the figure and the CSV download."""
+        from ..sweep import CRITERIA, DROP_FRACTIONS, OPERATIONS, run_sweep, sweep_plans
+
+        self.require(stats=True)
+        plans = sweep_plans(self.stats, self.view, operations or OPERATIONS, criteria or CRITERIA,
+                            fractions or DROP_FRACTIONS)
+        if not self.lock.acquire(blocking=False):
+            raise SessionError("a distillation or another long job is running in this session: the sweep waits until "
+                               "it ends (stop it on the Distill tab)")
+        try:
+            self.last_sweep = run_sweep(self.model, self.view, self.stats, self.data.eval, plans,
+                                        base=self.baseline(), progress=progress)
+        finally:
+            self.lock.release()
+        return self.last_sweep
+
     def score_tasks(self, tasks: str, limit: int | None = 200, progress=None, only_current: bool = False) -> list[dict]:
         """Task accuracy (lm-eval) of the original and of every comparable plan tried, previews scored through
         their masks and edits and distilled students as they are; one column per task in Compare. Minutes on the

@@ -1,0 +1,82 @@
+"""A session in one file (issue 32): saved in the app or a notebook, opened in the other, with its statistics,
+plans, measurements, task scores and distilled students; a file that is not a session, or does not fit its model,
+is refused in words."""
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from explorer.distill import DistillConfig
+from explorer.session import Session, SessionError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    s = Session(max_tokens=512)
+    s.load()
+    s.collect()
+    s.preview(s.preset("drop-experts", 0.25))
+    s.preview(s.preset("merge", 6))
+    s.set_plan({"drop_experts": {"0": [1, 2]}})
+    for _ in s.distill(DistillConfig(steps=4, eval_every=2, seed=0)):
+        pass
+    path = tmp_path_factory.mktemp("sessions") / "run.moe-session.zip"
+    s.save(path)
+    return s, path
+
+
+def test_a_saved_session_opens_with_everything_it_held(saved):
+    s, path = saved
+    t = Session.open(path, device="cpu")
+    assert t.source == s.source and t.data_key == s.data_key
+    for i in range(len(s.view)):
+        assert np.array_equal(t.stats.load(i), s.stats.load(i))
+    assert t.plan == s.plan
+    assert [e["plan"] for e in t.tried] == [e["plan"] for e in s.tried]
+    assert [round(e["ppl"], 9) for e in t.tried] == [round(e["ppl"], 9) for e in s.tried]
+    assert not any(e["stale"] for e in t.compared())  # measured on the same text: they stand beside the original
+    d0, d1 = s.student(), t.student()
+    assert d1 is not None and d1.best_step == d0.best_step and d1.best_ppl == d0.best_ppl
+    a, b = d0.final_model().state_dict(), d1.final_model().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "distilled" in t.export_what()
+
+
+def test_a_file_that_is_not_a_session_is_refused_in_words(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "notes.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(SessionError, match="not a session saved by the explorer"):
+        Session.open(bad)
+    (tmp_path / "text.zip").write_text("not a zip")
+    with pytest.raises(SessionError, match="not a session saved by the explorer"):
+        Session.open(tmp_path / "text.zip")
+    with zipfile.ZipFile(path) as z:  # a plan that names an expert the model does not have
+        meta = json.loads(z.read("session.json"))
+        parts = {n: z.read(n) for n in z.namelist() if n != "session.json"}
+    meta["tried"][0]["plan"]["drop_experts"] = {"0": [42]}
+    broken = tmp_path / "broken.moe-session.zip"
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("session.json", json.dumps(meta))
+        for n, b in parts.items():
+            z.writestr(n, b)
+    with pytest.raises(SessionError, match="does not fit.*expert 42 does not exist"):
+        Session.open(broken)
+
+
+def test_a_shared_app_opens_no_session_that_names_a_server_path(saved, tmp_path):
+    _, path = saved
+    with zipfile.ZipFile(path) as z:
+        meta = json.loads(z.read("session.json"))
+        parts = {n: z.read(n) for n in z.namelist() if n != "session.json"}
+    meta["source"] = "/etc/some-model"
+    other = tmp_path / "other.moe-session.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("session.json", json.dumps(meta))
+        for n, b in parts.items():
+            z.writestr(n, b)
+    with pytest.raises(SessionError, match="this app is shared"):
+        Session.open(other, untrusted=True)
