@@ -327,7 +327,7 @@ def plan_tab() -> SimpleNamespace:
         table = gr.Dataframe(interactive=False, label="expert load (x uniform): click a cell", max_height=600)
         with gr.Row():
             preset = gr.Dropdown(list(PRESETS), value="drop-experts", label="preset")
-            amount = gr.Number(value=0.25, label="amount (fraction; count for merge/layers/blocks; bits for quantise)")
+            amount = gr.Number(value=0.25, label="share of experts to drop (0.05 to 0.95)")
             crit = gr.Dropdown(list(CRITERIA), value="reap", label="criterion")
             method = gr.Dropdown(list(METHODS), value=METHODS[0],
                                  label="method (merge / prune / quantise)")
@@ -589,12 +589,29 @@ def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Pro
     s = _sess(s)
     progress(0.2, desc="writing the plan")
     before = s.plan
-    s.preset(kind, amount, criterion, method, mode, protect)
+    uses = s.preset_controls(kind)["uses"]  # a hidden control's value is not the user's choice
+    s.preset(kind, amount, criterion if "criterion" in uses else "reap", method if "method" in uses else None,
+             mode if "mode" in uses else "uniform", bool(protect) and "protect_super" in uses)
     out = plan_outputs(s)
     if not before.is_empty():
         out["msg"] = (f"ℹ️ The preset replaced your earlier plan ({html.escape(before.describe())}); it is still in "
                       "Compare: pick its row there to bring it back. " + out["msg"])
     return out
+
+
+def on_preset_kind(s, kind):
+    """The chosen preset's own controls: its amount's meaning, range and default on this model, its methods, and
+    only the shared controls it reads."""
+    if s is None or not s.loaded:
+        return (gr.update(),) * 5
+    c = s.preset_controls(kind)
+    shown = lambda k: gr.update(visible=k in c["uses"])  # noqa: E731
+    method = gr.update(visible="method" in c["uses"], choices=list(c["methods"]) or None,
+                       value=c["methods"][0] if c["methods"] else None)
+    # the range is said, and refused in words outside it (a Number's own bounds are checked against its first
+    # settings on the server, which are the drop preset's)
+    amount = gr.update(label=f"{c['label']} ({c['minimum']:g} to {c['maximum']:g})", value=c["value"])
+    return amount, shown("criterion"), method, shown("mode"), shown("protect_super")
 
 
 @plan_guard
@@ -866,6 +883,7 @@ def wire_plan(state, p, r, c) -> None:
     p.merge_btn.click(merge, [state], merge_out)
     preset, preset_out = bind(on_preset, views)
     p.preset_btn.click(preset, [state, p.preset, p.amount, p.crit, p.method, p.mode, p.protect], preset_out)
+    p.preset.change(on_preset_kind, [state, p.preset], [p.amount, p.crit, p.method, p.mode, p.protect])
     clear, clear_out = bind(on_clear, views)
     p.clear_btn.click(clear, [state], clear_out)
     json_fn, json_out = bind(on_json, views)

@@ -210,9 +210,11 @@ class PlanView(W.VBox):
         self.s = session
         self.preset = W.Dropdown(options=list(PRESETS),
                                  value="drop-experts", description="preset")
-        self.amount = W.FloatText(0.25, description="amount")
+        self.amount = W.BoundedFloatText(0.25, min=0.05, max=0.95, step=0.05, description="amount")
+        self.amount_help = W.HTML()
         self.crit = W.Dropdown(options=list(CRITERIA), value="reap", description="criterion")
         self.method = W.Dropdown(options=list(METHODS), description="method")
+        self.preset.observe(lambda _: self.show_controls(), names="value")
         make = W.Button(description="Make plan", button_style="primary")
         clear = W.Button(description="Clear")
         self.json = W.Textarea(layout=W.Layout(width="100%", height="160px"))
@@ -227,13 +229,31 @@ class PlanView(W.VBox):
         clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
         use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
         self.listeners: list = []
-        super().__init__([W.HBox([self.preset, self.amount]), W.HBox([self.crit, self.method]), W.HBox([make, clear]),
+        super().__init__([W.HBox([self.preset, self.amount, self.amount_help]), W.HBox([self.crit, self.method]),
+                          W.HBox([make, clear]),
                           self.err, self.result, self.json, use, self.pareto_x, self.pareto])
+        if self.s.model is not None:
+            self.show_controls()
         self.update()
+
+    def show_controls(self) -> None:
+        """The chosen preset's own controls: its amount's range and meaning, its methods on this model, and only
+        the shared controls it reads (``Session.preset_controls``, the same as the app's)."""
+        c = self.s.preset_controls(self.preset.value)
+        self.amount.min, self.amount.max = -1e9, 1e9  # widen first: min above the old max is refused by the widget
+        self.amount.value = c["value"]
+        self.amount.min, self.amount.max, self.amount.step = c["minimum"], c["maximum"], c["step"]
+        self.amount_help.value = f"{html.escape(c['label'])} ({c['minimum']:g} to {c['maximum']:g})"
+        self.crit.layout.display = None if "criterion" in c["uses"] else "none"
+        self.method.layout.display = None if "method" in c["uses"] else "none"
+        if c["methods"]:
+            self.method.options, self.method.value = list(c["methods"]), c["methods"][0]
 
     def make_plan(self) -> None:
         """What the Make plan button does: the chosen preset's plan, previewed and added to the chart."""
-        self._run(lambda: self.s.preset(self.preset.value, self.amount.value, self.crit.value, self.method.value))
+        uses = self.s.preset_controls(self.preset.value)["uses"]
+        self._run(lambda: self.s.preset(self.preset.value, self.amount.value, self.crit.value,
+                                        self.method.value if "method" in uses else None))
         self.update()
 
     def _run(self, fn) -> None:

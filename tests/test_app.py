@@ -139,7 +139,7 @@ def test_presets_say_what_they_replace_and_prune_counts_zeros(client):
     assert "replaced your earlier plan" in res[0] and "drop L0:e1/e2" in res[0]
     assert "non-zero after pruning" in res[1] and "-0.0%" not in res[1]
     res = client.predict("merge", 10, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
-    assert "changes nothing" in res[0] and "have 8" in res[0]
+    assert "between 2 and 7 on this model, got 10" in res[0]
     table, fig, _ = client.predict(api_name="/on_compare_tab")  # drawn again when the tab shows
     assert table["data"] and json.loads(fig["plot"])["data"]
 
@@ -147,7 +147,7 @@ def test_presets_say_what_they_replace_and_prune_counts_zeros(client):
 def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     _load(client)
     client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
-    res = client.predict("quantise", 4, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    res = client.predict("quantise", 4, "reap", "experts only", "uniform", False, api_name="/on_preset")
     assert "replaced your earlier plan" in res[0] and "with packed experts" in res[1]
     table, fig, _ = client.predict(api_name="/on_compare_tab")
     rows = {r[0]: r for r in table["data"]}
@@ -258,6 +258,30 @@ def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
     assert "Written to" not in msg and "not empty" in msg
     msg, _ = client.predict("", True, api_name="/on_export")  # replacing a previous export is allowed
     assert "Written to" in msg
+
+
+def test_each_preset_has_its_own_controls_and_ranges(client):
+    """Issue 32: one amount box and one method box for every preset accepted "merge to 0", 0 bits and a quantise
+    "method" mc-smoe; now each preset says what its amount means and its range on this model, offers only its own
+    methods (no shared-expert option on Mixtral), shows only the controls it reads, and refuses in words outside."""
+    _load(client)
+    amount, crit, method, mode, protect = client.predict("merge", api_name="/on_preset_kind")
+    assert "experts each layer keeps" in amount["label"] and "(2 to 7)" in amount["label"] and amount["value"] == 4
+    assert method["visible"] and method["choices"] == [["mc-smoe", "mc-smoe"], ["hc-smoe", "hc-smoe"]]
+    assert crit["visible"] is False and mode["visible"] is False
+    amount, crit, method, mode, protect = client.predict("quantise", api_name="/on_preset_kind")
+    assert "bits" in amount["label"] and [c[0] for c in method["choices"]] == ["experts only", "+ attention 8-bit"]
+    for args, words in [(("quantise", 0, "experts only"), "between 2 and 8"),
+                        (("drop-blocks", 0, "experts only"), "between 1 and 3")]:
+        res = client.predict(args[0], args[1], "reap", args[2], "uniform", False, api_name="/on_preset")
+        assert words in res[0], (args, res[0])
+    with pytest.raises(Exception, match="not in the list of choices"):  # the quantise preset offers no mc-smoe
+        client.predict("quantise", 4, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    client.predict("merge", api_name="/on_preset_kind")
+    res = client.predict("merge", 0, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    assert "between 2 and 7" in res[0]
+    res = client.predict("drop-blocks", 1, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
+    assert "Preview perplexity" in res[1]  # a hidden control's value (the method) is not read
 
 
 def test_the_export_says_which_engines_load_it_and_writes_the_chosen_form(client, tmp_path):

@@ -137,6 +137,24 @@ def test_plan_view_preview_updates(session):
     assert "removes every expert" in ex.plan.err.value
 
 
+def test_each_preset_shows_its_own_controls_in_the_widgets(session):
+    """The same per-preset controls as the app (``Session.preset_controls``): range, meaning, methods, and only
+    the shared controls the preset reads; Make plan passes no hidden value."""
+    from explorer.widgets import PlanView
+
+    v = PlanView(session)
+    v.preset.value = "merge"
+    assert (v.amount.min, v.amount.max, v.amount.value) == (2, 7, 4) and "keeps" in v.amount_help.value
+    assert v.crit.layout.display == "none" and v.method.layout.display is None
+    assert list(v.method.options) == ["mc-smoe", "hc-smoe"]
+    v.preset.value = "quantise"
+    assert (v.amount.min, v.amount.max) == (2, 8) and list(v.method.options) == ["experts only", "+ attention 8-bit"]
+    v.preset.value = "drop-blocks"
+    assert v.method.layout.display == "none" and v.amount.value == 1
+    v.make_plan()
+    assert "drop 1 decoder block" in session.plan.describe() and not v.err.value
+
+
 def test_plan_view_quantise_preset_and_bytes_axis(session):
     from explorer.plan import Plan
     from explorer.widgets import Explorer

@@ -18,6 +18,18 @@ class Planning:
     preset: str | None = None  # the app's and widgets' preset name
     methods: tuple[str, ...] = ()  # the preset's "method" choices (merge: mc-smoe, ...)
 
+    # the preset's own controls: what its amount means, its range on this model, which shared controls apply
+    amount_label: str = "amount"
+    uses: tuple[str, ...] = ()  # of "criterion", "method", "mode", "protect_super"
+
+    def amount_range(self, view) -> tuple[float, float, float, float]:
+        """(least, most, step, default) of the preset's amount on the model of ``view``."""
+        return (0.05, 0.95, 0.05, 0.25)
+
+    def usable_methods(self, view) -> tuple[str, ...]:
+        """The method choices that make sense on this model (offered, never offered and then refused)."""
+        return self.methods
+
     def preset_args(self, amount: float, opts: dict, session) -> dict:
         """The planner's arguments for the app's preset controls: ``amount`` and ``opts`` (criterion, method, mode,
         protect_super); a choice that makes no sense is a PlanError in words."""
@@ -39,6 +51,15 @@ class Planning:
 
 class LayerListPlanning(Planning):
     """Layer Drop and Block Drop: the preset's amount is a number of layers."""
+
+    amount_label = "how many"
+
+    def count_of(self, view) -> int:
+        return len(view)
+
+    def amount_range(self, view):
+        n = self.count_of(view)
+        return (1, max(1, n - 1), 1, 1)
 
     def preset_args(self, amount, opts: dict, session) -> dict:
         return dict(n=int(amount))

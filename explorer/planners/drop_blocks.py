@@ -27,6 +27,10 @@ class DropBlocksPlanning(LayerListPlanning):
     op = "drop_blocks"
 
     preset = "drop-blocks"
+    amount_label = "decoder blocks to drop (by 1 - cos of input and output)"
+
+    def count_of(self, view) -> int:
+        return len(view.decoder_layers)
     cli_flag = "drop_blocks"
     def add_cli(self, parser, choice) -> None:
         choice.add_argument("--drop-blocks", type=int, metavar="L", help="drop the L least important decoder "

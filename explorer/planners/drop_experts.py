@@ -82,6 +82,8 @@ class DropExpertsPlanning(Planning):
 
     needs_view = ()
     preset = "drop-experts"
+    amount_label = "share of experts to drop"
+    uses = ("criterion", "mode", "protect_super")
     def preset_args(self, amount, opts: dict, session) -> dict:
         from ..saliency import CHEAP
 

@@ -21,6 +21,7 @@ class DropLayersPlanning(LayerListPlanning):
     op = "drop_layers"
 
     preset = "drop-layers"
+    amount_label = "MoE sub-layers to drop (by how little each turns the residual stream)"
     cli_flag = "drop_layers"
     def add_cli(self, parser, choice) -> None:
         choice.add_argument("--drop-layers", type=int, metavar="L", help="drop the L least important MoE "

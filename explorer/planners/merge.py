@@ -67,6 +67,14 @@ class MergePlanning(Planning):
 
     preset = "merge"
     methods = MERGE_METHODS
+    amount_label = "experts each layer keeps after merging"
+    uses = ("method",)
+
+    def amount_range(self, view):
+        lay = min(view, key=lambda x: x.num_experts)
+        least, step = lay.keep_rule()
+        top = lay.num_experts - step
+        return (least, max(least, top), step, max(least, (lay.num_experts // 2) // step * step))
     def preset_args(self, amount, opts: dict, session) -> dict:
         st = session.stats
         if int(amount) >= min(st.num_experts):

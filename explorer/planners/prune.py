@@ -17,6 +17,11 @@ class PrunePlanning(Planning):
 
     preset = "prune"
     methods = PRUNE_METHODS
+    amount_label = "share of expert weights to zero (sparsity)"
+    uses = ("method",)
+
+    def amount_range(self, view):
+        return (0.05, 0.95, 0.05, 0.5)
     def preset_args(self, amount, opts: dict, session) -> dict:
         m = opts["method"]
         return dict(sparsity=float(amount), method=m if m in PRUNE_METHODS else PRUNE_METHODS[0])

@@ -210,6 +210,14 @@ class QuantisePlanning(Planning):
     preset = "quantise"
     needs_view = ("quantise",)
     methods = ("experts only", "+ attention 8-bit", "+ attention & shared 8-bit")
+    amount_label = "bits per expert weight: 2, 3, 4 or 8 for all, or an average such as 3.5 (chosen per expert)"
+    uses = ("criterion", "method")
+
+    def amount_range(self, view):
+        return (2, 8, 0.1, 4)
+
+    def usable_methods(self, view):
+        return self.methods if any(lay.shared for lay in view) else self.methods[:2]
     def preset_args(self, amount, opts: dict, session) -> dict:
         """Whole bits (2, 3, 4, 8) or fp8 quantise every expert alike; a fraction (3.7) is an average: bits per
         expert chosen under that budget, never rounded away in silence."""

@@ -15,6 +15,10 @@ class SlimPlanning(Planning):
     op = "slim"
 
     preset = "slim"
+    amount_label = "share of every expert's neurons to keep"
+
+    def amount_range(self, view):
+        return (0.05, 0.95, 0.05, 0.5)
     def preset_args(self, amount, opts: dict, session) -> dict:
         return dict(keep=float(amount))
     cli_flag = "slim"

@@ -94,15 +94,37 @@ class PlanEditor:
         self.plan = plan
         return plan
 
-    def preset(self, kind: str, amount: float, criterion: str = "reap", method: str = "mc-smoe",
-               mode: str = "uniform", protect_super: bool = False) -> Plan:
-        """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
-        (count), slim (fraction kept), prune (sparsity)."""
-        self.require(stats=True)
+    def preset_controls(self, kind: str) -> dict:
+        """The preset's own controls on this model: what its amount means, its range and default, which of the
+        shared controls (criterion, method, mode, protect_super) apply, and the methods that make sense here."""
+        self.require()
         op = presets().get(kind)
         if op is None:
             raise SessionError(f"unknown preset {kind!r}: one of {', '.join(PRESETS)}")
-        opts = dict(criterion=criterion, method=method, mode=mode, protect_super=protect_super)
+        lo, hi, step, default = op.amount_range(self.view)
+        return {"label": op.amount_label, "minimum": lo, "maximum": hi, "step": step, "value": default,
+                "uses": tuple(op.uses), "methods": tuple(op.usable_methods(self.view))}
+
+    def preset(self, kind: str, amount: float, criterion: str = "reap", method: str | None = None,
+               mode: str = "uniform", protect_super: bool = False) -> Plan:
+        """A planner's plan: drop-experts (fraction), merge (experts kept per layer), drop-layers / drop-blocks
+        (count), slim (fraction kept), prune (sparsity), quantise (bits). ``method`` (None: the preset's first) is
+        refused in words where the preset has no such method; an amount outside the preset's range likewise."""
+        self.require(stats=True)
+        c = self.preset_controls(kind)
+        op = presets()[kind]
+        if method is not None and method not in op.methods:  # one the model cannot take is said by its planner
+            raise SessionError(f"{kind}: " + (f"the method is one of {', '.join(c['methods'])}, not {method!r}"
+                                              if op.methods else f"takes no method (got {method!r})"))
+        try:
+            value = float(amount)
+        except (TypeError, ValueError):
+            value = None  # quantise's "fp8": its planner reads it
+        if value is not None and not c["minimum"] - 1e-9 <= value <= c["maximum"] + 1e-9:
+            raise SessionError(f"{kind}: {c['label']} lies between {c['minimum']:g} and {c['maximum']:g} on this "
+                               f"model, got {amount!r}")
+        opts = dict(criterion=criterion, method=method or (c["methods"][0] if c["methods"] else None), mode=mode,
+                    protect_super=protect_super)
         try:
             kw = op.preset_args(amount, opts, self)
         except PlanError as err:
