@@ -306,6 +306,13 @@ def saliency_tab() -> SimpleNamespace:
             sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
         sim = gr.Plot(label="similarity and dendrogram (merge candidates)")
         importance = gr.Plot(label="layer and block importance")
+        with gr.Accordion("Why: one expert or one layer, everything the statistics say about it", open=False):
+            with gr.Row():
+                why_layer = gr.Number(value=0, precision=0, minimum=0, label="MoE layer", scale=1)
+                why_expert = gr.Number(value=0, precision=0, minimum=0, label="expert", scale=1)
+                why_btn = gr.Button("Why this expert", scale=1)
+                why_layer_btn = gr.Button("Why this layer (previews dropping it)", scale=1)
+            why_md = gr.Markdown(elem_id="why")
     return SimpleNamespace(**locals())
 
 
@@ -599,6 +606,23 @@ def on_preset(s, kind, amount, criterion, method, mode, protect, progress=gr.Pro
     return out
 
 
+@friendly
+def on_why_expert(s, layer, expert):
+    from explorer.report import why_expert
+
+    s = _sess(s)
+    return why_expert(s.why_expert(int(layer or 0), int(expert or 0)), "markdown")
+
+
+@friendly
+def on_why_layer(s, layer, progress=gr.Progress()):
+    from explorer.report import why_layer
+
+    s = _sess(s)
+    progress(0.3, desc="previewing the layer dropped")
+    return why_layer(s.why_layer(int(layer or 0)), "markdown")
+
+
 def on_preset_kind(s, kind):
     """The chosen preset's own controls: its amount's meaning, range and default on this model, its methods, and
     only the shared controls it reads."""
@@ -866,6 +890,8 @@ def wire_routing(state, r) -> None:
 def wire_saliency(state, sa) -> None:
     gr.on([sa.btn.click, sa.layer.change, sa.sim_kind.change], on_saliency, [state, sa.crits, sa.layer, sa.sim_kind],
           [sa.bars, sa.sim, sa.importance])
+    sa.why_btn.click(on_why_expert, [state, sa.why_layer, sa.why_expert], sa.why_md)
+    sa.why_layer_btn.click(on_why_layer, [state, sa.why_layer], sa.why_md)
 
 
 def wire_plan(state, p, r, c) -> None:

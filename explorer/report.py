@@ -62,3 +62,33 @@ def preview_report(r: dict, markup: str = "text") -> str:
     if r.get("seconds") is not None:
         lines.append(f"preview took {r['seconds']:.2f}s")
     return _SEP[markup].join(lines)
+
+
+def why_expert(d: dict, markup: str = "text") -> str:
+    """``explorer.why.explain_expert`` in words: each figure beside the baseline it is judged against."""
+    b0, b1 = _BOLD[markup]
+    e, L, E = d["expert"], d["layer"], d["experts"]
+    ranks = " · ".join(f"{c} {r} of {E}" for c, (r, _) in d["ranks"].items())
+    doms = sorted(d["domains"].items(), key=lambda kv: -kv[1])
+    lines = [f"{b0}Expert {e} of MoE layer {L}{b1}: load {d['load']:.2f}x the fair share k/E"
+             + (" · a super expert (REAP's rule: never dropped with protect)" if d["super"] else ""),
+             f"rank in its layer (1 = most important): {ranks}",
+             "domains, against its overall share (1 = as much as the text as a whole): "
+             + " · ".join(f"{k} {v:.2f}x" for k, v in doms),
+             "chosen together with, against chance (1 = independent): "
+             + " · ".join(f"e{j} {v:.2f}x" for j, v in d["partners"])]
+    if d["tokens"]:
+        lines.append("its most reliable tokens (share of the token's occurrences routed to it): "
+                     + " · ".join(f"{t} {s:.0%} ({n}x)" for t, s, n in d["tokens"]))
+    return _SEP[markup].join(lines)
+
+
+def why_layer(d: dict, markup: str = "text") -> str:
+    """``explorer.why.explain_layer`` in words."""
+    b0, b1 = _BOLD[markup]
+    return _SEP[markup].join([
+        f"{b0}MoE layer {d['layer']}{b1} (decoder layer {d['decoder_layer']}): its MoE sub-layer turns the residual "
+        f"stream by {d['turn']:.4f} (1 - cos), rank {d['turn_rank']} of {d['layers']} (1 = turns it most); its "
+        f"decoder block by {d['block_turn']:.4f}",
+        f"dropping its MoE sub-layer (Layer Drop): perplexity {fmt_ppl_se(d['drop_ppl'], d['drop_se'])}, "
+        f"{d['drop_change']} against the original {fmt_ppl(d['base_ppl'])} (paired over the same blocks)"])

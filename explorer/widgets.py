@@ -319,6 +319,41 @@ class DistillView(W.VBox):
         return self.thread
 
 
+class WhyView(W.VBox):
+    """Everything the statistics say about one expert, or one layer with what dropping it costs (``Session.why_*``,
+    the same panel as the app's Saliency tab)."""
+
+    def __init__(self, session: Session):
+        self.s = session
+        self.layer = W.BoundedIntText(0, min=0, max=max(len(session.view) - 1, 0) if session.view else 0,
+                                      description="MoE layer")
+        self.expert = W.BoundedIntText(0, min=0, max=max(session.view.num_experts) - 1 if session.view else 0,
+                                       description="expert")
+        b1, b2 = W.Button(description="Why this expert"), W.Button(description="Why this layer")
+        self.out, self.err = W.HTML(), _error_box()
+        b1.on_click(lambda _: self.explain_expert())
+        b2.on_click(lambda _: self.explain_layer())
+        super().__init__([W.HBox([self.layer, self.expert, b1, b2]), self.err, self.out])
+
+    def explain_expert(self) -> None:
+        from .report import why_expert
+
+        try:
+            self.out.value = why_expert(self.s.why_expert(self.layer.value, self.expert.value), "html")
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+
+    def explain_layer(self) -> None:
+        from .report import why_layer
+
+        try:
+            self.out.value = why_layer(self.s.why_layer(self.layer.value), "html")
+            _show_error(self.err, None)
+        except Exception as err:  # noqa: BLE001
+            _show_error(self.err, err)
+
+
 class SweepView(W.VBox):
     """A sweep in one click: drop by each criterion, merge, slim and quantise at several amounts, each previewed;
     perplexity against size with error bars (``Session.sweep``, the same grid as the app and ``explorer sweep``)."""
@@ -390,10 +425,11 @@ class Explorer(W.Tab):
         self.distill = DistillView(session)
         self.generate = GenerateView(session)
         self.sweep = SweepView(session)
+        self.why = WhyView(session)
         self.plan.listeners.append(self.routing.redraw)
         super().__init__(children=[self.routing, self.tokens, self.saliency, self.plan, self.distill, self.generate,
-                                   self.sweep])
-        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill", "Generate", "Sweep"]):
+                                   self.sweep, self.why])
+        for i, t in enumerate(["Routing", "Tokens", "Saliency", "Plan", "Distill", "Generate", "Sweep", "Why"]):
             self.set_title(i, t)
 
 

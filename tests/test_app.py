@@ -260,6 +260,14 @@ def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
     assert "Written to" in msg
 
 
+def test_the_why_panel_explains_an_expert_and_a_layer(client):
+    _load(client)
+    text = client.predict(1, 3, api_name="/on_why_expert")
+    assert "Expert 3 of MoE layer 1" in text and "rank in its layer" in text and "against chance" in text
+    text = client.predict(2, api_name="/on_why_layer")
+    assert "MoE layer 2" in text and "dropping its MoE sub-layer" in text and "±" in text
+
+
 def test_each_preset_has_its_own_controls_and_ranges(client):
     """Issue 32: one amount box and one method box for every preset accepted "merge to 0", 0 bits and a quantise
     "method" mc-smoe; now each preset says what its amount means and its range on this model, offers only its own

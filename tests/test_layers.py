@@ -28,7 +28,7 @@ LAYERS = [
                                       "planners.prune", "planners.drop_layers", "planners.drop_blocks",
                                       "planners.quantise", "planners"]),
     ("distillation and tools", ["distill", "tiny", "families", "sweep"]),
-    ("figures and session", ["figures", "session.common", "session.access", "session.editor", "session.trials",
+    ("figures and session", ["figures", "why", "session.common", "session.access", "session.editor", "session.trials",
                              "session.workspace", "session.files", "session"]),
     ("front ends", ["cli", "widgets", "", "__main__"]),
 ]

@@ -1,4 +1,5 @@
 """The session's parts: what each holds, and what a new model or new statistics make it forget."""
+import numpy as np
 import pytest
 
 from explorer.plan import Plan
@@ -96,3 +97,32 @@ def test_the_export_message_says_the_bytes_written(tmp_path):
     out = s.export(tmp_path / "q4")
     note = s.export_note(out)
     assert f"{weight_bytes(out) / 2**20:.1f} MiB of weights" in note and "packed" in note
+
+
+def test_why_an_expert_and_a_layer_in_one_panel(session):
+    """Issue 32: an expert's load, ranks under each criterion, domains, partners against chance and most reliable
+    tokens; a layer's turn of the residual stream and what dropping it costs, each against its baseline."""
+    from explorer.preview import preview_perplexity
+    from explorer.plan import Plan
+    from explorer.report import why_expert, why_layer
+    from explorer.saliency import expert_scores
+
+    s = session
+    if s.stats is None:
+        s.collect()
+    load = s.stats.load_vs_uniform()[1]
+    e = int(np.argmin(load))
+    d = s.why_expert(1, e)
+    assert d["load"] == pytest.approx(load[e]) and d["ranks"]["frequency"][0] == 8  # the idlest ranks last
+    reap = expert_scores(s.stats, "reap", view=s.view)[1]
+    assert d["ranks"]["reap"][0] == int((np.asarray(reap) > reap[e]).sum()) + 1
+    assert set(d["domains"]) == set(s.stats.domains) and len(d["partners"]) == 3 and d["tokens"]
+    text = why_expert(d)
+    assert f"Expert {e} of MoE layer 1" in text and "against chance" in text and "fair share" in text
+    lay = s.why_layer(2)
+    res = preview_perplexity(s.model, s.view, Plan(drop_layers=[2]), s.data.eval, stats=s.stats)
+    assert lay["drop_ppl"] == pytest.approx(res.ppl) and "paired" in why_layer(lay)
+    with pytest.raises(SessionError, match="expert 9 does not exist"):
+        s.why_expert(0, 9)
+    with pytest.raises(SessionError, match="MoE layer 7 does not exist"):
+        s.why_layer(7)

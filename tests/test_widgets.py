@@ -137,6 +137,17 @@ def test_plan_view_preview_updates(session):
     assert "removes every expert" in ex.plan.err.value
 
 
+def test_the_why_tab_explains_in_the_widgets(session):
+    from explorer.widgets import Explorer
+
+    ex = Explorer(session)
+    ex.why.layer.value, ex.why.expert.value = 0, 2
+    ex.why.explain_expert()
+    assert "Expert 2 of MoE layer 0" in ex.why.out.value and not ex.why.err.value
+    ex.why.explain_layer()
+    assert "dropping its MoE sub-layer" in ex.why.out.value
+
+
 def test_each_preset_shows_its_own_controls_in_the_widgets(session):
     """The same per-preset controls as the app (``Session.preset_controls``): range, meaning, methods, and only
     the shared controls the preset reads; Make plan passes no hidden value."""

@@ -11,6 +11,7 @@ import numpy as np
 from ..data import Dataset, load_data
 from ..loading import DEMO_MODEL, load_model
 from ..devices import input_device
+from ..errors import PlanError
 from ..perplexity import perplexity
 from ..saliency import CHEAP, expert_scores, expert_similarity
 from ..stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
@@ -118,6 +119,26 @@ class Workspace:
         if self._vocab is None or self._vocab[0] != self.data_key:
             self._vocab = (self.data_key, vocab_routing(self.model, self.view, self.data.calib, max_tokens=8192))
         return self._vocab[1]
+
+    def why_expert(self, layer: int, expert: int) -> dict:
+        """Why this expert matters, in one panel (``explorer.why.explain_expert``)."""
+        from ..why import explain_expert
+
+        self.require(stats=True)
+        try:
+            return explain_expert(self.stats, int(layer), int(expert), self.view, self.vocab(), self.tok)
+        except PlanError as err:
+            raise SessionError(str(err)) from err
+
+    def why_layer(self, layer: int) -> dict:
+        """What the layer does and what dropping its MoE sub-layer costs (``explorer.why.explain_layer``)."""
+        from ..why import explain_layer
+
+        self.require(stats=True)
+        try:
+            return explain_layer(self.model, self.view, self.stats, int(layer), self.data.eval, self.baseline())
+        except PlanError as err:
+            raise SessionError(str(err)) from err
 
     def routes(self, text: str) -> dict:
         self.require()
