@@ -219,7 +219,10 @@ COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexi
 def tried_table(s: Session) -> pd.DataFrame:
     """One row per plan tried; one column per scored task (accuracy in %, the original's in the header)."""
     tasks = s.task_names() if s.loaded else []
-    cols = COMPARE_COLUMNS[:-1] + [f"{t} (orig {100 * s.base_tasks[t]:.1f})" for t in tasks] + COMPARE_COLUMNS[-1:]
+    base_se = {t: v["stderr"] for t, v in (s.base_scores or {}).items()} if s.loaded else {}
+    task_cols = [f"{t} (orig {100 * s.base_tasks[t]:.1f} ± {100 * base_se.get(t, float('nan')):.1f})" for t in tasks]
+    cols = COMPARE_COLUMNS[:-1] + [c for tc, t in zip(task_cols, tasks) for c in (tc, f"{t} ± (1 s.e.)")] + \
+        COMPARE_COLUMNS[-1:]
     rows = []
     for e in s.compared():
         row = {"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
@@ -227,9 +230,10 @@ def tried_table(s: Session) -> pd.DataFrame:
                "± (1 s.e.)": None if e.get("ppl_se") is None else round(e["ppl_se"], 3),
                "vs original": e.get("change", ""), "loads in": e.get("serves", ""),
                "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
-        for t, c in zip(tasks, cols[len(COMPARE_COLUMNS) - 1:]):
-            v = (e.get("tasks") or {}).get(t)
+        for t, c in zip(tasks, task_cols):
+            v, se = (e.get("tasks") or {}).get(t), (e.get("tasks_se") or {}).get(t)
             row[c] = None if v is None else round(100 * v, 1)
+            row[f"{t} ± (1 s.e.)"] = None if se is None else round(100 * se, 1)
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 

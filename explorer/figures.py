@@ -394,10 +394,12 @@ def sweep_figure(points, x: str = "params") -> go.Figure:
 
 
 def _error_bars(entries: list[dict], y: str) -> dict | None:
-    """One standard error over the evaluation blocks above and below each perplexity (none where unknown)."""
-    if y != "ppl":
-        return None
-    se = [e.get("ppl_se") for e in entries]
+    """One standard error above and below each point: over the evaluation blocks for perplexity, lm-eval's
+    standard error over items for a task's accuracy (none where unknown)."""
+    if y == "ppl":
+        se = [e.get("ppl_se") for e in entries]
+    else:
+        se = [(e.get("tasks_se") or {}).get(y.split(":", 1)[1]) for e in entries]
     if not any(v is not None and math.isfinite(v) for v in se):
         return None
     return dict(type="data", array=[v if v is not None and math.isfinite(v) else 0.0 for v in se], visible=True,

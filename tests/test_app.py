@@ -176,11 +176,13 @@ def test_task_accuracy_columns_and_pareto_axis(client):
     assert any(c.startswith("demo_next_word (orig ") for c in cols)
     row = next(r for r in table["data"] if "drop" in r[0])
     assert 0 <= float(row[cols.index(code)]) <= 100
+    assert " ± " in code and 0 < float(row[cols.index("demo_next_line_code ± (1 s.e.)")]) < 20  # issue 32
     assert "task:demo_next_line_code" in [c[1] for c in ychoices["choices"]]
     by_task = json.loads(client.predict("task:demo_next_line_code", api_name="/on_pareto_y")["plot"])
     assert by_task["layout"]["yaxis"]["title"]["text"].startswith("demo_next_line_code accuracy")
     ys = [y for t in by_task["data"] if t["name"] in ("plans", "original") for y in t["y"]]
     assert ys and all(0 <= y <= 1 for y in ys)
+    assert all(t["error_y"]["array"][0] > 0 for t in by_task["data"] if t["name"] in ("plans", "original"))
     with pytest.raises(Exception, match="unknown lm-eval task"):
         client.predict("no_such_task_here", 10, api_name="/on_score_tasks")
     md = client.predict("demo_next_word", 20, api_name="/on_score_plan_tasks")

@@ -72,7 +72,7 @@ class Trials:
         n = self.view.summary()["params_total"]
         base = self.baseline()
         return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": base.ppl, "ppl_se": base.se,
-                "tasks": self.base_tasks}
+                "tasks": self.base_tasks, "tasks_se": {t: v["stderr"] for t, v in (self.base_scores or {}).items()}}
 
     def sweep(self, operations=None, criteria=None, fractions=None, progress=None) -> list:
         """A criterion x amount grid of plans (``explorer.sweep``) from this session's statistics, each previewed
@@ -142,13 +142,14 @@ class Trials:
                     d = self.students.get(cut_key(Plan.from_dict(e["plan"])))
                     if d is None:
                         continue
-                    row = summary_row(evaluate_tasks(d.student, self.tok, cfgs, limit=limit))
+                    res = evaluate_tasks(d.student, self.tok, cfgs, limit=limit)
                 else:
                     with previewing(self.model, self.view, Plan.from_dict(e["plan"]), self.stats):
-                        row = summary_row(evaluate_tasks(self.model, self.tok, cfgs, limit=limit))
+                        res = evaluate_tasks(self.model, self.tok, cfgs, limit=limit)
+                row, row_se = summary_row(res), {t: s["stderr"] for t, s in res["tasks"].items()}
                 for t in self.tried:  # the entry as stored (compared() hands out copies)
                     if t["plan"] == e["plan"] and bool(t.get("distilled")) == bool(e.get("distilled")):
-                        t["tasks"] = row
+                        t["tasks"], t["tasks_se"] = row, row_se
                 if not e.get("distilled"):
                     self.plan_tasks[Plan.from_dict(e["plan"]).to_json()] = row
         finally:
