@@ -578,6 +578,9 @@ def on_table(s, view, layer, sort):
     return load_table(s), ""
 
 
+PREVIEW_VIEWS = ("preview", "tried", "pareto")  # what a click's preview writes (the Plan tab's controls are not)
+
+
 @plan_guard
 def on_refresh(s):
     """After a click: the preview, the Compare rows and the chart; the click's own message stays."""
@@ -905,8 +908,11 @@ def wire_plan(state, p, r, c) -> None:
     gr.on([p.depth_layers.input, p.depth_blocks.input, p.slim_keep.release], depth,
           [state, p.depth_layers, p.depth_blocks, p.slim_keep], depth_out)
     cell, cell_out = bind(on_cell, with_picked)
-    refresh, refresh_out = bind(on_refresh, views)
-    p.table.select(cell, [state, p.click_mode], cell_out).then(refresh, [state], refresh_out)
+    # the preview after a click shows only what it measures: the table, heatmap and controls stay live while it
+    # runs (a component an event writes to is locked until it ends), and a newer click cancels a stale preview
+    refresh, refresh_out = bind(on_refresh, {k: views[k] for k in PREVIEW_VIEWS})
+    measured = p.table.select(cell, [state, p.click_mode], cell_out).then(refresh, [state], refresh_out)
+    p.table.select(None, None, None, cancels=[measured])
     gr.on([p.table_view.change, p.table_layer.change, p.table_sort.change], on_table,
           [state, p.table_view, p.table_layer, p.table_sort], [p.table, p.msg])
     merge, merge_out = bind(on_merge, with_picked)

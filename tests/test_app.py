@@ -262,6 +262,24 @@ def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):
     assert "Written to" in msg
 
 
+def test_a_clicks_preview_leaves_the_table_and_controls_live():
+    """Issue 32: the preview after a click wrote the load table and the Plan tab's controls too, so Gradio locked
+    them while each preview ran and picking experts stalled on every click. Now it writes only what it measures,
+    and a newer click cancels a stale preview."""
+    import app as app_module
+
+    cfg = app_module.build().config
+    label = {c["id"]: c.get("props", {}).get("label") for c in cfg["components"]}
+    deps = cfg["dependencies"]
+    refresh = next(i for i, d in enumerate(deps) if d.get("api_name") == "on_refresh")
+    written = {label[o] for o in deps[refresh]["outputs"]}
+    assert "expert load (x uniform): click a cell" not in written and not any("drop MoE" in (w or "") for w in written)
+    assert "size against perplexity" in written
+    table = next(i for i, lab in label.items() if lab == "expert load (x uniform): click a cell")
+    cancel = [d for d in deps if refresh in (d.get("cancels") or [])]
+    assert cancel and any(t[0] == table and t[1] == "select" for d in cancel for t in d["targets"])
+
+
 def test_the_why_panel_explains_an_expert_and_a_layer(client):
     _load(client)
     text = client.predict(1, 3, api_name="/on_why_expert")
