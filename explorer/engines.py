@@ -119,15 +119,10 @@ def padding_params(plan, view) -> int:
     top_w = max(w for _, w in after.values())
     extra = 0
     for lay in view:
-        def expert(width: int) -> int:  # one expert's parameters at ``width`` neurons, biases included
-            gub = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
-            db = lay.down_bias[0].numel() if lay.down_bias is not None else 0
-            return (lay.gate_up[0].numel() + lay.down[0].numel() + gub) * width // lay.intermediate_size + db
-
-        full = top_e * (expert(top_w) + lay.router_row_params())
+        full = top_e * (lay.expert_params_at(top_w) + lay.router_row_params())
         if lay.index in after:
             e, w = after[lay.index]
-            extra += full - e * (expert(w) + lay.router_row_params())
+            extra += full - e * (lay.expert_params_at(w) + lay.router_row_params())
         elif lay.index in set(plan.dropped_layers()):
             extra += full + lay.shared_params()
     return int(extra)

@@ -179,6 +179,12 @@ class MoELayer:
         """Weights (not biases) of one routed expert: what quantisation stores in fewer bits."""
         return self.gate_up[0].numel() + self.down[0].numel()
 
+    def expert_params_at(self, width: int) -> int:
+        """Parameters of one routed expert slimmed (or padded) to ``width`` intermediate neurons."""
+        gub = self.gate_up_bias[0].numel() if self.gate_up_bias is not None else 0
+        db = self.down_bias[0].numel() if self.down_bias is not None else 0
+        return (self.gate_up[0].numel() + self.down[0].numel() + gub) * width // self.intermediate_size + db
+
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
         n = self.gate_up[0].numel() + self.down[0].numel()

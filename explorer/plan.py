@@ -410,9 +410,7 @@ class Plan:
         kept_ids = self.kept(i, E)
         kept = len(kept_ids)
         width_after = self.width(lay)
-        gate_up_bias = lay.gate_up_bias[0].numel() if lay.gate_up_bias is not None else 0
-        down_bias = lay.down_bias[0].numel() if lay.down_bias is not None else 0
-        per_kept = (lay.gate_up[0].numel() + lay.down[0].numel() + gate_up_bias) * width_after // width + down_bias
+        per_kept = lay.expert_params_at(width_after)
         kept_weights = lay.expert_weight_params() * width_after // width  # one kept expert's weights, slimmed
         saved = sum(size * kept_weights * kept - b  # operations that store weights in fewer bytes
                     for b in self._ask("expert_bytes", lay, kept_ids, kept_weights) if b is not None)

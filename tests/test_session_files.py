@@ -27,6 +27,19 @@ def saved(tmp_path_factory):
     return s, path
 
 
+def _rewritten(path, out, change):
+    """A copy of the session file at ``path`` with ``change`` made to its session.json."""
+    with zipfile.ZipFile(path) as z:
+        meta = json.loads(z.read("session.json"))
+        parts = {n: z.read(n) for n in z.namelist() if n != "session.json"}
+    change(meta)
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("session.json", json.dumps(meta))
+        for n, b in parts.items():
+            z.writestr(n, b)
+    return out
+
+
 def test_a_saved_session_opens_with_everything_it_held(saved):
     s, path = saved
     t = Session.open(path, device="cpu")
@@ -54,29 +67,15 @@ def test_a_file_that_is_not_a_session_is_refused_in_words(saved, tmp_path):
     (tmp_path / "text.zip").write_text("not a zip")
     with pytest.raises(SessionError, match="not a session saved by the explorer"):
         Session.open(tmp_path / "text.zip")
-    with zipfile.ZipFile(path) as z:  # a plan that names an expert the model does not have
-        meta = json.loads(z.read("session.json"))
-        parts = {n: z.read(n) for n in z.namelist() if n != "session.json"}
-    meta["tried"][0]["plan"]["drop_experts"] = {"0": [42]}
-    broken = tmp_path / "broken.moe-session.zip"
-    with zipfile.ZipFile(broken, "w") as z:
-        z.writestr("session.json", json.dumps(meta))
-        for n, b in parts.items():
-            z.writestr(n, b)
+    # a plan that names an expert the model does not have
+    broken = _rewritten(path, tmp_path / "broken.moe-session.zip",
+                        lambda m: m["tried"][0]["plan"].__setitem__("drop_experts", {"0": [42]}))
     with pytest.raises(SessionError, match="does not fit.*expert 42 does not exist"):
         Session.open(broken)
 
 
 def test_a_shared_app_opens_no_session_that_names_a_server_path(saved, tmp_path):
     _, path = saved
-    with zipfile.ZipFile(path) as z:
-        meta = json.loads(z.read("session.json"))
-        parts = {n: z.read(n) for n in z.namelist() if n != "session.json"}
-    meta["source"] = "/etc/some-model"
-    other = tmp_path / "other.moe-session.zip"
-    with zipfile.ZipFile(other, "w") as z:
-        z.writestr("session.json", json.dumps(meta))
-        for n, b in parts.items():
-            z.writestr(n, b)
+    other = _rewritten(path, tmp_path / "other.moe-session.zip", lambda m: m.__setitem__("source", "/etc/some-model"))
     with pytest.raises(SessionError, match="this app is shared"):
         Session.open(other, untrusted=True)

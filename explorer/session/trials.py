@@ -297,8 +297,9 @@ class Trials:
         self.require()
         if self.plan.is_empty():
             return ""
-        if form == "padded" and uniformity(self.plan, self.view) and padding_problem(self.plan, self.view):
-            return f"The padded form cannot hold this plan exactly: {padding_problem(self.plan, self.view)}."
+        why = padding_problem(self.plan, self.view) if form == "padded" and uniformity(self.plan, self.view) else None
+        if why:
+            return f"The padded form cannot hold this plan exactly: {why}."
         return engine_summary(self.plan.report(self.view, form=form), "markdown")
 
     def export(self, out_dir: str | Path | None, use_distilled: bool = True, overwrite: bool = False,
