@@ -396,6 +396,9 @@ def compare_tab() -> SimpleNamespace:
     with gr.Tab("Compare & export", id="export") as tab:
         tried = gr.Dataframe(label="plans tried this session: click a row to make it the plan again", interactive=False)
         with gr.Row():
+            remove_btn = gr.Button("Remove the plan in force (click its row) from Compare", scale=2)
+            clear_tried_btn = gr.Button("Clear Compare", scale=1)
+        with gr.Row():
             remeasure_btn = gr.Button("Re-measure stale plans on the current text", scale=3)
             pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes")], value="params", scale=1,
                                 label="Pareto chart and sweep: size as")
@@ -851,6 +854,13 @@ def on_open_session(s, upload):
                  "The other tabs show it as you open them."), tried_table(new), pareto(new)
 
 
+@friendly
+def on_remove_tried(s, which=None):
+    s = _sess(s)
+    s.remove_tried("all" if which == "all" else None)
+    return tried_table(s), pareto(s)
+
+
 def on_sweep_x(s, x):
     """The sweep drawn again against the size the Compare tab's radio chose."""
     if s is None or not getattr(s, "last_sweep", None):
@@ -948,6 +958,9 @@ def wire_compare(state, c) -> None:
     c.sweep_btn.click(on_sweep, [state, c.sweep_ops, c.pareto_x], [c.sweep_plot, c.sweep_file])
     c.pareto_x.change(on_sweep_x, [state, c.pareto_x], c.sweep_plot)
     c.save_btn.click(on_save_session, [state], [c.msg, c.file])
+    c.remove_btn.click(on_remove_tried, [state], [c.tried, c.pareto])
+    c.clear_tried_btn.click(functools.partial(on_remove_tried, which="all"), [state], [c.tried, c.pareto],
+                            api_name="on_clear_tried")
     c.open_btn.upload(on_open_session, [state, c.open_btn], [state, c.msg, c.tried, c.pareto])
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
     c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)

@@ -280,6 +280,16 @@ def test_a_clicks_preview_leaves_the_table_and_controls_live():
     assert cancel and any(t[0] == table and t[1] == "select" for d in cancel for t in d["targets"])
 
 
+def test_compare_rows_can_be_removed(client):
+    _load(client)
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    client.predict('{"drop_experts": {"1": [3]}}', api_name="/on_json")
+    table, _ = client.predict(api_name="/on_remove_tried")  # the plan in force: the last one made
+    assert [r[0] for r in table["data"]] == ["drop L0:e1/e2"]
+    table, _ = client.predict(api_name="/on_clear_tried")
+    assert not table["data"]
+
+
 def test_the_why_panel_explains_an_expert_and_a_layer(client):
     _load(client)
     text = client.predict(1, 3, api_name="/on_why_expert")

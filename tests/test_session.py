@@ -126,3 +126,24 @@ def test_why_an_expert_and_a_layer_in_one_panel(session):
         s.why_expert(0, 9)
     with pytest.raises(SessionError, match="MoE layer 7 does not exist"):
         s.why_layer(7)
+
+
+def test_plans_leave_compare_on_request(session):
+    """Issue 32: Compare had no way to take a plan out; the row of the plan in force, or every row, goes."""
+    from explorer.plan import Plan
+
+    s = session
+    if s.stats is None:
+        s.collect()
+    s.tried = []
+    for p in ({"drop_experts": {"0": [1]}}, {"drop_experts": {"1": [2]}}, {"drop_experts": {"2": [3]}}):
+        s.preview(s.set_plan(p))
+    s.use_tried(1)
+    assert s.remove_tried() == 1 and [e["name"] for e in s.tried] == ["drop L0:e1", "drop L2:e3"]
+    with pytest.raises(SessionError, match="not in Compare"):
+        s.remove_tried()
+    assert s.remove_tried(0) == 1 and len(s.tried) == 1
+    with pytest.raises(SessionError, match="no plan number 5"):
+        s.remove_tried(4)
+    assert s.remove_tried("all") == 1 and s.tried == []
+    s.set_plan(Plan())

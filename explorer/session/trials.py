@@ -276,6 +276,26 @@ class Trials:
             raise SessionError(f"there is no plan number {index + 1} in Compare")
         return self.set_plan(self.tried[index]["plan"])
 
+    def remove_tried(self, which: int | str | None = None) -> int:
+        """Take plans out of Compare: the row at index ``which``, every row of the plan in force (None), or all
+        ("all"). Their distilled students go with them. Returns how many rows went."""
+        if which == "all":
+            gone = list(self.tried)
+        elif which is None:
+            cur = self.plan.to_dict()
+            gone = [e for e in self.tried if e["plan"] == cur]
+            if not gone:
+                raise SessionError("the plan in force is not in Compare: click its row first")
+        else:
+            if not 0 <= int(which) < len(self.tried):
+                raise SessionError(f"there is no plan number {int(which) + 1} in Compare")
+            gone = [self.tried[int(which)]]
+        for e in gone:
+            if e.get("distilled"):
+                self.students.pop(cut_key(Plan.from_dict(e["plan"])), None)
+        self.tried = [e for e in self.tried if all(e is not g for g in gone)]
+        return len(gone)
+
     def export_what(self) -> str:
         """In words, which model ``export`` would write for the current plan."""
         d = self.student()
