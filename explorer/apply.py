@@ -359,16 +359,17 @@ def export(model, tokenizer, plan: Plan, out_dir: str | os.PathLike, layout: dic
     return out
 
 
-def write_recipe(plan: Plan, view: MoEModel | None, folder: Path) -> Path | None:
-    """A quantise plan's llm-compressor recipe beside the export (``explorer.ops.quantise.recipe``)."""
-    from .ops.quantise import RECIPE_FILE, recipe
-
-    spec = plan.ops.get("quantise")
-    if spec is None or view is None:
-        return None
-    f = Path(folder) / RECIPE_FILE
-    f.write_text(recipe(spec, plan, view), encoding="utf-8")
-    return f
+def write_recipe(plan: Plan, view: MoEModel | None, folder: Path) -> list[Path]:
+    """The plan's recipes for other tools (a quantise plan's llm-compressor YAML) into the export, as
+    ``TOOL_recipe.yaml``."""
+    if view is None:
+        return []
+    out = []
+    for tool, text in plan.recipes(view).items():
+        f = Path(folder) / f"{tool}_recipe.yaml"
+        f.write_text(text, encoding="utf-8")
+        out.append(f)
+    return out
 
 
 # transformers 5 writes the class of a tokenizer read from tokenizer.json as "TokenizersBackend", a name that

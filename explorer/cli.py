@@ -355,13 +355,11 @@ def cmd_plan(args) -> int:
     rep = plan.report(view)
     plan.to_json(args.out) if not str(args.out).endswith((".yaml", ".yml")) else plan.to_yaml(args.out)
     print(f"{plan.notes} -> {args.out}")
-    if "quantise" in plan.ops:  # the same scheme for the tool users quantise with at scale
-        from .ops.quantise import recipe as llmc_recipe
-
-        beside = Path(args.out).with_suffix(".llmcompressor.yaml")
+    for tool, text in plan.recipes(view).items():  # the same scheme for the tools users run at scale
+        beside = Path(args.out).with_suffix(f".{tool}.yaml")
         check_output_file(beside, _source(args), args.overwrite)
-        beside.write_text(llmc_recipe(plan.ops["quantise"], plan, view), encoding="utf-8")
-        print(f"llm-compressor recipe -> {beside}")
+        beside.write_text(text, encoding="utf-8")
+        print(f"{tool} recipe -> {beside}")
     _print_report(rep)
     return 0
 

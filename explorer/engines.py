@@ -135,7 +135,7 @@ def verdicts(plan, view, form: str = "per-layer", quantised: bool | None = None)
         raise ValueError(f"form is one of {', '.join(FORMS)}; got {form!r}")
     arch = stock_architecture(view)
     why = uniformity(plan, view)
-    quantised = bool(plan.ops.get("quantise")) if quantised is None else quantised
+    quantised = bool(plan.stored_formats()) if quantised is None else quantised
     pad_no = padding_problem(plan, view) if why else None
     stock = not why or form == "padded"
     if why and form == "padded" and pad_no:

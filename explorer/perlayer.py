@@ -90,3 +90,9 @@ class PerLayerMoE:
         spec = getattr(config, PER_LAYER_KEY, None)
         if spec:
             restore_per_layer(self, spec)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """The weights are stored as the family's own class stores them: transformers applies that class's
+        key conversions (renamed embeddings, per-expert keys) to this one too, as it would to the stock class."""
+        return False

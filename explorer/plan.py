@@ -237,6 +237,14 @@ class Plan:
     def _ask(self, hook: str, *args) -> list:
         return [getattr(OPS[name], hook)(spec, *args) for name, spec in self.ops.items()]
 
+    def stored_formats(self) -> list[str]:
+        """Weight formats the export stores some of this plan's results in (``Operation.stored_format``)."""
+        return [f for f in self._ask("stored_format") if f]
+
+    def recipes(self, view: MoEModel) -> dict[str, str]:
+        """{tool: recipe text} to replay this plan's operations with other tools (``Operation.recipes``)."""
+        return {k: v for d in self._ask("recipes", self, view) for k, v in d.items()}
+
     def not_stock(self, view: MoEModel) -> list[str]:
         """Why the operations' result cannot be said by a stock config, whatever the counts (Layer Drop, ...)."""
         return [r for r in self._ask("not_stock", view) if r]

@@ -370,6 +370,6 @@ def test_a_quantise_plan_writes_an_llm_compressor_recipe_with_its_scheme(tmp_pat
 
     AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(src)
     assert main(["plan", str(src), "--quantise", "3", "--out", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
-    assert "llm-compressor recipe ->" in capsys.readouterr().out
+    assert "llmcompressor recipe ->" in capsys.readouterr().out
     groups, _ = _recipe_groups(tmp_path / "p.llmcompressor.yaml")
     assert {k: w["num_bits"] for k, (_, w) in groups.items()} == {"routed_experts": 3}

@@ -143,9 +143,10 @@ def test_plan_fields_belong_to_one_operation_each():
 
 
 # what offers particular operations by design, and so may name them: the plan editor's click-to-drop and merge-group
-# picking (session/editor, widgets, app), the progressive schedule's stages (distill), the family table's plans
+# picking (session/editor, widgets, app), the progressive schedule's stages (distill), the family table's plans,
+# the sweep's grid
 OFFERS_OPERATIONS = {"explorer/session/editor.py", "explorer/widgets.py", "explorer/distill.py",
-                     "explorer/families.py"}
+                     "explorer/families.py", "explorer/sweep.py"}
 
 
 def test_the_core_names_no_operation():

@@ -153,6 +153,16 @@ class Operation:
     def apply_model(self, spec: Any, model, view, plan) -> None:
         """Structural changes apply makes after the layers' tensors are written (e.g. removing decoder layers)."""
 
+    def stored_format(self, spec: Any) -> str | None:
+        """The weight format the export stores this operation's result in, when not the model's own (e.g.
+        "compressed-tensors"), for the engine line; None otherwise."""
+        return None
+
+    def recipes(self, spec: Any, plan, view) -> dict[str, str]:
+        """Recipes for the tools users replay this operation with at scale: {tool: text} (e.g. llm-compressor's
+        YAML), written beside a plan and into an export."""
+        return {}
+
     def write_export(self, spec: Any, model, folder) -> str | None:
         """Rewrite the tensors ``save_pretrained`` put in ``folder`` (a staging folder, before it is committed) in
         the operation's own stored format; returns a sentence for the export's summary, or None."""

@@ -359,6 +359,12 @@ class Quantise(Operation):
     def write_export(self, spec: dict, model, folder) -> str | None:
         return write_compact(spec, model, folder)
 
+    def stored_format(self, spec: dict) -> str | None:
+        return "compressed-tensors"
+
+    def recipes(self, spec: dict, plan, view) -> dict[str, str]:
+        return {"llmcompressor": recipe(spec, plan, view)}
+
     def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
         qc = getattr(config, "quantization_config", None)
         if qc:
