@@ -29,6 +29,18 @@ def demo_data(demo):
     return load_data(demo[1], "demo", block_len=128, max_tokens=2048)
 
 
+def demo_session(demo, max_tokens: int):
+    """A Session on the demo model already loaded (``demo``), its demo text and statistics collected."""
+    from explorer.session import Session
+
+    s = Session(max_tokens=max_tokens)
+    s.model, s.tok, s.view = demo
+    s.source = "demo"
+    s.set_data("demo")
+    s.collect()
+    return s
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 

@@ -15,14 +15,9 @@ from explorer.sweep import csv_text, sweep_plans
 
 @pytest.fixture(scope="module")
 def session(demo):
-    from explorer.session import Session
+    from conftest import demo_session
 
-    s = Session(max_tokens=512)
-    s.model, s.tok, s.view = demo
-    s.source = "demo"
-    s.set_data("demo")
-    s.collect()
-    return s
+    return demo_session(demo, max_tokens=512)
 
 
 def test_a_sweep_previews_every_point_of_the_grid_with_its_error(session):

@@ -5,14 +5,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def session(demo):
-    from explorer.session import Session
+    from conftest import demo_session
 
-    s = Session(max_tokens=1024)
-    s.model, s.tok, s.view = demo
-    s.source = "demo"
-    s.set_data("demo")
-    s.collect()
-    return s
+    return demo_session(demo, max_tokens=1024)
 
 
 def test_routing_view_layer_slider_and_clicks(session):
