@@ -380,7 +380,7 @@ class Plan:
                 experts_after.append(change["experts"])
                 width_after.append(change["width"])
         after_total = total - removed_total
-        loadable, why, engines = self._loader_note(view, experts_after, width_after, form)
+        stock, why, engines = self._loader_note(view, form)
         return {
             "params_before": total, "params_after": after_total,
             "active_before": before_active, "active_after": before_active - removed_active,
@@ -388,9 +388,8 @@ class Plan:
             "dtype": str(dtype).replace("torch.", ""),
             "bytes_before": size * total, "bytes_after": int(size * after_total - bytes_saved),
             "experts_after": experts_after, "intermediate_after": width_after,
-            "loadable_by_transformers": loadable, "loader_note": why, "engines": engines,
-            "form": form if engines and "trust_remote_code" in engines[0]["how"] or form == "padded" and
-            "padded" in engines[0]["how"] else "stock",
+            "loadable_by_transformers": stock or form == "padded", "loader_note": why, "engines": engines,
+            "form": "stock" if stock else form,
         }
 
     def _removed_by_block_drop(self, view: MoEModel) -> tuple[int, int]:
@@ -426,14 +425,13 @@ class Plan:
                 "active": (per_expert - per_kept) * k, "bytes_saved": float(saved),
                 "zeroed": sum(self._ask("zeroed", lay, kept, width_after)), "experts": kept, "width": width_after}
 
-    def _loader_note(self, view: MoEModel, experts_after: list[int], width_after: list[int],
-                     form: str = "per-layer") -> tuple[bool, str, list[dict]]:
-        """Whether plain transformers loads the export without remote code, the engines' verdicts in one line, and
-        the verdicts (``explorer.engines``)."""
+    def _loader_note(self, view: MoEModel, form: str = "per-layer") -> tuple[bool, str, list[dict]]:
+        """Whether a stock config describes the result, the engines' verdicts in one line, and the verdicts
+        (``explorer.engines``)."""
         from .engines import as_dicts, engine_line, uniformity, verdicts
 
         vs = verdicts(self, view, form)
-        return (not uniformity(self, view) or form == "padded"), engine_line(vs), as_dicts(vs)
+        return not uniformity(self, view), engine_line(vs), as_dicts(vs)
 
 def fingerprint(view: MoEModel) -> dict:
     return {"model_type": view.text_config.model_type, "num_experts": view.num_experts, "top_k": view.top_k,
