@@ -304,8 +304,12 @@ def saliency_tab() -> SimpleNamespace:
             crits = gr.CheckboxGroup(list(CRITERIA), value=["frequency", "gate-mass", "reap"],
                                      label="criteria (reconstruction and ablation run the model)", scale=3)
             layer = gr.Slider(0, 3, value=0, step=1, label="MoE layer", scale=1)
-        btn = gr.Button("Score experts")
+        with gr.Row():
+            btn = gr.Button("Score experts", scale=3)
+            model_halves = gr.Checkbox(False, label="rank stability of reconstruction and ablation too (runs them "
+                                              "on each calibration half)", scale=2)
         bars = gr.Plot(label="expert scores by criterion")
+        stability = gr.Markdown(elem_id="rank-stability")
         with gr.Row():
             sim_kind = gr.Dropdown(list(SIMILARITIES), value="router-logits", label="expert similarity")
         sim = gr.Plot(label="similarity and dendrogram (merge candidates)")
@@ -537,14 +541,16 @@ def on_route(s, text, layer):
 
 
 @friendly
-def on_saliency(s, criteria, layer, kind, progress=gr.Progress()):
+def on_saliency(s, criteria, layer, kind, model_halves=False, progress=gr.Progress()):
     s = _sess(s)
     s.require(stats=True)
     if not criteria:
         raise SessionError("choose at least one criterion")
     sc = {c: s.scores(c, progress=lambda d, t: progress(d / t, desc=f"scoring by {c}")) for c in criteria}
     lay = int(layer)
-    return (figures.saliency_bars(sc, lay),
+    progress(1.0, desc="ranking on each calibration half")
+    stab = s.stabilities(criteria, model_running=bool(model_halves))
+    return (figures.saliency_bars(sc, lay, stability=stab), s.stability_text(criteria, stab),
             figures.similarity_figure(s.similarity(lay, kind), f"Expert similarity ({kind}), layer {lay}"),
             figures.importance_chart(s.stats))
 
@@ -905,8 +911,8 @@ def wire_routing(state, r) -> None:
 
 
 def wire_saliency(state, sa) -> None:
-    gr.on([sa.btn.click, sa.layer.change, sa.sim_kind.change], on_saliency, [state, sa.crits, sa.layer, sa.sim_kind],
-          [sa.bars, sa.sim, sa.importance])
+    gr.on([sa.btn.click, sa.layer.change, sa.sim_kind.change], on_saliency,
+          [state, sa.crits, sa.layer, sa.sim_kind, sa.model_halves], [sa.bars, sa.stability, sa.sim, sa.importance])
     sa.why_btn.click(on_why_expert, [state, sa.why_layer, sa.why_expert], sa.why_md)
     sa.why_layer_btn.click(on_why_layer, [state, sa.why_layer], sa.why_md)
 

@@ -361,6 +361,17 @@ def cmd_plan(args) -> int:
         beside.write_text(text, encoding="utf-8")
         print(f"{tool} recipe -> {beside}")
     _print_report(rep)
+    crit = kw.get("criterion")
+    from .saliency import CHEAP
+
+    if stats is not None and crit and planners.takes_scores(name) and crit in CHEAP and crit != "random":
+        from .saliency import rank_stability
+        from .stats import StatsFileError
+
+        try:  # how far the ranking the plan followed holds on another sample of the text
+            print(f"ranking {rank_stability(stats, crit).sentence()}")
+        except StatsFileError as err:
+            print(f"ranking stability not measured: {err}")
     return 0
 
 

@@ -211,16 +211,34 @@ def token_strip_html(routes: dict, layer: int, rank: int = 0) -> str:
             f'{legend}</div><div style="line-height:1.9">{"".join(parts)}</div></div>')
 
 
-def saliency_bars(scores: dict[str, list[np.ndarray]], layer: int, normalise: bool = True) -> go.Figure:
-    """Scores of each expert in ``layer`` by several criteria, side by side (each scaled to max 1)."""
+def saliency_bars(scores: dict[str, list[np.ndarray]], layer: int, normalise: bool = True,
+                  stability: dict | None = None) -> go.Figure:
+    """Scores of each expert in ``layer`` by several criteria, side by side (each scaled to max 1). With
+    ``stability`` (criterion -> :class:`~explorer.saliency.RankStability`), each bar's error bar spans the scores of
+    the two calibration halves and the legend gives the layer's Spearman ρ between them."""
     f = _fig(title=f"Expert saliency, layer {layer} (higher = more important)", barmode="group")
+    stability = stability or {}
+
+    def scaled(v):
+        v = np.asarray(v, dtype=float)
+        return v / np.abs(v).max() if normalise and np.abs(v).max() > 0 else v
+
     for j, (name, s) in enumerate(scores.items()):
-        v = np.asarray(s[layer], dtype=float)
-        if normalise and np.abs(v).max() > 0:
-            v = v / np.abs(v).max()
-        f.add_trace(go.Bar(x=list(range(len(v))), y=v, name=name, marker_color=PALETTE[j % len(PALETTE)]))
+        v = scaled(s[layer])
+        st, err, label = stability.get(name), None, name
+        if st is not None:
+            a, b = scaled(st.halves[0][layer]), scaled(st.halves[1][layer])
+            err = dict(type="data", array=np.clip(np.maximum(a, b) - v, 0, None),
+                       arrayminus=np.clip(v - np.minimum(a, b), 0, None), thickness=1, width=2, color="#333")
+            rho = st.rho[layer]
+            label = f"{name} (halves ρ {rho:.2f})" if np.isfinite(rho) else f"{name} (halves: no ranking)"
+        f.add_trace(go.Bar(x=list(range(len(v))), y=v, name=label, marker_color=PALETTE[j % len(PALETTE)],
+                           error_y=err))
     f.update_xaxes(title="expert", dtick=_dtick(len(v)))
     f.update_yaxes(title="score / max" if normalise else "score")
+    if stability:
+        f.update_layout(title=f"Expert saliency, layer {layer} (higher = more important; bars span the two "
+                              "calibration halves)")
     return f
 
 

@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -172,3 +174,51 @@ def super_experts(stats, early_fraction: float = 0.75) -> set[tuple[int, int]]:
             if a > thr:
                 out.add((i, e))
     return out
+
+
+@dataclass
+class RankStability:
+    """How far a criterion's ranking of each layer's experts holds when the calibration text changes: the scores
+    on the two halves of the calibration blocks (even- and odd-numbered), their Spearman ρ per layer, and the share
+    of the lowest-scored ``fraction`` of experts that both halves put there (the experts a drop would remove)."""
+
+    criterion: str
+    halves: tuple[list[np.ndarray], list[np.ndarray]]
+    rho: np.ndarray  # [L]; NaN where a half scores every expert alike
+    bottom_agreement: np.ndarray  # [L] in [0, 1]
+    fraction: float
+
+    def sentence(self) -> str:
+        rho = self.rho[np.isfinite(self.rho)]
+        if not rho.size:
+            return f"{self.criterion}: one half of the calibration text scores every expert alike; no ranking to compare"
+        worst = int(np.nanargmin(self.rho))
+        return (f"{self.criterion}: ranks agree across the two calibration halves with Spearman ρ {np.median(rho):.2f} "
+                f"(median over layers; lowest {self.rho[worst]:.2f}, layer {worst}); the lowest-scored "
+                f"{self.fraction:.0%} of a layer's experts are the same in both halves for "
+                f"{np.mean(self.bottom_agreement):.0%} of them")
+
+
+def rank_stability(stats: RouterStats, criterion: str, fraction: float = 0.25, model=None,
+                   view: MoEModel | None = None, blocks=None, max_tokens: int = 4096) -> RankStability:
+    """Score the experts on each half of the calibration text and compare the rankings. The statistics' criteria
+    read the per-half sums of the one statistics pass; reconstruction and ablation run the model on each half
+    (``max_tokens`` in all, half on each)."""
+    if criterion == "random":
+        raise ValueError("random scores are drawn, not measured: there is no ranking to test across calibration halves")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie between 0 and 1, got {fraction}")
+    if criterion in CHEAP:
+        halves = tuple(expert_scores(stats.half(h), criterion) for h in (0, 1))
+    else:
+        if blocks is None:
+            raise ValueError(f"criterion {criterion!r} runs the model: pass model=, view= and blocks= (calibration)")
+        halves = tuple(expert_scores(stats, criterion, model=model, view=view, max_tokens=max_tokens // 2,
+                                     blocks=blocks.subset(list(range(h, len(blocks), 2)))) for h in (0, 1))
+    rho, agree = [], []
+    for a, b in zip(*halves):
+        rho.append(spearman(a, b) if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan"))
+        n = max(1, int(round(fraction * len(a))))
+        low_a, low_b = set(np.argsort(a, kind="stable")[:n].tolist()), set(np.argsort(b, kind="stable")[:n].tolist())
+        agree.append(len(low_a & low_b) / n)
+    return RankStability(criterion, halves, np.array(rho, dtype=float), np.array(agree), fraction)

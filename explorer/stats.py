@@ -45,8 +45,16 @@ ARRAYS = {
     "in_sq": "[E,H] Σ x_j² over routed tokens (Wanda)",
     "in_sq_gated": "[E,H] Σ (g·x_j)² over routed tokens (MoE-Pruner)",
     "logit_gram": "[E,E] Σ r_i(x)·r_j(x) router-logit Gram matrix (MC-SMoE similarity)",
+    # the same sums over half of the calibration blocks (every other block, so each domain is in both halves): the
+    # other half is the total minus this one, and a score's rank stability is its agreement across the two halves
+    "half_count": "[E] count, over the even-numbered calibration blocks",
+    "half_gate_mass": "[E] gate_mass, over the even-numbered calibration blocks",
+    "half_reap": "[E] reap, over the even-numbered calibration blocks",
+    "half_reap_softmax": "[E] reap_softmax, over the even-numbered calibration blocks",
+    "half_count_softmax": "[E] count_softmax, over the even-numbered calibration blocks",
 }
-SCALARS = ("tokens", "entropy_sum", "dense_tokens", "layer_cos_sum", "layer_tokens")
+SCALARS = ("tokens", "entropy_sum", "dense_tokens", "layer_cos_sum", "layer_tokens", "half_tokens")
+HALVED = ("count", "gate_mass", "reap", "reap_softmax", "count_softmax", "tokens")  # the sums kept per half
 
 
 @dataclass
@@ -169,6 +177,27 @@ class RouterStats:
         """1 − mean cos(X_i, X_{i+1}) per decoder layer (Block Drop)."""
         return 1 - np.asarray(self.block_cos_sum) / max(self.block_tokens, 1)
 
+    def half(self, which: int) -> "RouterStats":
+        """The statistics of one half of the calibration blocks (0: even-numbered blocks, 1: odd-numbered), for
+        the sums the cheap criteria read (``HALVED``). StatsFileError where they were not recorded."""
+        if which not in (0, 1):
+            raise ValueError(f"half must be 0 or 1, got {which!r}")
+        if not all("half_tokens" in lay for lay in self.layers):
+            raise StatsFileError("these statistics were collected before per-half sums were recorded; collect them "
+                                 "again to measure how stable the saliency ranking is")
+        if any(not 0 < lay["half_tokens"] < lay["tokens"] for lay in self.layers):
+            raise StatsFileError("these statistics saw one calibration block, so there are no two halves to compare; "
+                                 "collect them on more text (at least two blocks)")
+        layers = []
+        for lay in self.layers:
+            part = {k: lay["half_" + k] for k in HALVED}
+            if which == 1:
+                part = {k: lay[k] - v for k, v in part.items()}
+            layers.append(part)
+        return RouterStats(top_k=self.top_k, num_experts=list(self.num_experts), domains=list(self.domains),
+                           layers=layers, block_cos_sum=[], block_tokens=0.0,
+                           moe_layer_indices=list(self.moe_layer_indices), info={**self.info, "half": which})
+
     # ---- serialisation --------------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {k: getattr(self, k) for k in ("top_k", "num_experts", "domains", "block_cos_sum", "block_tokens",
@@ -199,7 +228,7 @@ class RouterStats:
             self.to_json(path)
             return
         arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in ARRAYS}
-        scal = [{k: lay[k] for k in SCALARS} for lay in self.layers]
+        scal = [{k: lay[k] for k in SCALARS if k in lay} for lay in self.layers]
         buf = io.BytesIO()
         np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
                                                         dtype=np.uint8), **arrays)
@@ -298,10 +327,11 @@ class StatsObserver:
                 "dense_out_sum": zf(E, H), "act_max": zf(E),
                 "neuron_sq": zf(E, I), "neuron_sq_gated": zf(E, I), "in_sq": zf(E, H), "in_sq_gated": zf(E, H), "logit_gram": z(E, E),
                 "tokens": z(()), "entropy_sum": z(()), "dense_tokens": z(()), "layer_cos_sum": z(()),
-                "layer_tokens": z(()),
+                "layer_tokens": z(()), **{"half_" + k: z(E) for k in HALVED if k != "tokens"}, "half_tokens": z(()),
             })
         self.token_domain: torch.Tensor | None = None  # [T] domain index of each token in the current batch
         self.valid: torch.Tensor | None = None  # [T] bool: real token (not padding)
+        self.half: torch.Tensor | None = None  # [T] 1.0 for tokens of an even-numbered calibration block, else 0
         self.sample: dict | None = None  # when set, record routes of the first ``sample['n']`` tokens
         self._reap_gates: torch.Tensor | None = None  # [T, E] REAP's gate where its top-k picks an expert, else 0
         self.dense_sel: torch.Tensor | None = None  # positions of this batch's dense sample (set per batch)
@@ -316,18 +346,25 @@ class StatsObserver:
         if lay.family.gating in ("softmax_topk", "topk_softmax"):
             vals = p.gather(1, idx)
             self._reap_gates = torch.zeros_like(p).scatter_(1, idx, vals / vals.sum(-1, keepdim=True).clamp_min(1e-30))
-            a["count_softmax"] += torch.zeros_like(p).scatter_(1, idx, v[:, None].expand_as(vals)).sum(0).double()
+            counted = torch.zeros_like(p).scatter_(1, idx, v[:, None].expand_as(vals))
+            a["count_softmax"] += counted.sum(0).double()
+            a["half_count_softmax"] += (self._half(v) @ counted).double()
             return
         vals, ridx = p.topk(idx.shape[1], dim=-1)
         gates = torch.zeros_like(p).scatter_(1, ridx, vals / vals.sum(-1, keepdim=True).clamp_min(1e-30))
         self._reap_gates = gates
         routed = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
         tok, eid = ((gates > 0) & ~routed).nonzero(as_tuple=True)
-        a["count_softmax"] += ((gates > 0).float() * v[:, None]).sum(0).double()
+        counted = (gates > 0).float() * v[:, None]
+        a["count_softmax"] += counted.sum(0).double()
+        hv = self._half(v)
+        a["half_count_softmax"] += (hv @ counted).double()
         if tok.numel():
             one = torch.ones(tok.numel(), 1, dtype=x.dtype, device=x.device)
             y = lay.combine(x[tok], one, eid[:, None])  # f_e(x) of these pairs, seen by no observer
-            a["reap_softmax"].index_add_(0, eid, (gates[tok, eid] * y.float().norm(dim=-1) * v[tok]).double())
+            add = gates[tok, eid] * y.float().norm(dim=-1) * v[tok]
+            a["reap_softmax"].index_add_(0, eid, add.double())
+            a["half_reap_softmax"].index_add_(0, eid, (add * hv[tok]).double())
 
     def begin(self, lay: MoELayer, x, logits, w, idx) -> None:
         a = self.acc[lay.index]
@@ -337,13 +374,17 @@ class StatsObserver:
         E = lay.num_experts
         self._reap_softmax(lay, a, x, logits, idx, v)
         p = lay.probs(logits.float())
+        hv = self._half(v)
         a["tokens"] += v.sum().double()
         a["gate_mass"] += (v @ p).double()
+        a["half_tokens"] += hv.sum().double()
+        a["half_gate_mass"] += (hv @ p).double()
         ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
         a["entropy_sum"] += (ent @ v).double()
         onehot = torch.zeros(x.shape[0], E, dtype=torch.float32, device=x.device)
         onehot.scatter_(1, idx, v[:, None].expand(-1, idx.shape[1]).contiguous())
         a["count"] += onehot.sum(0).double()
+        a["half_count"] += (self._half(torch.ones_like(v)) @ onehot).double()  # onehot already holds v
         gw = torch.zeros_like(onehot).scatter_(1, idx, w.float() * v[:, None])
         a["gate_routed"] += gw.sum(0).double()
         # Σ over an expert's routed tokens of its input squared, plain and weighted by gate² (MoE-Pruner): per token,
@@ -402,6 +443,10 @@ class StatsObserver:
         gated[eid, pair] = g.float() ** 2 * v
         self._add(lay, slice(None), plain, gated, tok, eid, g, h, y)
 
+    def _half(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` [T] kept on the tokens of the even-numbered calibration blocks, zero elsewhere."""
+        return v * self.half.to(v.device, v.dtype) if self.half is not None else v
+
     def _valid_of(self, tok, g) -> torch.Tensor:
         return (self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None
                 else torch.ones_like(g, dtype=torch.float32))
@@ -412,11 +457,15 @@ class StatsObserver:
         the experts the R rows stand for."""
         a = self.acc[lay.index]
         norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-        per_pair = torch.stack([g.float() * norm, self._reap_gates[tok, eid] * norm, norm], dim=1)
+        reap, reap_sm = g.float() * norm, self._reap_gates[tok, eid] * norm
+        hp = self.half.to(norm.device)[tok] if self.half is not None else torch.ones_like(norm)
+        per_pair = torch.stack([reap, reap_sm, norm, reap * hp, reap_sm * hp], dim=1)
         sums = (plain @ per_pair).double()
         a["reap"][rows] += sums[:, 0]
         a["reap_softmax"][rows] += sums[:, 1]
         a["out_norm"][rows] += sums[:, 2]
+        a["half_reap"][rows] += sums[:, 3]
+        a["half_reap_softmax"][rows] += sums[:, 4]
         peak = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1, dtype=torch.float32)
         a["act_max"][rows] = torch.maximum(a["act_max"][rows], (plain * peak[None, :]).amax(1))
         a["out_sum"][rows] += segment_sums(plain, y)
@@ -495,11 +544,15 @@ def collect_stats(model, view: MoEModel, blocks: TokenBlocks, batch_size: int = 
                "gates": [None] * len(view), "pending": {i: True for i in range(len(view))}}
               if sample_tokens and batches else None)
 
+    first = np.cumsum([0] + [len(b) for b in batches])  # the calibration index of each batch's first block
+
     def before(bi: int) -> None:  # the observer's state for the batch about to run (in any layer)
         bi = mine[bi]
         b = batches[bi]
         am = b.attention_mask()
         obs.valid = am.reshape(-1).bool().to(device)
+        even = (torch.arange(len(b)) + int(first[bi])) % 2 == 0
+        obs.half = even[:, None].expand(-1, b.block_len).reshape(-1).to(device, torch.float32)
         obs.dense_sel = dense_positions(am.bool(), dense_sample).to(device) if dense_sample else None
         obs.token_domain = b.domain[:, None].expand(-1, b.block_len).reshape(-1).to(device)
         obs.sample = sample if bi == 0 else None

@@ -185,16 +185,20 @@ class SaliencyView(W.VBox):
                                       description="criteria", rows=6)
         self.layer = W.IntSlider(0, 0, len(session.view) - 1, description="MoE layer")
         self.sim = W.Dropdown(options=list(SIMILARITIES), value="router-logits", description="similarity")
+        self.stability = W.HTML()
         self.bars = FigureView(self._bars())
         self.simfig = FigureView(figures.similarity_figure(session.similarity(0, "router-logits"), "similarity"))
         self.importance = FigureView(figures.importance_chart(session.stats))
         for w in (self.crits, self.layer, self.sim):
             w.observe(lambda ch: self.update(), names="value")
-        super().__init__([W.HBox([self.crits, W.VBox([self.layer, self.sim])]), self.bars, self.simfig,
-                          self.importance])
+        super().__init__([W.HBox([self.crits, W.VBox([self.layer, self.sim])]), self.bars, self.stability,
+                          self.simfig, self.importance])
 
     def _bars(self):
-        return figures.saliency_bars({c: self.s.scores(c) for c in self.crits.value}, self.layer.value)
+        crits = list(self.crits.value)
+        stab = self.s.stabilities(crits)
+        self.stability.value = self.s.stability_text(crits, stab, html=True)
+        return figures.saliency_bars({c: self.s.scores(c) for c in crits}, self.layer.value, stability=stab)
 
     def update(self) -> None:
         refresh(self.bars, self._bars())

@@ -106,8 +106,14 @@ def test_saliency_plan_preview_and_errors(client):
     from gradio_client.exceptions import AppError
 
     _load(client)
-    sal = client.predict(["frequency", "reap"], 1, "mean-output", api_name="/on_saliency")
-    assert len(sal) == 3
+    bars, stability, sim, importance = client.predict(["frequency", "reap", "ablation"], 1, "mean-output", False,
+                                                      api_name="/on_saliency")
+    # each criterion's ranking on the two calibration halves: error bars, the layer's rho in the legend, a sentence
+    traces = json.loads(bars["plot"])["data"]
+    assert [t["name"].split(" (")[0] for t in traces] == ["frequency", "reap", "ablation"]
+    assert "halves" in traces[1]["name"] and "array" in traces[1]["error_y"] and "error_y" not in traces[2]
+    assert "reap: ranks agree across the two calibration halves with Spearman" in stability
+    assert "ablation: not tested across halves" in stability
     res = client.predict("drop-experts", 0.25, "reap", "mc-smoe", "uniform", False, api_name="/on_preset")
     msg, md, plan_json = res[0], res[1], res[2]
     assert msg == "" and "Preview perplexity" in md and '"drop_experts"' in plan_json

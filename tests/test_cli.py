@@ -31,6 +31,7 @@ def test_stats_eval_plan_preview_apply(demo, tmp_path):
             "--out", tmp_path / "plan.json")
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert all(len(v) == 2 for v in plan["drop_experts"].values())
+    assert "ranking reap: ranks agree across the two calibration halves with Spearman" in r.stdout
     run("plan", "--stats", tmp_path / "stats.json", "--recipe", tmp_path / "plan.json", "--out", tmp_path / "re.json")
     assert json.loads((tmp_path / "re.json").read_text())["drop_experts"] == plan["drop_experts"]
     for extra in (["--merge-to", "6", "--method", "hc-smoe"], ["--drop-layers", "1"], ["--drop-blocks", "1"],

@@ -8,7 +8,7 @@ import torch
 
 from explorer.data import TokenBlocks
 from explorer.moe import MoEModel
-from explorer.stats import ARRAYS, RouterStats, collect_stats, token_routes
+from explorer.stats import ARRAYS, RouterStats, StatsFileError, collect_stats, token_routes
 from explorer.tiny import tiny_model
 
 
@@ -175,7 +175,8 @@ def test_stats_match_brute_force(family):
             np.testing.assert_allclose(lay[k], r[k], rtol=1e-4, atol=1e-6, err_msg=k)
         np.testing.assert_allclose(lay["logit_gram"], r["logit_gram"], rtol=1e-5, atol=1e-5)  # sums of ~100s
         np.testing.assert_allclose(lay["dense_out_sum"], r["dense_out_sum"], rtol=1e-4, atol=1e-4)
-        assert set(lay) >= set(ARRAYS) and all(k in r for k in ARRAYS)  # every statistic is checked above
+        whole = [k for k in ARRAYS if not k.startswith("half_")]  # the per-half sums: the test below
+        assert set(lay) >= set(ARRAYS) and all(k in r for k in whole)  # every statistic is checked above
         assert stats.mean_entropy(i) == pytest.approx(r["entropy"], rel=1e-5)
         assert lay["tokens"] == int(blocks.attention_mask().sum())
     # block similarity from output_hidden_states (last one excluded: HF applies the final norm to it)
@@ -191,6 +192,36 @@ def test_stats_match_brute_force(family):
     for i in range(len(view)):
         top = torch.topk(first[i][:10], view.top_k, -1).indices
         assert [sorted(r) for r in stats.sample_routes[i]] == [sorted(r) for r in top.tolist()]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_each_calibration_half_equals_a_pass_over_that_half_alone(family):
+    """The per-half sums are what a pass over the even- (or odd-) numbered blocks alone would give, so the rank
+    stability compares two real, disjoint samples of the text; old statistics without them are refused in words."""
+    model = tiny_model(family, seed=3)
+    view = MoEModel(model)
+    blocks = _blocks(n=7, pad_last=4)
+    stats = collect_stats(model, view, blocks, batch_size=3)
+    for h in (0, 1):
+        alone = collect_stats(model, view, blocks.subset(list(range(h, len(blocks), 2))), batch_size=2)
+        half = stats.half(h)
+        for i, lay in enumerate(half.layers):
+            for k in ("count", "gate_mass", "reap", "reap_softmax", "count_softmax", "tokens"):
+                np.testing.assert_allclose(lay[k], alone.layers[i][k], rtol=1e-4, atol=1e-6, err_msg=f"{h} {k}")
+    from explorer.saliency import rank_stability
+
+    st = rank_stability(stats, "reap")
+    assert st.rho.shape == (len(view),) and np.all(st.rho[np.isfinite(st.rho)] <= 1.0)
+    assert "Spearman" in st.sentence()
+    with pytest.raises(ValueError, match="drawn, not measured"):
+        rank_stability(stats, "random")
+    old = RouterStats(**{**stats.__dict__, "layers": [{k: v for k, v in lay.items() if not k.startswith("half_")}
+                                                       for lay in stats.layers]})
+    with pytest.raises(StatsFileError, match="collect them again"):
+        old.half(0)
+    one = collect_stats(model, view, blocks.subset([0]), batch_size=1)
+    with pytest.raises(StatsFileError, match="one calibration block"):
+        one.half(1)
 
 
 def test_layer_cos_is_residual_similarity():

@@ -190,6 +190,9 @@ def test_saliency_view_criteria(session):
     y0 = np.array(v.bars.data[0].y)
     v.layer.value = 3
     assert not np.allclose(np.array(v.bars.data[0].y), y0)
+    # how sure each ranking is: the two calibration halves as error bars, and a sentence under the chart
+    assert v.bars.data[0].error_y.array is not None and "halves" in v.bars.data[0].name
+    assert "frequency: ranks agree across the two calibration halves" in v.stability.value
 
 
 def test_token_view(session):

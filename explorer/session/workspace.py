@@ -13,7 +13,7 @@ from ..loading import DEMO_MODEL, load_model
 from ..devices import input_device
 from ..errors import PlanError
 from ..perplexity import perplexity
-from ..saliency import CHEAP, expert_scores, expert_similarity
+from ..saliency import CHEAP, RankStability, expert_scores, expert_similarity, rank_stability
 from ..stats import RouterStats, VocabRouting, collect_stats, token_routes, vocab_routing
 from .common import SessionError
 
@@ -28,7 +28,7 @@ class Workspace:
         self.block_len, self.max_tokens = block_len, max_tokens
         self.data_key: str | None = None  # which evaluation tokens the perplexities were measured on
         self.stats: RouterStats | None = None
-        self._scores: dict[str, list[np.ndarray]] = {}
+        self._scores: dict[str, list[np.ndarray] | RankStability] = {}  # scores, and their stability
         self._vocab: tuple[str, VocabRouting] | None = None
         self.base = None  # Perplexity of the unmodified model on the evaluation blocks
         self.lock = threading.Lock()  # one long job per session
@@ -108,6 +108,42 @@ class Workspace:
                           progress=progress)
             self._scores[criterion] = expert_scores(self.stats, criterion, **kw)
         return self._scores[criterion]
+
+    def stability(self, criterion: str, fraction: float = 0.25) -> RankStability:
+        """How far ``criterion``'s ranking holds across the two halves of the calibration text (cached with the
+        scores: the statistics' criteria read the one pass; reconstruction and ablation run on each half)."""
+        self.require(stats=True)
+        key = f"{criterion}@halves/{fraction}"
+        if key not in self._scores:
+            kw = {}
+            if criterion not in CHEAP:
+                kw = dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024)
+            self._scores[key] = rank_stability(self.stats, criterion, fraction, **kw)
+        return self._scores[key]
+
+    def stabilities(self, criteria, model_running: bool = False) -> dict[str, RankStability]:
+        """The rank stability of each criterion that has one: the statistics' criteria always, reconstruction and
+        ablation only when asked (they run the model on each half)."""
+        return {c: self.stability(c) for c in criteria
+                if c != "random" and (c in CHEAP or model_running)}
+
+    def stability_text(self, criteria, stab: dict[str, RankStability], html: bool = False) -> str:
+        """One line per criterion: how far its ranking holds across the calibration halves, or why it was not
+        measured (Markdown, or HTML for the widgets)."""
+        lines = []
+        for c in criteria:
+            if c in stab:
+                lines.append(f"- {stab[c].sentence()}")
+            elif c == "random":
+                lines.append("- random: drawn, not measured; no ranking to test")
+            else:
+                lines.append(f"- {c}: not tested across halves (tick the box: it runs the model on each half)")
+        head = "How sure the ranking is. The calibration text split in two (every other block), each half scored on its own:"
+        if html:
+            import html as h
+
+            return f"<p><b>{h.escape(head)}</b></p><ul>" + "".join(f"<li>{h.escape(x[2:])}</li>" for x in lines) + "</ul>"
+        return "\n".join([f"**{head}**", *lines])
 
     def similarity(self, layer: int, kind: str) -> np.ndarray:
         self.require(stats=True)
