@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .distill import recovered
+from .errors import ExplorerError
 from .stats import RouterStats
 
 PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
@@ -348,30 +349,47 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
     f = _fig(title=f"Plans tried: {title.split(' (')[0]} vs {what} (Pareto front in red)")
     entries = [{**e, "_y": _quality(e, y)} for e in entries if e.get(x) is not None and _quality(e, y) is not None]
     if baseline and _quality(baseline, y) is not None:
-        f.add_trace(go.Scatter(x=[baseline[x]], y=[_quality(baseline, y)], mode="markers+text", text=["original"],
+        f.add_trace(go.Scatter(x=[baseline[x]], y=[_quality(baseline, y)], mode="markers",
                                textposition="top center", marker=dict(size=12, symbol="star", color="black"),
                                error_y=_error_bars([baseline], y), name="original"))
     plain = [e for e in entries if not e.get("distilled")]
     distilled = [e for e in entries if e.get("distilled")]
     fmt = "ppl %{y:.3f}" if y == "ppl" else "accuracy %{y:.3f}"
-    for group, name, marker in ((plain, "plans", dict(size=10, color=PALETTE[0])),
-                                (distilled, "distilled", dict(size=13, color=PALETTE[2], symbol="diamond"))):
+    series: dict[str, list[dict]] = {}  # one colour per kind of cut, so dozens of plans stay told apart
+    for e in plain:
+        series.setdefault(_series(e), []).append(e)
+    groups = [(es, f"{name} · {len(es)}", dict(size=9, color=PALETTE[k % len(PALETTE)], opacity=0.8,
+                                                symbol=SYMBOLS[(k // len(PALETTE)) % len(SYMBOLS)]), "plans")
+              for k, (name, es) in enumerate(series.items())]
+    groups.append((distilled, "distilled", dict(size=13, color=PALETTE[2], symbol="diamond"), "distilled"))
+    for group, name, marker, legendgroup in groups:
         if group:
             f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["_y"] for e in group], mode="markers",
-                                   name=name, text=[e["name"] for e in group], marker=marker,
-                                   error_y=_error_bars(group, y),
+                                   name=name, legendgroup=legendgroup, text=[e["name"] for e in group],
+                                   marker=marker, error_y=_error_bars(group, y),
                                    hovertemplate="%{text}<br>" + hover + "<br>" + fmt + "<extra></extra>"))
     if entries:
         front = pareto_front(entries, x, key="_y", higher=y != "ppl")
-        f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["_y"] for e in front], mode="lines+markers",
-                               name="Pareto front", line=dict(color="red"), marker=dict(size=12, color="red")))
+        labelled = len(front) <= 12  # name the front's plans on the chart; beyond, hover
+        f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["_y"] for e in front],
+                               mode="lines+markers+text" if labelled else "lines+markers", name="Pareto front",
+                               text=[_short(e["name"]) for e in front] if labelled else None,
+                               textposition=[("top " if i % 2 == 0 else "bottom ") + ("left" if i == len(front) - 1
+                                                                                      else "right")
+                                             for i in range(len(front))],  # alternate, so neighbours do not overlap
+                               textfont=dict(size=10, color="#b00"),
+                               line=dict(color="red"), marker=dict(size=12, color="red", symbol="circle-open",
+                                                                   line=dict(width=2)),
+                               hoverinfo="skip"))
     f.update_xaxes(title=title)
-    if y == "ppl":
+    if y == "ppl":  # a few failed cuts (random drops) would flatten the rest on a linear axis
         ys_all = [e["_y"] for e in entries] + ([baseline["ppl"]] if baseline else [])
-        f.update_yaxes(title="perplexity (eval)" + (", log scale" if spans_orders(ys_all) else ""),
-                       type="log" if spans_orders(ys_all) else "linear")
+        log = spans_orders(ys_all, ratio=3.0)
+        f.update_yaxes(title="perplexity (eval)" + (", log scale" if log else ""), type="log" if log else "linear",
+                       **({"dtick": "D2"} if log else {}))
     else:
         f.update_yaxes(title=f"{y[5:]} accuracy (lm-eval)")
+    f.update_layout(height=480, legend=dict(font=dict(size=11)))
     return f
 
 
@@ -409,6 +427,23 @@ def sweep_figure(points, x: str = "params") -> go.Figure:
     f.update_xaxes(title=title, autorange="reversed")  # smaller to the right: the cut grows left to right
     f.update_yaxes(title="perplexity (eval)" + (", log scale" if log else ""), type="log" if log else "linear")
     return f
+
+
+SYMBOLS = ("circle", "square", "triangle-up", "x")
+
+
+def _series(e: dict) -> str:
+    """The kind of cut of a Compare entry (``Plan.series``)."""
+    from .plan import Plan
+
+    try:
+        return Plan.from_dict(e["plan"]).series()
+    except (KeyError, TypeError, ValueError, ExplorerError):
+        return "plans"
+
+
+def _short(name: str, n: int = 30) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
 
 
 def _error_bars(entries: list[dict], y: str) -> dict | None:

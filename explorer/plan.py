@@ -222,6 +222,17 @@ class Plan:
             return self.notes
         return "; ".join(OPS[name].describe(spec) for name, spec in self.ops.items()) or "empty plan"
 
+    def series(self) -> str:
+        """What kind of cut this is, for grouping plans in a chart: the planner and its criterion or method
+        (``drop experts (reap)``), several joined by ``+``, or the operations and "by hand" without a recipe."""
+        if self.recipe:
+            parts = []
+            for r in self.recipe:
+                how = r.get("criterion") or r.get("method")
+                parts.append(str(r.get("planner", "plan")).replace("_", " ") + (f" ({how})" if how else ""))
+            return " + ".join(dict.fromkeys(parts))
+        return " + ".join(name.replace("_", " ") for name in self.ops) + " (by hand)" if self.ops else "empty plan"
+
     def combine(self, other: "Plan") -> "Plan":
         """Both plans' operations (each operation says how two of its specs combine; by default other's wins)."""
         ops = dict(self.ops)

@@ -164,7 +164,7 @@ def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     assert q[cols.index("parameters")] != d[cols.index("parameters")] and float(q[size]) < float(d[size])
     by_bytes = json.loads(client.predict("bytes", api_name="/on_pareto_x")["plot"])
     assert by_bytes["layout"]["xaxis"]["title"]["text"].startswith("bytes")
-    xs = sorted(x for t in by_bytes["data"] if t["name"] == "plans" for x in t["x"])
+    xs = sorted(x for t in by_bytes["data"] if t.get("legendgroup") == "plans" for x in t["x"])
     assert xs[0] < 0.5 * xs[-1]  # the quantised plan is far smaller in bytes, though it keeps every parameter
     by_params = json.loads(client.predict("params", api_name="/on_pareto_x")["plot"])
     assert by_params["layout"]["xaxis"]["title"]["text"] == "parameters"
@@ -186,9 +186,10 @@ def test_task_accuracy_columns_and_pareto_axis(client):
     assert "task:demo_next_line_code" in [c[1] for c in ychoices["choices"]]
     by_task = json.loads(client.predict("task:demo_next_line_code", api_name="/on_pareto_y")["plot"])
     assert by_task["layout"]["yaxis"]["title"]["text"].startswith("demo_next_line_code accuracy")
-    ys = [y for t in by_task["data"] if t["name"] in ("plans", "original") for y in t["y"]]
+    shown = [t for t in by_task["data"] if t.get("legendgroup") == "plans" or t["name"] == "original"]
+    ys = [y for t in shown for y in t["y"]]
     assert ys and all(0 <= y <= 1 for y in ys)
-    assert all(t["error_y"]["array"][0] > 0 for t in by_task["data"] if t["name"] in ("plans", "original"))
+    assert all(t["error_y"]["array"][0] > 0 for t in shown)
     with pytest.raises(Exception, match="unknown lm-eval task"):
         client.predict("no_such_task_here", 10, api_name="/on_score_tasks")
     md = client.predict("demo_next_word", 20, api_name="/on_score_plan_tasks")
@@ -236,11 +237,11 @@ def test_compare_marks_plans_measured_on_other_text(client, tmp_path):
     # the plan in force is previewed again on the new text; the other one is marked and left off the chart
     rows = {r[0]: r[-1] for r in table["data"]}
     assert rows == {"drop L0:e1/e2": "earlier text: stale, re-measure", "drop L1:e3": "current text"}
-    plotted = [t for t in json.loads(fig["plot"])["data"] if t.get("name") == "plans"]
+    plotted = [t for t in json.loads(fig["plot"])["data"] if t.get("legendgroup") == "plans"]
     assert len(plotted) == 1 and plotted[0]["text"] == ["drop L1:e3"]
     table, fig = client.predict(api_name="/on_remeasure")
     assert [r[-1] for r in table["data"]] == ["current text"] * 2
-    assert any(t.get("name") == "plans" for t in json.loads(fig["plot"])["data"])
+    assert any(t.get("legendgroup") == "plans" for t in json.loads(fig["plot"])["data"])
 
 
 def test_export_never_deletes_what_it_did_not_write(client, app_out, tmp_path):

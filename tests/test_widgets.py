@@ -175,7 +175,7 @@ def test_plan_view_quantise_preset_and_bytes_axis(session):
     assert ex.plan.pareto.layout.xaxis.title.text == "parameters"
     ex.plan.pareto_x.value = "bytes"  # the chart redraws itself with bytes on the x-axis
     assert ex.plan.pareto.layout.xaxis.title.text.startswith("bytes")
-    plans = next(t for t in ex.plan.pareto.data if t.name == "plans")
+    plans = next(t for t in ex.plan.pareto.data if t.legendgroup == "plans")
     original = next(t for t in ex.plan.pareto.data if t.name == "original")
     assert plans.x[0] < 0.5 * original.x[0]
 
@@ -374,5 +374,5 @@ def test_session_scores_tasks_of_plans_and_distilled_students(session):
     assert md.startswith("| task | original | plan | change |") and "demo_next_line_code" in md
     fig = figures.pareto_figure(session.comparable(), session.pareto_baseline(), "params", "task:demo_next_line_code")
     assert fig.layout.yaxis.title.text.startswith("demo_next_line_code accuracy")
-    assert len([t for t in fig.data if t.name in ("plans", "distilled", "original")]) == 3
+    assert len([t for t in fig.data if t.legendgroup in ("plans", "distilled") or t.name == "original"]) == 3
     session.set_plan(Plan())
