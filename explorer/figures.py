@@ -374,9 +374,8 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
         f.add_trace(go.Scatter(x=[e[x] for e in front], y=[e["_y"] for e in front],
                                mode="lines+markers+text" if labelled else "lines+markers", name="Pareto front",
                                text=[_short(e["name"]) for e in front] if labelled else None,
-                               textposition=[("top " if i % 2 == 0 else "bottom ") + ("left" if i == len(front) - 1
-                                                                                      else "right")
-                                             for i in range(len(front))],  # alternate, so neighbours do not overlap
+                               textposition=_label_sides([e[x] for e in front],
+                                                         [e[x] for e in entries] + ([baseline[x]] if baseline else [])),
                                textfont=dict(size=10, color="#b00"),
                                line=dict(color="red"), marker=dict(size=12, color="red", symbol="circle-open",
                                                                    line=dict(width=2)),
@@ -440,6 +439,14 @@ def _series(e: dict) -> str:
         return Plan.from_dict(e["plan"]).series()
     except (KeyError, TypeError, ValueError, ExplorerError):
         return "plans"
+
+
+def _label_sides(xs: list, all_xs: list) -> list[str]:
+    """Where each front point's name goes: above and below in turn, so neighbours do not overlap, and towards the
+    middle of the chart, so no name runs off its edge."""
+    lo, hi = min(all_xs), max(all_xs)
+    mid = (lo + hi) / 2
+    return [("top " if i % 2 == 0 else "bottom ") + ("left" if v > mid else "right") for i, v in enumerate(xs)]
 
 
 def _short(name: str, n: int = 30) -> str:

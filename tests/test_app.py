@@ -504,6 +504,73 @@ def test_in_a_real_browser(app_url, tmp_path, chromium_path):
         print("screenshot:", f)
 
 
+@pytest.mark.browser
+def test_every_tab_on_a_model_that_is_not_the_demo(tmp_path, chromium_path):
+    """The app started on another family (Qwen2-MoE: a shared expert, router weights not renormalised, 3 x 8), walked
+    tab by tab in a real browser as a user would: statistics, routing of a text, saliency with its stability and
+    the Why panel, a click-made plan previewed, a short distillation, its row in Compare and an export."""
+    from playwright.sync_api import sync_playwright
+    from transformers import AutoTokenizer
+
+    from conftest import CHROMIUM_ARGS
+    from explorer.assets import DEMO_MODEL
+    from explorer.tiny import tiny_model
+
+    folder = tmp_path / "qwen2-moe"
+    tiny_model("qwen2_moe", seed=0, vocab_size=4096).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(folder)
+    with launched_app(tmp_path / "out", tmp_path / "app.log", "--model", str(folder)) as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("Perplexity (evaluation)").wait_for(timeout=180_000)
+        _idle(page)
+        body = page.locator("body").inner_text()
+        assert "Qwen2MoeForCausalLM" in body and "3 MoE layers" in body and "demo-moe" not in body
+        page.screenshot(path=str(tmp_path / "1-model.png"), full_page=True)
+        page.get_by_role("tab", name="Routing").click()
+        page.get_by_role("button", name="Show routing", exact=True).click()
+        page.locator(".token-strip").wait_for(timeout=30_000)
+        _idle(page)
+        page.screenshot(path=str(tmp_path / "2-routing.png"), full_page=True)
+        assert page.locator(".js-plotly-plot").filter(visible=True).count() >= 3, \
+            page.locator(".js-plotly-plot").filter(visible=True).count()
+        page.get_by_role("tab", name="Saliency").click()
+        page.get_by_role("button", name="Score experts", exact=True).click()
+        page.wait_for_function("() => document.querySelector('#rank-stability').innerText.includes('Spearman')",
+                               timeout=60_000)
+        page.get_by_text("Why: one expert or one layer").click()
+        page.get_by_role("button", name="Why this expert", exact=True).click()
+        page.wait_for_function("() => document.querySelector('#why').innerText.includes('Expert 0 of MoE layer 0')",
+                               timeout=30_000)
+        _idle(page)
+        page.screenshot(path=str(tmp_path / "3-saliency.png"), full_page=True)
+        page.get_by_role("tab", name="Plan").click()
+        page.locator('[data-testid="cell-1-3"]').wait_for(timeout=30_000)
+        page.locator('[data-testid="cell-1-3"]').click()
+        page.get_by_text("Preview perplexity").wait_for(timeout=60_000)
+        _idle(page)
+        page.screenshot(path=str(tmp_path / "4-plan.png"), full_page=True)
+        page.get_by_role("tab", name="Distill").click()
+        page.get_by_label("steps").fill("4")
+        page.get_by_label("evaluate every").fill("2")
+        page.get_by_role("button", name="Start distillation", exact=True).click()
+        page.get_by_text("done").first.wait_for(timeout=180_000)
+        page.screenshot(path=str(tmp_path / "5-distill.png"), full_page=True)
+        page.get_by_role("tab", name="Compare & export").click()
+        page.wait_for_function("() => document.body.innerText.includes('+ distilled (4 steps)')", timeout=30_000)
+        page.get_by_label("export folder").fill(str(tmp_path / "export"))
+        page.get_by_role("button", name="Export to folder", exact=True).click()
+        page.get_by_text("Written to").wait_for(timeout=120_000)
+        page.screenshot(path=str(tmp_path / "6-compare.png"), full_page=True)
+        browser.close()
+    written = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert written["model_type"] == "qwen2_moe" and (tmp_path / "export" / "plan.json").exists()
+    for f in sorted(tmp_path.glob("*.png")):
+        print("screenshot:", f)
+
+
 def test_loading_another_model_says_which_and_what_it_cleared(client, tmp_path):
     """Pressing Load names the model that loads (not "the demo") and takes the previous model's charts off the
     screen; the plans tried on the previous model leave Compare with a sentence saying so."""
