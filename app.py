@@ -105,16 +105,6 @@ def _forget(s: Session | None) -> None:
             shutil.rmtree(s.out_root / f".{kind}", ignore_errors=True)
 
 
-def _private_dir(s: Session, kind: str) -> Path:
-    """A fresh folder for this session's downloads or uploads; the previous one of the same kind is removed, so a
-    session keeps one plan download, one archive and one set of uploads at a time."""
-    base = (s.out_root or Path(tempfile.gettempdir()) / "moe-explorer") / f".{kind}"
-    if base.exists():
-        shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=base))
-
-
 def user_message(err: Exception) -> str:
     """An error as one line of Markdown, safe to show (a parser's ``<stream end>`` is text, not a tag)."""
     text = str(err).strip("'\"") if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
@@ -255,7 +245,7 @@ def plan_file(s: Session) -> str | None:
     """The current plan as a file for the download button (one file per plan content, so never a stale one)."""
     if not s.loaded:
         return None
-    return s.plan_file(_private_dir(s, "plan"))  # under the session's own folder, never a shared one
+    return s.plan_file(s.private_dir("plan"))  # under the session's own folder, never a shared one
 
 
 # ---- layout: one builder per tab, each returns its components ------------------------------------------------
@@ -501,7 +491,7 @@ def on_data(s, data_source, files, max_tokens):
     source = data_source or "demo"
     uploaded = bool(files)
     if files:
-        folder = _private_dir(s, "uploads")
+        folder = s.private_dir("uploads")
         for i, f in enumerate(files):  # the uploaded names are never used as paths: one domain per file, numbered
             shutil.copy(getattr(f, "name", f), folder / f"domain-{i + 1}.txt")
             with contextlib.suppress(OSError):
@@ -728,7 +718,7 @@ def on_export(s, folder, overwrite, form="per-layer"):
 def on_zip(s, form="per-layer"):
     try:
         s = _sess(s)
-        tmp = _private_dir(s, "archive")  # the previous archive of this session goes
+        tmp = s.private_dir("archive")  # the previous archive of this session goes
         out = s.export(tmp / "compressed", trusted_target=True, form=form or "per-layer")
         archive = shutil.make_archive(str(tmp / "compressed"), "zip", out)
         shutil.rmtree(out, ignore_errors=True)  # the zip is what is downloaded; the folder was only its source
@@ -829,7 +819,7 @@ def on_sweep(s, ops, x="params", progress=gr.Progress()):
         raise SessionError("choose at least one operation to sweep")
     eta = _with_eta(progress)
     points = s.sweep(list(ops), progress=lambda i, n, plan: eta(i / max(n, 1), f"previewing {plan}"))
-    f = _private_dir(s, "sweep") / "sweep.csv"
+    f = s.private_dir("sweep") / "sweep.csv"
     f.write_text(csv_text(points), encoding="utf-8")
     return figures.sweep_figure(points, x=x or "params"), str(f)
 
@@ -838,11 +828,12 @@ def on_save_session(s):
     """The session as one file (model source, text, statistics, plans, measurements, students) to download."""
     try:
         s = _sess(s)
-        f = s.save(_private_dir(s, "session") / "explorer.moe-session.zip")
+        f = s.save(s.private_dir("session") / "explorer.moe-session.zip")
     except Exception as err:  # noqa: BLE001 - reported in the page
         return user_message(err), None
+    note = f" Note: {s.save_note}." if s.save_note else ""
     return (f"Saved: {len(s.tried)} plan(s) tried, {len(s.students)} student(s). Open it here later, or in a "
-            "notebook with `Session.open(path)`."), str(f)
+            f"notebook with `Session.open(path)`.{note}"), str(f)
 
 
 def on_open_session(s, upload):

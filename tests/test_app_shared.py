@@ -152,3 +152,37 @@ def test_uploads_and_prompts_are_bounded(shared):
     _load(c)
     assert "at most 8 prompts" in _refusal(c, "/on_generate", "\n".join(f"p{i}" for i in range(9)), 8)
     assert "at most 512" in _refusal(c, "/on_generate", "word " * 2000, 8)
+
+
+def test_a_session_on_uploaded_text_travels_with_its_text(shared, tmp_path):
+    """Text uploaded to a shared app is carried in the saved session: it reopens in a notebook after the app's copy
+    is gone, with the same tokens (its measurements stand), and opens in the app again."""
+    import shutil
+
+    from gradio_client import handle_file
+
+    from explorer.assets import ASSETS
+    from explorer.session import Session
+
+    url, out, _ = shared
+    c = _client(url)
+    _load(c)
+    files = []
+    for name in ("code", "shakespeare"):
+        f = tmp_path / f"{name}.txt"
+        f.write_bytes((ASSETS / "corpus" / name / "calib.txt").read_bytes()[:300_000])
+        files.append(handle_file(str(f)))
+    c.predict("demo", files, 512, api_name="/on_data")
+    summary = c.predict(api_name="/on_stats")[0]
+    assert "domain-1, domain-2" in summary, summary
+    c.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    msg, f = c.predict(api_name="/on_save_session")
+    assert "Saved: 1 plan(s)" in msg and "Note" not in msg, msg
+    keep = tmp_path / "uploaded.moe-session.zip"
+    shutil.copy(f, keep)
+    for d in out.glob("*/.uploads"):  # the app's copies of the uploads go, as they do when its sessions end
+        shutil.rmtree(d)
+    nb = Session.open(keep, device="cpu")
+    assert nb.data.eval.domains == ["domain-1", "domain-2"] and not any(e["stale"] for e in nb.compared())
+    msg, table, _ = c.predict(handle_file(str(keep)), api_name="/on_open_session")
+    assert "1 plan(s) tried" in msg and len(table["data"]) == 1, msg

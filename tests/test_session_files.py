@@ -79,3 +79,38 @@ def test_a_shared_app_opens_no_session_that_names_a_server_path(saved, tmp_path)
     other = _rewritten(path, tmp_path / "other.moe-session.zip", lambda m: m.__setitem__("source", "/etc/some-model"))
     with pytest.raises(SessionError, match="this app is shared"):
         Session.open(other, untrusted=True)
+
+
+def test_a_session_on_text_files_reopens_where_they_are_gone(tmp_path):
+    """Uploaded text (or a folder of .txt files) travels in the session file: reopened after the folder is gone,
+    the session reads the same tokens, so its measurements stand; a file whose text names climb out of their
+    folder is refused in words."""
+    import shutil
+
+    from explorer.assets import ASSETS
+
+    folder = tmp_path / "my-text"
+    folder.mkdir()
+    corpus = sorted((ASSETS / "corpus").rglob("*.txt"))[:2]
+    for i, f in enumerate(corpus):
+        (folder / f"domain-{i + 1}.txt").write_bytes(f.read_bytes())
+    s = Session(max_tokens=512)
+    s.load()
+    s.set_data(str(folder))
+    s.collect()
+    s.preview(s.preset("drop-experts", 0.25))
+    path = s.save(tmp_path / "text.moe-session.zip")
+    assert s.save_note == ""
+    shutil.rmtree(folder)
+    t = Session.open(path, device="cpu")
+    assert t.data_key == s.data_key and t.data.eval.domains == ["domain-1", "domain-2"]
+    assert t.data_source != str(folder) and t.data_uploaded and not any(e["stale"] for e in t.compared())
+    shared = Session(max_tokens=512, untrusted=True)  # a shared app: its own copy of uploaded text stays readable
+    shared.load()
+    shared.set_data(t.data_source, uploaded=True)
+    shared.load()  # another model: the text is read again, not refused as a server path
+    assert shared.data_key == s.data_key
+    climbing = _rewritten(path, tmp_path / "climb.moe-session.zip",
+                          lambda m: m["text"].__setitem__("files", ["../escape.txt"]))
+    with pytest.raises(SessionError, match="text files"):
+        Session.open(climbing)

@@ -63,6 +63,18 @@ class Access:
                                "allowed them (--allow-paths); " + ("upload the text instead" if what == "data" else
                                                                     "use the demo or a hub id"))
 
+    def private_dir(self, kind: str) -> Path:
+        """A fresh folder for this session's downloads or uploads of one ``kind``; the previous one of that kind
+        is removed, so a session keeps one plan download, one archive and one set of uploads at a time."""
+        import shutil
+        import tempfile
+
+        base = (self.out_root or Path(tempfile.gettempdir()) / "moe-explorer") / f".{kind}"
+        if base.exists():
+            shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base))
+
     def export_path(self, out_dir: str | Path | None) -> Path:
         """Where an export goes: an empty or relative path under ``out_root`` (never climbing out of it); an
         absolute one as given in a private app, and in a shared one only inside an allowed folder."""

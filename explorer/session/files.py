@@ -2,10 +2,11 @@
 measurements and task scores, and the distilled students' weights; saved from the app or a notebook, opened in
 either.
 
-The file is a zip of data only: ``session.json`` (read by ``json``), ``stats.npz`` (``np.load`` without pickle)
-and ``students/N.safetensors``. Opening it loads the model from the source it names (so a session from a shared
-app opens only where that source is: the demo, a hub id, a folder the app allows), checks every plan against the
-model, and rebuilds each student from its plan before loading its weights.
+The file is a zip of data only: ``session.json`` (read by ``json``), ``stats.npz`` (``np.load`` without pickle),
+``students/N.safetensors`` and, when the text came from files (an upload, a folder), those ``.txt`` files under
+``text/``, so the session reopens where they do not exist. Opening it loads the model from the source it names (so
+a session from a shared app opens only where that source is: the demo, a hub id, a folder the app allows), checks
+every plan against the model, and rebuilds each student from its plan before loading its weights.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FORMAT = "moe-explorer-session"
 VERSION = 1
 SUFFIX = ".moe-session.zip"
 MAX_JSON = 64 << 20  # bytes of session.json: plans and numbers, not weights
+MAX_TEXT = 64 << 20  # bytes of text files carried in a session (a shared app's largest upload)
 
 
 class SessionFileError(SessionError):
@@ -46,11 +48,15 @@ class SessionFiles:
         from ..assets import DEMO_MODEL
 
         source = "demo" if self.source == str(DEMO_MODEL) else self.source
+        text, text_note = _text_files(self.data_source)
+        blobs.update({f"text/{name}": data for name, data in text.get("files", {}).items()})
         meta = {"format": FORMAT, "version": VERSION, "source": source, "data_source": self.data_source,
                 "block_len": self.block_len, "max_tokens": self.max_tokens, "data_key": self.data_key,
                 "plan": self.plan.to_dict(), "tried": self.tried, "pareto_x": self.pareto_x,
                 "task_key": list(self.task_key) if self.task_key else None, "base_scores": self.base_scores,
-                "plan_tasks": self.plan_tasks, "students": students}
+                "plan_tasks": self.plan_tasks, "students": students,
+                "text": {k: v for k, v in text.items() if k != "files"} | {"files": sorted(text.get("files", {}))}
+                if text else None, "text_note": text_note}
         stats = io.BytesIO()
         _save_stats(self.stats, stats)
         buf = io.BytesIO()
@@ -60,6 +66,7 @@ class SessionFiles:
             for name, data in blobs.items():
                 z.writestr(name, data)
         atomic_write(path, buf.getvalue())
+        self.save_note = text_note  # said beside the saved file where the text could not travel with it
         return Path(path)
 
     @classmethod
@@ -77,9 +84,14 @@ class SessionFiles:
 
         meta, stats_bytes, read = _read(Path(path))
         self.check_source(meta["source"], "model")
-        self.check_source(meta["data_source"], "data")
+        text = meta.get("text")
+        if not text:  # the demo, a hub dataset, or text too large to carry: read where the file names it
+            self.check_source(meta["data_source"], "data")
         self.block_len, self.max_tokens = int(meta["block_len"]), int(meta["max_tokens"])
-        self.data_source = meta["data_source"]
+        if text:  # the session's own copy of its text, as an upload is
+            self.data_source, self.data_uploaded = _unpack_text(text, read, self.private_dir("uploads")), True
+        else:
+            self.data_source, self.data_uploaded = meta["data_source"], False
         self.load(meta["source"], device=device)
         if self.data_key != meta["data_key"]:
             raise SessionFileError(f"the evaluation text of {meta['data_source']!r} is not the text the session was "
@@ -120,6 +132,44 @@ class SessionFiles:
         d.tokens, d.initial_ppl, d.elapsed = int(st["tokens"]), st["initial_ppl"], float(st["elapsed"])
         d.history = [DistillEvent(**e) for e in st["history"]]
         self.students[cut_key(plan)] = d
+
+
+def _text_files(source: str) -> tuple[dict, str]:
+    """The text files a local data source reads ({"kind": "file" | "folder", "name", "files": {relative name:
+    bytes}}), and a note where they are not carried (none for the demo and hub datasets, which are read again)."""
+    if source in (None, "", "demo") or str(source).startswith("hf:"):
+        return {}, ""
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = {path.name: path}
+    elif path.is_dir():
+        files = {f.name: f for f in sorted(path.glob("*.txt"))}
+        files |= {f"{d.name}/{f.name}": f for d in sorted(p for p in path.iterdir() if p.is_dir())
+                  for f in sorted(d.glob("*.txt"))}
+    else:
+        return {}, f"the text {source} was not found when saving: the session reopens only where it exists"
+    size = sum(f.stat().st_size for f in files.values())
+    if size > MAX_TEXT:
+        return {}, (f"the text {source} ({size:,} bytes) is larger than a session carries ({MAX_TEXT:,}): the "
+                    "session reopens only where it exists")
+    return {"kind": "file" if path.is_file() else "folder", "name": path.name,
+            "files": {name: f.read_bytes() for name, f in files.items()}}, ""
+
+
+def _unpack_text(text: dict, read, folder: Path) -> str:
+    """Write a session's text files into ``folder`` (names checked: one level of sub-folder at most, no climbing
+    out); the data source to read them from."""
+    import re
+
+    safe = re.compile(r"^[^/\\.][^/\\]*(/[^/\\.][^/\\]*)?$")
+    names = text.get("files") or []
+    if text.get("kind") not in ("file", "folder") or not names or any(not safe.match(str(n)) for n in names):
+        raise SessionFileError("the session's text files are named in a way the explorer does not write")
+    for name in names:
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read(f"text/{name}"))
+    return str(folder / names[0]) if text["kind"] == "file" else str(folder)
 
 
 def _save_stats(stats, buf: io.BytesIO) -> None:
@@ -166,6 +216,11 @@ def _read(path: Path):
     files = {st.get("file") for st in meta.get("students", [])}
     if not files <= names or any(not str(f).startswith("students/") for f in files):
         raise SessionFileError(f"{path.name}: its students name files it does not hold")
+    text = meta.get("text") or {}
+    if not {f"text/{n}" for n in text.get("files", [])} <= names:
+        raise SessionFileError(f"{path.name}: it names text files it does not hold")
+    if sum(z.getinfo(f"text/{n}").file_size for n in text.get("files", [])) > MAX_TEXT:
+        raise SessionFileError(f"{path.name}: its text is larger than a session carries ({MAX_TEXT:,} bytes)")
 
     def read(name: str) -> bytes:
         return z.read(name)

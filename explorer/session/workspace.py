@@ -25,6 +25,7 @@ class Workspace:
         self.load_note = ""  # what loading another model cleared, in words
         self.data: Dataset | None = None
         self.data_source = "demo"
+        self.data_uploaded = False  # data_source is the session's own copy of uploaded text, not a path typed
         self.block_len, self.max_tokens = block_len, max_tokens
         self.data_key: str | None = None  # which evaluation tokens the perplexities were measured on
         self.stats: RouterStats | None = None
@@ -64,7 +65,7 @@ class Workspace:
         self._forget_plans()  # a new model: the plans, previews and students of the old one mean nothing
         self.load_note = (f"The {had} plan(s) tried on the previous model ({Path(old).name}) were cleared from "
                           "Compare: a plan's numbers belong to the model it was measured on." if had else "")
-        self.set_data(self.data_source)
+        self.set_data(self.data_source, uploaded=self.data_uploaded)
         return self.summary()
 
     def set_data(self, source: str = "demo", block_len: int | None = None, max_tokens: int | None = None,
@@ -75,7 +76,7 @@ class Workspace:
             self.check_source(source, "data")
         data = load_data(self.tok, source, block_len=block_len or self.block_len,
                          max_tokens=max_tokens if max_tokens is not None else self.max_tokens, model=self.model)
-        self.data, self.data_source = data, source
+        self.data, self.data_source, self.data_uploaded = data, source, uploaded
         self.data_key = hashlib.sha1(data.eval.input_ids.numpy().tobytes()).hexdigest()[:12]
         self.stats, self._scores, self.base = None, {}, None
         return {"source": source, "domains": data.eval.domains, "calib_tokens": data.calib.tokens,
