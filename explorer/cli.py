@@ -145,6 +145,15 @@ def cmd_stats(args) -> int:
               file=sys.stderr)
     stats = collect_stats(model, view, ds.calib, batch_size=args.batch_size,
                           progress=_progress("stats", "layer" if args.sequential else "batch"))
+    if args.hessians:
+        from .hessians import add_hessians
+
+        if processes.group() is not None:
+            from .errors import ExplorerError
+
+            raise ExplorerError("--hessians is collected by one process: run `stats --hessians` without torchrun")
+        add_hessians(stats, model, view, ds.calib, batch_size=args.batch_size,
+                     progress=_progress("hessians", "layer" if args.sequential else "batch"))
     if processes.is_main():
         stats.save(args.out)
     mem = f"peak memory {stats.info['peak_rss_bytes'] / 2**30:.2f} GiB RSS"
@@ -153,6 +162,22 @@ def cmd_stats(args) -> int:
     print(f"{stats.info['tokens']:,} calibration tokens, {len(view)} MoE layers, {stats.info['seconds']:.1f}s, {mem}"
           f" -> {args.out}")
     return 0
+
+
+def _with_hessians(args, plan, stats, model, view, tok):
+    """``stats`` with each expert's input Hessians where ``plan`` edits with them (GPTQ, SparseGPT) and the file
+    holds none: collected here on the calibration text (said first)."""
+    from .hessians import add_hessians, has_hessians
+
+    if stats is None or not plan.needs_hessians() or has_hessians(stats):
+        return stats
+    from .data import load_data
+
+    blocks = load_data(tok, getattr(args, "data", None) or "demo", block_len=getattr(args, "block_len", None) or 256,
+                       max_tokens=getattr(args, "max_tokens", None), model=model).calib
+    print(f"GPTQ / SparseGPT: each expert's input Hessian on {blocks.tokens:,} calibration tokens (one more pass; "
+          "`stats --hessians` keeps them in the statistics file)", file=sys.stderr)
+    return add_hessians(stats, model, view, blocks)
 
 
 def _how(model) -> str:
@@ -231,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sequential_arg(p)
     p.add_argument("--out", required=True, help="stats.json or stats.npz")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--hessians", action="store_true", help="also each expert's input Hessians (for GPTQ and "
+                   "SparseGPT plans): one more pass, E·(H²+I²) numbers per MoE layer")
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("eval", help="perplexity on the evaluation split, and task accuracy with --tasks")
     _model_args(p); _data_args(p); _task_args(p)  # noqa: E702
@@ -438,6 +465,7 @@ def cmd_preview(args) -> int:
 
         encode_prompts(model, tok, args.generate, args.max_new_tokens)  # too long for the model: said before work
     ds = _data(args, tok, model)
+    stats = _with_hessians(args, plan, stats, model, view, tok)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
     t = time.perf_counter()
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
@@ -497,6 +525,7 @@ def cmd_apply(args) -> int:
     model, tok, view = _load(args)
     rep = plan.report(view, form=args.form)
     _print_report(rep)  # the engines that will load it, said before anything is written
+    stats = _with_hessians(args, plan, stats, model, view, tok)
     new, _, layout = apply_plan(model, view, plan, stats=stats, form=args.form)
     summary = {"source": args.model, "report": rep}
     widened = _widened_note(args, new)
@@ -609,6 +638,7 @@ def cmd_distill(args) -> int:
         args.device = str(acc.device)
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
+    stats = _with_hessians(args, plan, stats, model, view, tok)
     d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats, accelerator=acc)
     say = print if main_proc else (lambda *a, **k: None)
     if acc is not None:

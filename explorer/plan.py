@@ -222,6 +222,10 @@ class Plan:
             return self.notes
         return "; ".join(OPS[name].describe(spec) for name, spec in self.ops.items()) or "empty plan"
 
+    def needs_hessians(self) -> bool:
+        """Whether an operation of this plan edits with per-expert input Hessians (GPTQ, SparseGPT)."""
+        return any(OPS[name].needs_hessians(spec) for name, spec in self.ops.items())
+
     def series(self) -> str:
         """What kind of cut this is, for grouping plans in a chart: the planner and its criterion or method
         (``drop experts (reap)``), several joined by ``+``, or the operations and "by hand" without a recipe."""

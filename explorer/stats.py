@@ -54,6 +54,13 @@ ARRAYS = {
     "half_count_softmax": "[E] count_softmax, over the even-numbered calibration blocks",
 }
 SCALARS = ("tokens", "entropy_sum", "dense_tokens", "layer_cos_sum", "layer_tokens", "half_tokens")
+# per-expert input Hessians (``explorer.hessians``): only where a GPTQ or SparseGPT plan asked for them
+OPTIONAL_ARRAYS = {
+    "hess_in": "[E,H,H] Σ x xᵀ over the tokens routed to each expert (its gate/up input)",
+    "hess_mid": "[E,I,I] Σ h hᵀ of each expert's intermediate activations over its routed tokens (its down input)",
+    "hess_tokens": "[E] routed tokens the Hessians summed",
+}
+STORED = {**ARRAYS, **OPTIONAL_ARRAYS}
 HALVED = ("count", "gate_mass", "reap", "reap_softmax", "count_softmax", "tokens")  # the sums kept per half
 
 
@@ -217,7 +224,7 @@ class RouterStats:
     def from_json(cls, src: str | Path) -> "RouterStats":
         text = Path(src).read_text() if not str(src).lstrip().startswith("{") else str(src)
         d = json.loads(text)
-        d["layers"] = [{k: (np.asarray(v, dtype=np.float64) if k in ARRAYS else v) for k, v in lay.items()}
+        d["layers"] = [{k: (np.asarray(v, dtype=np.float64) if k in STORED else v) for k, v in lay.items()}
                        for lay in d["layers"]]
         return cls(**d)
 
@@ -227,7 +234,7 @@ class RouterStats:
         if path.suffix == ".json":
             self.to_json(path)
             return
-        arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in ARRAYS}
+        arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in STORED}
         scal = [{k: lay[k] for k in SCALARS if k in lay} for lay in self.layers]
         buf = io.BytesIO()
         np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
@@ -253,7 +260,7 @@ class RouterStats:
                     layers = []
                     for i, sc in enumerate(scal):
                         lay = dict(sc)
-                        lay.update({k: z[f"{i}/{k}"] for k in ARRAYS if f"{i}/{k}" in z})
+                        lay.update({k: z[f"{i}/{k}"] for k in STORED if f"{i}/{k}" in z})
                         layers.append(lay)
                 stats = cls(layers=layers, **meta)
         except json.JSONDecodeError as err:

@@ -168,6 +168,9 @@ def test_quantise_preset_and_bytes_on_the_pareto_chart(client):
     assert xs[0] < 0.5 * xs[-1]  # the quantised plan is far smaller in bytes, though it keeps every parameter
     by_params = json.loads(client.predict("params", api_name="/on_pareto_x")["plot"])
     assert by_params["layout"]["xaxis"]["title"]["text"] == "parameters"
+    # GPTQ from the same preset: the session collects the experts' Hessians and previews it (issue 27)
+    res = client.predict("quantise", 3, "reap", "experts only, by GPTQ", "uniform", False, api_name="/on_preset")
+    assert "Preview perplexity" in res[1] and '"method": "gptq"' in res[2], res[0]
 
 
 def test_task_accuracy_columns_and_pareto_axis(client):
@@ -315,7 +318,8 @@ def test_each_preset_has_its_own_controls_and_ranges(client):
     assert method["visible"] and method["choices"] == [["mc-smoe", "mc-smoe"], ["hc-smoe", "hc-smoe"]]
     assert crit["visible"] is False and mode["visible"] is False
     amount, crit, method, mode, protect = client.predict("quantise", api_name="/on_preset_kind")
-    assert "bits" in amount["label"] and [c[0] for c in method["choices"]] == ["experts only", "+ attention 8-bit"]
+    assert "bits" in amount["label"] and [c[0] for c in method["choices"]] == ["experts only", "experts only, by GPTQ",
+                                                                             "+ attention 8-bit"]
     for args, words in [(("quantise", 0, "experts only"), "between 2 and 8"),
                         (("drop-blocks", 0, "experts only"), "between 1 and 3")]:
         res = client.predict(args[0], args[1], "reap", args[2], "uniform", False, api_name="/on_preset")

@@ -154,7 +154,8 @@ def test_each_preset_shows_its_own_controls_in_the_widgets(session):
     assert v.crit.layout.display == "none" and v.method.layout.display is None
     assert list(v.method.options) == ["mc-smoe", "hc-smoe"]
     v.preset.value = "quantise"
-    assert (v.amount.min, v.amount.max) == (2, 8) and list(v.method.options) == ["experts only", "+ attention 8-bit"]
+    assert (v.amount.min, v.amount.max) == (2, 8) and list(v.method.options) == [
+        "experts only", "experts only, by GPTQ", "+ attention 8-bit"]
     v.preset.value = "drop-blocks"
     assert v.method.layout.display == "none" and v.amount.value == 1
     v.make_plan()

@@ -136,6 +136,10 @@ class Operation:
         """Whether the operation changes the tensors of MoE layer ``lay`` (then they are materialised)."""
         return False
 
+    def needs_hessians(self, spec: Any) -> bool:
+        """Whether editing needs each expert's input Hessians (``explorer.hessians``) in the statistics."""
+        return False
+
     def neurons(self, spec: Any, ctx: "EditContext") -> dict | None:
         """The intermediate neurons each kept expert keeps (None: all); the out-of-core editor reads it."""
         return None
@@ -238,6 +242,31 @@ class EditContext:
         x = group_energy(self.st, key, group, perms)
         idx = self.neurons.get(e)
         return x if idx is None else x[idx]
+
+    def hessians(self, e: int, what: str):
+        """Expert ``e``'s input Hessians for error-compensating edits: (H_in [H, H], H_mid [I', I'] or None where
+        the intermediate Hessian does not follow the expert through merging, tokens). Merged experts sum their
+        members' H_in (same inputs); slimmed experts keep the rows and columns of their kept neurons. PlanError in
+        words where the statistics hold no Hessians."""
+        import torch
+
+        from ..errors import PlanError
+
+        if self.st is None or "hess_in" not in self.st:
+            raise PlanError(f"{what} needs each expert's input Hessian: pass statistics (--stats; their Hessians "
+                            "are collected when missing, or kept with `python -m explorer stats MODEL --hessians`); a "
+                            "session collects them when a plan asks")
+        group, perms = self.members.get(e, ([e], None))
+        h_in = sum(torch.as_tensor(self.st["hess_in"][m], dtype=torch.float32) for m in group)
+        tokens = float(sum(self.st["hess_tokens"][m] for m in group))
+        h_mid = None
+        if len(group) == 1 and perms is None:
+            h_mid = torch.as_tensor(self.st["hess_mid"][e], dtype=torch.float32)
+            idx = self.neurons.get(e)
+            if idx is not None:
+                idx = torch.as_tensor(idx, dtype=torch.long)
+                h_mid = h_mid[idx][:, idx]
+        return h_in, h_mid, tokens
 
     def input_energy(self, e: int, key: str = "in_sq"):
         """Expert ``e``'s per-input-channel energy (``in_sq`` or ``in_sq_gated``), members' sums when merged."""

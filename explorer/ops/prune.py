@@ -1,7 +1,9 @@
 """Unstructured weight pruning inside experts: zero weights by |W_ij|·‖X_j‖ within each output row (Wanda), with
-the router-gated input norms of MoE-Pruner; optionally N:M (keep N of every M weights in a row).
+the router-gated input norms of MoE-Pruner; or by SparseGPT, which chooses the weights from each expert's input
+Hessian and updates the rest to compensate (``explorer.compensate``); optionally N:M (keep N of every M weights in a
+row).
 
-Plan field: ``prune: {"sparsity": 0.5, "method": "moe-pruner" | "wanda", "nm": [2, 4] | null}``.
+Plan field: ``prune: {"sparsity": 0.5, "method": "moe-pruner" | "wanda" | "sparsegpt", "nm": [2, 4] | null}``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from ..errors import PlanError
 from .base import EditContext, Operation, register
 from .slim import NEEDS_STATS
 
-PRUNE_METHODS = ("moe-pruner", "wanda")
+PRUNE_METHODS = ("moe-pruner", "wanda", "sparsegpt")
 
 
 def sparsity_of(p: dict) -> float:
@@ -94,7 +96,15 @@ class Prune(Operation):
             return 0
         H, I = lay.hidden_size, lay.intermediate_size
         gu_rows = (lay.gate_up[0].numel() // H) * width // I  # [out, in] = [2I' or I', H]; down [H, I']
-        return n_experts * (pruned_per_row(spec, H) * gu_rows + pruned_per_row(spec, width) * H)
+        per_row = pruned_per_row
+        if spec.get("method") == "sparsegpt":  # the same count in every block of its columns
+            from ..compensate import pruned_per_row as sgpt_per_row
+
+            per_row = lambda p, cols: sgpt_per_row(cols, float(p["sparsity"]), p.get("nm"))  # noqa: E731
+        return n_experts * (per_row(spec, H) * gu_rows + per_row(spec, width) * H)
+
+    def needs_hessians(self, spec) -> bool:
+        return spec is not None and spec.get("method") == "sparsegpt" and sparsity_of(spec) > 0
 
     def needs_stats(self, spec, lay) -> str | None:
         return NEEDS_STATS if self.touches(spec, lay) else None
@@ -103,6 +113,8 @@ class Prune(Operation):
         return sparsity_of(spec) > 0
 
     def edit(self, spec, ctx: EditContext) -> None:
+        if spec.get("method") == "sparsegpt":
+            return _sparsegpt_edit(spec, ctx)
         gated = spec.get("method", "moe-pruner") == "moe-pruner"
         for e in ctx.kept:
             gu, dn, gb, db = ctx.per[e]
@@ -113,6 +125,26 @@ class Prune(Operation):
 
     def out_of_core(self, spec, plan, view, stats, config, model) -> str | None:
         return "prune (weight pruning) is done in memory only: use the in-memory apply (without --out-of-core)"
+
+
+def _sparsegpt_edit(spec, ctx: EditContext) -> None:
+    """SparseGPT on each kept expert's two projections, each with the Hessian of its own inputs; a merged expert's
+    down projection, whose intermediate Hessian is not tracked through neuron alignment, with the diagonal one
+    (its per-neuron energies: no compensation across neurons)."""
+    from ..compensate import sparsegpt
+
+    lay, sp, nm = ctx.lay, float(spec["sparsity"]), spec.get("nm")
+    for e in ctx.kept:
+        gu, dn, gb, db = ctx.per[e]
+        h_in, h_mid, _ = ctx.hessians(e, "prune with sparsegpt")
+        if h_mid is None:
+            h_mid = torch.diag(ctx.neuron_energy(e, "neuron_sq").float())
+        gu_oi = gu.T if lay.transposed else gu  # [2I, H]
+        dn_oi = dn.T if lay.transposed else dn  # [H, I]
+        g2 = sparsegpt(gu_oi, h_in, sp, nm).to(gu.dtype)
+        d2 = sparsegpt(dn_oi, h_mid, sp, nm).to(dn.dtype)
+        ctx.per[e] = ((g2.T if lay.transposed else g2).contiguous(), (d2.T if lay.transposed else d2).contiguous(),
+                      gb, db)
 
 
 register(Prune())

@@ -3,7 +3,8 @@ width for all experts or one per expert; and a planner that spends a byte budget
 
 Plan field (combinable with every other operation; it runs last, on the experts that remain)::
 
-    quantise: {bits: 4, group_size: 128, per_expert: {moe_layer: {expert: bits}}, layers: [moe_layer, ...]}
+    quantise: {bits: 4, group_size: 128, per_expert: {moe_layer: {expert: bits}}, layers: [moe_layer, ...],
+               method: rtn | gptq, damp: 0.01}
 
 ``bits`` is 2, 3, 4, 8, "fp8" or 16 (left as it is); ``per_expert`` overrides it expert by expert (ids are the
 original ones); ``layers`` limits it to some MoE layers. Group-wise along each weight's input dimension: per row
@@ -12,6 +13,12 @@ and group of ``group_size`` inputs, ``scale = max|w| / ((2^b - 1) / 2)`` and ``w
 stores ``w / scale`` in float8_e4m3fn with ``scale = max|w| / 448``. Preview and apply use the
 dequantised ``w_q · scale`` of exactly the same function, so they agree to float rounding. Bytes count the codes
 and one 16-bit scale per group.
+
+``method: gptq`` rounds the integer widths by GPTQ instead (``explorer.compensate``): each expert's columns in
+order, each rounding error spread over the columns not yet rounded through the inverse of the Hessian of the
+inputs routed to that expert (``explorer.hessians``; ``damp`` × its mean diagonal added). The grid, groups and
+scales rule are the same, so the export is the same format. Experts routed fewer than ``MIN_TOKENS`` calibration
+tokens, FP8 experts, and the attention / shared projections are rounded to nearest.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .. import packing
 from .base import Operation, int_keys, read_id, register
 
 BITS = (2, 3, 4, 8, "fp8", 16)
+QUANTISE_METHODS = ("rtn", "gptq")
 GROUP_SIZES = (16, 32, 64, 128, 256)
 FP8_MAX = 448.0
 SCALE_BYTES = 2
@@ -232,10 +240,18 @@ class Quantise(Operation):
             value = {"bits": value}
         if not isinstance(value, dict):
             raise quantise_error(f"expected a mapping such as {{bits: 4, group_size: 128}}, got {type(value).__name__}")
-        unknown = set(value) - {"bits", "group_size", "per_expert", "layers", "attention", "shared"}
+        unknown = set(value) - {"bits", "group_size", "per_expert", "layers", "attention", "shared", "method", "damp"}
         if unknown:
             raise quantise_error(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes bits, group_size, "
-                         "per_expert, layers, attention and shared")
+                         "per_expert, layers, attention, shared, method and damp")
+        method = value.get("method", "rtn")
+        if method not in QUANTISE_METHODS:
+            raise quantise_error(f"method must be one of {', '.join(QUANTISE_METHODS)} (round-to-nearest or GPTQ), "
+                                 f"got {method!r}")
+        damp = value.get("damp", 0.01)
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp <= 1:
+            raise quantise_error(f"damp (GPTQ's dampening, a share of the Hessian's mean diagonal) must lie in (0, 1], "
+                                 f"got {damp!r}")
         gs = value.get("group_size", 128)
         if isinstance(gs, bool) or gs not in GROUP_SIZES:
             raise quantise_error(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {gs!r}")
@@ -249,10 +265,13 @@ class Quantise(Operation):
                 "per_expert": {i: {read_id(e): parse_bits(b, f"per_expert bits of layer {i} expert {e}")
                                    for e, b in v.items()} for i, v in int_keys(per).items()},
                 "layers": None if layers is None else [read_id(x, "a layer number") for x in layers],
-                **{k: None if value.get(k) is None else parse_bits(value[k], k) for k in ("attention", "shared")}}
+                **{k: None if value.get(k) is None else parse_bits(value[k], k) for k in ("attention", "shared")},
+                "method": method, "damp": float(damp)}
 
     def dump(self, spec: dict) -> dict:
         d = {"bits": spec["bits"], "group_size": spec["group_size"]}
+        if spec.get("method", "rtn") != "rtn":
+            d["method"], d["damp"] = spec["method"], spec.get("damp", 0.01)
         for k in ("attention", "shared"):
             if spec.get(k) is not None:
                 d[k] = spec[k]
@@ -286,6 +305,8 @@ class Quantise(Operation):
         else:
             out = f"quantise experts to {name(spec['bits'])} (g{spec['group_size']})"
         more = [f"{k} to {name(spec[k])}" for k in ("attention", "shared") if spec.get(k) not in (None, 16)]
+        if spec.get("method") == "gptq":
+            out = out.replace("quantise experts", "quantise experts by GPTQ")
         return out + (", " + ", ".join(more) if more else "")
 
     def combine(self, mine: dict, other: dict) -> dict:
@@ -302,6 +323,9 @@ class Quantise(Operation):
     def touches(self, spec: dict, lay) -> bool:
         return spec is not None and any(self.bits_of(spec, lay.index, e) != 16 for e in range(lay.num_experts))
 
+    def needs_hessians(self, spec: dict) -> bool:
+        return spec is not None and spec.get("method") == "gptq"
+
     def edit(self, spec: dict, ctx) -> dict:
         """Rounds the kept experts in ``ctx.per``; returns {expert: (bits, gate_up scales, down scales)}, which
         apply keeps on the new model so that an export can store the codes (``write_compact``)."""
@@ -313,8 +337,11 @@ class Quantise(Operation):
             if b == 16:
                 continue
             gu, dn, gb, db = per[e]
-            gu, s_gu = quantise_tensor(gu, b, spec["group_size"], d_gu)
-            dn, s_dn = quantise_tensor(dn, b, spec["group_size"], d_dn)
+            if spec.get("method") == "gptq" and b != "fp8":
+                gu, s_gu, dn, s_dn = _gptq_expert(spec, ctx, e, b, gu, dn)
+            else:
+                gu, s_gu = quantise_tensor(gu, b, spec["group_size"], d_gu)
+                dn, s_dn = quantise_tensor(dn, b, spec["group_size"], d_dn)
             per[e] = (gu, dn, gb, db)
             scales[e] = (b, s_gu, s_dn)
         return scales
@@ -378,6 +405,38 @@ class Quantise(Operation):
 
 
 QUANTISE = Quantise()
+
+
+def _gptq_expert(spec: dict, ctx, e: int, bits: int, gu: torch.Tensor, dn: torch.Tensor):
+    """(gate_up, its scales, down, its scales) of expert ``e`` rounded by GPTQ, in their layout; round-to-nearest
+    where the expert saw fewer than ``MIN_TOKENS`` calibration tokens. A merged expert's down projection, whose
+    intermediate Hessian does not follow neuron alignment, is rounded with the diagonal one (no compensation)."""
+    from ..compensate import MIN_TOKENS, gptq
+
+    lay, gs, damp = ctx.lay, spec["group_size"], spec.get("damp", 0.01)
+    h_in, h_mid, tokens = ctx.hessians(e, "quantise with gptq")
+    d_gu, d_dn = in_dims(lay)
+    if tokens < MIN_TOKENS:
+        return (*quantise_tensor(gu, bits, gs, d_gu), *quantise_tensor(dn, bits, gs, d_dn))
+    if h_mid is None:
+        h_mid = torch.diag(ctx.neuron_energy(e, "neuron_sq").float())
+    out = []
+    for w, h in ((gu, h_in), (dn, h_mid)):
+        w_oi = w.T if lay.transposed else w  # [out, in]
+        q, sc = gptq(w_oi, h, bits, gs, damp)
+        out += [(q.T if lay.transposed else q).contiguous().to(w.dtype), sc]
+    return tuple(out)
+
+
+def gptq_fallbacks(spec: dict, stats, view) -> list[tuple[int, int]]:
+    """(MoE layer, expert) pairs a GPTQ plan rounds to nearest: routed fewer than ``MIN_TOKENS`` calibration tokens."""
+    from ..compensate import MIN_TOKENS
+
+    if spec.get("method") != "gptq" or stats is None:
+        return []
+    key = "hess_tokens" if all("hess_tokens" in lay for lay in stats.layers) else "count"
+    return [(lay.index, e) for lay in view for e in range(lay.num_experts)
+            if QUANTISE.bits_of(spec, lay.index, e) not in (16, "fp8") and stats.layers[lay.index][key][e] < MIN_TOKENS]
 
 
 def linear_targets(spec: dict, plan, view) -> dict:
@@ -749,14 +808,18 @@ def recipe(spec: dict, plan, view) -> str:
     if spec.get("shared") not in (None, 16):
         groups["shared_experts"] = {"targets": [r"re:.*shared_experts?\..*"],
                                     "weights": _recipe_args(spec["shared"], gs)}
+    gptq = spec.get("method") == "gptq"
+    how = ("GPTQ (GPTQModifier; llm-compressor calibrates each expert on the tokens routed to it)" if gptq
+           else "round-to-nearest (QuantizationModifier)")
     head = ("# llm-compressor recipe written by the MoE Compression Explorer from plan.json:\n"
-            f"# {QUANTISE.describe(spec)}, weight-only round-to-nearest (QuantizationModifier), symmetric groups of "
-            f"{gs} inputs.\n"
+            f"# {QUANTISE.describe(spec)}, weight-only {how}, symmetric groups of {gs} inputs.\n"
             "# Replay on the cut model (expert numbers are the export's): llmcompressor.oneshot(model=..., "
             f"recipe='{RECIPE_FILE}').\n"
             "# Left in full precision: lm_head, embeddings, routers, attention and shared experts unless a group "
             "below names them" + (f"; experts {', '.join(full[:20])}{' ...' if len(full) > 20 else ''}" if full
                                   else "") + ".\n")
-    body = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
-        "ignore": list(RECIPE_IGNORE), "config_groups": groups}}}}
+    modifier = {"ignore": list(RECIPE_IGNORE), "config_groups": groups}
+    if gptq:
+        modifier = {**modifier, "dampening_frac": spec.get("damp", 0.01), "block_size": 128}
+    body = {"quant_stage": {"quant_modifiers": {"GPTQModifier" if gptq else "QuantizationModifier": modifier}}}
     return head + yaml.safe_dump(body, sort_keys=False, width=120)

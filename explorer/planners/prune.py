@@ -28,7 +28,8 @@ class PrunePlanning(Planning):
     cli_flag = "prune"
     def add_cli(self, parser, choice) -> None:
         choice.add_argument("--prune", type=float, metavar="SPARSITY", help="zero this share of expert weights by "
-                            "--method (moe-pruner, wanda)")
+                            "--method: moe-pruner, wanda, or sparsegpt (chosen from each expert's input Hessian, the "
+                            "rest updated to compensate)")
         parser.add_argument("--nm", default=None, help="prune N:M: keep N of every M weights in a row, e.g. 2:4")
     def from_cli(self, args, skip, view):
         if args.prune is None:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
-from ..ops.quantise import (GROUP_SIZES, QUANTISE, avg_bits_budget, bits_per_weight, fake_quant, in_dims,
-                            packable_group, parse_bits, quantise_error)
+from ..ops.quantise import (GROUP_SIZES, QUANTISE, QUANTISE_METHODS, avg_bits_budget, bits_per_weight, fake_quant,
+                            gptq_fallbacks, in_dims, packable_group, parse_bits, quantise_error)
 from ..plan import Plan, fingerprint
 from .base import Planning, register_planning
 
@@ -47,10 +47,31 @@ def quant_errors(view, choices, group_size: int, stats=None) -> list[np.ndarray]
 
 
 def quantise_plan(stats, view, bits=4, group_size: int = 128, budget_bytes: float | None = None,
-                  choices=None, criterion: str = "reap", attention=None, shared=None):
+                  choices=None, criterion: str = "reap", attention=None, shared=None, method: str = "rtn",
+                  damp: float = 0.01):
     """A quantisation plan: every expert at ``bits``, or, with ``budget_bytes`` (bytes of all routed experts,
     scales included), bits per expert chosen by a mixed-integer programme that minimises Σ importance × measured
-    error under the budget (MC-MoE's allocation; importance by ``criterion``, normalised per layer)."""
+    error under the budget (MC-MoE's allocation; importance by ``criterion``, normalised per layer). ``method``:
+    round-to-nearest (``rtn``) or GPTQ (``gptq``, with each expert's input Hessian; ``damp`` its dampening)."""
+    plan = _quantise_plan(stats, view, bits, group_size, budget_bytes, choices, criterion, attention, shared)
+    if method == "rtn":
+        return plan
+    if method not in QUANTISE_METHODS:
+        raise quantise_error(f"method must be one of {', '.join(QUANTISE_METHODS)}, got {method!r}")
+    spec = QUANTISE.parse({**QUANTISE.dump(plan.ops["quantise"]), "method": method, "damp": damp})
+    spec["per_expert"] = plan.ops["quantise"]["per_expert"]
+    plan.ops["quantise"] = spec
+    plan.recipe[0].update(method=method, damp=damp)
+    notes = plan.notes.replace("quantise experts", "quantise experts by GPTQ", 1)
+    few = gptq_fallbacks(spec, stats, view)
+    if few:
+        notes += (f"; {len(few)} expert(s) saw fewer than 16 calibration tokens and are rounded to nearest "
+                  f"({', '.join(f'L{i}:e{e}' for i, e in few[:8])}{' ...' if len(few) > 8 else ''})")
+    plan.notes = notes
+    return plan
+
+
+def _quantise_plan(stats, view, bits, group_size, budget_bytes, choices, criterion, attention, shared):
     from ..saliency import expert_scores
 
     bits = parse_bits(bits)
@@ -190,6 +211,12 @@ class QuantisePlanning(Planning):
                             "projections too, at BITS (2, 3, 4, 8 or fp8)")
         parser.add_argument("--quantise-shared", default=None, metavar="BITS", help="quantise: shared experts "
                             "too, at BITS")
+        parser.add_argument("--quantise-method", default="rtn", choices=QUANTISE_METHODS, help="quantise: "
+                            "round-to-nearest (rtn) or GPTQ (gptq: each expert's columns rounded in order, the error "
+                            "spread through the Hessian of the tokens routed to it; needs statistics, collected "
+                            "with their Hessians when the plan is previewed or applied)")
+        parser.add_argument("--damp", type=float, default=0.01, help="quantise --quantise-method gptq: dampening, "
+                            "a share of the Hessian's mean diagonal")
     def cli_needs_stats(self, args) -> bool:
         return args.budget_gb is not None or args.avg_bits is not None
     def from_cli(self, args, skip, view):
@@ -206,10 +233,11 @@ class QuantisePlanning(Planning):
         elif args.avg_bits is not None:
             budget = avg_bits_budget(args.avg_bits, view, "--avg-bits")
         return "quantise", dict(bits=bits, group_size=args.group_size, budget_bytes=budget, criterion=args.criterion,
-                                attention=args.quantise_attention, shared=args.quantise_shared)
+                                attention=args.quantise_attention, shared=args.quantise_shared,
+                                method=args.quantise_method, damp=args.damp)
     preset = "quantise"
     needs_view = ("quantise",)
-    methods = ("experts only", "+ attention 8-bit", "+ attention & shared 8-bit")
+    methods = ("experts only", "experts only, by GPTQ", "+ attention 8-bit", "+ attention & shared 8-bit")
     amount_label = "bits per expert weight: 2, 3, 4 or 8 for all, or an average such as 3.5 (chosen per expert)"
     uses = ("criterion", "method")
 
@@ -217,7 +245,7 @@ class QuantisePlanning(Planning):
         return (2, 8, 0.1, 4)
 
     def usable_methods(self, view):
-        return self.methods if any(lay.shared for lay in view) else self.methods[:2]
+        return self.methods if any(lay.shared for lay in view) else self.methods[:3]
     def preset_args(self, amount, opts: dict, session) -> dict:
         """Whole bits (2, 3, 4, 8) or fp8 quantise every expert alike; a fraction (3.7) is an average: bits per
         expert chosen under that budget, never rounded away in silence."""
@@ -239,9 +267,11 @@ class QuantisePlanning(Planning):
         kw["criterion"] = opts["criterion"]
         kw["group_size"] = packable_group(session.view)
         m = opts.get("method")
-        if m in self.methods[1:]:
+        if m == self.methods[1]:
+            kw["method"] = "gptq"
+        if m in self.methods[2:]:
             kw["attention"] = 8
-        if m == self.methods[2]:
+        if m == self.methods[3]:
             if not any(lay.shared for lay in session.view):
                 raise quantise_error(f"shared: {session.view.model_type} has no shared experts; choose "
                              f"'{self.methods[1]}'")

@@ -45,7 +45,7 @@ class Trials:
                 raise SessionError("a distillation or another long job is running in this session: the preview "
                                    "waits until it ends (stop it on the Distill tab)")
             try:
-                res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats)
+                res = preview_perplexity(self.model, self.view, plan, self.data.eval, stats=self.stats_for(plan))
             finally:
                 self.lock.release()
             out = self._previews[key] = preview_result(res, base, plan.report(self.view), time.perf_counter() - t)
@@ -144,7 +144,8 @@ class Trials:
                         continue
                     res = evaluate_tasks(d.student, self.tok, cfgs, limit=limit)
                 else:
-                    with previewing(self.model, self.view, Plan.from_dict(e["plan"]), self.stats):
+                    cut = Plan.from_dict(e["plan"])
+                    with previewing(self.model, self.view, cut, self.stats_for(cut)):
                         res = evaluate_tasks(self.model, self.tok, cfgs, limit=limit)
                 row, row_se = summary_row(res), {t: s["stderr"] for t, s in res["tasks"].items()}
                 for t in self.tried:  # the entry as stored (compared() hands out copies)
@@ -174,7 +175,8 @@ class Trials:
             raise SessionError("a distillation or another long job is running in this session: generation waits "
                                "until it ends")
         try:
-            return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats, int(max_new_tokens),
+            return side_by_side(self.model, self.view, self.plan, self.tok, prompts, self.stats_for(self.plan),
+                                int(max_new_tokens),
                                 bound.get("prompt_tokens"), bound.get("seconds"))
         finally:
             self.lock.release()
@@ -233,7 +235,7 @@ class Trials:
             if d is None or not same_settings:
                 # a new plan or new settings (learning rate, KL, temperature, ...): a new run from the cut model
                 d = Distiller.from_plan(self.model, self.view, plan, self.data.calib, self.data.eval, config,
-                                        stats=self.stats)
+                                        stats=self.stats_for(plan))
                 self.students[cut_key(plan)] = d
                 while len(self.students) > MAX_STUDENTS:  # each holds a copy of the cut model
                     self.students.pop(next(iter(self.students)))
@@ -338,7 +340,8 @@ class Trials:
                 model, layout = padded_copy(model, self.view, self.plan), None
             extra = {"distilled_steps": d.step, "distilled_best_ppl": d.best_ppl, "kept_step": d.best_step}
         else:
-            model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats, form=form)
+            model, _, layout = apply_plan(self.model, self.view, self.plan, stats=self.stats_for(self.plan),
+                                          form=form)
             extra = {}
         summary = {"source": self.source, "report": self.plan.report(self.view, form=form),
                    "perplexity_before": self.baseline().to_dict(),

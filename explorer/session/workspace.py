@@ -110,6 +110,15 @@ class Workspace:
             self._scores[criterion] = expert_scores(self.stats, criterion, **kw)
         return self._scores[criterion]
 
+    def stats_for(self, plan, progress=None) -> RouterStats | None:
+        """The statistics ``plan`` is previewed, applied or distilled with: for a GPTQ or SparseGPT plan, with each
+        expert's input Hessians, collected on the calibration text the first time one asks (one more pass)."""
+        from ..hessians import add_hessians, has_hessians
+
+        if self.stats is not None and plan.needs_hessians() and not has_hessians(self.stats):
+            add_hessians(self.stats, self.model, self.view, self.data.calib, progress=progress)
+        return self.stats
+
     def stability(self, criterion: str, fraction: float = 0.25) -> RankStability:
         """How far ``criterion``'s ranking holds across the two halves of the calibration text (cached with the
         scores: the statistics' criteria read the one pass; reconstruction and ablation run on each half)."""
