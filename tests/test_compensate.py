@@ -218,3 +218,16 @@ def test_the_command_line_plans_previews_and_keeps_hessians(demo, tmp_path, caps
     capsys.readouterr()
     assert main(["preview", "demo", str(tmp_path / "g.json"), "--stats", str(tmp_path / "h.npz"), *small]) == 0
     assert "input Hessian on" not in capsys.readouterr().err  # kept in the file: no second pass
+
+
+def test_out_of_core_refuses_gptq_in_words_and_writes_nothing(tmp_path):
+    """The out-of-core writer rounds shard by shard with no activations: a GPTQ plan is refused there, never
+    silently rounded to nearest."""
+    from explorer.checkpoint import apply_checkpoint
+
+    src = tmp_path / "m"
+    tiny_model("mixtral", seed=1).save_pretrained(src)
+    plan = Plan.loads('{"quantise": {"bits": 4, "group_size": 16, "method": "gptq"}}')
+    with pytest.raises(PlanError, match="gptq .*in-memory apply"):
+        apply_checkpoint(src, plan, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

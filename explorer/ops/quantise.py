@@ -393,6 +393,9 @@ class Quantise(Operation):
         return {"llmcompressor": recipe(spec, plan, view)}
 
     def out_of_core(self, spec: dict, plan, view, stats, config, model) -> str | None:
+        if spec.get("method") == "gptq":
+            return ("quantise with gptq runs each expert's calibration tokens through the model: use the in-memory "
+                    "apply (without --out-of-core), or method rtn out of core")
         qc = getattr(config, "quantization_config", None)
         if qc:
             method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
