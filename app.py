@@ -203,7 +203,7 @@ def plan_md(s: Session, res: dict | None) -> str:
 
 
 COMPARE_COLUMNS = ["plan", "parameters", "active/token", "size (MiB)", "perplexity", "± (1 s.e.)", "vs original",
-                   "loads in", "measured on"]
+                   "speed: prefill · decode (x orig)", "memory (x orig)", "loads in", "measured on"]
 
 
 def tried_table(s: Session) -> pd.DataFrame:
@@ -218,7 +218,8 @@ def tried_table(s: Session) -> pd.DataFrame:
         row = {"plan": e["name"], "parameters": f"{e['params']:,}", "active/token": f"{e['active']:,}",
                "size (MiB)": round(e.get("bytes", 2 * e["params"]) / 2**20, 2), "perplexity": round(e["ppl"], 3),
                "± (1 s.e.)": None if e.get("ppl_se") is None else round(e["ppl_se"], 3),
-               "vs original": e.get("change", ""), "loads in": e.get("serves", ""),
+               "vs original": e.get("change", ""), **figures.speed_cells(e.get("speed")),
+               "loads in": e.get("serves", ""),
                "measured on": "earlier text: stale, re-measure" if e["stale"] else "current text"}
         for t, c in zip(tasks, task_cols):
             v, se = (e.get("tasks") or {}).get(t), (e.get("tasks_se") or {}).get(t)
@@ -394,8 +395,8 @@ def compare_tab() -> SimpleNamespace:
             clear_tried_btn = gr.Button("Clear Compare", scale=1)
         with gr.Row():
             remeasure_btn = gr.Button("Re-measure stale plans on the current text", scale=3)
-            pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes")], value="params", scale=1,
-                                label="Pareto chart and sweep: size as")
+            pareto_x = gr.Radio([("parameters", "params"), ("bytes", "bytes"), ("decode time", "time")],
+                                value="params", scale=1, label="Pareto chart and sweep: size as")
             pareto_y = gr.Dropdown([("perplexity", "ppl")], value="ppl", scale=1, label="Pareto chart: quality as")
         with gr.Accordion("Task accuracy (lm-evaluation-harness; minutes, so off until asked)", open=False):
             with gr.Row():
@@ -404,6 +405,9 @@ def compare_tab() -> SimpleNamespace:
                 task_limit = gr.Number(value=200, precision=0, minimum=0, scale=1,
                                        label="items per task (0: all)")
                 tasks_btn = gr.Button("Score tasks: original and every plan", scale=1)
+        with gr.Row():
+            speed_btn = gr.Button("Measure speed and memory: original and every plan (seconds each)", scale=3)
+            speed_md = gr.Markdown(elem_id="speed-note")
         pareto = gr.Plot(label="size against perplexity")
         with gr.Accordion("Sweep: perplexity against size for every criterion and amount, in one click", open=False):
             with gr.Row():
@@ -821,7 +825,7 @@ def on_sweep(s, ops, x="params", progress=gr.Progress()):
     points = s.sweep(list(ops), progress=lambda i, n, plan: eta(i / max(n, 1), f"previewing {plan}"))
     f = s.private_dir("sweep") / "sweep.csv"
     f.write_text(csv_text(points), encoding="utf-8")
-    return figures.sweep_figure(points, x=x or "params"), str(f)
+    return figures.sweep_figure(points, x=x if x in figures.SWEEP_AXES else "params"), str(f)
 
 
 def on_save_session(s):
@@ -859,10 +863,17 @@ def on_remove_tried(s, which=None):
 
 
 def on_sweep_x(s, x):
-    """The sweep drawn again against the size the Compare tab's radio chose."""
+    """The sweep drawn again against the size the Compare tab's radio chose (parameters where it chose time)."""
     if s is None or not getattr(s, "last_sweep", None):
         return gr.update()
-    return figures.sweep_figure(s.last_sweep, x=x or "params")
+    return figures.sweep_figure(s.last_sweep, x=x if x in figures.SWEEP_AXES else "params")
+
+
+@friendly
+def on_speed(s, progress=gr.Progress()):
+    s = _sess(s)
+    done = s.measure_speed(progress=lambda i, n, name: progress(i / max(n, 1), desc=f"timing {name}"))
+    return tried_table(s), pareto(s), figures.speed_note(done)
 
 
 @friendly
@@ -961,6 +972,7 @@ def wire_compare(state, c) -> None:
     c.open_btn.upload(on_open_session, [state, c.open_btn], [state, c.msg, c.tried, c.pareto])
     c.remeasure_btn.click(on_remeasure, [state], [c.tried, c.pareto])
     c.pareto_x.change(on_pareto_x, [state, c.pareto_x], c.pareto)
+    c.speed_btn.click(on_speed, [state], [c.tried, c.pareto, c.speed_md])
     c.pareto_y.change(on_pareto_y, [state, c.pareto_y], c.pareto)
     c.tasks_btn.click(on_score_tasks, [state, c.tasks, c.task_limit], [c.tried, c.pareto_y, c.pareto])
     c.tab.select(on_compare_tab, [state, c.form], [c.tried, c.pareto, c.engines])

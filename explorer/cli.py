@@ -212,7 +212,7 @@ def cmd_eval(args) -> int:
     from .perplexity import perplexity
     from .tasks import format_scores
 
-    _refuse_sequential(args, "--tasks")
+    _refuse_sequential(args, "--tasks", "--speed")
     tasks = _tasks_first(args)
     model, tok, view = _load(args)
     out = {}
@@ -235,7 +235,23 @@ def cmd_eval(args) -> int:
         sc = out["tasks"]
         print(f"tasks ({sc['seconds']:.1f}s):")
         print(format_scores(sc))
+    if args.speed:
+        from .speed import measure
+
+        ds = _data(args, tok, model)
+        runs = sorted((measure(model, ds.eval) for _ in range(args.speed_repeats)), key=lambda r: r.decode_1)
+        m = runs[len(runs) // 2]
+        print(f"speed ({input_device_name(model)}, median of {len(runs)} runs): prefill {m.prefill:,.0f} tokens/s "
+              f"({m.batch} x {m.block_len}), decode {m.decode_1:,.1f} tokens/s at batch 1 "
+              f"(range {runs[0].decode_1:,.1f}-{runs[-1].decode_1:,.1f}), {m.decode_b:,.1f} at batch {m.batch}; "
+              f"weights {m.weight_bytes / 2**20:,.1f} MiB, peak {m.peak_bytes / 2**20:,.1f} MiB")
     return 0
+
+
+def input_device_name(model) -> str:
+    from .devices import input_device
+
+    return str(input_device(model))
 
 
 def _task_args(p) -> None:
@@ -245,6 +261,12 @@ def _task_args(p) -> None:
                    help="tasks: the first N items of each (below 1: a share)")
     p.add_argument("--num-fewshot", type=_at_least(0), default=None, help="tasks: examples in the prompt (task default)")
     p.add_argument("--task-batch-size", type=_at_least(1), default=32, help="tasks: requests per forward pass")
+
+
+def _speed_arg(p) -> None:
+    p.add_argument("--speed", action="store_true", help="also prefill and decode speed (batch 1 and 8) and memory, "
+                   "measured here with transformers' kernels; a plan's as ratios to the original's, interleaved runs")
+    p.add_argument("--speed-repeats", type=_at_least(1), default=5, help="--speed: interleaved runs of each")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sequential_arg(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-perplexity", action="store_true", help="task accuracy only")
+    _speed_arg(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("plan", help="write a compression plan from statistics")
     _model_args(p)
@@ -308,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the original's and the preview's greedy continuations of PROMPT, side by side (repeatable)")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=32,
                    help="continuation length; prompt plus continuation stay within the model's positions")
+    _speed_arg(p)
     p.set_defaults(fn=cmd_preview)
     p = sub.add_parser("apply", help="materialise a plan into a new model folder")
     _model_args(p); _data_args(p)  # noqa: E702
@@ -451,7 +475,7 @@ def cmd_preview(args) -> int:
     from .report import preview_report, preview_result
     from .stats import RouterStats
 
-    _refuse_sequential(args, "--tasks", "--generate")
+    _refuse_sequential(args, "--tasks", "--generate", "--speed")
     plan = Plan.load(args.plan)  # a bad plan or statistics file is reported before the model loads
     stats = RouterStats.load_file(args.stats) if args.stats else None
     tasks = _tasks_first(args)
@@ -486,6 +510,14 @@ def cmd_preview(args) -> int:
 
         for row in side_by_side(model, view, plan, tok, args.generate, stats, args.max_new_tokens):
             print(f"--- prompt: {row['prompt']!r}\n  original: {row['original']!r}\n  preview:  {row['preview']!r}")
+    if args.speed:
+        from .speed import speed_of_plan
+
+        r = speed_of_plan(model, view, plan, ds.eval, stats=stats, repeats=args.speed_repeats)
+        print(f"speed of the applied plan against the original ({r.device}; x > 1 is faster, ± half the range of "
+              f"{args.speed_repeats} interleaved pairs): {r.short()}")
+        for lim in r.limits:
+            print(f"  note: {lim}")
     return 0
 
 

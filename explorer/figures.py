@@ -327,7 +327,9 @@ def distill_figure(history: list, teacher_ppl: float | None = None) -> go.Figure
 
 
 PARETO_AXES = {"params": ("parameters", "%{x:,} params"), "bytes": ("bytes (quantised experts at their bits, "
-                                                                    "the rest bf16)", "%{x:,} bytes")}
+                                                                    "the rest bf16)", "%{x:,} bytes"),
+               "time": ("decode time per token (x the original's, batch 1, measured)", "%{x:.2f}x the time")}
+SWEEP_AXES = ("params", "bytes")  # the sweep measures no speed
 
 
 def _quality(e: dict, y: str):
@@ -347,6 +349,9 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
     title, hover = PARETO_AXES[x]
     what = "perplexity" if y == "ppl" else f"{y[5:]} accuracy"
     f = _fig(title=f"Plans tried: {title.split(' (')[0]} vs {what} (Pareto front in red)")
+    if x == "time" and not any(e.get("time") is not None for e in entries):
+        f.add_annotation(text="no plan's speed measured yet: press 'Measure speed and memory'", xref="paper",
+                         yref="paper", x=0.5, y=0.5, showarrow=False)
     entries = [{**e, "_y": _quality(e, y)} for e in entries if e.get(x) is not None and _quality(e, y) is not None]
     if baseline and _quality(baseline, y) is not None:
         f.add_trace(go.Scatter(x=[baseline[x]], y=[_quality(baseline, y)], mode="markers",
@@ -366,7 +371,7 @@ def pareto_figure(entries: list[dict], baseline: dict | None = None, x: str = "p
         if group:
             f.add_trace(go.Scatter(x=[e[x] for e in group], y=[e["_y"] for e in group], mode="markers",
                                    name=name, legendgroup=legendgroup, text=[e["name"] for e in group],
-                                   marker=marker, error_y=_error_bars(group, y),
+                                   marker=marker, error_y=_error_bars(group, y), error_x=_time_bars(group, x),
                                    hovertemplate="%{text}<br>" + hover + "<br>" + fmt + "<extra></extra>"))
     if entries:
         front = pareto_front(entries, x, key="_y", higher=y != "ppl")
@@ -396,8 +401,8 @@ def sweep_figure(points, x: str = "params") -> go.Figure:
     """A sweep (``explorer.sweep``): perplexity against size, one line per series (drop by each criterion, merge,
     slim, quantise), one standard error as error bars, the original as a star. ``points``: SweepPoints or their
     rows (CSV dicts)."""
-    if x not in PARETO_AXES:
-        raise ValueError(f"the sweep's x-axis is one of {', '.join(PARETO_AXES)}, not {x!r}")
+    if x not in SWEEP_AXES:
+        raise ValueError(f"the sweep's x-axis is one of {', '.join(SWEEP_AXES)}, not {x!r}")
     rows = [p if isinstance(p, dict) else p.to_row() for p in points]
     title, hover = PARETO_AXES[x]
     f = _fig(title=f"Sweep: perplexity against {title.split(' (')[0]}, ± one standard error")
@@ -451,6 +456,43 @@ def _label_sides(xs: list, all_xs: list) -> list[str]:
 
 def _short(name: str, n: int = 30) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def speed_cells(speed: dict | None) -> dict:
+    """A Compare row's speed and memory cells from its measured ``SpeedRatio`` (empty until measured)."""
+    if not speed:
+        return {"speed: prefill · decode (x orig)": "", "memory (x orig)": ""}
+    sp = speed.get("spread", {})
+    return {"speed: prefill · decode (x orig)": f"{speed['prefill']:.2f} · {speed['decode_1']:.2f} ± "
+                                                f"{sp.get('decode_1', 0):.2f}",
+            "memory (x orig)": f"{speed['peak']:.2f}"}
+
+
+def speed_note(entries: list[dict]) -> str:
+    """What was timed, on what, and what the kernels cannot turn into speed, for the plans just measured."""
+    if not entries:
+        return "No plan measured on the current text to time: preview one first."
+    sp = entries[0]["speed"]
+    o = sp["original"]
+    lines = [f"Timed on {sp['device']}: the original runs prefill at {o['prefill']:,.0f} tokens/s ({o['batch']} blocks "
+             f"of {o['block_len']}), decodes {o['decode_1']:,.0f} tokens/s at batch 1 and {o['decode_b']:,.0f} at "
+             f"batch {o['batch']}. Each plan's figures are ratios to it (> 1: faster), the median of interleaved "
+             "pairs ± half their range."]
+    seen = []
+    for e in entries:
+        for lim in e["speed"].get("limits", []):
+            if lim not in seen:
+                seen.append(lim)
+    lines += [f"- {lim}" for lim in seen]
+    return "\n".join(lines)
+
+
+def _time_bars(entries: list[dict], x: str) -> dict | None:
+    """The spread of the interleaved timing pairs, on the time axis only."""
+    if x != "time":
+        return None
+    return dict(type="data", array=[float(e.get("time_se") or 0.0) for e in entries], visible=True, thickness=1,
+                width=3)
 
 
 def _error_bars(entries: list[dict], y: str) -> dict | None:

@@ -130,6 +130,14 @@ class RoutingView(W.VBox):
             return
         self._run(lambda: self.s.toggle_expert(layer, expert))
 
+    def measure_speed(self) -> None:
+        """Prefill and decode speed and memory of every plan tried, against the original (``Session.measure_speed``)."""
+        def run():
+            done = self.s.measure_speed()
+            note = figures.speed_note(done)
+            self.speed_note.value = "<br>".join(html.escape(x) for x in note.split("\n"))
+        self._run(run)
+
     def _run(self, fn) -> None:
         try:
             fn()
@@ -226,16 +234,20 @@ class PlanView(W.VBox):
         self.result = W.HTML()
         self.err = _error_box()
         self.pareto = FigureView(figures.pareto_figure([]))
-        self.pareto_x = W.ToggleButtons(options=[("parameters", "params"), ("bytes", "bytes")], value="params",
-                                        description="size as")
+        self.pareto_x = W.ToggleButtons(options=[("parameters", "params"), ("bytes", "bytes"), ("decode time", "time")],
+                                        value="params", description="size as")
         self.pareto_x.observe(lambda _: self.update(), names="value")
+        speed = W.Button(description="Measure speed and memory", layout=W.Layout(width="auto"))
+        self.speed_note = W.HTML()
+        speed.on_click(lambda _: self.measure_speed())
         make.on_click(lambda _: self.make_plan())
         clear.on_click(lambda _: self._run(lambda: self.s.set_plan(Plan())))
         use.on_click(lambda _: self._run(lambda: self.s.set_plan(self.json.value)))
         self.listeners: list = []
         super().__init__([W.HBox([self.preset, self.amount, self.amount_help]), W.HBox([self.crit, self.method]),
                           W.HBox([make, clear]),
-                          self.err, self.result, self.json, use, self.pareto_x, self.pareto])
+                          self.err, self.result, self.json, use, W.HBox([self.pareto_x, speed]), self.speed_note,
+                          self.pareto])
         if self.s.model is not None:
             self.show_controls()
         self.update()
@@ -259,6 +271,14 @@ class PlanView(W.VBox):
         self._run(lambda: self.s.preset(self.preset.value, self.amount.value, self.crit.value,
                                         self.method.value if "method" in uses else None))
         self.update()
+
+    def measure_speed(self) -> None:
+        """Prefill and decode speed and memory of every plan tried, against the original (``Session.measure_speed``)."""
+        def run():
+            done = self.s.measure_speed()
+            note = figures.speed_note(done)
+            self.speed_note.value = "<br>".join(html.escape(x) for x in note.split("\n"))
+        self._run(run)
 
     def _run(self, fn) -> None:
         try:

@@ -300,6 +300,23 @@ def test_compare_rows_can_be_removed(client):
     assert not table["data"]
 
 
+def test_compare_times_every_plan_and_draws_the_time_axis(client):
+    """Issue 27: one button times the original and every plan tried (speed and memory as ratios, with their
+    spread), the Compare table gets the columns, the Pareto chart a measured time axis, and the note says what the
+    kernels cannot speed up."""
+    _load(client)
+    client.predict('{"drop_layers": [2]}', api_name="/on_json")
+    client.predict('{"drop_experts": {"0": [1, 2]}}', api_name="/on_json")
+    table, fig, note = client.predict(api_name="/on_speed")
+    col = table["headers"].index("speed: prefill · decode (x orig)")
+    assert all(" · " in r[col] and " ± " in r[col] for r in table["data"]), table["data"]
+    assert "Timed on cpu" in note and "not FLOPs per token" in note
+    timed = json.loads(client.predict("time", api_name="/on_pareto_x")["plot"])
+    assert timed["layout"]["xaxis"]["title"]["text"].startswith("decode time per token")
+    assert sum(len(t["x"]) for t in timed["data"] if t.get("legendgroup") == "plans") == 2
+    client.predict("params", api_name="/on_pareto_x")
+
+
 def test_the_why_panel_explains_an_expert_and_a_layer(client):
     _load(client)
     text = client.predict(1, 3, api_name="/on_why_expert")

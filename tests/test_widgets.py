@@ -179,6 +179,11 @@ def test_plan_view_quantise_preset_and_bytes_axis(session):
     plans = next(t for t in ex.plan.pareto.data if t.legendgroup == "plans")
     original = next(t for t in ex.plan.pareto.data if t.name == "original")
     assert plans.x[0] < 0.5 * original.x[0]
+    ex.plan.measure_speed()  # issue 27: timed against the original, drawn on the time axis, the limits said
+    assert "Timed on" in ex.plan.speed_note.value and "computed dequantised" in ex.plan.speed_note.value
+    ex.plan.pareto_x.value = "time"
+    assert ex.plan.pareto.layout.xaxis.title.text.startswith("decode time per token")
+    assert next(t for t in ex.plan.pareto.data if t.legendgroup == "plans").error_x.array is not None
 
 
 def test_saliency_view_criteria(session):

@@ -56,7 +56,9 @@ class Trials:
                      "serves": serving(plan, self.view),
                      "data": self.data_key}
             same = [i for i, e in enumerate(self.tried) if e["plan"] == entry["plan"] and not e.get("distilled")]
-            if same:  # measured again: the row keeps its place in Compare
+            if same:  # measured again: the row keeps its place in Compare, and its measured speed
+                old = self.tried[same[0]]
+                entry.update({k: old[k] for k in ("speed", "time", "time_se") if k in old})
                 self.tried[same[0]] = entry
             else:
                 self.tried.append(entry)
@@ -72,7 +74,43 @@ class Trials:
         n = self.view.summary()["params_total"]
         base = self.baseline()
         return {"params": n, "bytes": Plan().report(self.view)["bytes_before"], "ppl": base.ppl, "ppl_se": base.se,
+                "time": 1.0,
                 "tasks": self.base_tasks, "tasks_se": {t: v["stderr"] for t, v in (self.base_scores or {}).items()}}
+
+    def measure_speed(self, only_current: bool = False, repeats: int = 5, batch: int = 8, progress=None) -> list[dict]:
+        """Prefill and decode speed and memory of every comparable plan (or the plan in force) as ratios to the
+        original, measured in the same run (``explorer.speed``): the applied plan in memory, a distilled student as
+        it is. Kept on the Compare rows (``speed``, and ``time`` for the Pareto chart's time axis)."""
+        from ..speed import compare, limits, speed_of_plan
+
+        self.require(stats=True)
+        todo = [e for e in self.tried if e.get("data") == self.data_key]
+        if only_current:
+            todo = [e for e in todo if e["plan"] == self.plan.to_dict() and not e.get("distilled")]
+            if not todo:
+                self.preview()
+                todo = [e for e in self.tried if e["plan"] == self.plan.to_dict() and not e.get("distilled")]
+        if not self.lock.acquire(blocking=False):
+            raise SessionError("a distillation or another long job is running in this session: measuring speed waits "
+                               "until it ends (stop it on the Distill tab)")
+        try:
+            for i, e in enumerate(todo):
+                if progress:
+                    progress(i, len(todo), e["name"])
+                plan = Plan.from_dict(e["plan"])
+                d = self.students.get(cut_key(plan)) if e.get("distilled") else None
+                if d is not None:
+                    r = compare(self.model, d.final_model().eval(), self.data.eval, repeats=repeats, batch=batch,
+                                limits=limits(plan, self.view))
+                else:
+                    r = speed_of_plan(self.model, self.view, plan, self.data.eval, stats=self.stats_for(plan),
+                                      repeats=repeats, batch=batch)
+                e["speed"] = r.to_dict()
+                e["time"] = 1.0 / r.decode_1
+                e["time_se"] = r.spread.get("decode_1", 0.0) / r.decode_1 ** 2
+        finally:
+            self.lock.release()
+        return todo
 
     def sweep(self, operations=None, criteria=None, fractions=None, progress=None) -> list:
         """A criterion x amount grid of plans (``explorer.sweep``) from this session's statistics, each previewed
