@@ -493,3 +493,54 @@ def test_a_family_that_saves_its_experts_fused_is_counted_as_written(tmp_path):
     out = export(new, None, plan, tmp_path / "q4", layout=layout)
     assert abs(plan.report(view)["bytes_after"] - weight_bytes(out)) <= 0.01 * weight_bytes(out)
     assert "dequantised" in json.loads((out / "summary.json").read_text())["weight_format"]
+
+
+def test_mixed_widths_stay_dequantised_because_transformers_reads_one_expert_scheme(tmp_path):
+    """Issue 27 asked for one compressed-tensors group per bit width. Written that way (each group naming the
+    in-memory experts modules of its layers), transformers reloads another model: it decompresses every expert with
+    the one scheme ``get_experts_scheme`` picks. So mixed widths are written dequantised, and their size is counted
+    as written. When this canary fails, transformers reads per-group expert schemes and the packed form can be used."""
+    import re
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from explorer import packing
+    from explorer.apply import export
+    from explorer.ops.quantise import EXPERT_KEY, _scale_rows, compact_refusal
+
+    model = tiny_model("mixtral", seed=5)
+    view = MoEModel(model)
+    widths = [2, 8, 4]
+    plan = Plan.loads(json.dumps({"quantise": {"bits": 4, "group_size": 16, "per_expert": {
+        str(i): {str(e): widths[i] for e in range(8)} for i in range(len(view))}}}))
+    assert "get_experts_scheme" in compact_refusal(plan.ops["quantise"])
+    ids = _blocks(2).input_ids
+    with torch.no_grad():
+        with previewing(model, view, plan):
+            prev = model(ids).logits
+        new, _, _ = apply_plan(model, view, plan)
+        out = export(new, None, plan, tmp_path / "q")  # dequantised: reloads to the preview
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, prev,
+                                   rtol=1e-4, atol=1e-4)
+        # the same export rewritten with one group per width, as the issue asked
+        names = {id(m): n for n, m in new.named_modules()}
+        owners = {lay.layer_idx: lay.experts for lay in MoEModel(new)}
+        shard = next(out.glob("*.safetensors"))
+        tensors = {}
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                t, m = f.get_tensor(k), EXPERT_KEY.search(k)
+                if m and t.dim() == 2:
+                    li, slot = int(m[1]), int(m[2])
+                    note = owners[li]._explorer_notes["quantise"][slot]
+                    tensors.update(packing.packed(k, t, _scale_rows(owners[li], note, slot, t),
+                                                  packing.scheme(note[0], 16)[1]))
+                else:
+                    tensors[k] = t
+        packing.rewrite_shard(out, shard, tensors)
+        packing.declare(out, {f"experts_{b}bit": {"targets": [names[id(owners[i])]], "weights":
+                                                 packing.scheme(b, 16)[0].model_dump()} for i, b in enumerate(widths)})
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert re.search(r"experts$", names[id(owners[0])])
+    assert (got - prev).abs().max() > 0.1  # another model: why the explorer writes mixed widths dequantised

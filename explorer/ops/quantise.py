@@ -479,8 +479,9 @@ def compact_refusal(spec: dict) -> str | None:
                 "these are per group")
     widths = {spec["bits"]} | {b for v in spec["per_expert"].values() for b in v.values()}
     if len(widths - {16}) > 1 or spec["layers"] is not None or 16 in widths:
-        return ("experts of several bit widths (or some left at 16 bits) are written dequantised: transformers reads "
-                "one quantisation scheme for all experts of a checkpoint")
+        return ("experts of several bit widths (or some left at 16 bits) are written dequantised: transformers loads "
+                "every family's experts into fused tensors with one compressed-tensors scheme for all of them "
+                "(get_experts_scheme), so one config group per width would reload as another model")
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
