@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,7 +97,8 @@ class LayerwiseModel:
     code ask for the next layer's outputs (:func:`forward_batches`)."""
 
     def __init__(self, folder: str | Path, *, dtype=None, device: str | torch.device = "cpu",
-                 trust_remote_code: bool = False, upcast_on_cpu: bool = True, keep_fp8: bool | None = None):
+                 trust_remote_code: bool = False, upcast_on_cpu: bool = True, keep_fp8: bool | None = None,
+                 hidden_budget: int | None = None, spill_dir: str | Path | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -146,6 +148,10 @@ class LayerwiseModel:
                                  "--device-map")
         self._handles: dict[str, object] = {}
         self._prefetcher = None
+        # hidden states between layers: in memory up to this many bytes, beyond in memory-mapped files here
+        self.hidden_budget = hidden_budget if hidden_budget is not None else _default_hidden_budget()
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.last_hidden = ""  # where the last pass kept them, in words
         self.on_load: list[Callable[[int], None]] = []  # called with a decoder layer's index once it is read
         self.on_unload: list[Callable[[int], None]] = []
         self.loaded_bytes = 0
@@ -509,9 +515,12 @@ class LayerwiseModel:
             if big:
                 fmt += (f"; the self-check is left out on {len(big)} layer(s) whose experts dequantised exceed "
                         f"{SELF_CHECK_BYTES / 2**30:g} GiB")
+        spill = self.spill_dir or Path(tempfile.gettempdir())
         return (f"layer by layer: {n} decoder layers read from disk one at a time, computing in {_name(self.dtype)} "
                 f"on {self.device}{upcast}{fmt}; at most {biggest / 2**20:,.0f} MiB of layer weights plus "
-                f"{self.rest_bytes / 2**20:,.0f} MiB of embedding and head in memory")
+                f"{self.rest_bytes / 2**20:,.0f} MiB of embedding and head in memory; the hidden states between "
+                f"layers in memory up to {self.hidden_budget / 2**20:,.0f} MiB, memory-mapped files under {spill} "
+                "beyond")
 
     # ---- running ------------------------------------------------------------------------------------------
     def _guard(self, module, args):
@@ -541,7 +550,7 @@ class LayerwiseModel:
         ``progress(layers done, layers)``."""
         before = before or (lambda bi: None)
         n = len(self.view.decoder_layers)
-        hidden: list[torch.Tensor] = []
+        hidden = _HiddenStore(sum(b.input_ids.numel() for b in batches), self.hidden_budget, self.spill_dir)
         calls: list[list] = [[] for _ in range(n)]  # calls[layer][batch] = (args, kwargs) the layer loop passes
 
         def catcher(i):
@@ -555,6 +564,13 @@ class LayerwiseModel:
                 return h
             return fn
 
+        try:
+            yield from self._passes(batches, before, logits, progress, n, hidden, calls, catcher)
+        finally:
+            self.last_hidden = hidden.where()
+            hidden.close()
+
+    def _passes(self, batches, before, logits, progress, n, hidden, calls, catcher):
         with torch.inference_mode():
             with self._stand_ins([catcher(i) for i in range(n)]):
                 for b in batches:
@@ -652,6 +668,72 @@ def _inputs(b, device) -> dict:
 def engine_of(model) -> LayerwiseModel | None:
     """The layer-by-layer engine running ``model``, or None for a model in memory."""
     return getattr(model, "explorer_layerwise", None)
+
+
+def _default_hidden_budget() -> int:
+    """Bytes of hidden states kept in memory between layers: ``EXPLORER_HIDDEN_BUDGET_MB`` if set, else a quarter
+    of the memory available now (at least 256 MiB)."""
+    env = os.environ.get("EXPLORER_HIDDEN_BUDGET_MB")
+    if env:
+        return int(float(env) * 2**20)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = 4 * 2**30
+    return max(avail // 4, 256 * 2**20)
+
+
+class _HiddenStore:
+    """Each batch's hidden states between decoder layers: tensors in memory while the pass's total fits the
+    budget; otherwise one memory-mapped file per batch (written in place by each layer, so the resident set holds
+    about one batch, and the page cache decides the rest). The files go when the pass ends."""
+
+    def __init__(self, tokens: int, budget: int, spill_dir: Path | None):
+        self.tokens, self.budget, self.spill_dir = tokens, budget, spill_dir
+        self.items: list[torch.Tensor] = []
+        self.folder: Path | None = None
+        self.decided = False
+        self.total = 0
+
+    def append(self, h: torch.Tensor) -> None:
+        if not self.decided:  # the first batch gives the bytes per token (several residual streams included)
+            per_token = h.numel() * h.element_size() / max(h.shape[0] * h.shape[1], 1) if h.dim() >= 2 else 0
+            self.total = int(per_token * self.tokens)
+            self.decided = True
+            if self.total > self.budget:
+                base = self.spill_dir or Path(tempfile.gettempdir())
+                base.mkdir(parents=True, exist_ok=True)
+                self.folder = Path(tempfile.mkdtemp(prefix="explorer-hidden-", dir=base))
+        if self.folder is not None and h.device.type == "cpu":
+            path = self.folder / f"{len(self.items)}.bin"
+            m = torch.from_file(str(path), shared=True, size=h.numel(), dtype=h.dtype).view(h.shape)
+            m.copy_(h)
+            h = m
+        self.items.append(h)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.items[i]
+
+    def __setitem__(self, i: int, h: torch.Tensor | None) -> None:
+        old = self.items[i]
+        if h is not None and self.folder is not None and old is not None and old.shape == h.shape \
+                and old.dtype == h.dtype and h.device.type == "cpu":
+            old.copy_(h)  # written into its file: the layer's output is freed
+        else:
+            self.items[i] = h
+
+    def where(self) -> str:
+        if self.folder is not None:
+            return f"hidden states in memory-mapped files under {self.folder.parent} ({self.total / 2**20:,.0f} MiB)"
+        return f"hidden states in memory ({self.total / 2**20:,.0f} MiB)"
+
+    def close(self) -> None:
+        self.items = []
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def forward_batches(model, batches, before: Callable[[int], None] | None = None, logits: bool = True,

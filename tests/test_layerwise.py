@@ -102,6 +102,32 @@ def test_layer_by_layer_equals_the_model_in_memory(tmp_path, family):
     assert all(p.device.type == "meta" for p in view.decoder_layers.parameters())  # nothing left behind
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_hidden_states_beyond_the_budget_go_to_memory_mapped_files(tmp_path, family):
+    """Issue 25: the hidden states between layers stay in memory while they fit the budget and go to
+    memory-mapped files when they do not (the engine's description says so before the pass); the results are the
+    same either way, and the files are gone when the pass ends."""
+    folder = _saved(tmp_path, family)
+    ref, _, ref_view = load_model(folder, with_tokenizer=False, device="cpu")
+    spill = tmp_path / "spill"
+    model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    engine = engine_of(model)
+    engine.hidden_budget, engine.spill_dir = 0, spill
+    assert f"memory-mapped files under {spill}" in engine.describe()
+    blocks = _blocks(ref.config.vocab_size)
+    seen = []
+    engine.on_load.append(lambda i: seen.append(sorted(p.name for p in spill.glob("*/*.bin"))))
+    _assert_same_stats(collect_stats(ref, ref_view, blocks, batch_size=4), collect_stats(model, view, blocks,
+                                                                                       batch_size=4))
+    assert seen and all(len(files) == 3 for files in seen)  # 10 blocks in batches of 4: one file per batch
+    assert "memory-mapped files" in engine.last_hidden and not list(spill.glob("*/*.bin"))
+    p_ref, p_lw = perplexity(ref, blocks, 4), perplexity(model, blocks, 4)
+    assert abs(p_lw.ppl / p_ref.ppl - 1) < 1e-5 and not list(spill.iterdir())
+    engine.hidden_budget = 2**40  # within the budget: in memory, no file
+    perplexity(model, blocks, 4)
+    assert engine.last_hidden.startswith("hidden states in memory") and not list(spill.iterdir())
+
+
 def test_each_weight_is_read_once_per_pass(tmp_path):
     folder = _saved(tmp_path, "mixtral")
     model, _, view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
