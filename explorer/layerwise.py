@@ -150,7 +150,8 @@ class LayerwiseModel:
         self._prefetcher = None
         # hidden states between layers: in memory up to this many bytes, beyond in memory-mapped files here
         self.hidden_budget = hidden_budget if hidden_budget is not None else _default_hidden_budget()
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        spill_dir = spill_dir if spill_dir is not None else os.environ.get("EXPLORER_SPILL_DIR")
+        self.spill_dir = Path(spill_dir) if spill_dir else None
         self.last_hidden = ""  # where the last pass kept them, in words
         self.on_load: list[Callable[[int], None]] = []  # called with a decoder layer's index once it is read
         self.on_unload: list[Callable[[int], None]] = []
