@@ -13,6 +13,7 @@ n) at n = 20, 60 and 180: the same tokens each, seed 0; the noise band of (a) is
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,13 @@ from explorer.distill import DistillConfig, Distiller, drop_schedule, progressiv
 from explorer.perplexity import fmt_ppl_se  # noqa: E402
 
 CFG = dict(lr=1e-3, batch_size=8, warmup=5)
+OUT = Path(__file__).resolve().parent.parent / "docs" / "seed_findings.json"  # read by lesson 4
+
+
+def _record(key: str, value) -> None:
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[key] = value
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _setup():
@@ -63,6 +71,8 @@ def converge(steps: int = 150) -> None:
     print(f"\nspread between methods: before {max(before.values()) - min(before.values()):.3f}, after (mean of seeds) "
           f"{max(mean_after.values()) - min(mean_after.values()):.3f}; noise band (largest seed difference) "
           f"{noise:.3f}")
+    _record("converge", {"steps": steps, "tokens": steps * CFG["batch_size"] * 255, "teacher": teacher.ppl,
+                         "before": before, "after": after, "noise": noise})
 
 
 def progressive_vs_one_shot(ns=(20, 60, 180)) -> None:
@@ -70,6 +80,7 @@ def progressive_vs_one_shot(ns=(20, 60, 180)) -> None:
     plan = planners.drop_experts(stats, 0.5, "reap")
     print("| steps (tokens) | one-shot | progressive | progressive - one-shot |")
     print("|---|---:|---:|---:|")
+    rows = []
     for n in ns:
         one = Distiller.from_plan(model, view, plan, calib, ev,
                                   DistillConfig(steps=2 * n, eval_every=max(n // 2, 1), seed=0, **CFG), stats=stats)
@@ -79,6 +90,9 @@ def progressive_vs_one_shot(ns=(20, 60, 180)) -> None:
         best = min(e.ppl for e in prog if e.ppl is not None and e.stage == 1)
         print(f"| {2 * n} ({2 * n * CFG['batch_size'] * 255:,}) | {one.best_ppl:.3f} | {best:.3f} | "
               f"{best - one.best_ppl:+.3f} |", flush=True)
+        rows.append({"steps": 2 * n, "tokens": 2 * n * CFG["batch_size"] * 255, "one_shot": one.best_ppl,
+                     "progressive": best})
+    _record("progressive", rows)
 
 
 if __name__ == "__main__":

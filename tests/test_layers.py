@@ -28,7 +28,7 @@ LAYERS = [
     ("how each operation is chosen", ["planners.base", "planners.drop_experts", "planners.merge", "planners.slim",
                                       "planners.prune", "planners.drop_layers", "planners.drop_blocks",
                                       "planners.quantise", "planners"]),
-    ("distillation and tools", ["distill", "tiny", "families", "sweep", "speed"]),
+    ("distillation and tools", ["distill", "tiny", "families", "sweep", "speed", "mtp"]),
     ("figures and session", ["figures", "why", "session.common", "session.access", "session.editor", "session.trials",
                              "session.workspace", "session.files", "session"]),
     ("front ends", ["cli", "widgets", "", "__main__"]),
