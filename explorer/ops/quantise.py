@@ -824,6 +824,7 @@ def recipe(spec: dict, plan, view) -> str:
                                   else "") + ".\n")
     modifier = {"ignore": list(RECIPE_IGNORE), "config_groups": groups}
     if gptq:
-        modifier = {**modifier, "dampening_frac": spec.get("damp", 0.01), "block_size": 128}
+        # no activation order: the explorer walks the columns in their own order (llm-compressor defaults to static)
+        modifier = {**modifier, "dampening_frac": spec.get("damp", 0.01), "block_size": 128, "actorder": None}
     body = {"quant_stage": {"quant_modifiers": {"GPTQModifier" if gptq else "QuantizationModifier": modifier}}}
     return head + yaml.safe_dump(body, sort_keys=False, width=120)
