@@ -72,6 +72,17 @@ def tie(head, model):
     return head
 
 
+def _step(opt, loss: torch.Tensor, what: str) -> float:
+    """One optimiser step on ``loss``; refused in words once it is not finite (nothing is stepped then)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise MTPError(f"{what} diverged (the loss is not finite); lower the learning rate")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return value
+
+
 def _hidden_and_logits(model, ids):
     out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1], out.logits
@@ -91,13 +102,7 @@ def train_with_head(model, head, blocks, steps: int, lr: float = 3e-3, batch_siz
         hidden, logits = _hidden_and_logits(model, ids)
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         mtp = F.cross_entropy(head_logits(head, hidden, ids)[:, :-1].flatten(0, 1).float(), ids[:, 2:].flatten())
-        loss = lm + mtp_weight * mtp
-        if not math.isfinite(loss.detach().item()):
-            raise MTPError("training with the MTP head diverged (the loss is not finite); lower the learning rate")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, lm + mtp_weight * mtp, "training with the MTP head"))
     model.eval(), head.eval()
     return losses
 
@@ -164,12 +169,7 @@ def distil(teacher, teacher_head, student, student_head, blocks, steps: int, lr:
         loss = kl(t_logits.flatten(0, 1), s_logits.flatten(0, 1))
         if mtp_weight > 0:
             loss = loss + mtp_weight * kl(t_mtp.flatten(0, 1), head_logits(student_head, s_hidden, ids).flatten(0, 1))
-        if not math.isfinite(loss.detach().item()):
-            raise MTPError("distillation diverged (the loss is not finite); lower the learning rate")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(opt, loss, "distillation"))
     student.eval()
     if student_head is not None:
         student_head.eval()

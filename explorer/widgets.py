@@ -130,14 +130,6 @@ class RoutingView(W.VBox):
             return
         self._run(lambda: self.s.toggle_expert(layer, expert))
 
-    def measure_speed(self) -> None:
-        """Prefill and decode speed and memory of every plan tried, against the original (``Session.measure_speed``)."""
-        def run():
-            done = self.s.measure_speed()
-            note = figures.speed_note(done)
-            self.speed_note.value = "<br>".join(html.escape(x) for x in note.split("\n"))
-        self._run(run)
-
     def _run(self, fn) -> None:
         try:
             fn()

@@ -41,6 +41,22 @@ def demo_session(demo, max_tokens: int):
     return s
 
 
+def moe_block_inputs(model, view, blocks) -> dict:
+    """The input of every MoE block of ``view`` in one plain forward over ``blocks``: {MoE layer: [tensors]}."""
+    import torch
+
+    inputs: dict = {}
+    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: inputs.setdefault(_i, []).append(a[0]))
+             for lay in view]
+    try:
+        with torch.no_grad():
+            model(input_ids=blocks.input_ids, attention_mask=blocks.attention_mask())
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 

@@ -120,13 +120,9 @@ def test_sparsegpt_is_the_published_algorithm_and_beats_wanda(nm):
 def _brute_hessians(model, view, blocks):
     """Per expert Σ x xᵀ and Σ h hᵀ over the real tokens the router sends it, from the block inputs and the
     layer's own expert tensors, one token at a time."""
-    caps = {}
-    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: caps.setdefault(_i, []).append(a[0]))
-             for lay in view]
-    with torch.no_grad():
-        model(input_ids=blocks.input_ids, attention_mask=blocks.attention_mask())
-    for h in hooks:
-        h.remove()
+    from conftest import moe_block_inputs
+
+    caps = moe_block_inputs(model, view, blocks)
     valid = blocks.attention_mask().reshape(-1).bool()
     out = []
     with torch.no_grad():

@@ -122,13 +122,9 @@ def test_reap_offers_reaps_own_softmax_definition(family):
                 lay.router.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, lay.num_experts))
     blocks = _blocks(pad_last=5)
     stats = collect_stats(model, view, blocks, batch_size=4)
-    inputs = {}
-    hooks = [lay.block.register_forward_pre_hook(lambda m, a, _i=lay.index: inputs.setdefault(_i, []).append(a[0]))
-             for lay in view]
-    with torch.no_grad():
-        model(input_ids=blocks.input_ids, attention_mask=blocks.attention_mask())
-    for h in hooks:
-        h.remove()
+    from conftest import moe_block_inputs
+
+    inputs = moe_block_inputs(model, view, blocks)
     valid = blocks.attention_mask().reshape(-1).bool()
     for lay in view:
         x = torch.cat(inputs[lay.index]).reshape(-1, lay.hidden_size)
