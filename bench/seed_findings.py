@@ -30,6 +30,7 @@ OUT = Path(__file__).resolve().parent.parent / "docs" / "seed_findings.json"  # 
 
 def _record(key: str, value) -> None:
     data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data.pop("source", None)  # a transcribed file's provenance line: this run writes its own figures
     data[key] = value
     OUT.write_text(json.dumps(data, indent=1) + "\n")
 
