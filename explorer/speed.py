@@ -164,20 +164,15 @@ def compare(original, cut, blocks, repeats: int = 5, batch: int = 8, new_tokens:
 
 
 def limits(plan, view) -> list[str]:
-    """What this plan cannot buy in transformers' kernels, in words (shown beside its measured figures)."""
+    """What this plan cannot buy in transformers' kernels, in words, as each of its operations says
+    (``Operation.speed_limit``); shown beside its measured figures."""
+    from .ops import OPS
+
     out = []
-    ops = plan.ops
-    if ops.get("drop_experts") or ops.get("merge"):
-        out.append("fewer experts save memory, not FLOPs per token: every token still runs top-k experts")
-    q = ops.get("quantise")
-    if q is not None:
-        out.append("quantised weights are stored packed but computed dequantised here: transformers has no packed "
-                   "kernel on this path, so speed and memory in use are the original's; vLLM's compressed-tensors "
-                   "kernels are where they pay")
-    p = ops.get("prune")
-    if p is not None and (p.get("nm") or p.get("sparsity")):
-        out.append("pruned weights are zeros in dense matrices: multiplied like any other (2:4 needs sparse "
-                   "kernels, which transformers does not use)")
+    for name, spec in plan.ops.items():
+        said = OPS[name].speed_limit(spec)
+        if said and said not in out:
+            out.append(said)
     return out
 
 

@@ -123,6 +123,11 @@ class Operation:
         """Bytes saved outside the routed experts (quantised attention, shared experts), against bf16."""
         return 0.0
 
+    def speed_limit(self, spec: Any) -> str | None:
+        """What this operation cannot turn into speed in transformers' kernels, in words (None: nothing to say); shown
+        beside a plan's measured speed (``explorer.speed``) instead of a misleading figure."""
+        return None
+
     def not_stock(self, spec: Any, view) -> str | None:
         """Why a stock config cannot describe the result of this operation (None: it can, if the shapes agree)."""
         return None
@@ -277,6 +282,7 @@ class EditContext:
 
 
 OPS: dict[str, Operation] = {}
+FEWER_EXPERTS_SPEED = "fewer experts save memory, not FLOPs per token: every token still runs top-k experts"  # what dropping or merging cannot buy
 
 
 def add_to_registry(registry: dict, name: str, entry, owned, owned_by, noun: str) -> None:

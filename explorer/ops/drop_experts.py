@@ -5,7 +5,7 @@ Plan field: ``drop_experts: {moe_layer: [expert, ...]}``.
 from __future__ import annotations
 
 from ..errors import PlanError
-from .base import Operation, int_keys, read_ids, register
+from .base import FEWER_EXPERTS_SPEED, Operation, int_keys, read_ids, register
 
 
 class DropExperts(Operation):
@@ -47,6 +47,9 @@ class DropExperts(Operation):
 
     def out_of_core(self, spec, plan, view, stats, config, model) -> str | None:
         return None
+
+    def speed_limit(self, spec) -> str | None:
+        return FEWER_EXPERTS_SPEED
 
 
 register(DropExperts())

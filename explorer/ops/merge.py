@@ -9,7 +9,7 @@ so that a replay is exact; from statistics when absent, and refused in words wit
 from __future__ import annotations
 
 from ..errors import PlanError
-from .base import EditContext, Operation, int_keys, read_ids, read_weight, register
+from .base import FEWER_EXPERTS_SPEED, EditContext, Operation, int_keys, read_ids, read_weight, register
 
 MERGE_METHODS = ("mc-smoe", "hc-smoe")
 
@@ -98,6 +98,9 @@ class Merge(Operation):
             return ("merge_align (neuron alignment) is done in memory only: use the in-memory apply (without "
                     "--out-of-core)")
         return None
+
+    def speed_limit(self, spec) -> str | None:
+        return FEWER_EXPERTS_SPEED
 
 
 def group_weights(spec, layer: int, stats) -> list[list[float]]:

@@ -103,6 +103,12 @@ class Prune(Operation):
             per_row = lambda p, cols: sgpt_per_row(cols, float(p["sparsity"]), p.get("nm"))  # noqa: E731
         return n_experts * (per_row(spec, H) * gu_rows + per_row(spec, width) * H)
 
+    def speed_limit(self, spec) -> str | None:
+        if sparsity_of(spec) <= 0:
+            return None
+        return ("pruned weights are zeros in dense matrices: multiplied like any other (2:4 needs sparse kernels, "
+                "which transformers does not use)")
+
     def needs_hessians(self, spec) -> bool:
         return spec is not None and spec.get("method") == "sparsegpt" and sparsity_of(spec) > 0
 

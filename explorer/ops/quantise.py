@@ -323,6 +323,11 @@ class Quantise(Operation):
     def touches(self, spec: dict, lay) -> bool:
         return spec is not None and any(self.bits_of(spec, lay.index, e) != 16 for e in range(lay.num_experts))
 
+    def speed_limit(self, spec: dict) -> str | None:
+        return ("quantised weights are stored packed but computed dequantised here: transformers has no packed "
+                "kernel on this path, so speed and memory in use are the original's; vLLM's compressed-tensors "
+                "kernels are where they pay")
+
     def needs_hessians(self, spec: dict) -> bool:
         return spec is not None and spec.get("method") == "gptq"
 
