@@ -164,17 +164,20 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _with_hessians(args, plan, stats, model, view, tok):
+def _with_hessians(args, plan, stats, model, view, tok, blocks=None):
     """``stats`` with each expert's input Hessians where ``plan`` edits with them (GPTQ, SparseGPT) and the file
-    holds none: collected here on the calibration text (said first)."""
+    holds none: collected here on the calibration text (``blocks``, the command's own where it read them; said
+    first)."""
     from .hessians import add_hessians, has_hessians
 
     if stats is None or not plan.needs_hessians() or has_hessians(stats):
         return stats
-    from .data import load_data
+    if blocks is None:
+        from .data import load_data
 
-    blocks = load_data(tok, getattr(args, "data", None) or "demo", block_len=getattr(args, "block_len", None) or 256,
-                       max_tokens=getattr(args, "max_tokens", None), model=model).calib
+        blocks = load_data(tok, getattr(args, "data", None) or "demo",
+                           block_len=getattr(args, "block_len", None) or 256,
+                           max_tokens=getattr(args, "max_tokens", None), model=model).calib
     print(f"GPTQ / SparseGPT: each expert's input Hessian on {blocks.tokens:,} calibration tokens (one more pass; "
           "`stats --hessians` keeps them in the statistics file)", file=sys.stderr)
     return add_hessians(stats, model, view, blocks)
@@ -489,7 +492,7 @@ def cmd_preview(args) -> int:
 
         encode_prompts(model, tok, args.generate, args.max_new_tokens)  # too long for the model: said before work
     ds = _data(args, tok, model)
-    stats = _with_hessians(args, plan, stats, model, view, tok)
+    stats = _with_hessians(args, plan, stats, model, view, tok, ds.calib)
     base = perplexity(model, ds.eval, batch_size=args.batch_size)
     t = time.perf_counter()
     res = preview_perplexity(model, view, plan, ds.eval, stats=stats, batch_size=args.batch_size)
@@ -670,7 +673,7 @@ def cmd_distill(args) -> int:
         args.device = str(acc.device)
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
-    stats = _with_hessians(args, plan, stats, model, view, tok)
+    stats = _with_hessians(args, plan, stats, model, view, tok, ds.calib)
     d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats, accelerator=acc)
     say = print if main_proc else (lambda *a, **k: None)
     if acc is not None:

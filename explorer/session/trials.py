@@ -84,12 +84,10 @@ class Trials:
         from ..speed import compare, limits, speed_of_plan
 
         self.require(stats=True)
-        todo = [e for e in self.tried if e.get("data") == self.data_key]
         if only_current:
-            todo = [e for e in todo if e["plan"] == self.plan.to_dict() and not e.get("distilled")]
-            if not todo:
-                self.preview()
-                todo = [e for e in self.tried if e["plan"] == self.plan.to_dict() and not e.get("distilled")]
+            self.preview()  # its Compare row (a redraw when it has one)
+        todo = [e for e in self.tried if e.get("data") == self.data_key and not (only_current and (
+            e["plan"] != self.plan.to_dict() or e.get("distilled")))]
         if not self.lock.acquire(blocking=False):
             raise SessionError("a distillation or another long job is running in this session: measuring speed waits "
                                "until it ends (stop it on the Distill tab)")

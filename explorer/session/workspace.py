@@ -103,12 +103,17 @@ class Workspace:
     def scores(self, criterion: str, progress=None) -> list[np.ndarray]:
         self.require(stats=True)
         if criterion not in self._scores:
-            kw = {}
-            if criterion not in CHEAP:
-                kw = dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024,
-                          progress=progress)
+            kw = self._model_running(criterion)
+            if kw:
+                kw["progress"] = progress
             self._scores[criterion] = expert_scores(self.stats, criterion, **kw)
         return self._scores[criterion]
+
+    def _model_running(self, criterion: str) -> dict:
+        """What a criterion that runs the model is given (the calibration text, 1,024 tokens); {} for the others."""
+        if criterion in CHEAP:
+            return {}
+        return dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024)
 
     def stats_for(self, plan, progress=None) -> RouterStats | None:
         """The statistics ``plan`` is previewed, applied or distilled with: for a GPTQ or SparseGPT plan, with each
@@ -125,10 +130,7 @@ class Workspace:
         self.require(stats=True)
         key = f"{criterion}@halves/{fraction}"
         if key not in self._scores:
-            kw = {}
-            if criterion not in CHEAP:
-                kw = dict(model=self.model, view=self.view, blocks=self.data.calib, max_tokens=1024)
-            self._scores[key] = rank_stability(self.stats, criterion, fraction, **kw)
+            self._scores[key] = rank_stability(self.stats, criterion, fraction, **self._model_running(criterion))
         return self._scores[key]
 
     def stabilities(self, criteria, model_running: bool = False) -> dict[str, RankStability]:
