@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("plan", help="write a compression plan from statistics")
     _model_args(p)
+    _sequential_arg(p)  # the reconstruction criterion runs layer by layer
     p.add_argument("--stats", default=None, help="stats.json/.npz from `stats` (every planner but uniform "
                    "--quantise needs them)")
     g = p.add_mutually_exclusive_group(required=True)

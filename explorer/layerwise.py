@@ -524,6 +524,11 @@ class LayerwiseModel:
                 "beyond")
 
     # ---- running ------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the engine is running batches through its layers now (not a layer's load-time self-check)."""
+        return self._running
+
     def _guard(self, module, args):
         if not self._running:
             raise LayerwiseError("this model is loaded layer by layer (--sequential): only statistics, perplexity "
@@ -544,10 +549,12 @@ class LayerwiseModel:
             self._running = False
 
     def forward_batches(self, batches: list, before: Callable[[int], None] | None = None, logits: bool = True,
-                        progress: Callable[[int, int], None] | None = None
+                        progress: Callable[[int, int], None] | None = None,
+                        after_layer: Callable[[int], None] | None = None
                         ) -> Iterator[tuple[int, object, torch.Tensor | None]]:
         """(batch index, batch, logits or None) for every batch, as ``model(...)`` would give them, computed layer
         by layer. ``before(bi)`` runs before each batch enters each layer (the observer's per-batch state);
+        ``after_layer(i)`` once every batch went through decoder layer ``i``, while its weights are still loaded;
         ``progress(layers done, layers)``."""
         before = before or (lambda bi: None)
         n = len(self.view.decoder_layers)
@@ -566,12 +573,12 @@ class LayerwiseModel:
             return fn
 
         try:
-            yield from self._passes(batches, before, logits, progress, n, hidden, calls, catcher)
+            yield from self._passes(batches, before, logits, progress, n, hidden, calls, catcher, after_layer)
         finally:
             self.last_hidden = hidden.where()
             hidden.close()
 
-    def _passes(self, batches, before, logits, progress, n, hidden, calls, catcher):
+    def _passes(self, batches, before, logits, progress, n, hidden, calls, catcher, after_layer):
         with torch.inference_mode():
             with self._stand_ins([catcher(i) for i in range(n)]):
                 for b in batches:
@@ -589,6 +596,8 @@ class LayerwiseModel:
                         args, kwargs = calls[i][bi]
                         out = layer(hidden[bi], *args, **kwargs)
                         hidden[bi] = out[0] if isinstance(out, tuple) else out
+                    if after_layer is not None:
+                        after_layer(i)
                 finally:
                     self._running = False
                     self.unload_layer(i)
@@ -738,15 +747,19 @@ class _HiddenStore:
 
 
 def forward_batches(model, batches, before: Callable[[int], None] | None = None, logits: bool = True,
-                    progress: Callable[[int, int], None] | None = None
+                    progress: Callable[[int, int], None] | None = None,
+                    after_layer: Callable[[int], None] | None = None
                     ) -> Iterator[tuple[int, object, torch.Tensor | None]]:
     """(batch index, batch, logits) of every batch: one forward per batch for a model in memory (or dispatched by
     accelerate), layer by layer for a layer-by-layer model. The one loop the statistics, perplexity and preview
-    passes share. ``progress(done, total)`` counts batches in memory, decoder layers layer by layer."""
+    passes share. ``progress(done, total)`` counts batches in memory, decoder layers layer by layer.
+    ``after_layer(i)``: layer by layer, once every batch went through decoder layer ``i`` and while its weights are
+    loaded; in memory, for every decoder layer after the last batch (what a hook gathered for layer ``i`` is then
+    complete either way)."""
     engine = engine_of(model)
     batches = list(batches)
     if engine is not None:
-        yield from engine.forward_batches(batches, before, logits, progress)
+        yield from engine.forward_batches(batches, before, logits, progress, after_layer)
         return
     from .devices import input_device
 
@@ -758,6 +771,11 @@ def forward_batches(model, batches, before: Callable[[int], None] | None = None,
         if progress is not None:
             progress(bi + 1, len(batches))
         yield bi, b, out.logits
+    if after_layer is not None:
+        from .moe import decoder_layers_of
+
+        for i in range(len(decoder_layers_of(model))):
+            after_layer(i)
 
 
 __all__ = ["LayerwiseModel", "LayerwiseError", "forward_batches", "engine_of"]

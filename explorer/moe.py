@@ -384,6 +384,12 @@ class MoELayer:
         kept = mask.nonzero().flatten().tolist()
         if len(kept) == self.num_experts:
             return self._parse(self.call_router(x))
+        if self.family.gating == "sigmoid_group" and self.check_kept(len(kept)) is not None:
+            # no smaller model routes so (plans keep whole multiples of the groups): a saliency criterion's single
+            # removal, routed by the full router with the removed experts never chosen
+            logits = self.logits(x)
+            w, idx = self._group_route(logits, self.router.e_score_correction_bias, on_device(mask, logits.device))
+            return logits, w, idx
         if self.family.gating == "sigmoid_input" or not self._router_triple(x):
             return self.route_from_logits(self.logits(x), mask)
         r, extra = self.sliced_router(kept)
@@ -430,16 +436,22 @@ class MoELayer:
             raise NotImplementedError(f"gating {g!r}")
         return logits, w, idx
 
-    def _group_route(self, logits: torch.Tensor, correction_bias: torch.Tensor):
-        """DeepSeek-V3's group-limited choice over the experts in ``logits`` (groups are contiguous runs)."""
+    def _group_route(self, logits: torch.Tensor, correction_bias: torch.Tensor, allowed: torch.Tensor | None = None):
+        """DeepSeek-V3's group-limited choice over the experts in ``logits`` (groups are contiguous runs).
+        ``allowed`` bool [E]: the others are never chosen; groups are scored by their allowed experts, and when the
+        chosen groups hold fewer than top-k allowed experts the best allowed ones of the other groups fill in."""
         r, k = self.router, self.top_k
         scores = torch.sigmoid(logits)
         choice = scores + correction_bias
         E, G = scores.shape[-1], r.num_group
-        gs = choice.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
+        ranked = choice if allowed is None else choice.masked_fill(~allowed, -1e4)
+        gs = ranked.view(-1, G, E // G).topk(min(2, E // G), dim=-1)[0].sum(-1)
         gidx = torch.topk(gs, k=r.topk_group, dim=-1, sorted=False)[1]
         gmask = torch.zeros_like(gs).scatter_(1, gidx, 1).unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
-        choice = choice.masked_fill(~gmask.bool(), float("-inf"))
+        if allowed is None:
+            choice = choice.masked_fill(~gmask.bool(), float("-inf"))
+        else:
+            choice = (choice - 1e4 * (1 - gmask)).masked_fill(~allowed, float("-inf"))
         idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
         w = scores.gather(1, idx)
         if r.norm_topk_prob:

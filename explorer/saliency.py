@@ -38,18 +38,34 @@ def expert_scores(stats: RouterStats, criterion: str, model=None, view: MoEModel
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
 
 
-def _layer_inputs(model, view: MoEModel, blocks, max_tokens: int) -> dict[int, torch.Tensor]:
-    """The input of every MoE block on up to ``max_tokens`` calibration tokens from every domain (real tokens
-    only)."""
+def _each_layer_input(model, view: MoEModel, blocks, max_tokens: int, fn) -> None:
+    """``fn(lay, x)`` with ``x`` the input of MoE block ``lay`` on up to ``max_tokens`` calibration tokens from every
+    domain (real tokens only), called while that layer's weights are loaded: layer by layer, a model larger than
+    memory keeps one layer's inputs at a time."""
+    from .layerwise import engine_of, forward_batches
+
+    engine = engine_of(model)
     caps: dict[int, list] = {lay.index: [] for lay in view}
+    by_decoder = {lay.layer_idx: lay for lay in view}
     sub = blocks.spread(max_tokens)
-    dev = input_device(model)
-    with torch.inference_mode(), forward_hooks(*[(lay.block, "pre", lambda m, a, _i=lay.index: caps[_i].append(
-            a[0].detach())) for lay in view]):
-        for b in sub.batches(8):
-            model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
-    valid = sub.attention_mask().reshape(-1).bool().to(dev)
-    return {i: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])[valid] for i, xs in caps.items()}
+    valid = sub.attention_mask().reshape(-1).bool()
+
+    def done(i: int) -> None:
+        lay = by_decoder.get(i)
+        if lay is None:
+            return
+        xs = caps.pop(lay.index)
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+        fn(lay, x[valid.to(x.device)])
+
+    def keep(i: int, x: torch.Tensor) -> None:
+        if engine is None or engine.running:  # not the load-time self-check of a layer-by-layer model
+            caps[i].append(x.detach())
+
+    with torch.inference_mode(), forward_hooks(*[(lay.block, "pre", lambda m, a, _i=lay.index: keep(_i, a[0]))
+                                                 for lay in view]):
+        for _ in forward_batches(model, sub.batches(8), logits=False, after_layer=done):
+            pass
 
 
 def _masked_output(lay, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -65,47 +81,60 @@ def reconstruction_scores(model, view: MoEModel, blocks, max_tokens: int = 4096,
 
     Up to ``greedy_max_experts`` experts: greedy removal (each step removes the expert whose removal adds the least
     error); an expert's score is the error at the step it was removed, made monotone, so the last ones removed
-    score highest. Above that, each expert is scored by the error of removing it alone.
+    score highest. Above that, each expert is scored by the error of removing it alone. One forward over the
+    calibration text (layer by layer for a model larger than memory). Under grouped routing (DeepSeek-V3) a removal
+    that no smaller model can have (not a whole multiple of the groups) routes through the full router with the
+    removed experts never chosen.
     """
-    inputs = _layer_inputs(model, view, blocks, max_tokens)
-    scores = []
-    with torch.inference_mode():
-        for lay in view:
-            x = inputs[lay.index]
-            E, k = lay.num_experts, lay.top_k
-            full = _masked_output(lay, x, torch.ones(E, dtype=torch.bool))
-            err = lambda keep: float((full - _masked_output(lay, x, keep)).float().norm())  # noqa: E731
-            s = np.zeros(E)
-            if E <= greedy_max_experts:
+    scores: dict[int, np.ndarray] = {}
+
+    def score(lay, x: torch.Tensor) -> None:
+        E, k = lay.num_experts, lay.top_k
+        full = _masked_output(lay, x, torch.ones(E, dtype=torch.bool))
+        err = lambda keep: float((full - _masked_output(lay, x, keep)).float().norm())  # noqa: E731
+        s = np.zeros(E)
+        if E <= greedy_max_experts:
+            keep = torch.ones(E, dtype=torch.bool)
+            level = 0.0
+            for step in range(E - k):
+                cands = [(err(keep.clone().index_fill_(0, torch.tensor([e]), False)), e)
+                         for e in range(E) if keep[e]]
+                e_err, e = min(cands)
+                level = max(level, e_err)
+                s[e] = level + 1e-9 * step
+                keep[e] = False
+            top = level + 1.0 + float(full.float().norm())
+            for e in range(E):
+                if keep[e]:  # never removable (the last k): above every removed one, ordered by solo error
+                    s[e] = top + err(torch.ones(E, dtype=torch.bool).index_fill_(0, torch.tensor([e]), False))
+        else:
+            for e in range(E):
                 keep = torch.ones(E, dtype=torch.bool)
-                level = 0.0
-                for step in range(E - k):
-                    cands = [(err(keep.clone().index_fill_(0, torch.tensor([e]), False)), e)
-                             for e in range(E) if keep[e]]
-                    e_err, e = min(cands)
-                    level = max(level, e_err)
-                    s[e] = level + 1e-9 * step
-                    keep[e] = False
-                top = level + 1.0 + float(full.float().norm())
-                for e in range(E):
-                    if keep[e]:  # never removable (the last k): above every removed one, ordered by solo error
-                        s[e] = top + err(torch.ones(E, dtype=torch.bool).index_fill_(0, torch.tensor([e]), False))
-            else:
-                for e in range(E):
-                    keep = torch.ones(E, dtype=torch.bool)
-                    keep[e] = False
-                    s[e] = err(keep)
-            scores.append(s)
-            if progress:
-                progress(lay.index + 1, len(view))
-    return scores
+                keep[e] = False
+                s[e] = err(keep)
+        scores[lay.index] = s
+        if progress:
+            progress(len(scores), len(view))
+
+    _each_layer_input(model, view, blocks, max_tokens, score)
+    return [scores[lay.index] for lay in view]
 
 
 def ablation_scores(model, view: MoEModel, blocks, max_tokens: int = 4096, progress=None) -> list[np.ndarray]:
     """Ground truth: Δ mean NLL on calibration text when expert e alone is masked (one pass per expert)."""
+    from .layerwise import LayerwiseError, engine_of
     from .perplexity import perplexity
     from .plan import Plan
     from .preview import previewing
+
+    engine = engine_of(model)
+    if engine is not None:
+        total = sum(view.num_experts)
+        read = sum(engine.layer_nbytes(i) for i in range(len(engine.view.decoder_layers)))
+        raise LayerwiseError(
+            f"ablation runs one perplexity pass per expert ({total + 1:,} passes); layer by layer each pass reads "
+            f"every decoder layer from disk again ({read / 2**30:,.1f} GiB), {(total + 1) * read / 2**40:,.2f} TiB in "
+            "all: use reconstruction (one pass, each layer read once) or reap, or load the model in memory")
 
     sub = blocks.spread(max_tokens)
     base = perplexity(model, sub).nll

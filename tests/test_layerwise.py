@@ -448,3 +448,49 @@ def test_fp8_experts_kept_in_fp8_equal_the_reference_dequantisation(tmp_path):
     assert seen[1][1] - engine.rest_bytes < dense - experts * 2  # 1 byte (+ scales) per expert weight, not 4
     with pytest.raises(LayerwiseError, match="per-expert FP8"):
         LayerwiseModel(_saved(tmp_path, "mixtral"), keep_fp8=True)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_reconstruction_scores_run_layer_by_layer(tmp_path, family):
+    """The model-running criterion NAEE's reconstruction error reads each MoE block's input while that layer is
+    loaded, and equals the model in memory; ablation (a whole-model pass per expert) is refused in words."""
+    from explorer.saliency import expert_scores, rank_stability
+
+    folder = _saved(tmp_path, family)
+    mem, _, mem_view = load_model(folder, with_tokenizer=False, device="cpu")
+    lw, _, lw_view = load_model(folder, with_tokenizer=False, device="cpu", sequential=True)
+    blocks = _blocks(mem.config.vocab_size)
+    stats = collect_stats(mem, mem_view, blocks, 4)
+    a = expert_scores(stats, "reconstruction", model=mem, view=mem_view, blocks=blocks, max_tokens=96)
+    b = expert_scores(stats, "reconstruction", model=lw, view=lw_view, blocks=blocks, max_tokens=96)
+    assert len(a) == len(b) == len(mem_view)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+    assert all(np.ptp(x) > 0 for x in b)
+    st = rank_stability(stats, "reconstruction", model=lw, view=lw_view, blocks=blocks, max_tokens=96)
+    np.testing.assert_allclose(
+        st.rho, rank_stability(stats, "reconstruction", model=mem, view=mem_view, blocks=blocks, max_tokens=96).rho)
+    with pytest.raises(LayerwiseError, match=r"ablation runs one perplexity pass per expert \(\d+ passes\).*"
+                                             r"use reconstruction"):
+        expert_scores(stats, "ablation", model=lw, view=lw_view, blocks=blocks, max_tokens=96)
+
+
+def test_a_plan_by_reconstruction_runs_layer_by_layer_from_the_cli(demo, tmp_path):
+    """`plan --criterion reconstruction --sequential` scores a checkpoint it never holds whole, and picks the experts
+    the in-memory run picks."""
+    from explorer.loading import DEMO_MODEL
+
+    stats = tmp_path / "s.json"
+    base = [sys.executable, "-m", "explorer"]
+    r = subprocess.run(base + ["stats", str(DEMO_MODEL), "--out", str(stats), "--max-tokens", "256", "--block-len",
+                               "64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plans = {}
+    for mode in ([], ["--sequential"]):
+        out = tmp_path / f"plan{len(mode)}.json"
+        r = subprocess.run(base + ["plan", str(DEMO_MODEL), "--stats", str(stats), "--drop-experts", "0.25", "--criterion",
+                                   "reconstruction", "--block-len", "64", "--out", str(out), *mode],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        plans[len(mode)] = Plan.load(out).drop_experts
+    assert plans[0] == plans[1] and sum(map(len, plans[1].values())) > 0
