@@ -52,6 +52,9 @@ class HessianObserver:
             sel = eid == e
             self._add(lay, e, tok[sel], xin[sel], h[sel])
 
+    def end(self, lay) -> None:
+        pass
+
 
 def collect_hessians(model, view, blocks, batch_size: int = 8, progress=None) -> list[dict]:
     """One pass over ``blocks``: per MoE layer ``{"hess_in": [E,H,H], "hess_mid": [E,I,I], "hess_tokens": [E]}``

@@ -510,7 +510,10 @@ class MoELayer:
             observer.begin(self, x, logits, w, idx)
         # experts kept in FP8 are dequantised one at a time, as the loop computes them
         kernel = KERNELS["loop"] if self.fp8_kept else kernel_for(x)
-        return kernel(self, x, w, idx, observer, edit)
+        out = kernel(self, x, w, idx, observer, edit)
+        if observer is not None:
+            observer.end(self)
+        return out
 
     def expert_weights(self, edit: LayerEdit | None):
         """(gate_up, down, gate_up_bias, down_bias, slot): the expert tensors in use and expert -> row (None: id)."""

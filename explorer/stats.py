@@ -343,6 +343,7 @@ class StatsObserver:
         self._reap_gates: torch.Tensor | None = None  # [T, E] REAP's gate where its top-k picks an expert, else 0
         self.dense_sel: torch.Tensor | None = None  # positions of this batch's dense sample (set per batch)
         self._dense_x: dict[int, torch.Tensor] = {}  # MoE layer -> this batch's dense sample (experts kept in FP8)
+        self._pairs: list[tuple] = []  # this layer's (tok, eid, gate, output norm, peak) per kernel call, for ``end``
 
     def _reap_softmax(self, lay: MoELayer, a: dict, x, logits, idx, v) -> None:
         """REAP's definition (its observer): softmax over all experts, its own top-k, renormalised over it. Where
@@ -461,25 +462,39 @@ class StatsObserver:
     def _add(self, lay: MoELayer, rows: slice, plain, gated, tok, eid, g, h, y) -> None:
         """The one rule for the per-expert sums both kernels feed: ``plain`` [R, pairs] puts each real pair in its
         expert's row, ``gated`` the same weighted by gate² (MoE-Pruner weights tokens by their gate); ``rows`` are
-        the experts the R rows stand for."""
+        the experts the R rows stand for. The vector sums are added here; each pair's scalars (output norm, peak)
+        are kept and summed once per layer in ``end`` (the loop kernel calls this once per expert, and a dozen small
+        operations per expert were most of the pass's overhead on a CPU)."""
         a = self.acc[lay.index]
         norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-        reap, reap_sm = g.float() * norm, self._reap_gates[tok, eid] * norm
-        hp = self.half.to(norm.device)[tok] if self.half is not None else torch.ones_like(norm)
-        per_pair = torch.stack([reap, reap_sm, norm, reap * hp, reap_sm * hp], dim=1)
-        sums = (plain @ per_pair).double()
-        a["reap"][rows] += sums[:, 0]
-        a["reap_softmax"][rows] += sums[:, 1]
-        a["out_norm"][rows] += sums[:, 2]
-        a["half_reap"][rows] += sums[:, 3]
-        a["half_reap_softmax"][rows] += sums[:, 4]
-        peak = torch.linalg.vector_norm(y, ord=float("inf"), dim=-1, dtype=torch.float32)
-        a["act_max"][rows] = torch.maximum(a["act_max"][rows], (plain * peak[None, :]).amax(1))
+        peak = torch.maximum(y.amax(-1), -y.amin(-1)).float()  # |y|_inf: the inf-norm kernel is ~15x slower on CPU
+        self._pairs.append((tok, eid, g, norm, peak))
         a["out_sum"][rows] += segment_sums(plain, y)
         sq = segment_sums(torch.cat([plain, gated]), _square(h))
         n = plain.shape[0]
         a["neuron_sq"][rows] += sq[:n]
         a["neuron_sq_gated"][rows] += sq[n:]
+
+    def end(self, lay: MoELayer) -> None:
+        """The per-pair scalars of the layer's pairs, summed per expert in one go: REAP (the model's gates and
+        REAP's softmax), output norms, their calibration-half sums and each expert's peak output."""
+        if not self._pairs:
+            return
+        a = self.acc[lay.index]
+        tok, eid, g, norm, peak = (torch.cat(t) for t in zip(*self._pairs))
+        self._pairs.clear()
+        v = self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None else torch.ones_like(norm)
+        nv = norm * v
+        reap, reap_sm = g.float() * nv, self._reap_gates[tok, eid] * nv
+        hp = self.half.to(norm.device)[tok] if self.half is not None else torch.ones_like(norm)
+        per_pair = torch.stack([reap, reap_sm, nv, reap * hp, reap_sm * hp], dim=1).double()
+        sums = torch.zeros(lay.num_experts, 5, dtype=torch.float64, device=norm.device).index_add_(0, eid, per_pair)
+        a["reap"] += sums[:, 0]
+        a["reap_softmax"] += sums[:, 1]
+        a["out_norm"] += sums[:, 2]
+        a["half_reap"] += sums[:, 3]
+        a["half_reap_softmax"] += sums[:, 4]
+        a["act_max"].scatter_reduce_(0, eid, peak * v, reduce="amax")
 
     def layer_cos(self, lay: MoELayer, resid: torch.Tensor, out: torch.Tensor) -> None:
         a = self.acc[lay.index]
