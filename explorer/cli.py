@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=_at_least(1), default=DistillConfig.eval_every)
     p.add_argument("--cache-teacher-topk", type=int, default=None, metavar="K")
     p.add_argument("--seed", type=int, default=DistillConfig.seed)
+    p.add_argument("--shard", action="store_true", help="under torchrun / accelerate launch: shard the student and "
+                   "the teacher across the processes with PyTorch's FSDP2 (a student larger than one device) "
+                   "instead of a whole copy on each (DDP)")
     p.add_argument("--stats", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -669,17 +672,28 @@ def cmd_distill(args) -> int:
     plan = Plan.load(args.plan)
     stats = RouterStats.load_file(args.stats) if args.stats else None
     acc = _accelerator()
+    if args.shard and acc is None:
+        raise ExplorerError("--shard splits the student across the processes of a launcher: start with torchrun "
+                            "--nproc_per_node N -m explorer distill ... --shard (or accelerate launch)")
     main_proc = acc is None or acc.is_main_process
-    if acc is not None and args.device is None:
-        args.device = str(acc.device)
+    if acc is not None and args.device is None and not args.shard:
+        args.device = str(acc.device)  # sharded: loaded on the CPU, each process's shards moved to its device
     model, tok, view = _load(args)
     ds = _data(args, tok, model)
     stats = _with_hessians(args, plan, stats, model, view, tok, ds.calib)
-    d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats, accelerator=acc)
+    d = Distiller.from_plan(model, view, plan, ds.calib, ds.eval, cfg, stats=stats, accelerator=acc,
+                            shard=args.shard)
     say = print if main_proc else (lambda *a, **k: None)
     if acc is not None:
-        say(f"distributed: {acc.num_processes} processes ({acc.distributed_type.value}), "
+        how = "FSDP2, student and teacher sharded" if args.shard else acc.distributed_type.value
+        say(f"distributed: {acc.num_processes} processes ({how}), "
             f"{cfg.batch_size // acc.num_processes} blocks each per step of {cfg.batch_size}")
+        if args.shard:
+            from .sharding import share
+
+            mine, whole = share(d.student)
+            print(f"sharded: process {acc.process_index} holds {mine:,} of the student's {whole:,} parameters "
+                  f"({mine / whole:.0%})", file=sys.stderr, flush=True)
     if cfg.teacher_topk_cache:
         m = d.teacher_memory()
         say(f"teacher top-{m['k']} cache: {m['topk_cache_bytes'] / 2**20:.1f} MiB instead of "
@@ -702,14 +716,15 @@ def cmd_distill(args) -> int:
                       flush=True)
         elif e.kind == "error":
             print(f"\nerror: {e.message}", file=sys.stderr)
-    d.restore_best()
     warn = d.divergence()
+    final = d.final_model()  # every process: sharded weights are gathered onto the main one
     if main_proc:  # one output folder, written by one process
         summary = {"source": args.model, "plan": plan.notes, "config": cfg.__dict__,
                    "initial_ppl": d.initial_ppl, "best_ppl": d.best_ppl, "steps": d.step, "tokens": d.tokens,
                    "kept_step": d.best_step, "warning": warn, "processes": d.world,
+                   "sharded": args.shard,
                    "history": [e.to_dict() for e in d.history if e.kind in ("start", "eval")]}
-        out = export(d.final_model(), tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
+        out = export(final, tok, plan, args.out, layout=d.layout, summary=summary, source=_source(args),
                      overwrite=args.overwrite, view=view)
         print(f"student of step {d.best_step} (perplexity {fmt_ppl(d.best_ppl)}, from {fmt_ppl(d.initial_ppl)}) "
               f"written to {out}")
@@ -731,8 +746,9 @@ def _accelerator():
         if os.environ.get(var, "").lower() in ("1", "true", "yes"):
             # the student would be sharded, but evaluation splits blocks unevenly over the processes, the teacher
             # is whole on every process and the export reads unsharded weights: refused rather than half-working
-            raise ValueError(f"distillation under {engine} is not supported yet: launch with DDP (accelerate launch "
-                             "--multi_gpu, or torchrun), which needs the student to fit one GPU")
+            raise ValueError(f"distillation under accelerate's {engine} plugin is not supported: launch with DDP "
+                             "(accelerate launch --multi_gpu, or torchrun), and add --shard for the explorer's own "
+                             "FSDP2 when the student does not fit one GPU")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch

@@ -24,6 +24,7 @@ from .devices import forward_hooks
 from .moe import MoEModel
 from .perplexity import block_nll, fmt_ppl, perplexity, summarise
 from .plan import Plan
+from .sharding import inference
 
 KL_KINDS = ("forward", "reverse", "jsd")
 TRAINABLE = ("all", "experts-routers", "routers")
@@ -158,10 +159,12 @@ class Distiller:
 
     def __init__(self, teacher, teacher_view: MoEModel, student, student_view: MoEModel | None, plan: Plan,
                  train_blocks: TokenBlocks, eval_blocks: TokenBlocks, config: DistillConfig | None = None,
-                 accelerator=None):
+                 accelerator=None, shard: bool = False):
         """``accelerator`` (accelerate's, under ``accelerate launch``): the student trains as DDP, each process on
         its share of every batch (the same global batch as one process), evaluation is split over the processes
-        and summed, and every process sees the same events; only the main process should print or save."""
+        and summed, and every process sees the same events; only the main process should print or save.
+        ``shard``: FSDP2 instead of DDP (``explorer.sharding``): student and teacher sharded across the processes,
+        each process evaluating every block; ``final_model`` must then be called by every process."""
         self.config = (config or DistillConfig()).validate()
         if len(train_blocks) < 1 or train_blocks.tokens < 1:
             raise DistillError("no training text: the calibration split is empty")
@@ -176,13 +179,16 @@ class Distiller:
         self.train_blocks, self.eval_blocks = train_blocks, eval_blocks.limit(self.config.eval_tokens)
         self.device = next(student.parameters()).device
         self.params = _trainable(student, student_view, self.config.train)
-        self.opt = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.acc = accelerator
         self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         if self.world > 1 and self.config.batch_size < self.world:
             raise DistillError(f"batch size {self.config.batch_size} is smaller than the {self.world} processes")
+        self.sharded, self._shell = shard, None
+        if shard:
+            self._shard(accelerator)
+        self.opt = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.train_model = student  # what the forward runs: the DDP wrapper under a launcher, the student itself else
-        if accelerator is not None:
+        if accelerator is not None and not shard:
             self.train_model, self.opt = accelerator.prepare(student, self.opt)
         self.gen = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
@@ -200,12 +206,30 @@ class Distiller:
         self.layout: dict | None = None
 
     # ---- set-up -----------------------------------------------------------------------------------------
+    def _shard(self, accelerator) -> None:
+        from . import sharding
+
+        if accelerator is None:
+            raise DistillError("--shard needs a launcher: start with torchrun or accelerate launch")
+        why = ("a quantise plan's student trains on its grid through parametrisations FSDP2 does not shard here"
+               if self.on_grid else "expert-wise distillation reads the experts' weights outside a forward, where a "
+               "sharded process holds only its rows" if self.config.expert_kd > 0 else None)
+        if why:
+            raise DistillError(f"--shard cannot train this: {why}; leave out --shard (DDP) for it")
+        self._shell = sharding.skeleton(self.student) if self.rank == 0 else None
+        mesh = sharding.mesh_for(torch.device(accelerator.device))
+        sharding.shard(self.student, mesh)
+        sharding.shard(self.teacher, mesh)
+        self.device = torch.device(accelerator.device)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]  # FSDP2 replaced them
+
     @classmethod
     def from_plan(cls, teacher, teacher_view: MoEModel, plan: Plan, train_blocks, eval_blocks,
-                  config: DistillConfig | None = None, stats=None, accelerator=None) -> "Distiller":
+                  config: DistillConfig | None = None, stats=None, accelerator=None,
+                  shard: bool = False) -> "Distiller":
         config = (config or DistillConfig()).validate()  # refuse bad settings before building anything
         student, sview, layout = apply_plan(teacher, teacher_view, plan, stats=stats)
-        d = cls(teacher, teacher_view, student, sview, plan, train_blocks, eval_blocks, config, accelerator)
+        d = cls(teacher, teacher_view, student, sview, plan, train_blocks, eval_blocks, config, accelerator, shard)
         d.layout = layout  # what export needs when a stock config cannot describe the student
         return d
 
@@ -231,7 +255,7 @@ class Distiller:
     def _cache_teacher(self) -> dict:
         k = self.config.teacher_topk_cache
         vals, idx = [], []
-        with torch.inference_mode():
+        with inference(self.teacher):
             for b in self.train_blocks.batches(self.config.batch_size):
                 lg = self.teacher(input_ids=b.input_ids.to(self.device),
                                   attention_mask=b.attention_mask().to(self.device), use_cache=False).logits
@@ -246,12 +270,24 @@ class Distiller:
 
     def restore_best(self) -> None:
         if self.best_state is not None:
-            self.student.load_state_dict(self.best_state)
+            from .sharding import restore
+
+            restore(self.student, self.best_state)
+
+    def _snapshot(self) -> dict:
+        from .sharding import snapshot
+
+        return snapshot(self.student)
 
     def final_model(self):
         """The best student as it is exported: on a quantise plan's grid, its weights written as plain parameters
-        (a copy; the student itself can go on training)."""
+        (a copy; the student itself can go on training). Sharded: gathered whole on the main process (every process
+        calls this; the others get None)."""
         self.restore_best()
+        if self.sharded:
+            from .sharding import gathered
+
+            return gathered(self.student, self._shell, self.rank == 0)
         if not self.on_grid:
             return self.student
         from .ops.quantise import baked
@@ -260,7 +296,7 @@ class Distiller:
 
     def evaluate(self) -> dict:
         self.student.eval()
-        if self.world == 1:
+        if self.world == 1 or self.sharded:  # sharded: every process runs every block (each forward gathers)
             res = perplexity(self.student, self.eval_blocks, batch_size=self.config.batch_size)
         else:  # each process scores its share of the blocks; the sums are exchanged, so all agree
             n = len(self.eval_blocks)
@@ -420,7 +456,7 @@ class Distiller:
             ev = self.evaluate()
             self.initial_ppl = ev["ppl"]
             self.best_ppl = ev["ppl"]
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+            self.best_state = self._snapshot()
             e = DistillEvent("start", 0, ppl=ev["ppl"], ppl_domains=ev["domains"], best_ppl=ev["ppl"], stage=stage,
                              message="before distillation" + (
                                  "; the quantised weights train on the plan's grid (straight-through), so every "
@@ -451,6 +487,10 @@ class Distiller:
                 else:
                     loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip if c.grad_clip else float("inf"))
+                if self.sharded:
+                    from .sharding import full_tensor
+
+                    gn = full_tensor(gn)
                 bad = None if torch.isfinite(gn) else "gradients became non-finite"
             if bad is not None:
                 self.opt.zero_grad(set_to_none=True)
@@ -483,7 +523,7 @@ class Distiller:
                 e.kind, e.ppl, e.ppl_domains = "eval", ev["ppl"], ev["domains"]
                 if self.best_ppl is None or ev["ppl"] < self.best_ppl:
                     self.best_ppl, self.best_step = ev["ppl"], self.step
-                    self.best_state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+                    self.best_state = self._snapshot()
                 e.best_ppl = self.best_ppl
                 self.elapsed = base_elapsed + time.perf_counter() - t_run
             self.history.append(e)

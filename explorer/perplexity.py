@@ -109,8 +109,10 @@ def change(a: "Perplexity", b: "Perplexity") -> Change:
 def block_nll(model, blocks: TokenBlocks, batch_size: int = 8,
               progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and scored-token count per block (float64, on the CPU); the model in memory or layer by layer."""
+    from .sharding import inference
+
     sums, counts = [], []
-    with torch.inference_mode():
+    with inference(model):
         for _, b, logits in forward_batches(model, blocks.batches(batch_size), progress=progress):
             ids = b.input_ids.to(logits.device)
             am = b.attention_mask().to(logits.device)
