@@ -1,6 +1,9 @@
 """Plain forward pass against the hooked statistics pass, same model, same tokens, one run.
 
-Prints tokens/s of both and the ratio (stats time / plain time) last. Bar: at most 1.10.
+Prints tokens/s of both and the ratio (stats time / plain time) last. Bar: at most 1.10. Beside it, the explorer's
+own forward through the same expert kernels without the observer (the view's forward): stats / that is what the
+observer itself costs, whatever transformers' own expert kernel does on this machine (its CPU grouped_mm runs
+at one of two speeds from one process to the next here).
   python bench/stats_overhead.py                      # the demo model on the CPU (its calibration blocks)
   python bench/stats_overhead.py --olmoe --device cuda --seq 2048  # OLMoE-1B-7B-shaped, bf16, 8 x 2048, grouped_mm
   --path loop|grouped forces how the statistics pass runs the experts (default auto: grouped on CUDA, loop on CPU)
@@ -36,23 +39,32 @@ def main() -> None:
         plan = planners.drop_experts(collect_stats(model, view, blocks.subset(range(2)), batch_size=args.batch),
                                      0.25, "frequency")
 
+    def through_view():  # the explorer's kernels, no observer: what the statistics pass runs, less the observer
+        with path, torch.inference_mode(), view.patched(lambda lay, hs: lay.forward(hs)):
+            for b in blocks.batches(args.batch):
+                model(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask().to(dev), use_cache=False)
+
     def preview():  # the same forward with a 25% drop previewed as routing masks (MoELayer.forward)
         with path, previewing(model, view, plan):
             plain()
 
     tokens = int(blocks.lengths.sum())
-    t_plain, t_stats, t_prev = [], [], []
+    t_plain, t_stats, t_prev, t_view = [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
         t_plain.append(timed(plain, 1, sync))
         t_stats.append(timed(stats, 1, sync))
         t_prev.append(timed(preview, 1, sync))
-    p, s, v = min(t_plain), min(t_stats), min(t_prev)  # best of N: the least disturbed run of each
+        t_view.append(timed(through_view, 1, sync))
+    p, s, v, w = min(t_plain), min(t_stats), min(t_prev), min(t_view)  # best of N: the least disturbed run of each
     pairs = sorted(b / a for a, b in zip(t_plain, t_stats))
+    own = sorted(b / a for a, b in zip(t_view, t_stats))
     print(f"{what} on {dev}: {tokens:,} tokens per pass, batch {args.batch} x {args.seq}, best of {args.repeats}, "
           f"expert path {args.path}")
     print(f"plain forward   {tokens / p:12,.0f} tokens/s")
     print(f"statistics pass {tokens / s:12,.0f} tokens/s")
     print(f"preview (25% drop as masks) {tokens / v:12,.0f} tokens/s; ratio preview / plain: {v / p:.3f}")
+    print(f"the view's forward (same kernels, no observer) {tokens / w:12,.0f} tokens/s; stats / view: {s / w:.3f} "
+          f"best of {args.repeats}, {own[len(own) // 2]:.3f} median pair (what the observer costs)")
     print(f"median of the {len(pairs)} interleaved pair ratios: {pairs[len(pairs) // 2]:.3f}")
     print(f"ratio (stats / plain time, best of {args.repeats} each): {s / p:.3f}")
 

@@ -236,8 +236,8 @@ class RouterStats:
             return
         arrays = {f"{i}/{k}": v for i, lay in enumerate(self.layers) for k, v in lay.items() if k in STORED}
         scal = [{k: lay[k] for k in SCALARS if k in lay} for lay in self.layers]
-        buf = io.BytesIO()
-        np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
+        buf = io.BytesIO()  # not compressed: float sums barely compress, and zlib took 6 s of a 16 x 64 layer file
+        np.savez(buf, __meta__=np.frombuffer(json.dumps({**self._meta(), "scalars": scal}).encode(),
                                                         dtype=np.uint8), **arrays)
         atomic_write(path, buf.getvalue())
 

@@ -93,20 +93,23 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_widget_at_real_size_in_jupyterlab(tmp_path, chromium_path):
-    """Qwen3-30B-A3B's 48 x 128 routing shape at a tiny width: the heatmap's axes are labelled every so often, its
-    rows tall enough to hit, and a click on expert 100 of layer 40 reaches the kernel like one on the demo."""
+@pytest.mark.parametrize("name,layers,clicks", [("qwen3-30b-a3b", 48, [(100, 40), (7, 3)]),
+                                                ("deepseek-v3", 58, [(200, 50), (7, 3)])])
+def test_widget_at_real_size_in_jupyterlab(name, layers, clicks, tmp_path, chromium_path):
+    """Qwen3-30B-A3B's 48 x 128 and DeepSeek-V3's 58 MoE layers x 256 routing shapes at a tiny width: the
+    heatmap's axes are labelled every so often, its rows tall enough to hit, and a click on an expert deep in the
+    grid reaches the kernel like one on the demo."""
     from transformers import AutoTokenizer
 
     from explorer.loading import DEMO_MODEL
     from explorer.tiny import real_shape_model
 
-    folder = tmp_path / "qwen3-30b-a3b"
-    real_shape_model("qwen3-30b-a3b", vocab_size=4096).save_pretrained(folder)
+    folder = tmp_path / name
+    real_shape_model(name, vocab_size=4096).save_pretrained(folder)
     AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(folder)
 
     def check(page):
         heat = page.locator(".jp-OutputArea .js-plotly-plot").first
-        assert 2 <= heat.locator(".xtick").count() <= 12 and heat.bounding_box()["height"] >= 12 * 48
+        assert 2 <= heat.locator(".xtick").count() <= 12 and heat.bounding_box()["height"] >= 12 * layers
 
-    _lab(tmp_path, chromium_path, repr(str(folder)), [(100, 40), (7, 3)], check)
+    _lab(tmp_path, chromium_path, repr(str(folder)), clicks, check)
