@@ -93,12 +93,11 @@ def test_widget_renders_in_jupyterlab(tmp_path, demo, chromium_path):
 
 @pytest.mark.browser
 @pytest.mark.slow
-@pytest.mark.parametrize("name,layers,clicks", [("qwen3-30b-a3b", 48, [(100, 40), (7, 3)]),
-                                                ("deepseek-v3", 58, [(200, 50), (7, 3)])])
+@pytest.mark.parametrize("name,layers,clicks", [("qwen3-30b-a3b", 48, [(100, 40), (7, 3)]), ("deepseek-v3", 58, [])])
 def test_widget_at_real_size_in_jupyterlab(name, layers, clicks, tmp_path, chromium_path):
     """Qwen3-30B-A3B's 48 x 128 and DeepSeek-V3's 58 MoE layers x 256 routing shapes at a tiny width: the
     heatmap's axes are labelled every so often, its rows tall enough to hit, and a click on an expert deep in the
-    grid reaches the kernel like one on the demo."""
+    grid reaches the kernel like one on the demo (DeepSeek-V3's grouped routing refuses a single drop, in words)."""
     from transformers import AutoTokenizer
 
     from explorer.loading import DEMO_MODEL
@@ -111,5 +110,9 @@ def test_widget_at_real_size_in_jupyterlab(name, layers, clicks, tmp_path, chrom
     def check(page):
         heat = page.locator(".jp-OutputArea .js-plotly-plot").first
         assert 2 <= heat.locator(".xtick").count() <= 12 and heat.bounding_box()["height"] >= 12 * layers
+        if not clicks:  # grouped routing keeps a multiple of its 8 groups: the click is answered in words
+            _click_cell(page, 200, 50)
+            page.get_by_text("grouped routing needs the kept count divisible by n_group=8").wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "jupyterlab-widget-refused.png"), full_page=True)
 
     _lab(tmp_path, chromium_path, repr(str(folder)), clicks, check)
