@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .devices import forward_hooks, input_device
+from .devices import forward_hooks
 from .moe import MoEModel
 from .stats import RouterStats
 
