@@ -437,9 +437,7 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
         drop_cache(model_dir)
         rows = [("stats", run("stats", ["stats", str(model_dir), *common, "--out", str(st), "--overwrite"]),
                  b["stats"])]
-        from explorer.stats import RouterStats
-
-        real = RouterStats.load_file(st).info["tokens"]
+        real = stats_tokens(st)
         if not plan.exists():
             subprocess.run([sys.executable, "-m", "explorer", "plan", str(model_dir), "--stats", str(st),
                             "--drop-experts", "0.25", "--criterion", "reap", "--out", str(plan)], cwd=ROOT,

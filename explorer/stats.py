@@ -497,7 +497,7 @@ class StatsObserver:
         a = self.acc[lay.index]
         tok, eid, g, norm, peak = (torch.cat(t) for t in zip(*self._pairs))
         self._pairs.clear()
-        v = self.valid.to(tok.device)[tok].to(torch.float32) if self.valid is not None else torch.ones_like(norm)
+        v = self._valid_of(tok, norm)
         nv = norm * v
         reap, reap_sm = g.float() * nv, self._reap_gates[tok, eid] * nv
         hp = self.half.to(norm.device)[tok] if self.half is not None else torch.ones_like(norm)

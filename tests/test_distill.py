@@ -163,6 +163,14 @@ def test_demo_30_steps_lower_held_out_perplexity(demo, demo_data):
 
 
 @pytest.mark.slow
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
     """`explorer distill` unchanged under torchrun (what `accelerate launch` runs): 2 CPU processes with gloo
     train one student on the same global batches as a single process, print each event once, write one folder."""
@@ -175,13 +183,8 @@ def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
     (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}}')
     args = ["-m", "explorer", "distill", str(tmp_path / "plan.json"), "--steps", "6", "--eval-every", "3",
             "--max-tokens", "512", "--block-len", "128"]
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), *args, "--out", str(tmp_path / "ddp")],
+                          "127.0.0.1", "--master_port", str(_free_port()), *args, "--out", str(tmp_path / "ddp")],
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
@@ -196,14 +199,6 @@ def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
     ppl = [h["ppl"] for h in a["history"]]
     assert ppl[-1] < ppl[0]  # distillation works under the launcher
     assert a["best_ppl"] == pytest.approx(b["best_ppl"], rel=1e-4)  # the same global batches as one process
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distill_sharded_with_fsdp2_on_two_processes(demo, tmp_path):

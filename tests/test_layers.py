@@ -15,7 +15,7 @@ LAYERS = [
     ("the MoE view", ["moe"]),
     ("neuron helpers, model surgery, what engines read, error-compensating edits",
      ["neurons", "surgery", "engines", "compensate"]),
-    ("reading models and text", ["layerwise", "loading", "data"]),
+    ("reading models and text, a model sharded over processes", ["layerwise", "loading", "data", "sharding"]),
     ("passes over the model", ["perplexity", "stats", "hessians"]),
     ("the operation base", ["ops.base"]),
     ("what each operation does", ["ops.drop_experts", "ops.merge", "ops.slim", "ops.prune", "ops.drop_layers",
