@@ -171,25 +171,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_processes_and_one(root, args: list, two, one, *launched_only: str):
+    """``args`` run under torchrun with 2 CPU processes (writing ``two``) and in one process (writing ``one``); both
+    must succeed. The launched run's result is returned."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), *args, *launched_only, "--out", str(two)],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args, "--out", str(one)], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return run
+
+
 def test_distill_under_a_launcher_with_two_processes(demo, tmp_path):
     """`explorer distill` unchanged under torchrun (what `accelerate launch` runs): 2 CPU processes with gloo
     train one student on the same global batches as a single process, print each event once, write one folder."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}}')
     args = ["-m", "explorer", "distill", str(tmp_path / "plan.json"), "--steps", "6", "--eval-every", "3",
             "--max-tokens", "512", "--block-len", "128"]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), *args, "--out", str(tmp_path / "ddp")],
-                         cwd=root, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = _two_processes_and_one(root, args, tmp_path / "ddp", tmp_path / "one")
     assert "distributed: 2 processes" in ddp.stdout
     assert ddp.stdout.count("student before distillation") == 1 and ddp.stdout.count("step 6:") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one", "plan.json"]  # one folder, no leftovers
@@ -206,8 +214,6 @@ def test_distill_sharded_with_fsdp2_on_two_processes(demo, tmp_path):
     each process holds half of every expert tensor, the run trains on the same global batches as one process, and
     the export, gathered onto the main process, is a whole model that reloads to the perplexity the run reported."""
     import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     from explorer.loading import load_model
@@ -218,13 +224,7 @@ def test_distill_sharded_with_fsdp2_on_two_processes(demo, tmp_path):
     (tmp_path / "plan.json").write_text('{"drop_experts": {"0": [0, 1], "1": [2, 3], "2": [4, 5], "3": [6, 7]}}')
     args = ["-m", "explorer", "distill", str(tmp_path / "plan.json"), "--steps", "6", "--eval-every", "3",
             "--max-tokens", "512", "--block-len", "128"]
-    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), *args, "--shard", "--out",
-                           str(tmp_path / "fsdp")], cwd=root, capture_output=True, text=True, timeout=600)
-    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=root, capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    fsdp = _two_processes_and_one(root, args, tmp_path / "fsdp", tmp_path / "one", "--shard")
     assert "distributed: 2 processes (FSDP2, student and teacher sharded)" in fsdp.stdout
     assert fsdp.stdout.count("student before distillation") == 1 and fsdp.stdout.count("step 6:") == 1
     shares = sorted(int(line.split("(")[1].split("%")[0]) for line in fsdp.stderr.splitlines()
