@@ -1,9 +1,10 @@
 """Run a model larger than memory one decoder layer at a time, each weight read once per pass.
 
 llm-compressor's sequential pipeline, for the explorer's passes: the model is built on the meta device; the
-embedding, final norm and head are read once; then, for each decoder layer, its tensors are read straight from the
-checkpoint's shards (per-expert keys stacked by transformers' own key conversions, block FP8 and MXFP4 dequantised
-here), every batch's hidden states go through it, and it is freed before the next one is read. Nothing is written
+embedding, final norm and head are read once; then, for each decoder layer, its bytes are read straight from the
+checkpoint's shards into one reused buffer (large direct reads, ahead of the layer's turn, while the layer before
+computes), its tensors converted from there (per-expert keys stacked by transformers' own key conversions, block
+FP8 and MXFP4 dequantised here), every batch's hidden states go through it, and it is freed before the next one. Nothing is written
 to disk. The statistics observer, the preview's masks and the decoder-layer hooks see exactly what they see when the
 whole model is in memory: only the order of the work changes (layer-major instead of batch-major).
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from .errors import ExplorerError
 from .perlayer import PER_LAYER_KEY, restore_per_layer
-from .shards import weight_map
+from .shards import ST_DTYPES, RunReader, weight_map
 from .weightformats import (CT_ACTIVATION_PARTS, CT_WEIGHT_PARTS, CompressedTensorsReader, WeightFormatError,
                             dequant_fp8, dequant_mxfp4, fp8_block, is_compressed_tensors, is_mxfp4, quant_config)
 
@@ -42,6 +43,25 @@ class LayerwiseError(ExplorerError):
 
 class _Stop(Exception):
     """Raised by the last stand-in layer: the capture pass needs nothing after the decoder layers."""
+
+
+class _Held:
+    """A tensor of the layer being read, answering as a safetensors slice does (the FP8 and compressed-tensors
+    readers ask for shapes and dtypes before the bytes)."""
+
+    _NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def __getitem__(self, index):
+        return self.t[index]
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def get_dtype(self) -> str:
+        return self._NAMES[str(self.t.dtype).replace("torch.", "")]
 
 
 class _StandIn(nn.Module):
@@ -99,8 +119,13 @@ class LayerwiseModel:
     def __init__(self, folder: str | Path, *, dtype=None, device: str | torch.device = "cpu",
                  trust_remote_code: bool = False, upcast_on_cpu: bool = True, keep_fp8: bool | None = None,
                  hidden_budget: int | None = None, spill_dir: str | Path | None = None,
-                 drop_read_pages: bool | None = None):
-        """``drop_read_pages``: once a layer is read, drop its shards' pages from the kernel's page cache. Default:
+                 drop_read_pages: bool | None = None, buffered_reads: bool | None = None):
+        """``buffered_reads``: read each decoder layer whole into one reused buffer with large direct reads, ahead
+        of its turn (default: when the layer's stored bytes beside its weights take at most half the memory
+        available; False: each tensor read from the shards' mapping as transformers converts it, so the peak is
+        one layer, at a slower read).
+
+        ``drop_read_pages``: once a layer is read, drop its shards' pages from the kernel's page cache. Default:
         when the checkpoint exceeds half the memory available now, so it could not stay cached beside the pass
         anyway; keeping it would evict everything else, and on this project's VMs a page cache growing into
         memory it never touched read at a quarter of the disk's rate (measured: 0.47 against 1.5-2 GB/s)."""
@@ -150,6 +175,7 @@ class LayerwiseModel:
             stored = sum((self.folder / sh).stat().st_size for sh in set(self._wmap.values()))
             drop_read_pages = stored > 0.5 * _available_memory(torch.device("cpu"))
         self.drop_read_pages = drop_read_pages
+        self.buffered_reads = buffered_reads
         self.view = MoEModel(model, check=False)
         if not self.view.layers_hand_on_hidden_states_only():
             raise LayerwiseError(f"{self.view.model_type}: its decoder layers hand the next layer more than the hidden "
@@ -157,7 +183,9 @@ class LayerwiseModel:
                                  "--device-map")
         self._handles: dict[str, object] = {}
         self._prefetcher = None
-        self._reading: dict[int, list] = {}  # decoder layer -> its shards' reads ahead, running
+        self._reader = RunReader(self.folder, self._wmap)
+        self._reading: dict[int, object] = {}  # decoder layer -> its read ahead, running
+        self._held: dict[str, torch.Tensor] = {}  # the tensors of the layer being loaded, read into the buffer
         # hidden states between layers: in memory up to this many bytes, beyond in memory-mapped files here
         self.hidden_budget = hidden_budget if hidden_budget is not None else _default_hidden_budget()
         spill_dir = spill_dir if spill_dir is not None else os.environ.get("EXPLORER_SPILL_DIR")
@@ -244,10 +272,15 @@ class LayerwiseModel:
                 w = dequant_mxfp4(sl(k)[...], sl(base + "_scales")[...])
                 out[base] = w.transpose(-1, -2).to(self.dtype).contiguous()
             else:
-                out[k] = sl(k)
+                s = sl(k)
+                out[k] = s.t if isinstance(s, _Held) else s
         return out
 
     def _slice(self, k: str):
+        held = self._held.get(k)
+        if held is not None:
+            self.read_bytes += held.numel() * held.element_size()
+            return _Held(held)
         s = self._handle(self._wmap[k]).get_slice(k)
         self.read_bytes += math.prod(s.get_shape()) * SAFETENSORS_ITEMSIZE.get(s.get_dtype(), 4)
         return s
@@ -305,22 +338,41 @@ class LayerwiseModel:
         del sd
         self.loaded_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()
                                 if p.device.type != "meta")
-        self.peak_bytes = max(self.peak_bytes, self.loaded_bytes)
+        self.peak_bytes = max(self.peak_bytes, self.loaded_bytes + self._reader.capacity)
 
     def prefetch(self, i: int) -> None:
-        """Have decoder layer ``i``'s shards read into the page cache by a background thread (large sequential
-        reads) while the layer before it computes: the disk works during the products instead of after them."""
-        if not 0 <= i < len(self.layer_keys):
+        """Have decoder layer ``i``'s bytes read into the read buffer by a background thread while the layer before
+        it computes: the disk works during the products instead of after them."""
+        if not 0 <= i < len(self.layer_keys) or i in self._reading or not self._buffered(i):
             return
-        shards = sorted({self._wmap[k] for k in self.layer_keys[i]})
-        size = sum((self.folder / sh).stat().st_size for sh in shards)
-        if size > 0.5 * _available_memory(torch.device("cpu")):
-            return  # read ahead into a page cache that cannot hold it, it would evict what the current layer uses
         if self._prefetcher is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explorer-prefetch")
-        self._reading[i] = [self._prefetcher.submit(_will_need, self.folder / shard) for shard in shards]
+        self._reading[i] = self._prefetcher.submit(self._reader.read, self.layer_keys[i])
+
+    def _buffered(self, i: int) -> bool:
+        """Whether decoder layer ``i`` is read whole into the read buffer (large direct reads, see
+        :class:`~explorer.shards.RunReader`): when its stored bytes beside its weights in memory take at most half
+        the memory available now. Otherwise its tensors are read one at a time from the shards' mapping."""
+        keys = self.layer_keys[i]
+        if self.buffered_reads is False or not keys or not self._reader.readable(keys):
+            return False
+        if self.buffered_reads:
+            return True
+        weights = self._kept_layer_bytes(i) if self.keep_fp8 else self.layer_nbytes(i)
+        need = self._reader.nbytes(keys) + (weights if self.device.type == "cpu" else 0)
+        return need <= 0.5 * (_available_memory(torch.device("cpu")) + self._reader.capacity)
+
+    def _unalias(self, i: int) -> None:
+        """Copy out of the read buffer whatever decoder layer ``i`` kept as a view of it (a tensor transformers
+        took as it was stored): the next layer's read overwrites the buffer."""
+        for mod in self.view.decoder_layers[i].modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and self._reader.holds(t):
+                        store[name] = (nn.Parameter(t.detach().clone(), requires_grad=False)
+                                       if isinstance(t, nn.Parameter) else t.clone())
 
     def _own_shards(self, i: int) -> list[str]:
         """Shards that hold decoder layer ``i``'s tensors and nothing else's."""
@@ -335,11 +387,19 @@ class LayerwiseModel:
         return [sh for sh, who in self._shard_owner.items() if who == {i}]
 
     def load_layer(self, i: int) -> None:
-        for f in self._reading.pop(i, []):  # its read ahead first: faults into a file being read slowed both 4x
-            f.result()
-        keys, stacks = self._fp8_expert_stacks(i) if self.keep_fp8 else (self.layer_keys[i], {})
-        self._load(keys)
-        self._keep(i, stacks)
+        ahead = self._reading.pop(i, None)
+        self._settle(release=False)  # a read ahead of another layer (one loaded out of turn) fills the same buffer
+        if ahead is not None:
+            self._held = ahead.result()
+        elif self._buffered(i):
+            self._held = self._reader.read(self.layer_keys[i])
+        try:
+            keys, stacks = self._fp8_expert_stacks(i) if self.keep_fp8 else (self.layer_keys[i], {})
+            self._load(keys)
+            self._keep(i, stacks)
+        finally:
+            self._held = {}
+        self._unalias(i)
         for shard in self._own_shards(i):  # read: unmap them, so their pages are cheap to reclaim
             self._handles.pop(shard, None)
             if self.drop_read_pages:
@@ -478,7 +538,7 @@ class LayerwiseModel:
                 lay.block.forward = fwd
                 mine.append((lay, fwd))
             self.loaded_bytes += sum(s.nbytes for s in st.values())
-        self.peak_bytes = max(self.peak_bytes, self.loaded_bytes)
+        self.peak_bytes = max(self.peak_bytes, self.loaded_bytes + self._reader.capacity)
         self._mine[i] = mine
 
     def _kept_layer_bytes(self, i: int) -> int:
@@ -533,8 +593,18 @@ class LayerwiseModel:
                 f"on {self.device}{upcast}{fmt}; at most {biggest / 2**20:,.0f} MiB of layer weights plus "
                 f"{self.rest_bytes / 2**20:,.0f} MiB of embedding and head in memory; the hidden states between "
                 f"layers in memory up to {self.hidden_budget / 2**20:,.0f} MiB, memory-mapped files under {spill} "
-                "beyond" + ("; each layer's pages dropped from the page cache once read (the checkpoint exceeds half "
+                "beyond" + (self._reads_said(n)) + ("; each layer's pages dropped from the page cache once read (the checkpoint exceeds half "
                             "the memory)" if self.drop_read_pages else ""))
+
+    def _reads_said(self, n: int) -> str:
+        whole = [i for i in range(n) if self._buffered(i)]
+        if not whole:
+            return "; each tensor read from the shards' mapping as it is converted"
+        size = max(self._reader.nbytes(self.layer_keys[i]) for i in whole)
+        how = "directly from the disk (no page cache)" if self._reader.direct else "through the page cache"
+        part = "" if len(whole) == n else f" ({len(whole)} of {n} layers; the others tensor by tensor)"
+        return (f"; each layer read whole ahead of its turn into one reused {size / 2**20:,.0f} MiB buffer, "
+                f"{how}{part}")
 
     # ---- running ------------------------------------------------------------------------------------------
     @property
@@ -590,6 +660,7 @@ class LayerwiseModel:
         finally:
             self.last_hidden = hidden.where()
             hidden.close()
+            self._settle()
 
     def _passes(self, batches, before, logits, progress, n, hidden, calls, catcher, after_layer):
         with torch.inference_mode():
@@ -642,9 +713,18 @@ class LayerwiseModel:
 
     def close(self) -> None:
         self._handles.clear()
+        self._settle()
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=False, cancel_futures=True)
             self._prefetcher = None
+
+    def _settle(self, release: bool = True) -> None:
+        """Wait for reads ahead still running, and give the read buffer back (between passes it holds nothing)."""
+        for f in self._reading.values():
+            f.cancel() or f.exception()
+        self._reading.clear()
+        if release:
+            self._reader.release()
 
 
 def _available_memory(device: torch.device) -> int:
@@ -667,19 +747,6 @@ def _ct_part(key: str) -> tuple[str | None, str | None]:
         if key.endswith("." + part):
             return key[: -len(part)], part
     return None, None
-
-
-def _will_need(path: Path, chunk: int = 16 << 20) -> None:
-    """Read ``path`` into the page cache with large sequential reads (the disk's full rate; posix_fadvise WILLNEED
-    returned at once and left most pages to be faulted in 4 KB at a time by the safetensors mapping, at a quarter of
-    that rate). The pages are the kernel's cache, reclaimable, not this process's memory."""
-    try:
-        buf = bytearray(chunk)
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-    except OSError:
-        pass  # a hint only
 
 
 def _drop_pages(path: Path) -> None:
