@@ -349,6 +349,31 @@ def test_grouped_and_loop_expert_paths_agree(family):
     torch.testing.assert_close(ob, oa, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_expert_loop_pads_rows_for_the_cpu_and_drops_them():
+    """The CPU loop pads each expert's rows to a multiple of 16 in bf16 (oneDNN builds a kernel per product shape);
+    the padded rows never reach the output or the observer: the layer's output is the float32 one to bf16
+    rounding, and the statistics count every routed pair once."""
+    from explorer.kernels import PAD_ROWS, expert_path, padded_rows
+
+    x = torch.randn(21, 8, dtype=torch.bfloat16)
+    p = padded_rows(x)
+    assert PAD_ROWS == 16 and p.shape == (32, 8) and torch.equal(p[:21], x) and not p[21:].any()
+    assert padded_rows(x.float()).shape == (21, 8)  # float32 products are left as they are
+    h = torch.randn(37, 64, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):  # the statistics below run on the bf16 one
+        model = tiny_model("qwen3_moe", seed=5, dtype=dt)
+        view = MoEModel(model)
+        with torch.no_grad(), expert_path("loop"):
+            out = view[0].forward(h[:, : view[0].hidden_size].to(dt))
+        outs[dt] = (out[0] if isinstance(out, tuple) else out).float()
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=3e-2, atol=3e-2)
+    blocks = _blocks(pad_last=5)
+    st = collect_stats(model, view, blocks, batch_size=4)
+    routed = int(blocks.attention_mask().sum()) * view.top_k
+    assert all(int(np.asarray(la["count"]).sum()) == routed for la in st.layers)
+
+
 def test_specialisation_lift_and_vocabulary_against_brute_force():
     """Specialisation is relative to an expert's own load, co-activation is against chance, and the vocabulary
     view counts every (token id, expert) pair of the pass; each checked by counting by hand."""
