@@ -476,7 +476,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe-1b-7b")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the published count)")
     ap.add_argument("--max-memory", default="cpu=5GiB")
-    ap.add_argument("--tokens", type=int, default=1024, help="calibration / evaluation tokens")
+    ap.add_argument("--tokens", type=int, default=1024, help="calibration / evaluation tokens per domain (with "
+                    "--stats-only, 0: no cap)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--workdir", default=None, help="where the checkpoint goes (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true")
@@ -510,12 +511,13 @@ def main() -> None:
             return
         dev = ["--device-map", "auto", "--max-memory", a.max_memory, "--offload-folder", str(offload)]
         common = dev + ["--data", "demo", "--max-tokens", str(a.tokens), "--block-len", str(a.seq), "--batch-size", "2"]
-        if a.stats_only:
+        if a.stats_only:  # the command as a user types it: the CLI's own batch size and block length
             offload.mkdir(exist_ok=True)
             m = machine(model_dir)
             start = fixed_cost(work, shape, a.seq)
             drop_cache(model_dir)
-            r = run("stats", ["stats", str(model_dir), *common, "--out", str(work / "stats.npz"), "--overwrite"])
+            cap = ["--max-tokens", str(a.tokens)] if a.tokens else []  # --tokens 0: all the demo's calibration text
+            r = run("stats", ["stats", str(model_dir), *dev, *cap, "--out", str(work / "stats.npz"), "--overwrite"])
             st = stats_tokens(work / "stats.npz")
             b = bounds(shape, layers, st, total, m)["stats"]
             left = sorted(str(f.relative_to(offload)) for f in offload.rglob("*"))
