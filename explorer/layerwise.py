@@ -4,8 +4,8 @@ llm-compressor's sequential pipeline, for the explorer's passes: the model is bu
 embedding, final norm and head are read once; then, for each decoder layer, its bytes are read straight from the
 checkpoint's shards into one reused buffer (large direct reads, ahead of the layer's turn, while the layer before
 computes), its tensors converted from there (per-expert keys stacked by transformers' own key conversions, block
-FP8 and MXFP4 dequantised here), every batch's hidden states go through it, and it is freed before the next one. Nothing is written
-to disk. The statistics observer, the preview's masks and the decoder-layer hooks see exactly what they see when the
+FP8 and MXFP4 dequantised here), every batch's hidden states go through it, and it is freed before the next one.
+Nothing is written to disk. The statistics observer, the preview's masks and the decoder-layer hooks see exactly what they see when the
 whole model is in memory: only the order of the work changes (layer-major instead of batch-major).
 
 On a CPU without bf16 instructions (AVX2 alone), a bf16 or fp16 checkpoint computes in float32: its layers are upcast
@@ -589,22 +589,25 @@ class LayerwiseModel:
                 fmt += (f"; the self-check is left out on {len(big)} layer(s) whose experts dequantised exceed "
                         f"{SELF_CHECK_BYTES / 2**30:g} GiB")
         spill = self.spill_dir or Path(tempfile.gettempdir())
+        reads, cached = self._reads_said(n)
         return (f"layer by layer: {n} decoder layers read from disk one at a time, computing in {_name(self.dtype)} "
                 f"on {self.device}{upcast}{fmt}; at most {biggest / 2**20:,.0f} MiB of layer weights plus "
                 f"{self.rest_bytes / 2**20:,.0f} MiB of embedding and head in memory; the hidden states between "
                 f"layers in memory up to {self.hidden_budget / 2**20:,.0f} MiB, memory-mapped files under {spill} "
-                "beyond" + (self._reads_said(n)) + ("; each layer's pages dropped from the page cache once read (the checkpoint exceeds half "
-                            "the memory)" if self.drop_read_pages else ""))
+                "beyond" + reads
+                + ("; each layer's pages dropped from the page cache once read (the checkpoint exceeds half the "
+                   "memory)" if self.drop_read_pages and cached else ""))
 
-    def _reads_said(self, n: int) -> str:
+    def _reads_said(self, n: int) -> tuple[str, bool]:
+        """(how the layers are read, in words; whether any of it goes through the page cache)."""
         whole = [i for i in range(n) if self._buffered(i)]
         if not whole:
-            return "; each tensor read from the shards' mapping as it is converted"
+            return "; each tensor read from the shards' mapping as it is converted", True
         size = max(self._reader.nbytes(self.layer_keys[i]) for i in whole)
         how = "directly from the disk (no page cache)" if self._reader.direct else "through the page cache"
         part = "" if len(whole) == n else f" ({len(whole)} of {n} layers; the others tensor by tensor)"
         return (f"; each layer read whole ahead of its turn into one reused {size / 2**20:,.0f} MiB buffer, "
-                f"{how}{part}")
+                f"{how}{part}"), not self._reader.direct or len(whole) < n
 
     # ---- running ------------------------------------------------------------------------------------------
     @property

@@ -307,8 +307,11 @@ def test_layerwise_engine_can_be_used_directly(tmp_path):
         want = ref(input_ids=blocks.input_ids[:2], attention_mask=blocks.attention_mask()[:2]).logits
     assert torch.allclose(logits[0], want, atol=1e-5)
     assert not engine.drop_read_pages  # a checkpoint far smaller than memory stays in the page cache
-    dropping = LayerwiseModel(folder, drop_read_pages=True)  # as one larger than half the memory is read
+    assert "each layer read whole ahead of its turn into one reused" in engine.describe()
+    # read from the mapping, as a layer larger than half the memory is: its pages dropped once read
+    dropping = LayerwiseModel(folder, drop_read_pages=True, buffered_reads=False)
     assert "pages dropped from the page cache once read" in dropping.describe()
+    assert "each tensor read from the shards' mapping" in dropping.describe()
     again = [lg for _, _, lg in dropping.forward_batches(list(blocks.batches(2)))]
     assert all(torch.equal(a, b) for a, b in zip(logits, again))
 
