@@ -36,14 +36,12 @@ from .perlayer import MODELING_FILE, PER_LAYER_KEY, restore_per_layer
 from .plan import Plan, PlanError
 from .neurons import up_positions
 from .surgery import LAYOUT_FILE, block_drop_config, intermediate_attr
-from .shards import INDEX, disk_name, open_shard, weight_map
+from .shards import INDEX, ST_DTYPES, disk_name, open_shard, safetensors_header, weight_map
 from .weightformats import (WeightFormatError, check_fp8_grid, check_fp8_readable, check_int_weights, dequant_fp8,
                             dequant_mxfp4, fp8_block, is_mxfp4, quant_config, quant_fp8, quant_mxfp4, scale_grid)
 
 _PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPES = {name: getattr(torch, t) for name, t in ST_DTYPES.items()}
 
 
 @dataclass
@@ -404,7 +402,7 @@ class _Reader:
     def __init__(self, folder: Path, wmap: dict[str, str], budget: int = 1 << 30):
         self.folder, self.wmap, self.budget = folder, wmap, budget
         self.handles: dict[str, list] = {}  # shard -> [context manager, handle, bytes served]
-        self.headers: dict[str, tuple[int, dict]] = {}  # shard -> (where data starts, header)
+        self.headers: dict[str, dict] = {}  # shard -> its header (shards.safetensors_header)
         self.opens = 0
 
     def _handle(self, shard: str):
@@ -433,13 +431,9 @@ class _Reader:
         """(file, first byte, end, dtype) of ``key``'s data in its shard, from the shard's header (read once)."""
         shard = self.wmap[key]
         if shard not in self.headers:
-            path = self.folder / shard
-            with open(path, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                self.headers[shard] = (8 + n, json.loads(fh.read(n)))
-        start, head = self.headers[shard]
-        a, b = head[key]["data_offsets"]
-        return self.folder / shard, start + a, start + b, head[key]["dtype"]
+            self.headers[shard] = safetensors_header(self.folder / shard)
+        dtype, _, start, end = self.headers[shard][key]
+        return self.folder / shard, start, end, dtype
 
     def copy_bytes(self, key: str, fh, chunk: int = 64 << 20) -> int:
         """Write ``key``'s bytes to ``fh`` as stored, a chunk at a time: a tensor copied unchanged is never held

@@ -31,8 +31,7 @@ from .shards import ST_DTYPES, RunReader, weight_map
 from .weightformats import (CT_ACTIVATION_PARTS, CT_WEIGHT_PARTS, CompressedTensorsReader, WeightFormatError,
                             dequant_fp8, dequant_mxfp4, fp8_block, is_compressed_tensors, is_mxfp4, quant_config)
 
-SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                        "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # bytes per element, by safetensors dtype name
+SAFETENSORS_ITEMSIZE = {name: getattr(torch, t).itemsize for name, t in ST_DTYPES.items()}  # bytes per element
 _LAYER_KEY = re.compile(r"^(.*?\blayers)\.(\d+)\.")
 SELF_CHECK_BYTES = 2 * 2**30  # experts kept in FP8 are dequantised for the self-check up to this size per layer
 
