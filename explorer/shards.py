@@ -77,6 +77,7 @@ ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bflo
              "BOOL": "bool"}  # safetensors dtype name -> torch dtype name
 _ALIGN = 4096  # direct I/O wants the file offset, the length and the buffer aligned to the device's blocks
 _GAP = 1 << 20  # bytes of other tensors read through rather than starting another read
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # a file system without direct I/O answers one of these
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
@@ -196,7 +197,7 @@ class RunReader:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
             except OSError as err:
-                if err.errno != errno.EINVAL:
+                if err.errno not in _NO_DIRECT:
                     raise
                 self.direct = False  # tmpfs and some network file systems: through the page cache instead
         if fd is None:
@@ -207,7 +208,7 @@ class RunReader:
                 try:
                     n = os.preadv(fd, [into[done:done + (256 << 20)]], offset + done)
                 except OSError as err:
-                    if err.errno != errno.EINVAL or not self.direct:
+                    if err.errno not in _NO_DIRECT or not self.direct:
                         raise
                     self.direct = False
                     os.close(fd)
