@@ -76,7 +76,8 @@ def coactivation_heatmap(stats: RouterStats, layer: int) -> go.Figure:
     share = stats.coactivation(layer)
     E = lift.shape[0]
     top = float(np.nanmax(lift)) if np.isfinite(lift).any() else 2.0
-    f = _fig(title=f"Co-activation, layer {layer}: chosen together, against chance (1 = independent choices)")
+    f = _fig(title=f"Co-activation, layer {layer}<br><sup>chosen together, against chance (1 = independent "
+                   "choices)</sup>")  # one line was cut off at the app's half-width column
     f.add_trace(go.Heatmap(z=lift, x=list(range(E)), y=list(range(E)), customdata=share,
                            colorscale="RdBu_r", zmin=0, zmid=1, zmax=max(2.0, top),
                            colorbar=dict(title="× chance"),
