@@ -156,28 +156,23 @@ def machine(folder: Path, seconds: float = 3.0) -> dict:
     short probe measures the burst, not what a pass over a 13 GB checkpoint gets. ``burst_bytes_per_s`` is the first
     read's first third, ``read_bytes_per_s`` the second read's last third (where a pass that follows another one
     reads), ``whole_read_s`` the first read's time."""
-    import mmap
     import os
 
-    shards = sorted(folder.glob("*.safetensors"))
+    from explorer.shards import RunReader, weight_map
+
+    wmap = weight_map(folder)
+    keys: dict[str, list[str]] = {}
+    for k, shard in wmap.items():
+        keys.setdefault(shard, []).append(k)
+    shards = sorted(keys)
+    reader = RunReader(folder, wmap)  # as the engine reads: large direct reads, one reused buffer
     times = []
-    buf = memoryview(mmap.mmap(-1, 64 << 20))  # page-aligned, as direct reads need
-    direct = getattr(os, "O_DIRECT", 0)
     for _ in range(2):  # twice: the second read starts where a pass after another pass starts
         drop_cache(folder)
         for sh in shards:
-            done, t = 0, time.perf_counter()
-            try:  # direct, as the engine reads: the disk's own rate, no page cache in between
-                fd = os.open(sh, os.O_RDONLY | direct)
-            except OSError:
-                fd = os.open(sh, os.O_RDONLY)
-            try:
-                while n := os.preadv(fd, [buf], done):
-                    done += n
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            times.append((done, time.perf_counter() - t))
+            t = time.perf_counter()
+            reader.read(keys[sh])
+            times.append((reader.nbytes(keys[sh]), time.perf_counter() - t))
     first, second = times[:len(shards)], times[len(shards):]
 
     def rate(part):
