@@ -13,11 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from explorer.data import TokenBlocks  # noqa: E402
 
 
-def olmoe_1b7b_shaped(dtype=torch.bfloat16, device="cuda", experts_implementation="grouped_mm"):
-    """OLMoE-1B-7B's shape (16 layers, 64 experts, top-8, hidden 2048) with random weights."""
+def olmoe_1b7b_shaped(dtype=torch.bfloat16, device="cuda", experts_implementation="grouped_mm", layers: int = 16):
+    """OLMoE-1B-7B's shape (16 layers, 64 experts, top-8, hidden 2048) with random weights; ``layers`` cuts it
+    shorter (a CPU check of the per-layer costs)."""
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
-    cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+    cfg = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=16,
                       num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
                       max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -54,6 +55,8 @@ def bench_args(**extra):
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--olmoe", action="store_true", help="OLMoE-1B-7B-shaped random model in bf16")
+    ap.add_argument("--layers", type=int, default=16, help="with --olmoe: this many of its decoder layers")
+    ap.add_argument("--dtype", default="bfloat16", help="with --olmoe: its dtype (float32 on a CPU without bf16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
@@ -68,9 +71,9 @@ def model_and_blocks(args, n_blocks: int):
     from explorer.moe import MoEModel
 
     if args.olmoe:
-        model = olmoe_1b7b_shaped(device=args.device)
+        model = olmoe_1b7b_shaped(getattr(torch, args.dtype), args.device, layers=args.layers)
         return (model, MoEModel(model), random_blocks(n_blocks, args.seq, model.config.vocab_size),
-                "OLMoE-1B-7B-shaped (random, bf16, grouped_mm)")
+                f"OLMoE-1B-7B-shaped ({args.layers} layers, random, {args.dtype}, grouped_mm)")
     model, tok, view = load_model(device=args.device)
     blocks = load_data(tok, "demo", block_len=args.seq).calib.subset(range(n_blocks))
     return model, view, blocks, f"demo model ({model.config._experts_implementation})"

@@ -372,6 +372,31 @@ def test_bf16_expert_loop_pads_rows_for_the_cpu_and_drops_them():
     st = collect_stats(model, view, blocks, batch_size=4)
     routed = int(blocks.attention_mask().sum()) * view.top_k
     assert all(int(np.asarray(la["count"]).sum()) == routed for la in st.layers)
+    # the loop's per-expert sums of bf16 activations (float32 scratch, in-place rows) against the grouped path's
+    # products: the same sums up to the two kernels' bf16 rounding
+    with expert_path("grouped"):
+        sg = collect_stats(model, view, blocks, batch_size=4)
+    for la, lb in zip(st.layers, sg.layers):
+        for k in ("out_sum", "out_norm", "neuron_sq", "neuron_sq_gated", "in_sq", "reap", "act_max"):
+            np.testing.assert_allclose(la[k], lb[k], rtol=3e-2, atol=3e-2, err_msg=k)
+
+
+def test_the_statistics_pass_skips_the_lm_head():
+    """The statistics read no logits, so their pass runs the decoder stack alone: the head's product is a quarter
+    of the demo model's forward. A pass that reads logits (perplexity) still runs it."""
+    from explorer.perplexity import perplexity
+
+    model = tiny_model("mixtral", seed=3)
+    view = MoEModel(model)
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        st = collect_stats(model, view, _blocks(), batch_size=4)
+        assert calls == [] and st.layers[0]["tokens"] == 6 * 24
+        perplexity(model, _blocks(), batch_size=4)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
 
 
 def test_specialisation_lift_and_vocabulary_against_brute_force():
