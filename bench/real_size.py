@@ -191,6 +191,17 @@ def machine(folder: Path, seconds: float = 3.0) -> dict:
     out = {"read_bytes_per_s": read, "burst_bytes_per_s": burst, "whole_read_s": whole,
            "write_bytes_per_s": (16 << 26) / (time.perf_counter() - t)}
     probe.unlink()
+    out.update(gemm_rates(seconds))
+    return out
+
+
+def gemm_rates(seconds: float = 3.0) -> dict:
+    """float32 and bf16 matrix-product throughput on all threads, and the one the engine computes in. A virtual
+    machine's rate drifts with its neighbours (this project's VM: 267 and 421 GFLOP/s bf16 half an hour apart), so
+    the steps' tables are also given against the best rate measured before or after them."""
+    from explorer.layerwise import cpu_has_fast_bf16
+
+    out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
         a @ b
@@ -199,8 +210,6 @@ def machine(folder: Path, seconds: float = 3.0) -> dict:
             a @ b
             n += 1
         out[f"{name}_flop_per_s"] = n * 2 * 2048 ** 3 / (time.perf_counter() - t)
-    from explorer.layerwise import cpu_has_fast_bf16
-
     out["compute"] = "bf16" if cpu_has_fast_bf16() else "fp32"
     out["compute_flop_per_s"] = out[f"{out['compute']}_flop_per_s"]
     return out
@@ -432,6 +441,7 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
           "peak anonymous GiB | of the model |")
     print("|---|---|---|---|---|---|---|---|")
     plan = work / "plan-seq.json"
+    done = []  # (tokens, step, wall s, whole-checkpoint reads, passes, bound s) for the table at the best rate
     for tokens in token_counts:
         b = bounds(shape, layers, tokens, stored, m)
         common = ["--sequential", "--data", "demo", "--block-len", str(seq),
@@ -464,6 +474,18 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
             print(f"| {real:,} | {name} | {r['wall_s']:.1f} | {bound:.1f} | {(r['wall_s'] - start) / bound:.2f} | "
                   f"{(r['wall_s'] - start) / at_burst:.2f} | {r['peak_anon'] / 2**30:.2f} | "
                   f"{r['peak_anon'] / stored:.2f} |", flush=True)
+            done.append((real, name, r["wall_s"], reads, bound))
+    after = gemm_rates()
+    best = max(m["compute_flop_per_s"], after["compute_flop_per_s"])
+    print(f"\nmatrix products again after the steps: {after['compute_flop_per_s'] / 1e9:.0f} GFLOP/s in "
+          f"{after['compute']} (before: {m['compute_flop_per_s'] / 1e9:.0f}). Against the best of the two "
+          f"({best / 1e9:.0f}), a bound's product part shrinks by {m['compute_flop_per_s'] / best:.2f}:")
+    print("\n| tokens (in total) | step | wall s | lower bound s at the best rate | (wall - start) / bound |")
+    print("|---|---|---|---|---|")
+    for real, name, wall, reads, bound in done:
+        io = 0.0 if name.startswith("apply") else reads * stored / m["read_bytes_per_s"]  # apply: no products
+        b = io + (bound - io) * m["compute_flop_per_s"] / best if not name.startswith("apply") else bound
+        print(f"| {real:,} | {name} | {wall:.1f} | {b:.1f} | {(wall - start) / b:.2f} |")
 
 
 def main() -> None:
