@@ -858,7 +858,8 @@ def forward_batches(model, batches, before: Callable[[int], None] | None = None,
                     ) -> Iterator[tuple[int, object, torch.Tensor | None]]:
     """(batch index, batch, logits) of every batch (logits None, and the head skipped, where ``logits`` is False):
     one forward per batch for a model in memory (or dispatched by accelerate), layer by layer for a layer-by-layer
-    model. The one loop the statistics, perplexity and preview passes share. ``progress(done, total)`` counts batches in memory, decoder layers layer by layer.
+    model. The one loop the statistics, perplexity and preview passes share. ``progress(done, total)`` counts
+    batches in memory, decoder layers layer by layer.
     ``after_layer(i)``: layer by layer, once every batch went through decoder layer ``i`` and while its weights are
     loaded; in memory, for every decoder layer after the last batch (what a hook gathered for layer ``i`` is then
     complete either way)."""
