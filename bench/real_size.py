@@ -483,9 +483,10 @@ def layerwise(model_dir: Path, work: Path, shape: dict, layers: int, stored: int
     print("\n| tokens (in total) | step | wall s | lower bound s at the best rate | (wall - start) / bound |")
     print("|---|---|---|---|---|")
     for real, name, wall, reads, bound in done:
-        io = 0.0 if name.startswith("apply") else reads * stored / m["read_bytes_per_s"]  # apply: no products
-        b = io + (bound - io) * m["compute_flop_per_s"] / best if not name.startswith("apply") else bound
-        print(f"| {real:,} | {name} | {wall:.1f} | {b:.1f} | {(wall - start) / b:.2f} |")
+        if not name.startswith("apply"):  # apply does no products: its bound stays
+            io = reads * stored / m["read_bytes_per_s"]
+            bound = io + (bound - io) * m["compute_flop_per_s"] / best
+        print(f"| {real:,} | {name} | {wall:.1f} | {bound:.1f} | {(wall - start) / bound:.2f} |")
 
 
 def main() -> None:
