@@ -54,7 +54,7 @@ def bench_args(**extra):
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--olmoe", action="store_true", help="OLMoE-1B-7B-shaped random model in bf16")
+    ap.add_argument("--olmoe", action="store_true", help="OLMoE-1B-7B-shaped random model (bf16 unless --dtype)")
     ap.add_argument("--layers", type=int, default=16, help="with --olmoe: this many of its decoder layers")
     ap.add_argument("--dtype", default="bfloat16", help="with --olmoe: its dtype (float32 on a CPU without bf16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
